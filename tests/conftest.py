@@ -15,12 +15,16 @@ for _key, _value in {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HOME": _HF_HOME,
     "HF_DATASETS_CACHE": os.path.join(_HF_HOME, "datasets"),
-    "TRITON_INTERPRET": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONHASHSEED": "0",
     "MPLBACKEND": "Agg",
 }.items():
     os.environ[_key] = _value
+# Liger's Triton kernels run on a CPU only through Triton's interpreter; on a GPU they must run for real.
+import torch  # noqa: E402  (torch does not import transformers or datasets)
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, os.path.dirname(__file__))  # lc_testutil, assets
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # common.py

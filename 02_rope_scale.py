@@ -1,0 +1,460 @@
+"""Stage 02: extend a model's position encoding to a target length by patching its RoPE configuration, with the
+frequencies proven rather than trusted.
+
+A wrong RoPE number silently ruins weeks of GPU time, so this script (1) computes every method's inverse
+frequencies itself (common.py), (2) writes the config in BOTH forms, transformers 5 `rope_parameters` and
+the legacy `rope_scaling` + `rope_theta` that transformers 4.x and vLLM read, and (3) before the output appears,
+rebuilds the model's own rotary embedding with the installed transformers from the written config, read whole,
+through `rope_parameters` only and through the legacy keys only, and refuses to finish unless all of them equal
+its own frequencies. Weights are hard-linked (same filesystem) or copied, never modified.
+
+Methods (formulas: RECIPES.md §8):
+    yarn     YaRN: pairs with many rotations kept, pairs with < beta_slow rotations divided by s, a ramp linear in
+             the pair index between them; cos/sin x attention_factor (default 0.1 ln s + 1)
+    theta    ABF / ProLong: a new rope base, plain RoPE (no temperature)
+    linear   position interpolation: every frequency / s
+    ntk      static NTK-aware: plain RoPE with base b * s^(d/(d-2))
+    dynamic  dynamic NTK: the base grows with the running length past the original length (no training)
+    llama3   Llama-3.1's scaling: keeps an existing llama3 scaling (pass-through, optionally a new factor)
+
+The factor is always relative to the model's ORIGINAL pretraining length (UltraLong's rule: Llama-3.1 carries
+llama3 scaling from 8192, so 1M tokens is factor 128, not 8); re-patching a scaled model replaces its scaling.
+`--target-len` derives the factor as target / original.
+
+Usage:
+    python 02_rope_scale.py --list-presets
+    python 02_rope_scale.py --model meta-llama/Llama-3.1-8B-Instruct --preset ultralong-1m --out runs/ul1m
+    python 02_rope_scale.py --model arcee-ai/AFM-4.5B-Base --preset afm-64k --out runs/afm64k --ppl-check doc.txt
+    python 02_rope_scale.py --model runs/base --method yarn --target-len 32768 --beta-fast 32 --out runs/yarn32k
+    python 02_rope_scale.py --model runs/base --method theta --theta 8e6 --target-len 65536 --dry-run
+    # tiny CPU example (any small HF Llama directory)
+    python 02_rope_scale.py --model .cache/smollm2-135m-instruct --method yarn --factor 4 --out runs/smol-yarn4
+
+Output: an HF model directory (config in both forms, max_position_embeddings, tokenizer model_max_length and
+generation max_length updated), `rope_report.json` + `rope_report.png` (per-pair wavelengths before / after,
+YaRN band edges, attention temperature, the perplexity check) and `manifest.json`.
+Note: linear and dynamic keep max_position_embeddings at the ORIGINAL length, because transformers' dynamic NTK
+and vLLM read it as such (vLLM serves max_position_embeddings x factor); the tokenizer gets the target length.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+import common
+
+METHODS = ("yarn", "theta", "linear", "ntk", "dynamic", "llama3")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
+REWRITTEN = {"config.json", "generation_config.json", "tokenizer_config.json", "manifest.json",
+             "rope_report.json", "rope_report.png"}
+REL_TOL = 1e-5  # transformers (float32) vs ours (float64); observed differences are ~3e-7
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("model")
+    common.add_common_args(g, "model", "out", "overwrite", "trust-remote-code")
+    g = parser.add_argument_group("what to write")
+    g.add_argument("--preset", choices=sorted(common.ROPE_PRESETS),
+                   help="a published setting (printed with its source); explicit flags override its values")
+    g.add_argument("--method", choices=METHODS, help="rope method (see above); required unless --preset")
+    g.add_argument("--factor", type=float, help="scale s relative to the ORIGINAL pretraining length (>= 1)")
+    g.add_argument("--target-len", type=int,
+                   help="context length to address; factor = target / original unless --factor is also given "
+                        "(then it is only the new max_position_embeddings, as AFM's factor 20 with 64K)")
+    g.add_argument("--original-len", type=int,
+                   help="override the original pretraining length (default: read from the config: "
+                        "original_max_position_embeddings of yarn/llama3, else max_position_embeddings)")
+    g.add_argument("--theta", type=float, help="new rope base (required by --method theta; allowed with any method)")
+    g = parser.add_argument_group("yarn / llama3 knobs (transformers defaults when unset)")
+    g.add_argument("--beta-fast", type=float, help="yarn: rotations above which a pair is kept (default 32)")
+    g.add_argument("--beta-slow", type=float, help="yarn: rotations below which a pair is interpolated (default 1)")
+    g.add_argument("--mscale", type=float, help="yarn: mscale (attention_factor = mscale ratio if both set)")
+    g.add_argument("--mscale-all-dim", type=float, help="yarn: mscale_all_dim (DeepSeek convention)")
+    g.add_argument("--attention-factor", type=float, help="yarn: explicit cos/sin multiplier (overrides mscale)")
+    g.add_argument("--no-truncate", dest="truncate", action="store_const", const=False, default=None,
+                   help="yarn: do not floor/ceil the ramp edges (truncate false)")
+    g.add_argument("--low-freq-factor", type=float, help="llama3: low_freq_factor (default: kept, else 1)")
+    g.add_argument("--high-freq-factor", type=float, help="llama3: high_freq_factor (default: kept, else 4)")
+    g = parser.add_argument_group("output")
+    g.add_argument("--copy-weights", action="store_true",
+                   help="copy weight files even on the same filesystem (default: hard links, which share the "
+                        "bytes with the source: never write into them in place)")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and the report, write nothing")
+    g.add_argument("--list-presets", action="store_true", help="print the presets with their sources and exit")
+    g = parser.add_argument_group("perplexity check (the short-context cost before training)")
+    g.add_argument("--ppl-check", metavar="FILE", help="a text file: perplexity before and after the patch")
+    g.add_argument("--ppl-lengths", default=None,
+                   help="comma-separated token counts (default: min(1024, original) and the original length, "
+                        "capped by the document)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype for --ppl-check (default: bfloat16 on cuda, float32 on cpu)")
+    return parser.parse_args(argv)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The plan: which rope the output gets, relative to the original pretraining length, and what to tell the user.
+
+
+def apply_preset(args) -> dict | None:
+    """Fill unset flags from --preset; return the preset (or None)."""
+    if not args.preset:
+        return None
+    preset = common.ROPE_PRESETS[args.preset]
+    if args.method and args.method != preset["method"]:
+        common.fail(f"--preset {args.preset} is a {preset['method']} setting; drop --method {args.method}")
+    args.method = preset["method"]
+    for key in ("factor", "target_len", "theta", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        if getattr(args, key) is None and preset.get(key) is not None:
+            setattr(args, key, preset[key])
+    return preset
+
+
+def plan_rope(args, before: common.RopeSpec, model_type: str | None, preset: dict | None):
+    """(after spec, original length, notes, warnings). Refuses bad input with one clear line."""
+    notes, warnings = [], []
+    if args.original_len is not None:
+        if args.original_len <= 0:
+            common.fail(f"--original-len {args.original_len} must be positive")
+        original, why = args.original_len, "--original-len"
+    else:
+        original, why = common.original_context_length(before)
+    notes.append(f"original pretraining length {original} ({why})")
+    method = args.method
+    if method is None:
+        common.fail("choose --method (yarn, theta, linear, ntk, dynamic, llama3) or --preset; see --list-presets")
+    if args.factor is not None and args.factor < 1:
+        common.fail(f"--factor {args.factor:g} < 1 would shrink the context; use a factor >= 1")
+    if args.target_len is not None and args.target_len < original:
+        common.fail(f"--target-len {args.target_len} is shorter than the original pretraining length {original}; "
+                    f"02 only extends the context")
+    if args.theta is not None and not args.theta > 0:
+        common.fail(f"--theta {args.theta:g} must be positive")
+    if method == "theta":
+        if args.theta is None:
+            common.fail("--method theta needs --theta (ProLong: 8e6 for 64K, 1.28e8 for 512K)")
+        if args.factor is not None:
+            common.fail("--method theta changes the base only; use --theta (and --target-len), not --factor")
+    factor, target_len = args.factor, args.target_len
+    if method == "llama3" and factor is None and target_len is None:
+        if before.rope_type != "llama3":
+            common.fail("--method llama3 without --factor / --target-len passes an existing llama3 scaling "
+                        f"through, but this model has {before.rope_type} RoPE")
+        factor, target_len = before.scale, before.max_position_embeddings
+        notes.append(f"pass-through of the existing llama3 scaling ({before.describe()}), written in both forms")
+    if method != "theta" and factor is None and args.target_len is None:
+        common.fail(f"--method {method} needs --factor or --target-len (relative to the original length {original})")
+    if method == "llama3" and before.rope_type != "llama3":
+        notes.append("no llama3 scaling to keep: low_freq_factor / high_freq_factor default to Meta's 1 / 4")
+
+    if preset is not None:
+        if preset.get("expected_original") and preset["expected_original"] != original:
+            notes.append(f"preset {args.preset} was published for an original length of {preset['expected_original']}; "
+                         f"this model's is {original}")
+        if preset.get("published_factor") and factor is None and args.target_len:
+            derived = args.target_len / original
+            if abs(derived - preset["published_factor"]) > 1e-9:
+                notes.append(f"published factor {preset['published_factor']:g} assumed an 8K original; for this "
+                             f"model {args.target_len} / {original} = factor {derived:g}")
+
+    options = {k: getattr(args, k) for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                                             "attention_factor", "truncate", "low_freq_factor", "high_freq_factor")}
+    if method != "yarn" and any(options[k] is not None for k in ("beta_fast", "beta_slow", "mscale",
+                                                                 "mscale_all_dim", "attention_factor", "truncate")):
+        common.fail(f"--beta-fast / --beta-slow / --mscale / --mscale-all-dim / --attention-factor / --no-truncate "
+                    f"are yarn settings; they do nothing with --method {method}")
+    after = common.scaled_rope_spec(before, method, original=original, factor=factor, target_len=target_len,
+                                  theta=args.theta, **options)
+
+    # What happened to an existing scaling, and the traps worth a line each.
+    if before.rope_type != "default" and not (method == "llama3" and before.rope_type == "llama3"):
+        notes.append(f"the model is already scaled: {before.describe()}, addressing {common.addressable_length(before)} "
+                     f"tokens; the new setting REPLACES it and is relative to the same original {original} tokens "
+                     f"(factors are not multiplied): {after.describe()}")
+    if args.theta is not None and method != "theta":
+        notes.append(f"rope base changed {before.theta:g} -> {after.theta:g} together with {method}")
+    if method == "ntk":
+        s = factor if factor is not None else target_len / original
+        base = before.theta if args.theta is None else args.theta
+        notes.append(f"static NTK: base {base:g} x {s:g}^({after.rotary_dim}/{after.rotary_dim - 2}) = "
+                     f"{after.theta:.6g}, written as plain RoPE")
+    if method in common.TYPES_KEEPING_MAX_AT_ORIGINAL:
+        notes.append(f"{method}: max_position_embeddings stays at the original {original} (transformers' dynamic "
+                     f"NTK and vLLM read it as the original length); the tokenizer gets "
+                     f"{common.addressable_length(after)}")
+    if after.rope_type in ("yarn", "llama3") and target_len is not None:
+        implicit = target_len / original
+        if abs(implicit - after.scale) > 1e-9:
+            warnings.append(f"factor {after.scale:g} != max_position_embeddings / original = {target_len} / "
+                            f"{original} = {implicit:g}; written as given (AFM ships factor 20 with 64K on purpose)")
+    deepseek_attention = model_type in common.MSCALE_ALL_DIM_IN_ATTENTION
+    if after.rope_type == "yarn" and after.mscale_all_dim and not deepseek_attention \
+            and after.attention_factor is None:
+        deepseek = common.yarn_get_mscale(after.scale, after.mscale_all_dim) ** 2
+        warnings.append(f"mscale_all_dim is a DeepSeek convention: DeepSeek's attention multiplies its softmax by "
+                        f"{deepseek:.4f}, but a model of type {model_type} does not, so here q.k logits scale by "
+                        f"{common.attention_logit_scale(after, model_type)['logit_multiplier']:.4f}; to reproduce "
+                        f"DeepSeek's temperature pass --attention-factor {math.sqrt(deepseek):.4f}")
+    if after.rope_type == "yarn" and after.mscale_all_dim and not after.mscale and deepseek_attention:
+        warnings.append("mscale_all_dim without mscale: transformers scales cos/sin by 0.1 ln s + 1 AND DeepSeek "
+                        "attention scales the softmax again (logits x3.51 at s = 40); set both, as DeepSeek does")
+    if after.rotary_dim != before.rotary_dim:
+        common.fail(f"rotary dimension would change {before.rotary_dim} -> {after.rotary_dim}; this is a bug")
+    return after, original, notes, warnings
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Writing the output directory: links or copies, the rewritten configs.
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A local directory for `name`: the path itself, or the hub snapshot (downloaded unless offline)."""
+    if common.is_local_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            common.fail(f"model path {name} does not exist; pass a Hugging Face model directory or hub name")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, ignore_patterns=["original/*"]))  # Meta's own-format checkpoint
+    except Exception as exc:  # offline, unknown repo, no access: one clear line
+        common.fail(f"cannot fetch {name} from the hub ({type(exc).__name__}); pass a local directory instead")
+
+
+def link_or_copy(src: Path, dst: Path, copy: bool) -> str:
+    """Hard-link `src` to `dst` (same filesystem), else copy it. Returns "linked" or "copied"."""
+    if not copy:
+        try:
+            os.link(src.resolve(), dst)
+            return "linked"
+        except OSError:  # another filesystem (EXDEV), or links not allowed: copy
+            pass
+    shutil.copy2(src.resolve(), dst)
+    return "copied"
+
+
+def write_files(src: Path, out: Path, config: dict, after: common.RopeSpec, copy_weights: bool) -> dict:
+    """Weights linked / copied untouched, small files copied, the configs rewritten. Returns file statistics."""
+    stats = {"linked": [], "copied": [], "skipped": [], "weight_bytes": 0}
+    for path in sorted(src.iterdir()):
+        if path.name in REWRITTEN or path.name.startswith("."):
+            continue
+        if path.is_dir():
+            stats["skipped"].append(path.name + "/")  # e.g. Meta's original/ checkpoint with its own rope params
+            continue
+        if path.name.endswith(WEIGHT_SUFFIXES):
+            stats[link_or_copy(path, out / path.name, copy_weights)].append(path.name)
+            stats["weight_bytes"] += path.stat().st_size
+        else:
+            shutil.copy2(path.resolve(), out / path.name)
+            stats["copied"].append(path.name)
+    target = common.addressable_length(after)
+    (out / "config.json").write_text(json.dumps(common.apply_rope_to_config(config, after), indent=2) + "\n")
+    for name, key in (("tokenizer_config.json", "model_max_length"), ("generation_config.json", "max_length")):
+        if not (src / name).is_file():
+            continue
+        data = json.loads((src / name).read_text())
+        if name == "tokenizer_config.json" or key in data:  # generation max_length only when the model sets one
+            data[key] = target
+        (out / name).write_text(json.dumps(data, indent=2) + "\n")
+        stats["copied"].append(name)
+    return stats
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Verification: the installed transformers, reading the written config three ways, must give our frequencies.
+
+
+def config_views(config: dict) -> dict[str, dict]:
+    """The written config as transformers 5 sees it whole, through `rope_parameters` only (a v5-only reader), and
+    through `rope_scaling` + `rope_theta` only (what transformers 4.x / vLLM read)."""
+    v5 = {k: v for k, v in config.items() if k not in ("rope_scaling", "rope_theta")}
+    legacy = {k: v for k, v in config.items() if k != "rope_parameters"}
+    return {"both forms": config, "rope_parameters only": v5, "rope_scaling + rope_theta only": legacy}
+
+
+def verify_written_config(config: dict, after: common.RopeSpec) -> dict:
+    """Max relative difference between our inv_freq / attention factor and (a) our reader and (b) the installed
+    transformers' own rotary embedding, for each view of the written config. Fails on a mismatch."""
+    ours, ours_af = common.rope_frequencies(after)
+    tf_logger = logging.getLogger("transformers")
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)  # its factor-mismatch warnings are ours already, said once
+    result = {}
+    try:
+        for view, cfg in config_views(config).items():
+            reread, reread_af = common.rope_frequencies(common.rope_spec_from_config(cfg))
+            entry = {"reader_rel_diff": _rel(reread, ours), "reader_attention_factor": reread_af}
+            try:
+                theirs, their_af, how = common.transformers_rope(cfg)
+            except Exception as exc:  # unknown family / remote code: our own check still stands
+                entry["transformers"] = f"not checked ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+                result[view] = entry
+                continue
+            if theirs.numel() != ours.numel():
+                common.fail(f"transformers' {how} rotates {2 * theirs.numel()} channels but the {after.rope_type} "
+                            f"setting rotates {2 * ours.numel()} (partial_rotary_factor "
+                            f"{after.partial_rotary_factor}); this architecture cannot take that setting")
+            entry.update({"transformers": how, "rel_diff": _rel(theirs, ours), "attention_factor": their_af})
+            result[view] = entry
+            bad = max(entry["rel_diff"], entry["reader_rel_diff"]) > REL_TOL or \
+                abs(their_af - ours_af) > REL_TOL * ours_af or abs(reread_af - ours_af) > REL_TOL * ours_af
+            if bad:
+                common.fail(f"reading the written config ({view}) gives other frequencies than intended "
+                            f"(max rel diff {entry['rel_diff']:.2e}, attention factor {their_af} vs {ours_af}); "
+                            f"not writing it. Please report this with the model's config.json")
+    finally:
+        tf_logger.setLevel(level)
+    return result
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(((a - b).abs() / b.abs()).max())
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Perplexity before / after on a user document (the short-context cost of the patch, before any training).
+
+
+def parse_lengths(text: str | None, original: int, n_tokens: int) -> list[int]:
+    if text:
+        try:
+            lengths = sorted({int(x) for x in text.split(",") if x.strip()})
+        except ValueError:
+            common.fail(f"--ppl-lengths {text!r} must be comma-separated integers, e.g. 1024,4096")
+        if not lengths or lengths[0] < 16:
+            common.fail("--ppl-lengths must be token counts >= 16")
+    else:
+        lengths = sorted({min(1024, original), original})
+    too_long = [n for n in lengths if n > n_tokens]
+    lengths = [n for n in lengths if n <= n_tokens] or [n_tokens]
+    if too_long:
+        common.print0(f"note: --ppl-check document has {n_tokens} tokens; lengths {too_long} skipped")
+    return lengths
+
+
+def perplexity_check(args, src: Path, out: Path, original: int) -> list[dict]:
+    path = Path(args.ppl_check)
+    if not path.is_file():
+        common.fail(f"--ppl-check {args.ppl_check} is not a file; pass a plain-text document")
+    tok = common.load_tokenizer(str(src), args.trust_remote_code)
+    ids = tok(path.read_text(errors="replace"))["input_ids"]
+    if len(ids) < 16:
+        common.fail(f"--ppl-check {path} has only {len(ids)} tokens; give a longer document")
+    lengths = parse_lengths(args.ppl_lengths, original, len(ids))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    default_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
+    rows = {n: {"length": n} for n in lengths}
+    for tag, model_dir in (("before", src), ("after", out)):
+        model = common.load_model(str(model_dir), dtype=dtype, device=device,
+                                  trust_remote_code=args.trust_remote_code)
+        for n in lengths:
+            x = torch.tensor([ids[:n]], device=device)
+            rows[n][f"ppl_{tag}"] = math.exp(float(common.token_nll(model, x).mean()))
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    out_rows = []
+    common.print0(f"perplexity on {path.name} ({device}, {str(dtype).removeprefix('torch.')}):")
+    common.print0(f"{'tokens':>9} {'before':>10} {'after':>10} {'change':>8}")
+    for n in lengths:
+        row = rows[n]
+        row["change"] = row["ppl_after"] / row["ppl_before"] - 1
+        common.print0(f"{n:>9} {row['ppl_before']:>10.3f} {row['ppl_after']:>10.3f} {row['change']:>+8.1%}")
+        out_rows.append(row)
+    return out_rows
+
+
+# -------------------------------------------------------------------------------------------------------------
+
+
+def list_presets() -> None:
+    for name, preset in common.ROPE_PRESETS.items():
+        keys = {k: v for k, v in preset.items() if k not in ("source", "note", "expected_original")}
+        common.print0(f"{name}: {json.dumps(keys)}\n    source: {preset['source']}")
+        if preset.get("note"):
+            common.print0(f"    note: {preset['note']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list_presets:
+        list_presets()
+        return
+    if not args.model:
+        common.fail("--model is required (a Hugging Face model directory or hub name)")
+    if not args.out and not args.dry_run:
+        common.fail("--out is required (or --dry-run to only print the plan)")
+    if args.out:
+        common.check_output_dir(args.out, args.overwrite)
+    preset = apply_preset(args)
+    src = resolve_model_dir(args.model)
+    if not (src / "config.json").is_file():
+        common.fail(f"{args.model} has no config.json; pass a Hugging Face model directory")
+    if args.out and Path(args.out).expanduser().resolve() == src.resolve():
+        common.fail("--out must differ from --model: 02 never modifies its input")
+    config = json.loads((src / "config.json").read_text())
+    model_type = config.get("model_type")
+    before = common.rope_spec_from_config(config)
+    after, original, notes, warnings = plan_rope(args, before, model_type, preset)
+
+    common.print0(f"02_rope_scale: {args.model} ({model_type})")
+    if preset is not None:
+        common.print0(f"preset {args.preset}: {preset['source']}")
+        if preset.get("note"):
+            common.print0(f"  note: {preset['note']}")
+    for line in notes:
+        common.print0(f"note: {line}")
+    for line in warnings:
+        common.print0(f"warning: {line}")
+    report = common.rope_report(before, after, model_type, original)
+    common.print0(common.format_rope_report(report))
+    if args.dry_run:
+        return
+
+    with common.atomic_output_dir(args.out, args.overwrite) as tmp:
+        files = write_files(src, tmp, config, after, args.copy_weights)
+        written = json.loads((tmp / "config.json").read_text())
+        report["verification"] = verify_written_config(written, after)
+        checked = [v for v, e in report["verification"].items() if "rel_diff" in e]
+        worst = max((e["rel_diff"] for e in report["verification"].values() if "rel_diff" in e), default=None)
+        common.print0(f"verified: transformers {__import__('transformers').__version__} reads the written config "
+                      f"({', '.join(checked) or 'no view could be built'}) with the intended frequencies"
+                      + (f" (max rel diff {worst:.1e})" if worst is not None else ""))
+        if args.ppl_check:
+            report["ppl_check"] = perplexity_check(args, src, tmp, original)
+        report.update({"preset": args.preset, "method": args.method, "notes": notes + report["notes"],
+                       "warnings": warnings, "files": files})
+        (tmp / "rope_report.json").write_text(json.dumps(common._jsonable(report), indent=2) + "\n")
+        common.plot_rope_report(report, tmp / "rope_report.png")
+        common.write_manifest(
+            tmp, "02_rope_scale", args, inputs=[str(src)],
+            stats={"linked": len(files["linked"]), "copied": len(files["copied"]),
+                   "weight_bytes": files["weight_bytes"]},
+            rope={"method": args.method, "preset": args.preset, "before": before.to_dict(),
+                  "after": after.to_dict(), "original_max_position_embeddings": original,
+                  "addressable_length": common.addressable_length(after), "notes": notes, "warnings": warnings})
+    how = "hard-linked" if files["linked"] else "copied"
+    n_weights = len(files["linked"]) + sum(f.endswith(WEIGHT_SUFFIXES) for f in files["copied"])
+    common.print0(f"wrote {args.out}: {n_weights} weight file(s) {how} ({files['weight_bytes'] / 1e9:.3f} GB, "
+                  f"unmodified), rope_report.json/.png")
+    if files["linked"]:
+        common.print0("note: hard-linked weights share their bytes with the source; never write into them in place "
+                      "(use --copy-weights for independent files)")
+    if files["skipped"]:
+        common.print0(f"note: subdirectories not copied: {', '.join(files['skipped'])}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

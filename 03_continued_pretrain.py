@@ -1,0 +1,412 @@
+"""Stage 03: long-context continued pretraining, as ProLong (64K -> 512K) and UltraLong (1M+) did it, on any
+number of GPUs with torchrun, and the same code on a CPU for tiny models.
+
+Reads 01's packed rows (documents packed into rows of --seq-len tokens, boundaries kept) and trains a causal LM
+with the next-token loss:
+- each micro-batch is flattened to ONE row [1, tokens] with explicit document boundaries (cu_seqlens); attention
+  stays inside each document (--doc-mask, ProLong) or inside each packed row (--no-doc-mask, UltraLong), never
+  across rows, never onto padding; the first token of a document is never predicted from the previous one;
+- one attention function registered with transformers: flash-attn varlen when installed, PyTorch's varlen on
+  CUDA otherwise, an exact per-document reference on CPU; a start-up probe proves it (and names the backend);
+- the loss of a step is the sum of token cross-entropies over all micro-batches on all ranks divided by their
+  global count (torchtitan's rule); logits for a whole row never exist (Liger fused linear CE on CUDA, chunked
+  and checkpointed CE elsewhere);
+- FSDP2 (a unit per decoder layer plus the root), bf16 compute with fp32 master weights and fp32 gradient
+  reduction on GPU, per-layer activation checkpointing, optional CPU offload, Liger RoPE / RMSNorm / SwiGLU;
+- AdamW (wd 0.1, betas 0.9/0.95), clipping 1.0, warmup then cosine to a minimum-LR ratio (ProLong: 10%, 0.1x);
+- sharded checkpoints every --save-every steps and on SIGTERM / SIGUSR1, `--resume auto` continues exactly;
+  the final model is an ordinary HF directory in OUT/final.
+
+Usage:
+    # tiny CPU run (random init), 20 steps
+    python 03_continued_pretrain.py --init-config tiny-llama --tokenizer TOK --data runs/data --out runs/cpt \\
+        --batch-tokens 4096 --max-steps 20 --lr 1e-3
+    # ProLong stage 1 (64K) on 8 GPUs: 4M tokens per step, 5000 steps, LR 1e-5
+    torchrun --nproc_per_node=8 03_continued_pretrain.py --model runs/llama3-8b-theta8e6 \\
+        --data runs/data-64k --out runs/prolong-64k --batch-tokens 4194304 --max-steps 5000 --lr 1e-5
+    # ProLong stage 2 (512K): new RoPE config and data, weights AND optimizer state from stage 1, new schedule
+    torchrun --nproc_per_node=8 03_continued_pretrain.py --model runs/llama3-8b-theta1.28e8 \\
+        --init-from runs/prolong-64k/checkpoints/step_00005000 --keep-optimizer \\
+        --data runs/data-512k --out runs/prolong-512k --batch-tokens 8388608 --max-steps 2500 --lr 5e-6
+    # continue a preempted run exactly
+    torchrun --nproc_per_node=8 03_continued_pretrain.py ...same flags... --resume auto
+
+Outputs: OUT/run.json (the run's settings), OUT/metrics.jsonl (one record per step), OUT/checkpoints/step_N/
+(torch.distributed.checkpoint shards + trainer_state.json), OUT/final/ (HF model directory with manifest.json).
+MFU conventions in the log: "tt" = torchtitan's 6N + 12*L*H*d*S per token (non-causal, masks ignored);
+"doc" = 6N + causal attention over the documents actually attended, 12*L*H*d*sum(len_i^2)/(2*sum(len_i)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+from common import fail, print0
+
+STAGE = "03_continued_pretrain"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    common.add_common_args(g, "model", "tokenizer")
+    g.add_argument("--init-config", default=None,
+                   help="random init instead of --model weights: a config.json (or a directory with one) or a "
+                        f"shape name ({', '.join(common.KNOWN_SHAPES)}), optionally name:key=value,... overrides")
+    g.add_argument("--init-from", default=None,
+                   help="start a new stage from a checkpoint of another run (OUT/checkpoints/step_N): its weights "
+                        "replace --model's (whose config, e.g. a new RoPE base, is kept); step, schedule and data "
+                        "position start afresh")
+    g.add_argument("--keep-optimizer", action="store_true",
+                   help="with --init-from: also keep its optimizer state (ProLong's 64K -> 512K stage)")
+    g = p.add_argument_group("data")
+    common.add_common_args(g, "data", required=["data"])
+    g.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="attend only inside each document (ProLong, default); --no-doc-mask: causal attention "
+                        "over the whole packed row (UltraLong), still never across rows")
+    g.add_argument("--pose-target-len", type=int, default=None,
+                   help="PoSE: skip-wise position ids sampled over this target length (2-chunk official form)")
+    g.add_argument("--ignore-max-positions", action="store_true",
+                   help="allow rows longer than the config's max_position_embeddings (e.g. a RoPE base change "
+                        "that did not update it)")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="shuffle rows each epoch (seeded); --no-shuffle keeps the data order")
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per optimizer step over all ranks (ProLong 64K: 4194304); a multiple of the rows' "
+                        "length (default: one row per rank)")
+    g.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="tokens per rank per forward/backward (default: one row); accumulation is derived")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one pass over the data)")
+    g.add_argument("--num-tokens", type=float, default=None, help="alternatively, tokens to train on (e.g. 20e9)")
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (ProLong: 1e-5 at 64K, 5e-6 at 512K)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this (ProLong: 0.1)")
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="warmup fraction of the steps (ProLong: 0.1)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="warmup steps (overrides --warmup-ratio)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    common.add_common_args(g, "seed")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="compute dtype (default: bf16 on CUDA, fp32 on CPU); master weights stay fp32")
+    g.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
+                   help="Liger RoPE/RMSNorm/SwiGLU + fused linear CE (default: on with CUDA for Llama/Qwen2/Mistral)")
+    g.add_argument("--loss", choices=["auto", "liger", "chunked"], default="auto",
+                   help="cross-entropy implementation (auto: Liger FLCE with --liger, else chunked)")
+    g.add_argument("--loss-chunk", type=int, default=4096, help="tokens per chunk of the chunked CE")
+    g.add_argument("--attention-backend", choices=["auto", "flash_attn", "torch_varlen", "reference"],
+                   default="auto", help="force an attention backend (default: the best available)")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each decoder layer in the backward (default: on)")
+    g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and optimizer on CPU")
+    g = p.add_argument_group("output and checkpoints")
+    common.add_common_args(g, "out", "overwrite", required=["out"])
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0: all)")
+    g.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="also save a checkpoint after the last step (for --init-from of a next stage)")
+    g.add_argument("--resume", default=None,
+                   help="'auto': continue the run in --out from its latest checkpoint (start if there is none); "
+                        "or a checkpoint path of this run")
+    g.add_argument("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="dtype of OUT/final (auto: the input model's dtype)")
+    g.add_argument("--no-export", action="store_true", help="skip the final HF export")
+    g.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
+    g.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow steps down
+    args = p.parse_args(argv)
+    if (args.model is None) == (args.init_config is None):
+        p.error("give exactly one of --model (a model directory) and --init-config (random init)")
+    if args.keep_optimizer and not args.init_from:
+        p.error("--keep-optimizer needs --init-from")
+    if args.resume and args.init_from:
+        p.error("--resume continues this run; --init-from starts a new one: give one of them")
+    return args
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup: int) -> dict:
+    """What must match for --resume to continue exactly (world size, kernels and logging may change)."""
+    shape = {k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                                                    "num_hidden_layers", "num_attention_heads",
+                                                    "num_key_value_heads", "head_dim", "tie_word_embeddings")}
+    return {"model": shape, "data": data.fingerprint(), "rows_per_step": rows_per_step, "max_steps": max_steps,
+            "warmup_steps": warmup, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "seed": args.seed,
+            "doc_mask": args.doc_mask, "pose_target_len": args.pose_target_len, "shuffle": args.shuffle,
+            "weight_decay": args.weight_decay, "betas": list(args.betas), "grad_clip": args.grad_clip,
+            "init": args.model or args.init_config, "init_from": args.init_from}
+
+
+def signature_diff(old: dict, new: dict) -> list[str]:
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Processes and devices
+    dinfo, mesh = common.setup_distributed(args.device)
+    device, world, rank = dinfo.device, dinfo.world_size, dinfo.rank
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    common.seed_everything(args.seed)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Inputs: data made by 01, a config, and the checks that must fail before anything is written
+    data = common.PackedData.open(args.data)
+    seq_len = data.seq_len
+    config = common.config_from_init_spec(args.init_config) if args.init_config else common.load_config(args.model)
+    longest = args.pose_target_len or seq_len
+    if args.pose_target_len and args.pose_target_len < seq_len:
+        fail(f"--pose-target-len {args.pose_target_len} is shorter than the data rows ({seq_len} tokens)")
+    if longest > config.max_position_embeddings and not args.ignore_max_positions:
+        fail(f"rows need positions up to {longest} but the model's max_position_embeddings is "
+             f"{config.max_position_embeddings}; patch its RoPE for that length with 02_rope_scale.py first "
+             "(or pass --ignore-max-positions)")
+    if (data.manifest.get("vocab_size") or 0) > config.vocab_size:
+        fail(f"the data was tokenized with a vocabulary of {data.manifest['vocab_size']} tokens, the model has "
+             f"{config.vocab_size}; use the model's tokenizer in 01_prepare_data.py")
+    batch_tokens = args.batch_tokens or seq_len * world
+    micro_tokens = args.micro_batch_tokens or seq_len
+    if batch_tokens % seq_len or micro_tokens % seq_len:
+        fail(f"--batch-tokens {batch_tokens} and --micro-batch-tokens {micro_tokens} must be multiples of the "
+             f"rows' length {seq_len}")
+    rows_per_step, rows_per_micro = batch_tokens // seq_len, micro_tokens // seq_len
+    if rows_per_step % (world * rows_per_micro):
+        fail(f"a step of {rows_per_step} rows does not divide across {world} ranks x {rows_per_micro} row(s) per "
+             f"micro-batch; choose --batch-tokens as a multiple of {world * rows_per_micro * seq_len}")
+    grad_accum = rows_per_step // (world * rows_per_micro)
+    if args.max_steps:
+        max_steps = args.max_steps
+    elif args.num_tokens:
+        max_steps = math.ceil(args.num_tokens / batch_tokens)
+    else:
+        max_steps = max(1, data.num_rows // rows_per_step)
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * max_steps)
+    signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
+
+    out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
+    resume_from = None
+    run_file = out / "run.json"
+    holds_run = out.is_dir() and any(out.iterdir())
+    if holds_run and not args.overwrite:
+        if not args.resume:
+            fail(f"--out {out} already holds a run ({len(common.list_checkpoints(ckpt_root))} checkpoint(s)); pass "
+                 "--resume auto to continue it, --overwrite to replace it, or choose another --out")
+        if not run_file.is_file():
+            fail(f"--out {out} is not empty and holds no longctx run (no run.json); choose another --out")
+        with open(run_file) as f:
+            diff = signature_diff(json.load(f)["signature"], signature)
+        if diff:
+            fail(f"cannot resume the run in {out}: its settings differ ({'; '.join(diff)}); start a new stage "
+                 "with --init-from CHECKPOINT and another --out")
+    if args.resume:
+        if args.resume == "auto":
+            found = common.list_checkpoints(ckpt_root) if holds_run and not args.overwrite else []
+            resume_from = found[-1] if found else None
+        else:
+            resume_from = Path(args.resume)
+            state = common.read_trainer_state(resume_from)
+            diff = signature_diff(state.get("signature", {}), signature)
+            if diff:
+                fail(f"checkpoint {resume_from} is incompatible with this run ({'; '.join(diff)})")
+    if args.init_from:
+        state = common.read_trainer_state(args.init_from)
+        diff = signature_diff(state.get("signature", {}).get("model", {}), signature["model"])
+        if diff:
+            fail(f"--init-from {args.init_from} holds another model shape ({'; '.join(diff)})")
+    common.barrier()  # every rank has checked before rank 0 touches --out
+    if rank == 0:
+        if args.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and (out / "metrics.jsonl").is_file():  # a start before any checkpoint: redo
+            (out / "metrics.jsonl").unlink()
+        if not run_file.is_file():
+            common.atomic_write_text(run_file, json.dumps(common._jsonable(
+                {"stage": STAGE, "signature": signature, "args": vars(args), "versions": common.versions()}),
+                indent=2) + "\n")
+    common.barrier()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Model: meta device -> Liger -> activation checkpointing -> FSDP2 -> weights; attention probe
+    liger = args.liger if args.liger is not None else (device.type == "cuda" and config.model_type in common.LIGER_FAMILIES)
+    loss_impl = args.loss if args.loss != "auto" else ("liger" if liger and device.type == "cuda" else "chunked")
+    common.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
+    opts = common.ModelOptions(device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
+                           activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
+                           seed=args.seed)
+    source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")  # from_config
+    model, minfo = common.prepare_model(config, None if args.init_config else args.model, mesh, opts)  # sets fp32
+    backend = common.check_attention(model, device, dtype, config.vocab_size, args.seed)
+    optimizer = common.build_optimizer(model, args.lr, args.weight_decay, args.betas)
+
+    start_step = 0
+    if resume_from is not None:
+        state = common.load_checkpoint(resume_from, model, optimizer)
+        start_step = int(state["step"])
+        if rank == 0 and (out / "metrics.jsonl").is_file():  # drop records of steps after the checkpoint
+            kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= start_step]
+            common.atomic_write_text(out / "metrics.jsonl", "".join(ln + "\n" for ln in kept))
+        print0(f"resumed from {resume_from} at step {start_step}")
+    elif args.init_from:
+        common.load_checkpoint(args.init_from, model, optimizer if args.keep_optimizer else None, restore_rng=False)
+        print0(f"initialised from {args.init_from} (weights{' + optimizer state' if args.keep_optimizer else ''}); "
+               "step, schedule and data position start afresh")
+
+    n_params = minfo["params"]
+    peak = common.peak_flops(device)
+    print0(f"{STAGE}: {world} rank(s) on {device.type} ({dinfo.backend}), compute {str(dtype)[6:]}, "
+           f"{n_params['total'] / 1e6:.1f}M parameters ({config.model_type}, {config.num_hidden_layers} layers)")
+    print0(f"attention: {backend}, {'document-masked' if args.doc_mask else 'full causal per row (no doc mask)'}"
+           f"{f', PoSE positions over {args.pose_target_len}' if args.pose_target_len else ''}")
+    print0(f"kernels: liger {'+'.join(minfo['liger']) or 'off'}, loss {loss_impl} cross-entropy, "
+           f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
+           f"cpu offload {'on' if args.cpu_offload else 'off'}")
+    print0(f"batch: {batch_tokens:,} tokens/step = {rows_per_step} rows x {seq_len:,} tokens; "
+           f"{rows_per_micro} row(s)/micro-batch x {world} rank(s) x {grad_accum} accumulation step(s)")
+    print0(f"schedule: {max_steps} steps ({max_steps * batch_tokens / 1e9:.3g}B tokens), lr {args.lr:g}, warmup "
+           f"{warmup}, cosine to {args.min_lr_ratio:g}x; data: {data.num_rows} rows "
+           f"({max_steps * rows_per_step / data.num_rows:.2f} epochs)")
+    if peak is None:
+        print0("MFU: n/a (no peak FLOP/s known for this device)")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Training loop
+    order = common.DataOrder(data.num_rows, args.seed, args.shuffle)
+    signals = common.StopSignals()
+    metrics_path = out / "metrics.jsonl"
+    def trainer_state(step):  # what a checkpoint records besides model, optimizer and RNG
+        return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
+                "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
+
+    last_saved = start_step if resume_from is not None else None
+    step_times = []
+    unit = "gpu" if device.type == "cuda" else "rank"
+    bar = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True,
+               leave=False, file=sys.stderr)
+    for step in range(start_step, max_steps):
+        t0 = time.perf_counter()
+        lr = args.lr * common.lr_multiplier(step, max_steps, warmup, args.min_lr_ratio)
+        common.set_lr(optimizer, lr)
+
+        # the step's rows: the same for every rank; this rank's micro-batches balanced by attention cost
+        stream = order.take(step * rows_per_step, rows_per_step)
+        cost = data.attn_cost if args.doc_mask else (seq_len - data.num_pad) ** 2
+        plan = common.plan_step(list(range(rows_per_step)), [int(cost[r]) for _, r in stream], world, rows_per_micro)
+        micro_batches = []
+        for positions in plan[rank]:
+            rows = data.rows([stream[i][1] for i in positions])
+            for i, row in zip(positions, rows):
+                row["epoch"] = stream[i][0]
+            micro_batches.append(common.build_micro_batch(rows, seq_len, args.doc_mask, args.pose_target_len,
+                                                      args.seed))
+        n_valid = common.global_count(sum(mb.n_valid for mb in micro_batches), device)
+
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        for mb in micro_batches:
+            mb = mb.to(device)
+            loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, loss_impl, args.loss_chunk))
+            (loss / max(n_valid, 1)).backward()
+            loss_sum += loss.detach()
+        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+
+        stats = torch.stack([loss_sum, torch.tensor(float(signals.received is not None), device=device)])
+        if world > 1:
+            dist.all_reduce(stats)
+        loss_val, stop = stats[0].item() / max(n_valid, 1), stats[1].item() > 0
+        gnorm_val = grad_norm.item()
+        if not (math.isfinite(loss_val) and math.isfinite(gnorm_val)):
+            bar.close()
+            last = common.list_checkpoints(ckpt_root)
+            fail(f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} ({loss_val:g}, grad "
+                 f"norm {gnorm_val:g}) at step {step + 1}; stopped before the optimizer step. Last good checkpoint:"
+                 f" {last[-1] if last else 'none'} (resume with --resume auto, e.g. with a lower --lr)")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if args.debug_sleep:
+            time.sleep(args.debug_sleep)
+
+        # metrics: tokens processed (padding included), both MFU conventions, memory, ETA
+        dt = time.perf_counter() - t0
+        if step > start_step:
+            step_times.append(dt)
+        tokens = rows_per_step * seq_len
+        attn_sq = int(sum(int(cost[r]) for _, r in stream))
+        flops = common.step_flops(n_params, config, tokens, seq_len, attn_sq)
+        mfu = {k: (v / dt / world / peak if peak else None) for k, v in flops.items()}
+        avg = sum(step_times) / len(step_times) if step_times else dt
+        record = {"step": step + 1, "loss": loss_val, "grad_norm": gnorm_val, "lr": lr, "valid_tokens": n_valid,
+                  "tokens": tokens, "step_time_s": dt, "tokens_per_s": tokens / dt,
+                  "tokens_per_s_per_gpu": tokens / dt / world, "mfu_torchtitan": mfu["torchtitan"],
+                  "mfu_causal_doc": mfu["causal_doc"], "peak_mem_gib": common.peak_memory_gib(device),
+                  "eta_s": avg * (max_steps - step - 1)}
+        if rank == 0:
+            common.append_jsonl(metrics_path, record)
+            if (step + 1) % args.log_every == 0 or step + 1 == max_steps:
+                mfu_txt = (f"mfu {mfu['torchtitan']:.1%} tt / {mfu['causal_doc']:.1%} doc" if peak else "mfu n/a")
+                tqdm.write(f"step {step + 1}/{max_steps} | loss {loss_val:.4f} | gnorm {gnorm_val:.3f} | lr {lr:.2e}"
+                           f" | tok/s {record['tokens_per_s']:,.0f} ({record['tokens_per_s_per_gpu']:,.0f}/{unit}) | "
+                           f"{mfu_txt} | mem {record['peak_mem_gib']:.1f} GiB | "
+                           f"eta {common.format_duration(record['eta_s'])}", file=sys.stdout)
+                sys.stdout.flush()
+        bar.update(1)
+
+        # checkpoints: periodic, at the end, and when a stop signal arrived on any rank
+        if (stop or (args.save_every and (step + 1) % args.save_every == 0)
+                or (step + 1 == max_steps and args.final_checkpoint)):
+            path = common.save_checkpoint(ckpt_root, step + 1, model, optimizer, trainer_state(step + 1), args.keep)
+            last_saved = step + 1
+            print0(f"saved checkpoint {path}")
+        if stop:
+            bar.close()
+            signum = signals.received or 15
+            print0(f"stopped by signal {signum} after step {step + 1}; checkpoint saved, continue with --resume auto")
+            signals.restore()
+            return 128 + signum
+    bar.close()
+    signals.restore()
+    if last_saved != max_steps and start_step < max_steps and args.final_checkpoint:
+        common.save_checkpoint(ckpt_root, max_steps, model, optimizer, trainer_state(max_steps), args.keep)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Export: an ordinary HF directory in OUT/final
+    if not args.no_export:
+        if args.export_dtype != "auto":
+            export_dtype = DTYPES[args.export_dtype]
+        else:
+            export_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+                source_dtype.replace("torch.", ""), dtype)
+        tokenizer_dir = args.tokenizer or args.model or data.manifest.get("tokenizer")
+        if tokenizer_dir and not os.path.isdir(os.path.expanduser(str(tokenizer_dir))):
+            tokenizer_dir = None
+        last = json.loads(metrics_path.read_text().splitlines()[-1]) if rank == 0 and metrics_path.is_file() else {}
+        manifest = {"stage": STAGE, "args": args, "inputs": [p for p in (args.model, args.data) if p and
+                                                               os.path.isdir(p)],
+                    "stats": {"steps": max_steps, "tokens": max_steps * batch_tokens, "final_loss": last.get("loss"),
+                              "attention": backend, "world_size": world},
+                    "base_model": args.model or args.init_config, "recipe": {"doc_mask": args.doc_mask,
+                                                                           "pose_target_len": args.pose_target_len}}
+        final = common.export_hf(model, config, out / "final", export_dtype, args.model, tokenizer_dir, manifest)
+        print0(f"exported {final} ({str(export_dtype)[6:]})")
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)

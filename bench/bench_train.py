@@ -1,0 +1,226 @@
+"""Training throughput of 03_continued_pretrain.py's path against the baseline users would write, on synthetic
+data and random-init model shapes (no weights needed).
+
+  ours      FSDP2 (bf16 compute, fp32 master + reduce), per-layer activation checkpointing, flattened packed rows
+            with document-masked varlen attention (flash-attn or PyTorch varlen), Liger RoPE/RMSNorm/SwiGLU and
+            fused linear cross-entropy (the exact building blocks of common.py)
+  baseline  the same FSDP2 sharding, mixed precision and HF gradient checkpointing, but the HF model's own
+            forward with labels (full logits), sdpa attention (plain causal over the row), no Liger, no packing
+
+Each configuration runs in its own subprocess (clean memory; an OOM is caught and marked), with a time limit.
+Reports tokens/s, MFU in two conventions (torchtitan 6N + 12*L*H*d*S; causal document-aware), peak memory,
+and the longest trainable row length per shape and mode.
+
+Usage:
+    python bench/bench_train.py                                   # CUDA: the full grid; CPU: a tiny smoke run
+    python bench/bench_train.py --shapes llama-3.2-1b --seq-lens 65536 --modes ours --steps 4
+    python bench/bench_train.py --shapes llama-3.2-1b --max-len-search --modes ours baseline
+    python bench/bench_train.py --one '{"shape": "llama-3.2-1b", "seq_len": 16384, "mode": "ours"}'  # one config
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GPU_SHAPES = ["llama-3.2-1b", "qwen2.5-1.5b", "llama-3.2-3b", "llama-3.1-8b:num_hidden_layers=4"]
+GPU_SEQ_LENS = [8192, 16384, 32768, 65536, 131072, 262144, 524288]
+
+
+def synthetic_rows(seq_len: int, n_rows: int, vocab: int, docs: str, seed: int):
+    """Rows in 01's format. docs="prolong": 60% single-document rows (long code/books), 40% packed short
+    documents (exponential lengths, mean 2K); "single": one document per row; "short": all packed short docs."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_rows):
+        if docs == "single" or (docs == "prolong" and rng.random() < 0.6):
+            lens = [seq_len]
+        else:
+            lens, left = [], seq_len
+            while left > 0:
+                n = int(min(left, max(16, rng.exponential(2048))))
+                lens.append(n)
+                left -= n
+        rows.append({"index": i, "input_ids": rng.integers(0, vocab, size=seq_len), "doc_lens": np.array(lens),
+                     "num_pad": 0})
+    return rows
+
+
+def run_one(cfg: dict) -> dict:
+    """One configuration in this process: build, warm up, time `steps` optimizer steps."""
+    import torch
+
+    import common
+
+    dinfo, mesh = common.setup_distributed(None)
+    device = dinfo.device
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    seq_len, mode = cfg["seq_len"], cfg["mode"]
+    config = common.config_from_init_spec(cfg["shape"], {"max_position_embeddings": max(seq_len, 8192)})
+    result = dict(cfg, device=torch.cuda.get_device_name(device) if cuda else "cpu", ok=False)
+    try:
+        if mode == "ours":
+            liger = cuda and config.model_type in common.LIGER_FAMILIES and not cfg.get("no_liger")
+            model, info = common.prepare_model(config, None, mesh, common.ModelOptions(
+                device=device, compute_dtype=dtype, liger=liger, activation_checkpointing=True, seed=0))
+            params = info["params"]
+            result["attention"] = common.check_attention(model, device, dtype, config.vocab_size)
+            loss_impl = "liger" if liger else "chunked"
+        else:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+            params = common.count_params(model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+            common.shard_model(model, mesh, common.ModelOptions(device=device, compute_dtype=dtype))
+            common.materialize(model, device, None, seed=0)
+            model.train()
+            result["attention"] = "sdpa, causal over the whole row"
+        optimizer = common.build_optimizer(model, 1e-5)
+        rows = synthetic_rows(seq_len, cfg["steps"] + cfg["warmup"], config.vocab_size, cfg["docs"], seed=0)
+
+        def step(row):
+            mb = common.build_micro_batch([row], seq_len, doc_mask=True).to(device)
+            if mode == "ours":
+                loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, loss_impl))
+                (loss / mb.n_valid).backward()
+            else:
+                model(input_ids=mb.input_ids, labels=mb.input_ids, use_cache=False).loss.backward()
+            common.clip_grad_norm(model, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return mb.attn_sq
+
+        for row in rows[:cfg["warmup"]]:
+            step(row)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        attn_sq = sum(step(row) for row in rows[cfg["warmup"]:])
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tokens = seq_len * cfg["steps"]
+        if mode == "baseline":  # the baseline attends over the whole row
+            attn_sq = seq_len * seq_len * cfg["steps"]
+        flops = common.step_flops(params, config, tokens, seq_len, attn_sq)
+        peak = common.peak_flops(device)
+        result.update(ok=True, tokens_per_s=tokens / dt, step_time_s=dt / cfg["steps"],
+                      mfu_torchtitan=flops["torchtitan"] / dt / peak if peak else None,
+                      mfu_causal_doc=flops["causal_doc"] / dt / peak if peak else None,
+                      peak_mem_gib=common.peak_memory_gib(device), params_m=params["total"] / 1e6)
+    except torch.cuda.OutOfMemoryError as exc:
+        result.update(error="OOM", detail=str(exc).splitlines()[0][:200])
+    except RuntimeError as exc:
+        msg = str(exc)
+        result.update(error="OOM" if "out of memory" in msg.lower() else "error", detail=msg.splitlines()[0][:300])
+    return result
+
+
+def fmt(r: dict) -> str:
+    if not r.get("ok"):
+        return (f"| {r['shape']} | {r['seq_len']:,} | {r['mode']} | {r.get('error', 'failed')} | | | | |")
+    mfu = lambda x: f"{x:.1%}" if x is not None else "n/a"  # noqa: E731
+    return (f"| {r['shape']} | {r['seq_len']:,} | {r['mode']} | {r['tokens_per_s']:,.0f} | "
+            f"{mfu(r['mfu_torchtitan'])} | {mfu(r['mfu_causal_doc'])} | {r['peak_mem_gib']:.1f} | "
+            f"{r['step_time_s']:.2f} |")
+
+
+HEADER = ("| shape | seq len | mode | tokens/s | MFU (torchtitan) | MFU (causal doc) | peak GiB | s/step |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def spawn(cfg: dict, time_limit: float) -> dict:
+    cmd = [sys.executable, __file__, "--one", json.dumps(cfg)]
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
+                                                                  "expandable_segments:True"))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(cfg, ok=False, error=f"timeout {time_limit:.0f}s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    oom = "out of memory" in (proc.stderr or "").lower()
+    return dict(cfg, ok=False, error="OOM" if oom else f"exit {proc.returncode}", detail=" / ".join(tail)[:300])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=None, help="shape names (common.KNOWN_SHAPES, :k=v)")
+    p.add_argument("--seq-lens", nargs="+", type=int, default=None)
+    p.add_argument("--modes", nargs="+", default=["ours", "baseline"], choices=["ours", "baseline"])
+    p.add_argument("--docs", default="prolong", choices=["prolong", "single", "short"],
+                   help="document lengths inside the synthetic rows")
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--no-liger", action="store_true", help="ours without Liger (chunked CE)")
+    p.add_argument("--time-limit", type=float, default=900, help="seconds per configuration")
+    p.add_argument("--max-len-search", action="store_true",
+                   help="per shape and mode, stop at the first failing length (the longest trainable length)")
+    p.add_argument("--json", default=None, help="append results as JSON lines to this file")
+    p.add_argument("--md", default=None, help="append the markdown table to this file")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print RESULT
+    args = p.parse_args(argv)
+
+    if args.one:
+        print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
+        return 0
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    shapes = args.shapes or (GPU_SHAPES if cuda else ["tiny-llama"])
+    seq_lens = args.seq_lens or (GPU_SEQ_LENS if cuda else [256, 512])
+    print(f"# bench_train: {'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'CPU smoke run'}, torch "
+          f"{torch.__version__}; docs={args.docs}, {args.steps} timed steps after {args.warmup}")
+    print(HEADER, flush=True)
+    results = []
+    for shape in shapes:
+        for mode in args.modes:
+            longest = None
+            for seq_len in sorted(seq_lens):
+                cfg = {"shape": shape, "seq_len": seq_len, "mode": mode, "steps": args.steps,
+                       "warmup": args.warmup, "docs": args.docs, "no_liger": args.no_liger}
+                r = spawn(cfg, args.time_limit)
+                results.append(r)
+                print(fmt(r), flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+                if r.get("ok"):
+                    longest = seq_len
+                elif args.max_len_search:
+                    break
+            print(f"<!-- {shape} {mode}: longest trainable row {longest if longest else 'none'} -->", flush=True)
+    # side by side: ours / baseline speed-up per shape and length
+    by = {(r["shape"], r["seq_len"], r["mode"]): r for r in results if r.get("ok")}
+    lines = []
+    for (shape, n, mode), r in sorted(by.items()):
+        b = by.get((shape, n, "baseline"))
+        if mode == "ours" and b:
+            lines.append(f"{shape} @ {n:,}: ours/baseline tokens/s = {r['tokens_per_s'] / b['tokens_per_s']:.2f}x")
+    for ln in lines:
+        print(ln)
+    if args.md:
+        with open(args.md, "a") as f:
+            f.write(HEADER + "\n" + "\n".join(fmt(r) for r in results) + "\n\n" + "\n".join(lines) + "\n")
+    return 0 if any(r.get("ok") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""Training building blocks (common.py): micro-batches, attention, loss, accumulation, PoSE, schedule,
+weights loading. In-process, tiny models, fp32 on the CPU.
+
+`make_packed_data` writes a dataset in 01's format (CONTRACTS.md) directly, so these tests do not depend on
+01_prepare_data.py; the script-level tests in test_train_runs.py use it too."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+
+def make_packed_data(out, seq_len=32, num_rows=8, vocab=1000, seed=0, pad_id=1, max_docs=4, pad_rows=True,
+                     stage="01_prepare_data", real_rows=None):
+    """A packed training set in 01's format: `num_rows` rows of `seq_len` tokens with random document lengths;
+    every other row ends with padding (when `pad_rows`). `real_rows`: a list of token lists (documents) packed
+    greedily instead of random tokens."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    cols = {"input_ids": [], "doc_lens": [], "num_pad": [], "source": [], "attn_cost": []}
+    docs = list(real_rows or [])
+    for r in range(num_rows):
+        num_pad = int(rng.integers(1, seq_len // 4)) if pad_rows and r % 2 else 0
+        real = seq_len - num_pad
+        if docs:
+            ids = []
+            lens = []
+            while len(ids) < real and docs:
+                d = docs.pop(0)
+                take = d[:real - len(ids)]
+                ids += take
+                lens.append(len(take))
+            num_pad = seq_len - len(ids)
+            ids += [pad_id] * num_pad
+        else:
+            k = int(rng.integers(1, max_docs + 1))
+            cuts = sorted(rng.choice(np.arange(1, real), size=min(k - 1, real - 1), replace=False).tolist())
+            lens = np.diff([0] + cuts + [real]).tolist()
+            ids = rng.integers(5, vocab, size=real).tolist() + [pad_id] * num_pad
+        doc_lens = lens + ([num_pad] if num_pad else [])
+        cols["input_ids"].append(ids)
+        cols["doc_lens"].append(doc_lens)
+        cols["num_pad"].append(num_pad)
+        cols["source"].append("synthetic")
+        cols["attn_cost"].append(int(sum(x * x for x in lens)))
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "doc_lens": datasets.Sequence(datasets.Value("int32")),
+                                  "num_pad": datasets.Value("int32"), "source": datasets.Value("string"),
+                                  "attn_cost": datasets.Value("int64")})
+    datasets.Dataset.from_dict(cols, features=features).save_to_disk(str(out))
+    common.write_manifest(out, stage, {}, seq_len=seq_len, boundary="mask", separator=None, packing="best-fit",
+                          tokenizer="synthetic", vocab_size=vocab, eos_token_id=0, pad_token_id=pad_id,
+                          num_rows=num_rows, num_tokens=num_rows * seq_len)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def cpu_mesh():
+    info, mesh = common.setup_distributed("cpu")
+    yield mesh
+    common.destroy_distributed()
+
+
+def tiny_model(mesh, spec="tiny-llama", weights=None, seed=0, ac=False):
+    config = common.config_from_init_spec(spec) if weights is None else common.load_config(weights)
+    model, _ = common.prepare_model(config, weights, mesh, common.ModelOptions(device=torch.device("cpu"), seed=seed,
+                                                                      activation_checkpointing=ac))
+    return model
+
+
+def rows_of(lens_list, seq_len, vocab=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, (lens, num_pad) in enumerate(lens_list):
+        doc_lens = list(lens) + ([num_pad] if num_pad else [])
+        rows.append({"index": i, "input_ids": rng.integers(5, vocab, size=seq_len),
+                     "doc_lens": np.array(doc_lens), "num_pad": num_pad})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Micro-batches
+
+
+def test_micro_batch_targets_positions_and_boundaries():
+    rows = rows_of([([4, 9], 3), ([16], 0)], 16)
+    mb = common.build_micro_batch(rows, 16, doc_mask=True)
+    ids, t = mb.input_ids[0], mb.targets[0]
+    assert mb.input_ids.shape == (1, 32) and mb.cu_seqlens.tolist() == [0, 4, 13, 16, 32]
+    assert mb.position_ids[0].tolist() == list(range(16)) * 2  # not reset per document
+    # inside a document: the next token; the last token of a document and padding: no target
+    assert t[0:3].tolist() == ids[1:4].tolist() and t[3] == -100
+    assert t[4:12].tolist() == ids[5:13].tolist() and t[12] == -100
+    assert (t[13:16] == -100).all()
+    assert t[16:31].tolist() == ids[17:32].tolist() and t[31] == -100
+    assert mb.n_valid == 3 + 8 + 15 == int((t != -100).sum())
+    assert mb.attn_sq == 16 + 81 + 256 and mb.max_len == 16
+    # --no-doc-mask: the real tokens of a row are one segment, padding still its own and never a target
+    mb = common.build_micro_batch(rows, 16, doc_mask=False)
+    assert mb.cu_seqlens.tolist() == [0, 13, 16, 32]
+    assert mb.targets[0, 3] == ids[4] and mb.targets[0, 12] == -100 and mb.n_valid == 12 + 15
+
+
+def test_plan_step_balances_cost_and_covers_rows():
+    costs = [100, 1, 50, 49, 2, 99, 10, 11]
+    plan = common.plan_step(list(range(8)), costs, world_size=2, rows_per_micro=2)
+    assert sorted(r for rank in plan for mb in rank for r in mb) == list(range(8))
+    assert all(len(mb) == 2 for rank in plan for mb in rank) and len(plan[0]) == 2
+    for a in range(2):  # each micro-step: the two ranks' costs are close
+        c0, c1 = (sum(costs[r] for r in plan[k][a]) for k in (0, 1))
+        assert abs(c0 - c1) <= 2
+    assert sum(costs[r] for r in plan[0][0]) > sum(costs[r] for r in plan[0][1])  # expensive micro-steps first
+
+
+def test_data_order_is_deterministic_and_epoch_wise():
+    a, b = common.DataOrder(5, seed=3), common.DataOrder(5, seed=3)
+    first = a.take(0, 12)
+    assert first == b.take(0, 12)
+    assert sorted(r for e, r in first[:5]) == list(range(5)) and {e for e, _ in first[5:10]} == {1}
+    assert a.take(7, 3) == first[7:10]
+
+
+def test_pose_ids_in_range_and_increasing():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p = common.pose_position_ids(64, 1024, rng)
+        assert p[0] == 0 and p[-1] <= 1023 and np.all(np.diff(p) >= 1)
+        jumps = np.nonzero(np.diff(p) > 1)[0]
+        assert len(jumps) <= 1  # two chunks
+        if len(jumps):
+            assert 1 <= jumps[0] + 1 <= 32  # chunk 1 length in U{1, (n+1)//2}
+    seen_max = max(common.pose_position_ids(64, 1024, rng)[-1] for _ in range(300))
+    assert seen_max > 900  # the skips cover the target range
+    mb = common.build_micro_batch(rows_of([([20, 12], 0)], 32), 32, pose_target_len=512, pose_seed=1)
+    p = mb.position_ids[0]
+    assert p.max() < 512 and bool((p.diff() > 0).all())
+
+
+def test_lr_schedule_warmup_cosine_min_ratio():
+    m = [common.lr_multiplier(s, 100, 10, 0.1) for s in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
+    assert m[10] == pytest.approx(1.0) and m[-1] == pytest.approx(0.1)
+    assert all(x >= y - 1e-12 for x, y in zip(m[10:], m[11:]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def dense_doc_reference(q, k, v, seg_lens, scale):
+    """A dense [T, T] block-diagonal causal mask, computed by hand (softmax over masked scores)."""
+    T = q.shape[0]
+    doc = torch.repeat_interleave(torch.arange(len(seg_lens)), torch.tensor(seg_lens))
+    allowed = (doc[:, None] == doc[None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def test_attention_equals_dense_document_reference_outputs_and_grads():
+    torch.manual_seed(0)
+    seg = [3, 17, 1, 9]
+    q = torch.randn(30, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(30, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(30, 2, 8, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor(np.cumsum([0] + seg), dtype=torch.int32)
+    go = torch.randn(30, 4, 8, dtype=torch.float64)
+    out = common.varlen_attention(q, k, v, cu, max(seg), None, 0.3)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    ref = dense_doc_reference(q, k, v, seg, 0.3)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), go)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_refuses_calls_without_boundaries(cpu_mesh):
+    model = tiny_model(cpu_mesh)
+    ids = torch.randint(5, 1000, (1, 8))
+    with pytest.raises(RuntimeError, match="without cu_seq_lens_q"):
+        model.longctx_forward(ids, torch.arange(8).view(1, -1))
+
+
+def test_packed_row_logits_equal_each_document_alone(cpu_mesh):
+    model = tiny_model(cpu_mesh)
+    rows = rows_of([([5, 11, 7], 9)], 32, seed=1)
+    mb = common.build_micro_batch(rows, 32)
+    with torch.no_grad():
+        packed = common.forward_hidden(model, mb)[0]
+        head = model.get_output_embeddings().weight
+        start = 0
+        for n in [5, 11, 7]:
+            ids = mb.input_ids[:, start:start + n]
+            alone = common.MicroBatch(ids, torch.arange(n).view(1, -1), ids, torch.tensor([0, n], dtype=torch.int32),
+                                  n, [n], n, 0, 0)
+            h = common.forward_hidden(model, alone)[0]
+            torch.testing.assert_close(packed[start:start + n] @ head.T, h @ head.T, rtol=1e-4, atol=1e-5)
+            start += n
+
+
+def test_startup_probe_names_backend_and_catches_leaks(cpu_mesh, monkeypatch):
+    model = tiny_model(cpu_mesh)
+    assert "reference" in common.check_attention(model, torch.device("cpu"), torch.float32, 1000)
+    # a backend that ignores boundaries (whole-row causal attention) must be refused
+    exact = common.reference_varlen_attention
+    leaky = lambda q, k, v, seg_lens, scale: exact(q, k, v, [q.shape[0]], scale)  # noqa: E731
+    monkeypatch.setattr(common, "reference_varlen_attention", leaky)
+    with pytest.raises(RuntimeError, match="reference|crosses document boundaries"):
+        common.check_attention(model, torch.device("cpu"), torch.float32, 1000)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def test_chunked_loss_equals_full_cross_entropy():
+    torch.manual_seed(0)
+    h = torch.randn(1, 37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (1, 37))
+    t[0, ::5] = -100
+    loss = common.chunked_token_loss(h, w, t, chunk_size=8)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    ref = torch.nn.functional.cross_entropy((h[0] @ w.T), t[0], reduction="sum")
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
+
+
+def test_liger_flce_equals_chunked_loss():
+    """Liger's fused linear CE (Triton, run by the interpreter on CPU: TRITON_INTERPRET=1) == chunked CE."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU (set by conftest)")
+    pytest.importorskip("liger_kernel")
+    torch.manual_seed(0)
+    h = torch.randn(1, 40, 32, requires_grad=True)
+    w = torch.randn(100, 32, requires_grad=True)
+    t = torch.randint(0, 100, (1, 40))
+    t[0, 3::7] = -100
+    lig = common.liger_token_loss(h, w, t)
+    gh, gw = torch.autograd.grad(lig, (h, w))
+    ch = common.chunked_token_loss(h, w, t, chunk_size=16)
+    rh, rw = torch.autograd.grad(ch, (h, w))
+    torch.testing.assert_close(lig, ch, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)
+
+
+def grads_after(model, micro_batches, impl="chunked"):
+    model.zero_grad(set_to_none=True)
+    n = sum(mb.n_valid for mb in micro_batches)
+    total = 0.0
+    for mb in micro_batches:
+        loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, impl, chunk_size=24))
+        (loss / n).backward()
+        total += loss.item()
+    return total / n, {k: p.grad.full_tensor().clone() for k, p in model.named_parameters()}
+
+
+def test_accumulating_k_micro_batches_equals_one_big_batch(cpu_mesh):
+    model = tiny_model(cpu_mesh, ac=True)
+    rows = rows_of([([10, 22], 0), ([32], 0), ([7, 7, 7], 11), ([31], 1)], 32, seed=2)
+    big = [common.build_micro_batch(rows, 32)]
+    small = [common.build_micro_batch([r], 32) for r in rows]
+    loss_big, g_big = grads_after(model, big)
+    loss_small, g_small = grads_after(model, small)
+    assert loss_big == pytest.approx(loss_small, rel=1e-6)
+    for k in g_big:
+        torch.testing.assert_close(g_small[k], g_big[k], rtol=1e-5, atol=1e-7)
+    # global token mean: rows with more valid tokens weigh more (not a mean of per-row means)
+    per_row = [grads_after(model, [mb])[0] for mb in small]
+    assert loss_big != pytest.approx(sum(per_row) / len(per_row), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Weights: meta-device construction + per-rank shard loading == from_pretrained
+
+
+def test_meta_init_and_shard_loading_match_from_pretrained(cpu_mesh, tiny_qwen2_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(cpu_mesh, weights=tiny_qwen2_dir)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).eval()
+    ids = torch.randint(5, 500, (1, 12))
+    mb = common.MicroBatch(ids, torch.arange(12).view(1, -1), ids, torch.tensor([0, 12], dtype=torch.int32), 12, [12],
+                       12, 0, 0)
+    with torch.no_grad():
+        ours = common.forward_hidden(model, mb) @ model.get_output_embeddings().weight.T
+        theirs = ref(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_random_init_is_deterministic_by_name():
+    a = common.random_init_tensor("model.layers.0.mlp.up_proj.weight", (8, 4), 0.02, seed=3)
+    b = common.random_init_tensor("model.layers.0.mlp.up_proj.weight", (8, 4), 0.02, seed=3)
+    c = common.random_init_tensor("model.layers.1.mlp.up_proj.weight", (8, 4), 0.02, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(common.random_init_tensor("model.norm.weight", (4,), 0.02, 0), torch.ones(4))
+
+
+def test_flop_conventions():
+    config = common.config_from_init_spec("tiny-llama")
+    params = {"non_embedding": 1000}
+    f = common.step_flops(params, config, n_tokens=64, seq_len=64, attn_sq=32 * 32 * 2)
+    L, H, d = 2, 4, 16
+    assert f["torchtitan"] == 64 * (6 * 1000 + 12 * L * H * d * 64)
+    assert f["causal_doc"] == 6 * 1000 * 64 + 12 * L * H * d * (2 * 32 * 32) / 2
+    assert common.peak_flops(torch.device("cpu")) is None
+
+
+def test_chunked_loss_composes_a_distillation_term():
+    """04's use: a chunk loss with an extra per-token tensor (teacher hidden states) == the full computation."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    h = torch.randn(1, 29, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    th, tw = torch.randn(1, 29, 16), torch.randn(40, 16)
+    t = torch.randint(0, 40, (1, 29))
+    t[0, -1] = -100
+
+    def ce_plus_kl(hc, wc, tc, thc):
+        logits = F.linear(hc, wc).float()
+        kl = F.kl_div(logits.log_softmax(-1), F.linear(thc, tw).float().log_softmax(-1), log_target=True,
+                      reduction="none").sum(-1)[tc != -100].sum()
+        return F.cross_entropy(logits, tc, ignore_index=-100, reduction="sum") + kl
+
+    got = common.chunked_token_loss(h, w, t, chunk_size=8, chunk_loss=ce_plus_kl, extra=[th])
+    gh, gw = torch.autograd.grad(got, (h, w))
+    ref = ce_plus_kl(h[0], w, t[0], th[0])
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-6)

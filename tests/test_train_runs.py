@@ -1,0 +1,255 @@
+"""03_continued_pretrain.py end to end on the CPU: 2-process FSDP2 == 1 process, SIGTERM and hard kills resume
+bitwise, bad input gets one clear line and harms no checkpoint, a NaN stops the run keeping the last good
+checkpoint, and a few steps on the real SmolLM2-135M lower its loss and export a loadable HF directory."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from lc_testutil import ROOT, load_script, run_script
+from test_train import make_packed_data
+
+script = load_script("03_continued_pretrain")
+
+
+@pytest.fixture(scope="module")
+def data32(tmp_path_factory):
+    return make_packed_data(tmp_path_factory.mktemp("data") / "d", seq_len=32, num_rows=16)
+
+
+def base_args(data, tokenizer_dir, out, *extra):
+    return ["--init-config", "tiny-llama", "--tokenizer", tokenizer_dir, "--data", data, "--out", str(out),
+            "--device", "cpu", "--batch-tokens", "128", "--micro-batch-tokens", "64", "--max-steps", "6",
+            "--lr", "1e-3", "--save-every", "2", "--log-every", "3", *map(str, extra)]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def trajectory(out):
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics(out)]
+
+
+def wait_for_lines(path, n, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference_run(data32, tokenizer_dir, tmp_path_factory):
+    """Uninterrupted 1-process run: 6 steps, 4 rows per step, 2 accumulation steps of 2 rows."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert common.call_main(script.main, base_args(data32, tokenizer_dir, out)) == 0
+    return out
+
+
+def test_single_process_run_trains_checkpoints_and_exports(reference_run):
+    m = metrics(reference_run)
+    assert [r["step"] for r in m] == list(range(1, 7))
+    assert all(r["valid_tokens"] > 0 and r["mfu_torchtitan"] is None for r in m)
+    assert m[-1]["lr"] == pytest.approx(1e-4)  # cosine down to 0.1x
+    assert [p.name for p in common.list_checkpoints(reference_run / "checkpoints")] == ["step_00000004",
+                                                                                   "step_00000006"]
+    final = reference_run / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert common.read_manifest(final)["stage"] == "03_continued_pretrain"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(final)
+    AutoTokenizer.from_pretrained(final)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_two_process_fsdp_matches_single_process(data32, tokenizer_dir, reference_run, tmp_path):
+    """2 ranks x 1 micro-batch of 2 rows == 1 rank x 2 accumulated micro-batches: same loss trajectory."""
+    out = tmp_path / "two"
+    proc = run_script("03_continued_pretrain", *base_args(data32, tokenizer_dir, out, "--no-export"), torchrun=2,
+                      env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and "1 accumulation step(s)" in proc.stdout
+    two, one = trajectory(out), trajectory(reference_run)
+    assert [s for s, _, _ in two] == [s for s, _, _ in one]
+    for (_, l2, g2), (_, l1, g1) in zip(two, one):
+        assert abs(l2 - l1) < 1e-5 and abs(g2 - g1) < 1e-4
+
+
+def test_sigterm_saves_complete_checkpoint_and_resume_is_bitwise(data32, tokenizer_dir, reference_run, tmp_path):
+    out = tmp_path / "sig"
+    path = out / "metrics.jsonl"
+
+    def send_sigterm():
+        if wait_for_lines(path, 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_sigterm, daemon=True).start()
+    code = common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--save-every", "0", "--debug-sleep", "0.4"))
+    assert code == 128 + signal.SIGTERM
+    ckpts = common.list_checkpoints(out / "checkpoints")
+    assert len(ckpts) == 1 and 2 <= int(ckpts[0].name[5:]) < 6
+    assert (ckpts[0] / ".metadata").is_file() and (ckpts[0] / "rng_rank0.pt").is_file()
+    state = common.read_trainer_state(ckpts[0])
+    assert state["rows_consumed"] == state["step"] * 4
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--resume", "auto", "--no-export")) == 0
+    assert trajectory(out) == trajectory(reference_run)  # bitwise
+
+
+def test_hard_kill_then_resume_auto_is_bitwise(data32, tokenizer_dir, reference_run, tmp_path):
+    out = tmp_path / "kill"
+    cmd = [sys.executable, str(ROOT / "03_continued_pretrain.py"),
+           *base_args(data32, tokenizer_dir, out, "--debug-sleep", "0.5", "--no-export")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for_lines(out / "metrics.jsonl", 3), "the run did not start"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert common.list_checkpoints(out / "checkpoints")  # step 2 at least
+    assert common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--resume", "auto", "--no-export")) == 0
+    assert trajectory(out) == trajectory(reference_run)  # bitwise, records after the checkpoint replaced
+
+
+def snapshot(directory):
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in Path(directory).rglob("*") if p.is_file()}
+
+
+def run_error(capsys, args):
+    code = common.call_main(script.main, args)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def test_bad_inputs_fail_with_one_line_and_harm_no_checkpoint(data32, tokenizer_dir, reference_run, tmp_path,
+                                                              capsys):
+    before = snapshot(reference_run)
+    # rows longer than the model's positions, without a RoPE patch
+    args = base_args(data32, tokenizer_dir, tmp_path / "a")
+    args[1] = "tiny-llama:max_position_embeddings=16"
+    assert "02_rope_scale" in run_error(capsys, args)
+    # PoSE target beyond the positions too
+    assert "max_position_embeddings" in run_error(capsys, base_args(data32, tokenizer_dir, tmp_path / "a",
+                                                                    "--pose-target-len", "100000"))
+    # a data directory not made by 01
+    other = make_packed_data(tmp_path / "other", seq_len=32, num_rows=4, stage="02_rope_scale")
+    assert "not written by 01_prepare_data" in run_error(capsys, base_args(other, tokenizer_dir, tmp_path / "b"))
+    assert "not written by 01_prepare_data" in run_error(capsys, base_args(str(tmp_path), tokenizer_dir,
+                                                                           tmp_path / "b"))
+    # a batch that does not divide across ranks x micro-batches
+    assert "does not divide" in run_error(capsys, base_args(data32, tokenizer_dir, tmp_path / "c",
+                                                            "--batch-tokens", "96"))
+    # an output directory holding another run
+    assert "already holds a run" in run_error(capsys, base_args(data32, tokenizer_dir, reference_run))
+    # resuming with other settings, or from an incompatible checkpoint
+    assert "settings differ" in run_error(capsys, base_args(data32, tokenizer_dir, reference_run, "--resume",
+                                                            "auto", "--lr", "5e-4"))
+    ckpt = common.list_checkpoints(reference_run / "checkpoints")[-1]
+    assert "incompatible" in run_error(capsys, base_args(data32, tokenizer_dir, tmp_path / "d", "--resume",
+                                                         str(ckpt), "--max-steps", "8"))
+    args = base_args(data32, tokenizer_dir, tmp_path / "e", "--init-from", str(ckpt))
+    args[1] = "tiny-llama:hidden_size=32,head_dim=8"
+    assert "another model shape" in run_error(capsys, args)
+    assert snapshot(reference_run) == before
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data32, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "nan"
+    line = run_error(capsys, base_args(data32, tokenizer_dir, out, "--lr", "1e30", "--save-every", "1",
+                                       "--warmup-steps", "0", "--grad-clip", "0"))
+    assert "non-finite" in line and "step_0000000" in line
+    ckpts = common.list_checkpoints(out / "checkpoints")
+    assert ckpts and all(m["loss"] == m["loss"] for m in metrics(out))  # only finite losses recorded
+    common.read_trainer_state(ckpts[-1])
+    assert not (out / "final").exists()
+
+
+def test_new_stage_keeps_optimizer_and_resets_schedule(data32, tokenizer_dir, reference_run, tmp_path):
+    ckpt = common.list_checkpoints(reference_run / "checkpoints")[-1]
+    out = tmp_path / "stage2"
+    assert common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--init-from", ckpt, "--keep-optimizer",
+                                "--max-steps", "2", "--warmup-steps", "1", "--no-export")) == 0
+    m = metrics(out)
+    assert [r["step"] for r in m] == [1, 2] and m[0]["lr"] == pytest.approx(1e-3)
+    # it continued from the trained weights: its first loss is the reference run's level, not a fresh init's
+    assert m[0]["loss"] < metrics(reference_run)[0]["loss"]
+
+
+def test_liger_rope_patch_matches_in_subprocess(tiny_llama_dir):
+    """Liger's RoPE kernel (Triton interpreter on CPU) gives the same hidden states as transformers' RoPE.
+    A subprocess, because the patch replaces transformers' apply_rotary_pos_emb globally."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import common
+from liger_kernel.transformers import apply_liger_kernel_to_llama
+info, mesh = common.setup_distributed("cpu")
+config = common.load_config({tiny_llama_dir!r})
+opts = common.ModelOptions(device=torch.device("cpu"), activation_checkpointing=False)
+ids = torch.randint(5, 500, (1, 24))
+mb = common.MicroBatch(ids, torch.arange(24).view(1, -1), ids, torch.tensor([0, 10, 24], dtype=torch.int32), 14,
+                   [10, 14], 24, 0, 0)
+ref, _ = common.prepare_model(config, {tiny_llama_dir!r}, mesh, opts)
+with torch.no_grad():
+    a = common.forward_hidden(ref, mb)
+apply_liger_kernel_to_llama(rope=True, rms_norm=False, swiglu=False, cross_entropy=False,
+                            fused_linear_cross_entropy=False)
+with torch.no_grad():
+    b = common.forward_hidden(ref, mb)
+err = (a - b).abs().max().item()
+print("max error", err)
+assert err < 1e-4, err
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_real_smollm2_few_steps_lower_held_in_loss(smollm2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    texts = [d["text"][:400] for _, d in zip(range(4), common.book_documents())]
+    texts = texts or [d["text"][:400] for _, d in zip(range(4), common.code_repo_documents())]
+    docs = [tok(t)["input_ids"] for t in texts]
+    data = make_packed_data(tmp_path / "data", seq_len=48, num_rows=2, vocab=len(tok), real_rows=docs,
+                            pad_id=tok.pad_token_id or 0)
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 135M model on 2 busy cores: OpenMP spinning makes 2 threads up to 10x slower
+    try:
+        code = common.call_main(script.main, ["--model", smollm2_dir, "--data", data, "--out", str(out), "--device", "cpu",
+                           "--batch-tokens", "96",
+                           "--micro-batch-tokens", "96", "--max-steps", "3", "--lr", "1e-4", "--warmup-steps",
+                           "0", "--min-lr-ratio", "1.0", "--save-every", "0", "--no-final-checkpoint",
+                           "--no-shuffle", "--export-dtype", "bf16"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0 and not (out / "checkpoints").exists()
+    losses = [m["loss"] for m in metrics(out)]
+    assert losses[-1] < losses[0] - 0.05, losses
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["rope_theta"] == pytest.approx(json.loads((Path(smollm2_dir) / "config.json").read_text())
+                                                 ["rope_parameters"]["rope_theta"])
+    assert model.config.tie_word_embeddings and "lm_head.weight" not in json.dumps(
+        list(__import__("safetensors").safe_open(str(out / "final" / "model.safetensors"), "pt").keys()))
