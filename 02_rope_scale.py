@@ -2,7 +2,7 @@
 frequencies proven rather than trusted.
 
 A wrong RoPE number silently ruins weeks of GPU time, so this script (1) computes every method's inverse
-frequencies itself (common.py), (2) writes the config in BOTH forms, transformers 5 `rope_parameters` and
+frequencies itself (below), (2) writes the config in BOTH forms, transformers 5 `rope_parameters` and
 the legacy `rope_scaling` + `rope_theta` that transformers 4.x and vLLM read, and (3) before the output appears,
 rebuilds the model's own rotary embedding with the installed transformers from the written config, read whole,
 through `rope_parameters` only and through the legacy keys only, and refuses to finish unless all of them equal
@@ -31,7 +31,7 @@ Usage:
     python 02_rope_scale.py --model .cache/smollm2-135m-instruct --method yarn --factor 4 --out runs/smol-yarn4
 
 Output: an HF model directory (config in both forms, max_position_embeddings, tokenizer model_max_length and
-generation max_length updated), `rope_report.json` + `rope_report.png` (per-pair wavelengths before / after,
+generation max_length updated), `rope_report.json` + `rope_report.png` (per-pair common.wavelengths before / after,
 YaRN band edges, attention temperature, the perplexity check) and `manifest.json`.
 Note: linear and dynamic keep max_position_embeddings at the ORIGINAL length, because transformers' dynamic NTK
 and vLLM read it as such (vLLM serves max_position_embeddings x factor); the tokenizer gets the target length.
@@ -45,6 +45,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,12 +58,56 @@ REWRITTEN = {"config.json", "generation_config.json", "tokenizer_config.json", "
 REL_TOL = 1e-5  # transformers (float32) vs ours (float64); observed differences are ~3e-7
 
 
+# -------------------------------------------------------------------------------------------------------------
+# Published presets [RECIPES.md §3-§5, §8.3]. `factor` fixed where the published config fixes it, otherwise
+# derived from target_len / the model's original length (UltraLong's rule).
+
+ROPE_PRESETS: dict[str, dict] = {
+    "prolong-64k": dict(
+        method="theta", theta=8e6, target_len=65536, expected_original=8192,
+        source="ProLong (arXiv 2410.02660) Table 9 + train_64K.sh `--config_overrides rope_theta=8000000`: "
+               "plain ABF base change, Llama-3-8B-Instruct 8K -> 64K [RECIPES.md §5.1]"),
+    "prolong-512k": dict(
+        method="theta", theta=1.28e8, target_len=524288, expected_original=65536,
+        source="ProLong (arXiv 2410.02660) Table 9 + train_512K.sh `--config_overrides rope_theta=128000000`: "
+               "second stage, continues from the 64K model [RECIPES.md §5.1]"),
+    "ultralong-1m": dict(
+        method="yarn", target_len=1048576, beta_fast=4.0, beta_slow=1.0, published_factor=128.0,
+        expected_original=8192,
+        source="UltraLong (arXiv 2504.06214) §3.1: YaRN alpha=1, beta=4 (beta_slow 1, beta_fast 4), s = 1M / 8192 "
+               "= 128 relative to Llama-3.1's ORIGINAL 8K [RECIPES.md §4.1]"),
+    "ultralong-2m": dict(
+        method="yarn", target_len=2097152, beta_fast=4.0, beta_slow=1.0, published_factor=256.0,
+        expected_original=8192,
+        source="UltraLong (arXiv 2504.06214) §3.1: YaRN beta_fast 4, beta_slow 1, s = 2M / 8192 = 256 "
+               "[RECIPES.md §4.1]"),
+    "ultralong-4m": dict(
+        method="yarn", target_len=4194304, beta_fast=4.0, beta_slow=1.0, published_factor=512.0,
+        expected_original=8192,
+        source="UltraLong (arXiv 2504.06214) §3.1: YaRN beta_fast 4, beta_slow 1, s = 4M / 8192 = 512 "
+               "[RECIPES.md §4.1]"),
+    "afm-64k": dict(
+        method="yarn", factor=20.0, target_len=65536, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
+        expected_original=4096,
+        source="Arcee AFM-4.5B shipped config: yarn factor 20, original 4096, beta 32/1, mscale 1.0, "
+               "max_position_embeddings 65536 (factor 20 != 64K/4K = 16 on purpose) [RECIPES.md §3.1]"),
+    "dsv3-yarn": dict(
+        method="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+        expected_original=4096,
+        source="DeepSeek-V3 config.json rope_scaling: yarn factor 40, original 4096, beta 32/1, mscale = "
+               "mscale_all_dim = 1, max_position_embeddings 163840 (what Arcee copied first) [RECIPES.md §3.1]",
+        note="temperature semantics differ by architecture: with mscale = mscale_all_dim = 1 transformers' "
+             "attention_factor is 1 (cos/sin unscaled); DeepSeek-V3's own MLA attention multiplies the softmax "
+             "scale by get_mscale(40, 1)^2 = 1.874, a Llama/Qwen/Arcee model does not [RECIPES.md §8.3]"),
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("model")
     common.add_common_args(g, "model", "out", "overwrite", "trust-remote-code")
     g = parser.add_argument_group("what to write")
-    g.add_argument("--preset", choices=sorted(common.ROPE_PRESETS),
+    g.add_argument("--preset", choices=sorted(ROPE_PRESETS),
                    help="a published setting (printed with its source); explicit flags override its values")
     g.add_argument("--method", choices=METHODS, help="rope method (see above); required unless --preset")
     g.add_argument("--factor", type=float, help="scale s relative to the ORIGINAL pretraining length (>= 1)")
@@ -108,7 +153,7 @@ def apply_preset(args) -> dict | None:
     """Fill unset flags from --preset; return the preset (or None)."""
     if not args.preset:
         return None
-    preset = common.ROPE_PRESETS[args.preset]
+    preset = ROPE_PRESETS[args.preset]
     if args.method and args.method != preset["method"]:
         common.fail(f"--preset {args.preset} is a {preset['method']} setting; drop --method {args.method}")
     args.method = preset["method"]
@@ -171,13 +216,13 @@ def plan_rope(args, before: common.RopeSpec, model_type: str | None, preset: dic
                                                                  "mscale_all_dim", "attention_factor", "truncate")):
         common.fail(f"--beta-fast / --beta-slow / --mscale / --mscale-all-dim / --attention-factor / --no-truncate "
                     f"are yarn settings; they do nothing with --method {method}")
-    after = common.scaled_rope_spec(before, method, original=original, factor=factor, target_len=target_len,
-                                  theta=args.theta, **options)
+    after = scaled_rope_spec(before, method, original=original, factor=factor, target_len=target_len,
+                             theta=args.theta, **options)
 
     # What happened to an existing scaling, and the traps worth a line each.
     if before.rope_type != "default" and not (method == "llama3" and before.rope_type == "llama3"):
-        notes.append(f"the model is already scaled: {before.describe()}, addressing {common.addressable_length(before)} "
-                     f"tokens; the new setting REPLACES it and is relative to the same original {original} tokens "
+        notes.append(f"the model is already scaled: {before.describe()}, addressing "
+                     f"{common.addressable_length(before)} tokens; the new setting REPLACES it and is relative to the same original {original} tokens "
                      f"(factors are not multiplied): {after.describe()}")
     if args.theta is not None and method != "theta":
         notes.append(f"rope base changed {before.theta:g} -> {after.theta:g} together with {method}")
@@ -209,6 +254,184 @@ def plan_rope(args, before: common.RopeSpec, model_type: str | None, preset: dic
     if after.rotary_dim != before.rotary_dim:
         common.fail(f"rotary dimension would change {before.rotary_dim} -> {after.rotary_dim}; this is a bug")
     return after, original, notes, warnings
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The new setting: what each method gives, relative to the original pretraining length.
+
+
+def scaled_rope_spec(before: common.RopeSpec, method: str, *, original: int, factor: float | None = None,
+                     target_len: int | None = None, theta: float | None = None, **options) -> common.RopeSpec:
+    """The rope setting `method` gives a model whose current setting is `before` (pure; no files).
+
+    method: "yarn", "linear", "ntk" (static NTK: a plain theta change b * s^(d/(d-2))), "dynamic", "llama3"
+    (keeps an existing llama3 scaling's low/high frequency factors, else Meta's 1 / 4), "theta" (plain RoPE
+    with base `theta`). The factor is always relative to `original`, the ORIGINAL pretraining length (an
+    existing scaling is replaced, not multiplied); it defaults to target_len / original. `theta` overrides
+    the base for any method. `options`: beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor,
+    truncate (yarn), low_freq_factor, high_freq_factor (llama3).
+    The returned spec's max_position_embeddings is what the config should hold: target_len (or
+    factor x original), except linear / dynamic, which keep the original (see common.TYPES_KEEPING_MAX_AT_ORIGINAL).
+    """
+    if factor is None and target_len is not None:
+        factor = target_len / original
+    base = float(theta) if theta is not None else before.theta
+    shared = dict(theta=base, head_dim=before.head_dim, partial_rotary_factor=before.partial_rotary_factor)
+    if method == "theta":
+        return common.RopeSpec(rope_type="default",
+                               max_position_embeddings=int(target_len or before.max_position_embeddings), **shared)
+    if factor is None:
+        common.fail(f"--method {method} needs --factor or --target-len")
+    if factor < 1:
+        common.fail(f"factor {factor:g} < 1 would shrink the context; give a factor >= 1 (or a target >= {original})")
+    target = int(target_len) if target_len is not None else int(round(factor * original))
+    if method == "ntk":
+        shared["theta"] = common.ntk_theta(base, factor, before.rotary_dim)
+        return common.RopeSpec(rope_type="default", max_position_embeddings=target, **shared)
+    if method in ("linear", "dynamic"):
+        return common.RopeSpec(rope_type=method, factor=float(factor), max_position_embeddings=int(original), **shared)
+    if method == "yarn":
+        keys = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
+        return common.RopeSpec(rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(original),
+                               max_position_embeddings=target, **shared,
+                               **{k: options.get(k) for k in keys if options.get(k) is not None})
+    if method == "llama3":
+        low = options.get("low_freq_factor") or before.low_freq_factor or 1.0
+        high = options.get("high_freq_factor") or before.high_freq_factor or 4.0
+        return common.RopeSpec(rope_type="llama3", factor=float(factor),
+                               original_max_position_embeddings=int(original), max_position_embeddings=target,
+                               low_freq_factor=float(low), high_freq_factor=float(high), **shared)
+    common.fail(f"unknown method {method!r}; choose yarn, theta, linear, ntk, dynamic or llama3")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Reports: per-dimension wavelengths before / after, YaRN band edges, attention temperature, PNG.
+
+
+def yarn_bands(spec: common.RopeSpec) -> dict | None:
+    """For a yarn spec: the ramp edges and which pairs are extrapolated (kept), ramped or interpolated (/s)."""
+    if spec.rope_type != "yarn":
+        return None
+    dim, original = spec.rotary_dim, common.scaling_original(spec)
+    low, high = common.yarn_band_edges(dim, spec.theta, original, spec.beta_fast, spec.beta_slow, spec.truncate)
+    ramp = common.yarn_ramp(low, high, dim // 2)
+    return {"low": low, "high": high,
+            "dim_at_beta_fast": common.yarn_correction_dim(spec.beta_fast or 32, dim, spec.theta, original),
+            "dim_at_beta_slow": common.yarn_correction_dim(spec.beta_slow or 1, dim, spec.theta, original),
+            "extrapolated": [i for i, r in enumerate(ramp.tolist()) if r == 0.0],
+            "ramped": [i for i, r in enumerate(ramp.tolist()) if 0.0 < r < 1.0],
+            "interpolated": [i for i, r in enumerate(ramp.tolist()) if r == 1.0]}
+
+
+def rope_report(before: common.RopeSpec, after: common.RopeSpec, model_type: str | None = None,
+                original: int | None = None) -> dict:
+    """Everything a user should see before training on a rope change, as a JSON-able dict: both settings, the
+    lengths, the attention temperature before / after, YaRN bands, and per pair i: inv_freq, wavelength,
+    rotations over the original length and the stretch lambda_after / lambda_before."""
+    original = original or common.original_context_length(before)[0]
+    inv_b, _ = common.rope_frequencies(before)
+    inv_a, _ = common.rope_frequencies(after)
+    if inv_b.shape != inv_a.shape:
+        common.fail(f"rotary dimension changed ({2 * inv_b.numel()} -> {2 * inv_a.numel()}); this is a bug")
+    wl_b, wl_a = common.wavelengths(inv_b), common.wavelengths(inv_a)
+    dims = [{"pair": i, "inv_freq_before": float(inv_b[i]), "inv_freq_after": float(inv_a[i]),
+             "wavelength_before": float(wl_b[i]), "wavelength_after": float(wl_a[i]),
+             "rotations_over_original": float(original / wl_b[i]), "stretch": float(wl_a[i] / wl_b[i])}
+            for i in range(inv_b.numel())]
+    report = {
+        "model_type": model_type,
+        "before": before.to_dict(), "after": after.to_dict(),
+        "describe_before": before.describe(), "describe_after": after.describe(),
+        "original_length": original,
+        "addressable_before": common.addressable_length(before), "addressable_after": common.addressable_length(after),
+        "attention_before": common.attention_logit_scale(before, model_type),
+        "attention_after": common.attention_logit_scale(after, model_type),
+        "yarn_bands": yarn_bands(after),
+        "dims": dims,
+        "notes": rope_compat_notes(after),
+    }
+    return report
+
+
+def rope_compat_notes(spec: common.RopeSpec) -> list[str]:
+    """How other loaders / versions read this setting differently [RECIPES.md §8.3 version pitfalls]."""
+    notes = []
+    if spec.rope_type == "yarn" and spec.max_position_embeddings and spec.original_max_position_embeddings:
+        implicit = spec.max_position_embeddings / spec.original_max_position_embeddings
+        if abs(implicit - spec.scale) > 1e-9:
+            notes.append(f"factor {spec.scale:g} != max_position_embeddings / original = {implicit:g}: "
+                         f"transformers 5 warns and uses {spec.scale:g}; transformers 4.51-4.55 silently used "
+                         f"{implicit:g} (issue #38224); vLLM sizes its context as original x factor = "
+                         f"{int(spec.original_max_position_embeddings * spec.scale)}")
+        notes.append("transformers <= 4.50 computed the YaRN ramp from max_position_embeddings instead of "
+                     "original_max_position_embeddings (different band edges); use >= 4.56 or 5.x")
+    if spec.rope_type in ("yarn", "linear", "dynamic", "llama3") and spec.partial_rotary_factor not in (None, 1.0):
+        notes.append("partial_rotary_factor < 1 with a scaled rope: transformers' Llama-family attention rotates "
+                     "the whole head for default RoPE but only the fraction for scaled types (shape mismatch)")
+    return notes
+
+
+def format_rope_report(report: dict) -> str:
+    """The report as printed: settings, lengths, temperature, bands, then a per-pair table (every pair for
+    d <= 128, else every 4th)."""
+    ab, aa = report["attention_before"], report["attention_after"]
+    lines = [f"rope before: {report['describe_before']}",
+             f"rope after:  {report['describe_after']}",
+             f"original length {report['original_length']}; addresses {report['addressable_before']} -> "
+             f"{report['addressable_after']} tokens",
+             f"attention: cos/sin x{ab['attention_factor']:.4f} -> x{aa['attention_factor']:.4f}; q.k logits "
+             f"x{ab['logit_multiplier']:.4f} -> x{aa['logit_multiplier']:.4f} (temperature t = "
+             f"{ab['temperature']:.4f} -> {aa['temperature']:.4f})"]
+    if aa["extra_softmax_scale"] != 1.0:
+        lines.append(f"  (includes this architecture's softmax x{aa['extra_softmax_scale']:.4f} from mscale_all_dim)")
+    bands = report.get("yarn_bands")
+    if bands:
+        n = len(report["dims"])
+        lines.append(f"yarn band edges {bands['low']} -> {bands['high']}: pairs <= {bands['low']} kept (extrapolated), "
+                     f"{bands['low'] + 1}..{bands['high'] - 1} ramped, {bands['high']}..{n - 1} interpolated (/s)  "
+                     f"[dim_at(beta_fast) = "
+                     f"{bands['dim_at_beta_fast']:.2f}, dim_at(beta_slow) = {bands['dim_at_beta_slow']:.2f}]")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
+    dims = report["dims"]
+    step = 1 if len(dims) <= 64 else 4
+    lines.append(f"{'pair':>4} {'wavelength before':>18} {'after':>14} {'stretch':>9} {'rot/orig':>10}")
+    for row in dims[::step] + ([dims[-1]] if (len(dims) - 1) % step else []):
+        lines.append(f"{row['pair']:>4} {row['wavelength_before']:>18.1f} {row['wavelength_after']:>14.1f} "
+                     f"{row['stretch']:>9.4f} {row['rotations_over_original']:>10.3g}")
+    return "\n".join(lines)
+
+
+def plot_rope_report(report: dict, path: str | os.PathLike) -> None:
+    """PNG of wavelength vs pair index before / after (log scale), the original and new lengths as horizontal
+    lines and the YaRN ramp shaded. Uses matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = report["dims"]
+    pairs = [r["pair"] for r in dims]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.semilogy(pairs, [r["wavelength_before"] for r in dims], "o-", ms=3, label=report["describe_before"])
+    ax.semilogy(pairs, [r["wavelength_after"] for r in dims], "s-", ms=3, label=report["describe_after"])
+    ax.axhline(report["original_length"], color="gray", ls="--", lw=1,
+               label=f"original length {report['original_length']}")
+    if report.get("addressable_after"):
+        ax.axhline(report["addressable_after"], color="black", ls=":", lw=1,
+                   label=f"addressable after {report['addressable_after']}")
+    bands = report.get("yarn_bands")
+    if bands:
+        ax.axvspan(bands["low"], bands["high"], color="orange", alpha=0.15,
+                   label=f"YaRN ramp (pairs {bands['low']}..{bands['high']})")
+    ax.set_xlabel("dimension pair i")
+    ax.set_ylabel("wavelength 2*pi/theta_i (tokens)")
+    ax.set_title("RoPE wavelength per dimension pair")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -295,7 +518,7 @@ def verify_written_config(config: dict, after: common.RopeSpec) -> dict:
             reread, reread_af = common.rope_frequencies(common.rope_spec_from_config(cfg))
             entry = {"reader_rel_diff": _rel(reread, ours), "reader_attention_factor": reread_af}
             try:
-                theirs, their_af, how = common.transformers_rope(cfg)
+                theirs, their_af, how = transformers_rope(cfg)
             except Exception as exc:  # unknown family / remote code: our own check still stands
                 entry["transformers"] = f"not checked ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
                 result[view] = entry
@@ -320,6 +543,62 @@ def verify_written_config(config: dict, after: common.RopeSpec) -> dict:
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     return float(((a - b).abs() / b.abs()).max())
+
+
+# -------------------------------------------------------------------------------------------------------------
+# What transformers itself computes (for checks): the model's own rotary embedding module, built from a config.
+
+
+def transformers_rope(config: Any, seq_len: int | None = None) -> tuple[torch.Tensor, float, str]:
+    """(inv_freq, attention_scaling, how) as the installed transformers computes them for `config` (a
+    config.json dict or a transformers config): the model family's own `<Family>RotaryEmbedding` built from the
+    config when it can be found (the exact code path of a loaded model), else `ROPE_INIT_FUNCTIONS`. Raises
+    for families transformers does not know (remote code)."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if isinstance(config, dict):
+        d = dict(config)
+        model_type = d.pop("model_type", None)
+        config = transformers.AutoConfig.for_model(model_type, **d)
+    rope_type = config.rope_parameters.get("rope_type", config.rope_parameters.get("type", "default"))
+    if seq_len is None:
+        module = _rotary_module(config)
+        if module is not None:
+            return module.inv_freq.detach().clone(), float(module.attention_scaling), type(module).__name__
+    if rope_type == "default":
+        dim = common.rope_spec_from_config(config).rotary_dim
+        inv_freq, scaling = common.base_inv_freq(config.rope_parameters["rope_theta"], dim).float(), 1.0
+        return inv_freq, scaling, "default formula (no rotary module found)"
+    kwargs = {"seq_len": seq_len} if seq_len is not None else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
+    return inv_freq, float(scaling), f"ROPE_INIT_FUNCTIONS[{rope_type!r}]"
+
+
+def _rotary_module(config):
+    """The family's rotary embedding module built from `config`, or None (unknown family / signature)."""
+    import importlib
+
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+        if cls_name is None:
+            return None
+        module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+        prefix = cls_name.removesuffix("ForCausalLM")
+        names = [f"{prefix}RotaryEmbedding"] + sorted(n for n in vars(module) if n.endswith("RotaryEmbedding"))
+        for name in names:
+            cls = getattr(module, name, None)
+            if cls is None:
+                continue
+            try:
+                return cls(config=config)
+            except Exception:  # a sub-module variant with another signature: try the next one
+                continue
+    except Exception:
+        return None
+    return None
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -380,7 +659,7 @@ def perplexity_check(args, src: Path, out: Path, original: int) -> list[dict]:
 
 
 def list_presets() -> None:
-    for name, preset in common.ROPE_PRESETS.items():
+    for name, preset in ROPE_PRESETS.items():
         keys = {k: v for k, v in preset.items() if k not in ("source", "note", "expected_original")}
         common.print0(f"{name}: {json.dumps(keys)}\n    source: {preset['source']}")
         if preset.get("note"):
@@ -418,8 +697,8 @@ def main(argv=None):
         common.print0(f"note: {line}")
     for line in warnings:
         common.print0(f"warning: {line}")
-    report = common.rope_report(before, after, model_type, original)
-    common.print0(common.format_rope_report(report))
+    report = rope_report(before, after, model_type, original)
+    common.print0(format_rope_report(report))
     if args.dry_run:
         return
 
@@ -437,7 +716,7 @@ def main(argv=None):
         report.update({"preset": args.preset, "method": args.method, "notes": notes + report["notes"],
                        "warnings": warnings, "files": files})
         (tmp / "rope_report.json").write_text(json.dumps(common._jsonable(report), indent=2) + "\n")
-        common.plot_rope_report(report, tmp / "rope_report.png")
+        plot_rope_report(report, tmp / "rope_report.png")
         common.write_manifest(
             tmp, "02_rope_scale", args, inputs=[str(src)],
             stats={"linked": len(files["linked"]), "copied": len(files["copied"]),

@@ -14,8 +14,13 @@ with the next-token loss:
 - FSDP2 (a unit per decoder layer plus the root), bf16 compute with fp32 master weights and fp32 gradient
   reduction on GPU, per-layer activation checkpointing, optional CPU offload, Liger RoPE / RMSNorm / SwiGLU;
 - AdamW (wd 0.1, betas 0.9/0.95), clipping 1.0, warmup then cosine to a minimum-LR ratio (ProLong: 10%, 0.1x);
-- sharded checkpoints every --save-every steps and on SIGTERM / SIGUSR1, `--resume auto` continues exactly;
-  the final model is an ordinary HF directory in OUT/final.
+- context parallelism (--cp N) for rows one GPU cannot hold: each row is split over N ranks (a 2-D mesh dp x cp,
+  FSDP2 still sharding over all ranks); Ulysses all-to-all over heads for document-masked rows (ProLong 512K),
+  ring attention with head-tail load balancing for unmasked rows (UltraLong 1M+: PyTorch's context_parallel on
+  CUDA, an exact all-gather ring on CPU), ProLong's local shortcut only where no document straddles a slice;
+  same loss and gradients as --cp 1 (docs/cp.md);
+- sharded checkpoints every --save-every steps and on SIGTERM / SIGUSR1, `--resume auto` continues exactly (also
+  with another --cp or world size); the final model is an ordinary HF directory in OUT/final.
 
 Usage:
     # tiny CPU run (random init), 20 steps
@@ -28,6 +33,11 @@ Usage:
     torchrun --nproc_per_node=8 03_continued_pretrain.py --model runs/llama3-8b-theta1.28e8 \\
         --init-from runs/prolong-64k/checkpoints/step_00005000 --keep-optimizer \\
         --data runs/data-512k --out runs/prolong-512k --batch-tokens 8388608 --max-steps 2500 --lr 5e-6
+    # ProLong stage 2 as published: 512K rows, sequence parallelism 8 inside each 8-GPU node (Ulysses)
+    torchrun --nnodes=4 --nproc_per_node=8 ... 03_continued_pretrain.py ... --data runs/data-512k --cp 8
+    # UltraLong-style 1M rows without document masking: ring attention over 16 GPUs (2 nodes)
+    torchrun --nnodes=2 --nproc_per_node=8 ... 03_continued_pretrain.py --model runs/llama31-8b-yarn128 \
+        --data runs/data-1m-sep --no-doc-mask --cp 16 --out runs/ultralong-1m --lr 3e-5
     # continue a preempted run exactly
     torchrun --nproc_per_node=8 03_continued_pretrain.py ...same flags... --resume auto
 
@@ -112,6 +122,18 @@ def parse_args(argv=None):
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each decoder layer in the backward (default: on)")
     g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and optimizer on CPU")
+    g = p.add_argument_group("context parallelism (rows longer than one GPU holds; docs/cp.md)")
+    g.add_argument("--cp", type=int, default=1,
+                   help="split every row over N ranks (N divides the world size; ranks r..r+N-1 share a row, so "
+                        "keep a cp group inside a node); FSDP2 keeps sharding over all ranks")
+    g.add_argument("--cp-attention", choices=common.CP_ATTENTION, default="auto",
+                   help="auto: ulysses with --doc-mask (ProLong), ring with --no-doc-mask (UltraLong); ulysses needs "
+                        "N to divide the query heads (KV heads are repeated when N does not divide them); ring "
+                        "works for any head count")
+    g.add_argument("--cp-ring-impl", choices=common.CP_RING_IMPL, default="auto",
+                   help="ring attention: torch = PyTorch's context_parallel (CUDA, unmasked rows, one row per "
+                        "micro-batch), allgather = exact all-gathered-KV ring (any device, any mask); auto picks "
+                        "torch where it applies")
     g = p.add_argument_group("output and checkpoints")
     common.add_common_args(g, "out", "overwrite", required=["out"])
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
@@ -181,16 +203,23 @@ def main(argv=None) -> int:
     if (data.manifest.get("vocab_size") or 0) > config.vocab_size:
         fail(f"the data was tokenized with a vocabulary of {data.manifest['vocab_size']} tokens, the model has "
              f"{config.vocab_size}; use the model's tokenizer in 01_prepare_data.py")
-    batch_tokens = args.batch_tokens or seq_len * world
     micro_tokens = args.micro_batch_tokens or seq_len
-    if batch_tokens % seq_len or micro_tokens % seq_len:
-        fail(f"--batch-tokens {batch_tokens} and --micro-batch-tokens {micro_tokens} must be multiples of the "
-             f"rows' length {seq_len}")
-    rows_per_step, rows_per_micro = batch_tokens // seq_len, micro_tokens // seq_len
-    if rows_per_step % (world * rows_per_micro):
-        fail(f"a step of {rows_per_step} rows does not divide across {world} ranks x {rows_per_micro} row(s) per "
-             f"micro-batch; choose --batch-tokens as a multiple of {world * rows_per_micro * seq_len}")
-    grad_accum = rows_per_step // (world * rows_per_micro)
+    if micro_tokens % seq_len:
+        fail(f"--micro-batch-tokens {micro_tokens} must be a multiple of the rows' length {seq_len}")
+    rows_per_micro = micro_tokens // seq_len
+    # the ("dp", "cp") mesh: a row is split over the cp ranks; data-parallel groups read different rows
+    cp = common.setup_context_parallel(args.cp, config, device, doc_mask=args.doc_mask, attention=args.cp_attention,
+                                       ring_impl=args.cp_ring_impl, rows_per_micro=rows_per_micro)
+    dp = cp.dp_size
+    batch_tokens = args.batch_tokens or seq_len * dp
+    if batch_tokens % seq_len:
+        fail(f"--batch-tokens {batch_tokens} must be a multiple of the rows' length {seq_len}")
+    rows_per_step = batch_tokens // seq_len
+    if rows_per_step % (dp * rows_per_micro):
+        fail(f"a step of {rows_per_step} rows does not divide across {dp} data-parallel group(s) x {rows_per_micro} "
+             f"row(s) per micro-batch; choose --batch-tokens as a multiple of {dp * rows_per_micro * seq_len}")
+    grad_accum = rows_per_step // (dp * rows_per_micro)
+    pad_id = int(data.manifest.get("pad_token_id") or 0)  # fills a micro-batch up to a multiple of the cp split
     if args.max_steps:
         max_steps = args.max_steps
     elif args.num_tokens:
@@ -254,6 +283,7 @@ def main(argv=None) -> int:
     source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")  # from_config
     model, minfo = common.prepare_model(config, None if args.init_config else args.model, mesh, opts)  # sets fp32
     backend = common.check_attention(model, device, dtype, config.vocab_size, args.seed)
+    cp_probe = common.check_cp_attention(cp, device, dtype, config, args.seed)
     optimizer = common.build_optimizer(model, args.lr, args.weight_decay, args.betas)
 
     start_step = 0
@@ -280,7 +310,13 @@ def main(argv=None) -> int:
            f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
            f"cpu offload {'on' if args.cpu_offload else 'off'}")
     print0(f"batch: {batch_tokens:,} tokens/step = {rows_per_step} rows x {seq_len:,} tokens; "
-           f"{rows_per_micro} row(s)/micro-batch x {world} rank(s) x {grad_accum} accumulation step(s)")
+           f"{rows_per_micro} row(s)/micro-batch x {dp} data-parallel group(s) x {grad_accum} accumulation step(s)")
+    if cp.size > 1:
+        tokens_per_rank = -(-micro_tokens // cp.multiple) * cp.multiple // cp.size
+        pad_note = (f"; micro-batches padded by {tokens_per_rank * cp.size - micro_tokens} token(s) to split evenly"
+                    if tokens_per_rank * cp.size != micro_tokens else "")
+        print0(f"context parallel: {cp.describe()}; {tokens_per_rank:,} tokens per rank per micro-batch{pad_note}; "
+               f"{cp_probe}")
     print0(f"schedule: {max_steps} steps ({max_steps * batch_tokens / 1e9:.3g}B tokens), lr {args.lr:g}, warmup "
            f"{warmup}, cosine to {args.min_lr_ratio:g}x; data: {data.num_rows} rows "
            f"({max_steps * rows_per_step / data.num_rows:.2f} epochs)")
@@ -309,21 +345,23 @@ def main(argv=None) -> int:
         # the step's rows: the same for every rank; this rank's micro-batches balanced by attention cost
         stream = order.take(step * rows_per_step, rows_per_step)
         cost = data.attn_cost if args.doc_mask else (seq_len - data.num_pad) ** 2
-        plan = common.plan_step(list(range(rows_per_step)), [int(cost[r]) for _, r in stream], world, rows_per_micro)
+        # (plan[dp group]: every rank of a cp group builds the same micro-batches, then keeps its own tokens)
+        plan = common.plan_step(list(range(rows_per_step)), [int(cost[r]) for _, r in stream], dp, rows_per_micro)
         micro_batches = []
-        for positions in plan[rank]:
+        for positions in plan[cp.dp_rank]:
             rows = data.rows([stream[i][1] for i in positions])
             for i, row in zip(positions, rows):
                 row["epoch"] = stream[i][0]
-            micro_batches.append(common.build_micro_batch(rows, seq_len, args.doc_mask, args.pose_target_len,
-                                                      args.seed))
+            mb = common.build_micro_batch(rows, seq_len, args.doc_mask, args.pose_target_len, args.seed)
+            micro_batches.append(common.shard_micro_batch(mb, cp, pad_id))
         n_valid = common.global_count(sum(mb.n_valid for mb in micro_batches), device)
 
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for mb in micro_batches:
             mb = mb.to(device)
-            loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, loss_impl, args.loss_chunk))
-            (loss / max(n_valid, 1)).backward()
+            with common.cp_context(mb):  # PyTorch's context_parallel around forward and backward (torch ring)
+                loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, loss_impl, args.loss_chunk))
+                (loss / max(n_valid, 1)).backward()
             loss_sum += loss.detach()
         grad_norm = common.clip_grad_norm(model, args.grad_clip)
 
@@ -357,6 +395,9 @@ def main(argv=None) -> int:
                   "tokens_per_s_per_gpu": tokens / dt / world, "mfu_torchtitan": mfu["torchtitan"],
                   "mfu_causal_doc": mfu["causal_doc"], "peak_mem_gib": common.peak_memory_gib(device),
                   "eta_s": avg * (max_steps - step - 1)}
+        if cp.size > 1:  # how this rank's micro-batches attended (ProLong's shortcut shows up as "local")
+            record["cp_methods"] = {m: sum(mb.cp.method == m for mb in micro_batches)
+                                    for m in sorted({mb.cp.method for mb in micro_batches})}
         if rank == 0:
             common.append_jsonl(metrics_path, record)
             if (step + 1) % args.log_every == 0 or step + 1 == max_steps:
@@ -400,7 +441,7 @@ def main(argv=None) -> int:
         manifest = {"stage": STAGE, "args": args, "inputs": [p for p in (args.model, args.data) if p and
                                                                os.path.isdir(p)],
                     "stats": {"steps": max_steps, "tokens": max_steps * batch_tokens, "final_loss": last.get("loss"),
-                              "attention": backend, "world_size": world},
+                              "attention": backend, "world_size": world, "cp": cp.size},
                     "base_model": args.model or args.init_config, "recipe": {"doc_mask": args.doc_mask,
                                                                            "pose_target_len": args.pose_target_len}}
         final = common.export_hf(model, config, out / "final", export_dtype, args.model, tokenizer_dir, manifest)

@@ -295,7 +295,15 @@ def parse_depths(text: str) -> list[float]:
 
 
 def slug(name: str) -> str:
-    base = name.rstrip("/").split("/")[-1] if common.is_local_path(name) else name.replace("/", "--")
+    """A short file-safe name; a stage's generic output folder (runs/a/final, .../step_00000500) keeps its run's
+    name in front so that two runs stay apart in the report."""
+    parts = name.rstrip("/").split("/")
+    if not common.is_local_path(name):
+        base = name.replace("/", "--")
+    elif len(parts) > 1 and re.fullmatch(r"final|model|hf|export|step_\d+", parts[-1]):
+        base = f"{parts[-2]}-{parts[-1]}"
+    else:
+        base = parts[-1]
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base) or "model"
 
 
@@ -305,22 +313,20 @@ def slug(name: str) -> str:
 
 def rope_info(config) -> dict:
     """RoPE settings and the longest position the model can address, read from the config (both the
-    transformers 5 `rope_parameters` and the legacy `rope_scaling` + `rope_theta`)."""
-    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rp and all(isinstance(v, dict) for v in rp.values()):  # per attention type (e.g. full / sliding)
-        rp = rp.get("full_attention") or next(iter(rp.values()))
-    rp = dict(rp)
-    rope_type = rp.get("rope_type") or rp.get("type") or "default"
+    transformers 5 `rope_parameters` and the legacy `rope_scaling` + `rope_theta`), exactly as 02 plans them
+    (common.rope_spec_from_config / original_context_length / addressable_length)."""
     max_pos = getattr(config, "max_position_embeddings", None)
-    factor = rp.get("factor")
-    original = rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
-    if rope_type == "default" or not factor or max_pos is None:
-        addressable = max_pos
-    else:  # linear / dynamic / yarn / llama3 / longrope: factor x the original (pre-extension) window
-        addressable = max(max_pos, int((original or max_pos) * factor))
-    return {"rope_type": rope_type, "rope_theta": rp.get("rope_theta", getattr(config, "rope_theta", None)),
-            "factor": factor, "original_max_position_embeddings": original, "max_position_embeddings": max_pos,
-            "addressable": addressable}
+    info = {"rope_type": "none", "rope_theta": None, "factor": None, "original_max_position_embeddings": None,
+            "max_position_embeddings": max_pos, "addressable": max_pos}
+    try:
+        spec = common.rope_spec_from_config(config) if common.has_rotary(config) else None
+    except common.UserError:  # e.g. per-layer-type RoPE (full / sliding): the config's window is all we know
+        spec = None
+    if spec is None:
+        return info
+    original = common.original_context_length(spec)[0] if spec.rope_type != "default" and max_pos else None
+    return dict(info, rope_type=spec.rope_type, rope_theta=spec.theta, factor=spec.factor,
+                original_max_position_embeddings=original, addressable=common.addressable_length(spec) or max_pos)
 
 
 def rope_description(info: dict) -> str:
@@ -424,6 +430,7 @@ class NiahTask:
     num_keys: int = 1
     num_values: int = 1
     num_queries: int = 1
+    style: str = "ruler"  # prompt texts: "ruler" (RULER's) or "kv" (KV_*: the question repeats the needle)
 
 
 NIAH_TASKS = {t.name: t for t in [
@@ -435,15 +442,25 @@ NIAH_TASKS = {t.name: t for t in [
     NiahTask("niah_multikey_3", "needles", "uuids", "uuids"),
     NiahTask("niah_multivalue", "essay", "words", "numbers", num_values=4),
     NiahTask("niah_multiquery", "essay", "words", "numbers", num_keys=4, num_queries=4),
+    NiahTask("niah_single_kv", "essay", "words", "numbers", style="kv"),
+    NiahTask("niah_multikey_kv", "essay", "words", "numbers", num_keys=4, style="kv"),
 ]}
 NIAH_ALIASES = {"single": ["niah_single_2"], "multikey": ["niah_multikey_1"], "multivalue": ["niah_multivalue"],
-                "multiquery": ["niah_multiquery"], "ruler": list(NIAH_TASKS)}
+                "multiquery": ["niah_multiquery"], "ruler": [t for t in NIAH_TASKS if NIAH_TASKS[t].style == "ruler"],
+                "kv": [t for t in NIAH_TASKS if NIAH_TASKS[t].style == "kv"]}
 
 RULER_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize "
                   "it. I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special "
                   "magic {type_needle_v} for {query} mentioned in the provided text?")
 RULER_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
 RULER_NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+# The "kv" style: no instructions, and the question is the needle's own opening repeated verbatim, completed by
+# the model (the passkey form of Mohtashami & Jaggi 2023, with RULER's word keys and 7-digit values). Small
+# models trained on key-value documents in this form (recipes/demo_data.py) can retrieve by copying, a skill
+# learnt in a CPU-sized run; RULER's wording asks for an answer phrased unlike the needle.
+KV_NEEDLE = "The special magic number for {key} is {value}."
+KV_TEMPLATE = "{context}\n"
+KV_ANSWER_PREFIX = "The special magic number for {query} is"
 RULER_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 RULER_DEPTHS = [round(100 * i / 39) for i in range(40)]  # np.round(np.linspace(0, 100, 40)), for other needles
 
@@ -574,6 +591,7 @@ class NeedleSample:
     answers: list[str]
     type_needle_v: str
     singular: bool
+    style: str = "ruler"  # NiahTask.style: which prompt texts render it
 
 
 def make_sample(task: NiahTask, seed: int, length: int, depth: float, index: int) -> NeedleSample:
@@ -588,9 +606,10 @@ def make_sample(task: NiahTask, seed: int, length: int, depth: float, index: int
     for _ in keys:
         values.append([random_value(rng, task.value_type) for _ in range(task.num_values)])
     queried = sorted(rng.sample(range(num_keys), task.num_queries))
-    needles = [RULER_NEEDLE.format(type_needle_v=task.value_type, key=keys[i], value=v)
+    needle = KV_NEEDLE if task.style == "kv" else RULER_NEEDLE
+    needles = [needle.format(type_needle_v=task.value_type, key=keys[i], value=v)
                for i in queried for v in values[i]]
-    needles += [RULER_NEEDLE.format(type_needle_v=task.value_type, key=keys[i], value=v)
+    needles += [needle.format(type_needle_v=task.value_type, key=keys[i], value=v)
                 for i in range(num_keys) if i not in queried for v in values[i]]
     # The primary needle (first answer) goes at the grid depth; all others at random RULER depths.
     depths = [depth] + [float(rng.choice(RULER_DEPTHS)) for _ in needles[1:]]
@@ -599,11 +618,13 @@ def make_sample(task: NiahTask, seed: int, length: int, depth: float, index: int
     answers = [v for i in queried for v in values[i]]
     return NeedleSample(task=task.name, length=length, depth=depth, index=index, seed=key, needles=needles,
                         depths=depths, query=query, answers=answers, type_needle_v=task.value_type,
-                        singular=len(answers) == 1)
+                        singular=len(answers) == 1, style=task.style)
 
 
 def ruler_template(sample: NeedleSample, answer_prefix: bool) -> tuple[str, str, str]:
     """(task template, answer prefix, value type) after RULER's singular rewrite for one-answer prompts."""
+    if sample.style == "kv":  # one key asked, fixed texts
+        return KV_TEMPLATE, (KV_ANSWER_PREFIX if answer_prefix else ""), sample.type_needle_v
     template, prefix, type_v = RULER_TEMPLATE, RULER_ANSWER_PREFIX, sample.type_needle_v
     if sample.singular:
         def singular(t):

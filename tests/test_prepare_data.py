@@ -1,4 +1,5 @@
-"""Stage 01 (01_prepare_data.py) and its building blocks (common.py): readers, packers, mixture, output.
+"""Stage 01 (01_prepare_data.py: readers, tokenization, mixture) and the packer and packed output it shares
+with 04 (common.py).
 
 Most runs call the stage's main() in this process on small real corpora (KJV verses, standard-library source)
 with the locally trained BPE tokenizer; the round trips use the real SmolLM2 tokenizer.
@@ -69,8 +70,8 @@ def run(tmp_path, *args, name="out", tokenizer=None, **kw):
     argv = [str(a) for a in args] + ["--out", str(out), "--num-proc", str(kw.pop("num_proc", 1))]
     if tokenizer:
         argv += ["--tokenizer", str(tokenizer)]
-    stats = prep.main(argv)
-    return out, stats
+    assert common.call_main(prep.main, argv) == 0  # as the command line runs it (exit code 0)
+    return out, common.read_manifest(out)["stats"]
 
 
 def rows_of(out: Path) -> dict:
@@ -85,7 +86,7 @@ def manifest(out: Path) -> dict:
 
 
 def encode(tok, texts):
-    lengths, flat = common.encode_texts(common.make_encoder(tok), texts)
+    lengths, flat = prep.encode_texts(prep.make_encoder(tok), texts)
     return [x.tolist() for x in np.split(flat, np.cumsum(lengths)[:-1])] if len(texts) else []
 
 
@@ -430,7 +431,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, tokenizer_dir, no_eos_tok
     bad(tmp_path, "--data", f"{good}@-0.5", *tok, match="weight must be")
     bad(tmp_path, "--data", good, "--tokenizer", tokenizer_dir, "--seq-len", 1, match="--seq-len must be at least 2")
     bad(tmp_path, "--data", good, "--tokenizer", no_eos_tokenizer, "--seq-len", 64, match="has no eos token")
-    bad(tmp_path, "--data", f"hf:nobody/nothing-here", *tok, match="cannot stream hub dataset")
+    bad(tmp_path, "--data", "hf:nobody/nothing-here", *tok, match="cannot stream hub dataset")
     bad(tmp_path, "--data", good, *tok, "--min-doc-tokens", 10**6, match="shorter than --min-doc-tokens")
     (tmp_path / "bad-out").mkdir()
     (tmp_path / "bad-out" / "keep.txt").write_text("previous")
@@ -453,19 +454,19 @@ def test_bad_input_from_the_command_line_prints_one_error_line(tmp_path):
 
 
 def test_source_spec_parsing():
-    s = common.parse_source_spec("data/books.jsonl@0.3")
+    s = prep.parse_source_spec("data/books.jsonl@0.3")
     assert (s.name, s.location, s.weight, s.kind) == ("books", "data/books.jsonl", 0.3, None)
-    s = common.parse_source_spec("code=repo:/x/repos@2")
+    s = prep.parse_source_spec("code=repo:/x/repos@2")
     assert (s.name, s.location, s.weight, s.kind) == ("code", "/x/repos", 2.0, "repo")
-    s = common.parse_source_spec("hf:HuggingFaceFW/fineweb-edu:sample-10BT:train@1e-1")
+    s = prep.parse_source_spec("hf:HuggingFaceFW/fineweb-edu:sample-10BT:train@1e-1")
     assert (s.name, s.kind, s.weight) == ("fineweb-edu", "hf", 0.1)
-    assert common.parse_source_spec("some/folder").weight == 1.0
+    assert prep.parse_source_spec("some/folder").weight == 1.0
     for spec in ("a.jsonl@0", "a.jsonl@-1", "a.jsonl@nan", "a.jsonl@inf", "a.jsonl@"):
         with pytest.raises(common.UserError, match="weight"):
-            common.parse_source_spec(spec)
+            prep.parse_source_spec(spec)
     with pytest.raises(common.UserError, match="both named"):
-        common.parse_source_specs(["x/a.jsonl", "y/a.jsonl"])
-    assert common.parse_count("1B") == 10**9 and common.parse_count("64K") == 64000 and common.parse_count("65536") == 65536
+        prep.parse_source_specs(["x/a.jsonl", "y/a.jsonl"])
+    assert prep.parse_count("1B") == 10**9 and prep.parse_count("64K") == 64000 and prep.parse_count("65536") == 65536
 
 
 def test_readers_for_every_source_kind(tmp_path):
@@ -476,7 +477,7 @@ def test_readers_for_every_source_kind(tmp_path):
     texts = ["first document\nline two", "second", "third one, with ünïcode"]
 
     def read(spec, **kw):
-        src = common.resolve_source(common.parse_source_spec(str(spec)), **kw)
+        src = prep.resolve_source(prep.parse_source_spec(str(spec)), **kw)
         return src.kind, list(src.iter_texts())
 
     write_jsonl(tmp_path / "a.jsonl", texts, field="content")
@@ -515,9 +516,9 @@ def test_readers_for_every_source_kind(tmp_path):
     for spec, where in ((tmp_path / "a.jsonl", "a.jsonl:1"), (tmp_path / "c.parquet", "c.parquet"),
                         (tmp_path / "saved", "saved")):
         with pytest.raises(common.UserError, match="'body' is not in .*" + where.split(":")[0]):
-            list(common.resolve_source(common.parse_source_spec(str(spec)), text_field="body").iter_texts())
+            list(prep.resolve_source(prep.parse_source_spec(str(spec)), text_field="body").iter_texts())
     with pytest.raises(common.UserError, match="its fields are: n, text|its fields are: text, n"):
-        list(common.resolve_source(common.parse_source_spec(str(tmp_path / "c.parquet")), text_field="n2").iter_texts())
+        list(prep.resolve_source(prep.parse_source_spec(str(tmp_path / "c.parquet")), text_field="n2").iter_texts())
 
 
 # -------------------------------------------------------------------------------------------------------------

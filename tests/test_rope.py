@@ -1,4 +1,5 @@
-"""02_rope_scale.py and its RoPE building blocks (common.py): RoPE frequencies proven three ways.
+"""02_rope_scale.py (frequencies, presets, reports) and the config reader / writer in common.py: RoPE frequencies
+proven three ways.
 
 1. Our inverse frequencies and attention factor equal transformers' own rope initialisation
    (`ROPE_INIT_FUNCTIONS`, or the family's default-RoPE function) to 1e-6 relative on the published settings.
@@ -13,6 +14,7 @@ SmolLM2-135M keeps its perplexity under YaRN x4, and bad input is refused with o
 import hashlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,10 @@ def hf_frequencies(d: dict, seq_len=None):
     return inv_freq.double(), float(factor)
 
 
+def read_spec(model_dir) -> common.RopeSpec:
+    return common.rope_spec_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+
+
 def assert_rel(a, b, rtol=RTOL):
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
@@ -114,7 +120,7 @@ def assert_rel(a, b, rtol=RTOL):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Independent references, written from RECIPES.md §8.3 / §8.4 (not from common.py).
+# Independent references, written from RECIPES.md §8.3 / §8.4 (not from 02_rope_scale.py).
 
 
 def reference_yarn(d, b, L, s, beta_fast=32, beta_slow=1, mscale=None, mscale_all_dim=None, attention_factor=None):
@@ -235,7 +241,7 @@ def test_ntk_rule_and_attention_temperatures():
     dsv3 = common.rope_spec_from_config(DSV3)
     assert common.attention_logit_scale(dsv3, "deepseek_v3")["logit_multiplier"] == pytest.approx(1.874, abs=1e-3)
     assert common.attention_logit_scale(dsv3, "llama")["logit_multiplier"] == 1.0
-    only_all_dim = common.spec_with(dsv3, mscale=None)  # mscale_all_dim without mscale: logits x3.51 at s = 40
+    only_all_dim = replace(dsv3, mscale=None)  # mscale_all_dim without mscale: logits x3.51 at s = 40
     assert common.attention_logit_scale(only_all_dim, "deepseek_v3")["logit_multiplier"] == pytest.approx(3.51, abs=0.01)
 
 
@@ -277,7 +283,7 @@ def test_yarn_matches_reference_and_band_edges(name):
     ours, our_factor = common.rope_frequencies(spec)
     assert_rel(ours, inv, 1e-12)
     assert our_factor == pytest.approx(factor, rel=1e-12)
-    bands = common.yarn_bands(spec)
+    bands = scale.yarn_bands(spec)
     assert (bands["low"], bands["high"]) == (low, high)
     if edges is not None:
         assert (low, high) == edges
@@ -298,7 +304,7 @@ def test_llama3_matches_reference():
 
 def test_ultralong_band_edges_equal_llama3_band():
     """RECIPES.md §1: beta 4/1 from 8K puts the YaRN ramp on the same wavelengths (2048-8192) as llama3 1/4."""
-    bands = common.yarn_bands(common.rope_spec_from_config(ultralong(128)))
+    bands = scale.yarn_bands(common.rope_spec_from_config(ultralong(128)))
     wl = common.wavelengths(common.base_inv_freq(5e5, 128))
     assert wl[bands["low"]] <= 2048 <= wl[bands["low"] + 1] and wl[bands["high"] - 1] <= 8192 <= wl[bands["high"]]
 
@@ -340,7 +346,7 @@ def preset_config(name: str) -> tuple[dict, common.RopeSpec]:
     return config, after
 
 
-@pytest.mark.parametrize("name", sorted(common.ROPE_PRESETS))
+@pytest.mark.parametrize("name", sorted(scale.ROPE_PRESETS))
 def test_every_preset_reads_alike_in_both_forms(name):
     config, after = preset_config(name)
     expect = PRESET_EXPECT[name]
@@ -378,7 +384,7 @@ def test_v5_save_loses_legacy_keys_and_sync_restores_them(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert "rope_theta" not in saved and not saved.get("rope_scaling")
     assert legacy_reader(saved)[1] == 1.0  # the legacy reader lost YaRN
-    assert_rel(common.rope_frequencies(common.read_rope_spec(tmp_path))[0], common.rope_frequencies(after)[0], 1e-12)
+    assert_rel(common.rope_frequencies(read_spec(tmp_path))[0], common.rope_frequencies(after)[0], 1e-12)
     common.sync_rope_config_file(tmp_path)
     assert_rel(legacy_reader(json.loads((tmp_path / "config.json").read_text()))[0], common.rope_frequencies(after)[0])
 
@@ -420,13 +426,6 @@ def test_reader_follows_transformers_on_the_traps():
     for cfg in scale.config_views(written).values():
         assert_rel(hf_frequencies(cfg)[0], common.rope_frequencies(spec)[0])
     assert_rel(legacy_reader(written)[0], common.rope_frequencies(spec)[0])
-
-
-def test_suggest_rope_for_length():
-    spec = common.rope_spec_from_config(LLAMA31_8B)
-    options = {o["method"]: o for o in common.suggest_rope_for_length(spec, 1048576)}
-    assert options["yarn"]["factor"] == 128 and options["yarn"]["spec"].original_max_position_embeddings == 8192
-    assert common.suggest_rope_for_length(spec, 32768) == []  # already addressable
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -515,7 +514,7 @@ def test_repatch_composes_relative_to_the_original(tiny_llama_dir, tmp_path, cap
     scale.main(["--model", str(first), "--method", "yarn", "--target-len", "2048", "--out", str(second)])
     printed = capsys.readouterr().out
     assert "already scaled" in printed and "REPLACES" in printed
-    spec = common.read_rope_spec(second)
+    spec = read_spec(second)
     assert (spec.factor, spec.original_max_position_embeddings, spec.max_position_embeddings) == (8.0, 256, 2048)
 
 
@@ -528,7 +527,7 @@ def test_ultralong_on_llama31_and_afm_warning(tmp_path, capsys):
     _, after, _, warnings = plan_config(AFM_4K, ["--preset", "afm-64k"])
     assert after.factor == 20 and any("factor 20 != " in w for w in warnings)
     _, after, notes, _ = plan_config(LLAMA31_8B, ["--method", "llama3"])  # pass-through
-    assert after == common.spec_with(common.rope_spec_from_config(LLAMA31_8B))
+    assert after == common.rope_spec_from_config(LLAMA31_8B)
     (tmp_path / "llama31").mkdir()
     (tmp_path / "llama31" / "config.json").write_text(json.dumps(LLAMA31_8B))
     scale.main(["--model", str(tmp_path / "llama31"), "--preset", "ultralong-1m", "--dry-run"])

@@ -208,7 +208,7 @@ def test_startup_probe_names_backend_and_catches_leaks(cpu_mesh, monkeypatch):
     assert "reference" in common.check_attention(model, torch.device("cpu"), torch.float32, 1000)
     # a backend that ignores boundaries (whole-row causal attention) must be refused
     exact = common.reference_varlen_attention
-    leaky = lambda q, k, v, seg_lens, scale: exact(q, k, v, [q.shape[0]], scale)  # noqa: E731
+    leaky = lambda q, k, v, seg_lens, scale, seg_lens_k=None: exact(q, k, v, [q.shape[0]], scale)  # noqa: E731
     monkeypatch.setattr(common, "reference_varlen_attention", leaky)
     with pytest.raises(RuntimeError, match="reference|crosses document boundaries"):
         common.check_attention(model, torch.device("cpu"), torch.float32, 1000)
