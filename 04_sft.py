@@ -1,0 +1,878 @@
+"""Stage 04: win back short-context quality after a context extension, by short instruction tuning (ProLong:
+UltraChat; UltraLong: conversations under 8K tokens, a few hundred steps) and/or distillation from the original
+short-context model (Arcee AFM-4.5B, LongReD's restoration distillation; DistillKit's loss).
+
+SFT on chat data (`messages` records: [{"role": ..., "content": ...}, ...]):
+- conversations come from .jsonl / .json / .parquet files, folders of them, `datasets` save_to_disk folders or
+  hub datasets (hf:NAME[:CONFIG[:SPLIT]], e.g. hf:HuggingFaceH4/ultrachat_200k::train_sft), are rendered with the
+  tokenizer's chat template (or --chat-template; a tokenizer without one gets DEFAULT_CHAT_TEMPLATE, ChatML
+  with generation markers, which is then saved with the exported tokenizer);
+- the loss is on assistant tokens only. The mask comes from the template's {% generation %} markers when it has
+  them, else from rendering each conversation incrementally: an assistant turn is the text between the
+  rendering of the turns before it (with the generation prompt) and the rendering up to it, trailing
+  whitespace excluded (the end-of-turn token is trained, the template's newline after it is not);
+- conversations longer than --max-tokens are dropped and counted, never truncated; the rest are bin-packed
+  whole (best-fit) into rows of --seq-len tokens, each conversation its own attention segment (document mask);
+- the loss of a step is the sum of token losses over all micro-batches on all ranks divided by their global
+  count of assistant tokens (ProLong's reason: instruction masks make per-device counts very uneven).
+
+Distillation (--teacher DIR, the original model with its original RoPE; same tokenizer and vocabulary):
+    loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T)       per trained token, token mean
+with softmax temperature T on both sides (DistillKit: T = 2, alpha = 0.5). On chat data the KL is taken on the
+assistant tokens; on a directory written by 01_prepare_data.py (plain short text: restoration distillation, as
+Arcee and LongReD did) on every token. The teacher runs without gradients, sharded like the student (FSDP2),
+and neither model's logits ever exist for a whole row: the CE and KL are computed chunk by chunk (--loss-chunk
+tokens, only the trained positions), each chunk recomputed in the backward.
+
+Launch, checkpoints (--save-every, SIGTERM/SIGUSR1, --resume auto), metrics line, progress bar and export are
+those of 03_continued_pretrain.py.
+
+Usage:
+    # UltraLong-style short SFT of an extended model on 8 GPUs: 1M tokens/step, LR 5e-6, conversations < 8K
+    torchrun --nproc_per_node=8 04_sft.py --model runs/llama-1m/final \\
+        --data hf:HuggingFaceH4/ultrachat_200k::train_sft --max-tokens 8192 --seq-len 8192 \\
+        --batch-tokens 1048576 --max-steps 480 --lr 5e-6 --out runs/llama-1m-sft
+    # ProLong-style: conversations packed into 64K rows, LR 2e-5, 5% warmup
+    torchrun --nproc_per_node=8 04_sft.py --model runs/prolong-512k/final --data ultrachat.jsonl \\
+        --seq-len 65536 --batch-tokens 4194304 --max-steps 250 --lr 2e-5 --out runs/prolong-sft
+    # restoration distillation on short text prepared by 01 (4K rows), teacher = the original model
+    torchrun --nproc_per_node=8 04_sft.py --model runs/afm-64k-soup --teacher arcee-ai/AFM-4.5B-Base \\
+        --data runs/short-4k --alpha 1.0 --temperature 2 --lr 1e-5 --max-steps 1000 --out runs/afm-distilled
+    # tiny CPU run
+    python 04_sft.py --model TINY_MODEL_DIR --data chats.jsonl --seq-len 256 --max-steps 10 --lr 1e-3 \\
+        --device cpu --out runs/sft
+
+Outputs: OUT/run.json, OUT/metrics.jsonl (one record per step: loss, and with a teacher its ce and kl parts),
+OUT/checkpoints/step_N/, OUT/final/ (HF model directory with manifest.json, stage "04_sft").
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from common import fail, print0
+
+STAGE = "04_sft"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# ChatML, the most common open convention (Qwen, SmolLM, OLMo), with generation markers around what the
+# assistant writes (its content and <|im_end|>), for tokenizers that ship no chat template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    common.add_common_args(g, "model", "tokenizer", required=["model"],
+                           model=dict(help="the (context-extended) model to tune: an HF directory or hub name"))
+    g.add_argument("--init-from", default=None,
+                   help="start from the weights of a training checkpoint (OUT/checkpoints/step_N of 03 or 04) "
+                        "instead of --model's (whose config is kept); optimizer, step and schedule start afresh")
+    g = p.add_argument_group("data")
+    common.add_common_args(g, "data", required=["data"], data=dict(nargs="+", help=(
+        "chat data: one or more .jsonl/.json/.parquet files, folders of them, `datasets` save_to_disk folders or "
+        "hub datasets (hf:NAME[:CONFIG[:SPLIT]]), each record holding a --messages-field list; or ONE directory "
+        "written by 01_prepare_data.py (plain text, with --teacher: restoration distillation)")))
+    g.add_argument("--messages-field", default="messages",
+                   help="the field holding a conversation: a list of {role, content} (default: messages)")
+    g.add_argument("--chat-template", default="auto",
+                   help="'auto': the tokenizer's template, or the built-in ChatML one when it has none; 'default': "
+                        "the built-in ChatML template; or a path to a .jinja file")
+    g.add_argument("--assistant-mask", choices=["auto", "markers", "prefix"], default="auto",
+                   help="how assistant tokens are found: the template's {%% generation %%} markers, or incremental "
+                        "rendering of the turns (auto: markers when the template has them)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="chat data: drop (and count) conversations longer than this many tokens, never truncate "
+                        "them (default: --seq-len, else 8192 as UltraLong)")
+    common.add_common_args(g, "seq-len", seq_len=dict(
+        help="chat data: tokens per packed row of conversations (default: --max-tokens, else 8192; ProLong: "
+             "65536); 01's plain text keeps its own row length"))
+    g.add_argument("--max-conversations", type=int, default=None,
+                   help="read at most this many conversations (in order, over all --data sources)")
+    g.add_argument("--ignore-max-positions", action="store_true",
+                   help="allow rows (or, for the teacher, conversations) longer than the config's "
+                        "max_position_embeddings")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="shuffle rows each epoch (seeded); --no-shuffle keeps the packed order")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher", default=None,
+                   help="the original short-context model (its own RoPE), same tokenizer and vocabulary: adds "
+                        "alpha * T^2 * KL(teacher || student) to (1 - alpha) * CE")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="weight of the KL term, in [0, 1] (default with --teacher: 0.5, DistillKit)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="softmax temperature T of the KL term, > 0 (default with --teacher: 2.0, DistillKit)")
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per optimizer step over all ranks, a multiple of --seq-len (default: one row per "
+                        "rank; UltraLong: 128 conversations per step)")
+    g.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="tokens per rank per forward/backward (default: one row); accumulation is derived")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
+    g.add_argument("--num-tokens", type=float, default=None, help="alternatively, tokens to train on")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data when neither --max-steps nor "
+                                                            "--num-tokens is given (default: 1)")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (ProLong SFT: 2e-5; UltraLong: 5e-6)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this (ProLong: 0.1)")
+    g.add_argument("--warmup-ratio", type=float, default=0.05, help="warmup fraction of the steps (ProLong SFT: 5%%)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="warmup steps (overrides --warmup-ratio)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    common.add_common_args(g, "seed")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="compute dtype (default: bf16 on CUDA, fp32 on CPU); master weights stay fp32")
+    g.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
+                   help="Liger RoPE/RMSNorm/SwiGLU + fused linear CE (default: on with CUDA for Llama/Qwen2/Mistral)")
+    g.add_argument("--loss", choices=["auto", "liger", "chunked"], default="auto",
+                   help="cross-entropy implementation without a teacher (auto: Liger FLCE with --liger, else "
+                        "chunked); with a teacher the loss is always chunked")
+    g.add_argument("--loss-chunk", type=int, default=None,
+                   help="tokens per chunk of the chunked loss (default: 4096; 1024 with a teacher, whose chunks "
+                        "hold several [chunk, vocab] fp32 tensors)")
+    g.add_argument("--attention-backend", choices=["auto", "flash_attn", "torch_varlen", "reference"],
+                   default="auto", help="force an attention backend (default: the best available)")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each decoder layer in the backward (default: on)")
+    g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and optimizer on CPU")
+    g = p.add_argument_group("output and checkpoints")
+    common.add_common_args(g, "out", "overwrite", required=["out"])
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0: all)")
+    g.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="also save a checkpoint after the last step")
+    g.add_argument("--resume", default=None,
+                   help="'auto': continue the run in --out from its latest checkpoint (start if there is none); "
+                        "or a checkpoint path of this run")
+    g.add_argument("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="dtype of OUT/final (auto: the input model's dtype)")
+    g.add_argument("--no-export", action="store_true", help="skip the final HF export")
+    g.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
+    g.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow steps down
+    args = p.parse_args(argv)
+    if args.teacher is None and (args.alpha is not None or args.temperature is not None):
+        p.error("--alpha and --temperature weight the distillation term: they need --teacher")
+    if args.teacher is not None:
+        args.alpha = 0.5 if args.alpha is None else args.alpha
+        args.temperature = 2.0 if args.temperature is None else args.temperature
+        if not 0.0 <= args.alpha <= 1.0:
+            p.error(f"--alpha must be in [0, 1] (got {args.alpha:g})")
+        if not (math.isfinite(args.temperature) and args.temperature > 0):
+            p.error(f"--temperature must be > 0 (got {args.temperature:g})")
+        if args.loss == "liger":
+            p.error("--loss liger fuses the CE only; with --teacher the CE + KL loss is chunked")
+    if args.resume and args.init_from:
+        p.error("--resume continues this run; --init-from starts a new one: give one of them")
+    args.max_tokens = args.max_tokens or args.seq_len or 8192
+    args.seq_len = args.seq_len or args.max_tokens
+    if args.max_tokens < 2:
+        p.error("--max-tokens must be at least 2")
+    if args.seq_len < args.max_tokens:
+        p.error(f"--seq-len {args.seq_len} is shorter than --max-tokens {args.max_tokens}: a kept conversation "
+                "would not fit a row")
+    return args
+
+
+# =============================================================================================================
+# Chat data: reading `messages` records, rendering with an assistant-token mask, packing into rows.
+
+
+CHAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+
+def resolve_chat_source(spec: str) -> tuple[str, object]:
+    """("hub", (name, config, split)), ("datasets", path) or ("files", [paths]) for one --data entry."""
+    if spec.startswith("hf:") or (not os.path.exists(os.path.expanduser(spec)) and not spec.startswith((".", "/", "~"))
+                                  and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)
+                                  and not spec.endswith(CHAT_SUFFIXES)):
+        parts = spec.removeprefix("hf:").split(":")
+        if len(parts) > 3 or not parts[0]:
+            fail(f"--data {spec!r}: write a hub dataset as hf:NAME[:CONFIG[:SPLIT]]")
+        return "hub", (parts[0], parts[1] if len(parts) > 1 and parts[1] else None,
+                       parts[2] if len(parts) > 2 and parts[2] else "train")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        fail(f"--data {spec} does not exist (for a hub dataset write hf:NAME[:CONFIG[:SPLIT]])")
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():  # a DatasetDict: its train split
+            path = path / "train"
+        if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+            return "datasets", path
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(CHAT_SUFFIXES)
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        if not files:
+            fail(f"--data {spec} holds no {'/'.join(CHAT_SUFFIXES)} files nor a `datasets` save_to_disk folder")
+        return "files", files
+    if not path.name.endswith(CHAT_SUFFIXES):
+        fail(f"--data {spec}: cannot read chat records from this file; use .jsonl, .json or .parquet")
+    return "files", [path]
+
+
+def open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def iter_records(kind: str, loc):
+    """(where, record) for every record of a resolved source, in order."""
+    if kind == "hub":
+        name, config, split = loc
+        try:
+            import datasets
+
+            it = iter(datasets.load_dataset(name, config, split=split, streaming=True))
+            first = next(it, None)
+        except Exception as exc:  # noqa: BLE001 - offline, unknown dataset, no access, bad config/split
+            fail(f"cannot stream hub dataset {name!r} (config {config}, split {split}): {type(exc).__name__}: "
+                 f"{str(exc).splitlines()[0] if str(exc) else ''}; pass a local copy instead")
+        if first is not None:
+            yield f"{name}[0]", first
+            for i, record in enumerate(it, 1):
+                yield f"{name}[{i}]", record
+        return
+    if kind == "datasets":
+        import datasets
+
+        for i, record in enumerate(datasets.load_from_disk(str(loc))):
+            yield f"{loc}[{i}]", record
+        return
+    for f in loc:
+        if f.name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            n = 0
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+                for record in batch.to_pylist():
+                    yield f"{f}[{n}]", record
+                    n += 1
+            continue
+        with open_text(f) as fh:
+            is_array = fh.read(4096).lstrip().startswith("[")
+        with open_text(f) as fh:
+            if is_array:  # a JSON array (read whole)
+                try:
+                    records = json.load(fh)
+                except json.JSONDecodeError as exc:
+                    fail(f"{f} is not valid JSON ({exc.msg} at line {exc.lineno})")
+                for i, record in enumerate(records):
+                    yield f"{f}[{i}]", record
+                continue
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        fail(f"{f}:{lineno} is not valid JSON ({exc.msg}); fix the line or the file")
+                    yield f"{f}:{lineno}", record
+
+
+def conversation_of(record, field_name: str, where: str) -> list[dict]:
+    """The record's messages, checked: a list of {role: str, content: str or None, ...}."""
+    if not isinstance(record, dict):
+        fail(f"{where} holds a {type(record).__name__}, not a record with a {field_name!r} field")
+    if field_name not in record:
+        fail(f"{where} has no {field_name!r} field (its fields: {', '.join(map(str, record)) or 'none'}); chat "
+             "data needs a list of {role, content} messages per record (see --messages-field)")
+    messages = record[field_name]
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+        fail(f"{where}: {field_name!r} holds a {type(messages).__name__}, not a list of {{role, content}} messages")
+    for m in messages:
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content", ""), (str, type(None))):
+            fail(f"{where}: a message {str(m)[:80]!r} lacks a string role or has non-text content")
+    return list(messages)
+
+
+def resolve_chat_template(tokenizer, spec: str) -> tuple[str, str]:
+    """(template, where it comes from)."""
+    if spec == "default":
+        return DEFAULT_CHAT_TEMPLATE, "built-in ChatML (--chat-template default)"
+    if spec != "auto":
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            fail(f"--chat-template {spec} is not a file; give a .jinja file, 'auto' or 'default'")
+        return path.read_text(), str(path)
+    try:
+        return tokenizer.get_chat_template(), "the tokenizer's"
+    except ValueError:  # no template
+        return DEFAULT_CHAT_TEMPLATE, "built-in ChatML (the tokenizer has no chat template)"
+
+
+def render(tokenizer, messages, template: str, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages, template: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns, found by rendering prefixes:
+    a turn is what rendering it appends after the generation prompt, without trailing whitespace."""
+    text = render(tokenizer, messages, template)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], template, add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[:i + 1], template)
+        if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before)):
+            fail("the chat template does not render conversations incrementally (the first turns render "
+                 "differently inside the whole conversation), so assistant tokens cannot be located by prefixes; "
+                 "use a template with {% generation %} markers (--chat-template FILE)")
+        end = len(upto.rstrip())
+        if end > len(before):
+            spans.append((len(before), end))
+    return text, spans
+
+
+def render_conversation(tokenizer, messages, template: str, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids int32, loss_mask uint8: 1 on the assistant's tokens) of one conversation."""
+    if method == "markers":
+        enc = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["assistant_masks"], np.uint8)
+    text, spans = assistant_spans(tokenizer, messages, template)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+    mask = np.zeros(len(offsets), np.uint8)
+    for s, e in spans:  # tokens overlapping the span (as transformers' generation-marker masks do)
+        mask |= ((offsets[:, 0] < e) & (offsets[:, 1] > s)).astype(np.uint8)
+    return np.asarray(enc["input_ids"], np.int32), mask
+
+
+def encode_conversation(tokenizer, messages, template: str, method: str, max_tokens: int):
+    """("kept", (input_ids, loss_mask)); or why the conversation is dropped: ("no_assistant" | "too_long", None),
+    or ("template_error", message) when the template refuses it (jinja's raise_exception, e.g. "roles must
+    alternate")."""
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no_assistant", None
+    try:
+        ids, mask = render_conversation(tokenizer, messages, template, method)
+    except common.UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the template raises, the conversation is not usable
+        return "template_error", f"{type(exc).__name__}: {exc}"
+    if len(ids) > max_tokens:
+        return "too_long", None
+    if not mask[1:].any():  # the first token of a segment is never a target
+        return "no_assistant", None
+    return "kept", (ids, mask)
+
+
+@dataclass
+class ChatRows:
+    """Packed conversations in memory, read like common.PackedData; rows also carry their `loss_mask`."""
+    input_ids: np.ndarray  # [rows, seq_len] int32
+    loss_mask: np.ndarray  # [rows, seq_len] uint8
+    doc_lens: list
+    num_pad: np.ndarray
+    attn_cost: np.ndarray
+    seq_len: int
+    manifest: dict
+    stats: dict
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.input_ids)
+
+    def rows(self, indices) -> list[dict]:
+        return [{"index": int(i), "input_ids": self.input_ids[i].astype(np.int64),
+                 "doc_lens": np.asarray(self.doc_lens[i], np.int64), "num_pad": int(self.num_pad[i]),
+                 "loss_mask": self.loss_mask[i]} for i in indices]
+
+    def fingerprint(self) -> dict:
+        h = hashlib.sha256()
+        for a in (self.input_ids, self.loss_mask, self.num_pad):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return {"sources": self.manifest["sources"], "num_rows": self.num_rows, "seq_len": self.seq_len,
+                "sha256": h.hexdigest()[:16]}
+
+
+def load_chat_data(args, tokenizer, template: str, method: str) -> ChatRows:
+    """Read, render, filter and pack every conversation (each rank does the same, deterministically)."""
+    if not tokenizer.is_fast:
+        fail("the tokenizer has no fast (Rust) version; assistant masks need its character offsets")
+    sources = [resolve_chat_source(spec) for spec in args.data]
+    stats = {"read": 0, "kept": 0, "too_long": 0, "no_assistant": 0, "template_error": 0, "tokens": 0,
+             "assistant_tokens": 0, "roles": {}, "first_template_error": None, "longest": 0}
+    docs = []
+    records = itertools.chain.from_iterable(iter_records(kind, loc) for kind, loc in sources)
+    with tqdm(desc="render", unit=" conv", disable=not common.is_main_process(), leave=False,
+              file=sys.stderr) as bar:
+        for where, record in itertools.islice(records, args.max_conversations):
+            messages = conversation_of(record, args.messages_field, where)
+            bar.update(1)
+            stats["read"] += 1
+            for m in messages:
+                stats["roles"][m["role"]] = stats["roles"].get(m["role"], 0) + 1
+            outcome, result = encode_conversation(tokenizer, messages, template, method, args.max_tokens)
+            stats[outcome] += 1
+            if outcome == "template_error":
+                stats["first_template_error"] = stats["first_template_error"] or f"{where}: {result}"
+            if outcome != "kept":
+                continue
+            ids, mask = result
+            stats["tokens"] += len(ids)
+            stats["assistant_tokens"] += int(mask[1:].sum())
+            stats["longest"] = max(stats["longest"], len(ids))
+            docs.append({"input_ids": ids, "loss_mask": mask})
+    where = ", ".join(args.data)
+    if stats["read"] == 0:
+        fail(f"--data {where} holds no conversations")
+    if stats["kept"] == 0:
+        if stats["no_assistant"] == stats["read"]:
+            roles = ", ".join(f"{r} ({n})" for r, n in stats["roles"].items()) or "none"
+            fail(f"--data {where}: none of its {stats['read']} conversation(s) has an assistant turn (roles seen: "
+                 f"{roles}); SFT trains on the assistant's replies only")
+        if stats["template_error"] == stats["read"]:
+            fail(f"the chat template rejected every conversation, e.g. {stats['first_template_error']}")
+        fail(f"no conversation is left to train on: {stats['too_long']} of {stats['read']} are longer than "
+             f"--max-tokens {args.max_tokens}, {stats['no_assistant']} have no assistant tokens, "
+             f"{stats['template_error']} were rejected by the chat template")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows = list(common.pack_documents(docs, args.seq_len, "best-fit", pad_values={"loss_mask": 0}, pad_id=pad_id,
+                                      rng=np.random.default_rng(args.seed)))
+    data = ChatRows(input_ids=np.stack([r["input_ids"] for r in rows]).astype(np.int32),
+                    loss_mask=np.stack([r["loss_mask"] for r in rows]).astype(np.uint8),
+                    doc_lens=[list(r["doc_lens"]) for r in rows],
+                    num_pad=np.array([r["num_pad"] for r in rows], np.int64),
+                    attn_cost=np.array([r["attn_cost"] for r in rows], np.int64), seq_len=args.seq_len,
+                    manifest={"vocab_size": len(tokenizer), "sources": [
+                        str(Path(d).expanduser().resolve()) if os.path.exists(os.path.expanduser(d)) else d
+                        for d in args.data]}, stats=stats)
+    stats["rows"] = data.num_rows
+    stats["padding_fraction"] = float(data.num_pad.sum() / (data.num_rows * args.seq_len))
+    return data
+
+
+# =============================================================================================================
+# Distillation: the teacher's checks and the chunked CE + KL loss.
+
+
+def check_teacher(args, config, tokenizer, longest: int):
+    """The teacher's config, after refusing one that does not share the student's vocabulary and tokenizer."""
+    tconfig = common.load_config(args.teacher)
+    if tconfig.vocab_size != config.vocab_size:
+        fail(f"--teacher {args.teacher} has a vocabulary of {tconfig.vocab_size} tokens, the student "
+             f"{config.vocab_size}; distillation compares token distributions, so both need the same vocabulary")
+    tdir = Path(os.path.expanduser(args.teacher))
+    has_tok = tdir.is_dir() and any((tdir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                      "tokenizer.model", "vocab.json"))
+    if not has_tok and tdir.is_dir():
+        print0(f"note: --teacher {args.teacher} holds no tokenizer; its vocabulary size matches the student's")
+    elif tokenizer is not None:
+        ttok = common.load_tokenizer(args.teacher)
+        if ttok.get_vocab() != tokenizer.get_vocab():
+            diff = len(set(ttok.get_vocab().items()) ^ set(tokenizer.get_vocab().items()))
+            fail(f"--teacher {args.teacher} has another tokenizer than the student ({len(ttok)} vs {len(tokenizer)} "
+                 f"tokens, {diff} differing entries); distillation needs the same tokenizer")
+    if longest > tconfig.max_position_embeddings and not args.ignore_max_positions:
+        fail(f"the teacher's max_position_embeddings is {tconfig.max_position_embeddings} but the data has "
+             f"sequences of {longest} tokens; distil on shorter text (or pass --ignore-max-positions)")
+    return tconfig
+
+
+def kd_loss_fn(targets, teacher_hidden, teacher_weight, temperature: float, chunk_size: int):
+    """A loss_fn(hidden, weight) for common.forward_loss returning [CE sum, KL sum] over the trained positions:
+    KL(softmax(z_t / T) || softmax(z_s / T)) per token. Chunked and checkpointed: one chunk's logits at a time,
+    and only for positions with a target."""
+    def chunk(h, w, t, th):
+        keep = (t != common.IGNORE_INDEX).nonzero().squeeze(-1)
+        h, t, th = h[keep], t[keep], th[keep]
+        logits = F.linear(h, w).float()
+        ce = F.cross_entropy(logits, t, reduction="sum")
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+        with torch.no_grad():
+            log_p = F.log_softmax(F.linear(th, teacher_weight).float() / temperature, dim=-1)
+        kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+        return torch.stack([ce, kl])
+
+    return lambda hidden, weight: common.chunked_token_loss(hidden, weight, targets, chunk_size, chunk_loss=chunk,
+                                                            extra=[teacher_hidden])
+
+
+# =============================================================================================================
+# The run directory (as 03): signature, refusal of foreign or different runs, resume.
+
+
+def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup: int) -> dict:
+    """What must match for --resume to continue exactly (world size, kernels and logging may change)."""
+    shape = {k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                                                    "num_hidden_layers", "num_attention_heads",
+                                                    "num_key_value_heads", "head_dim", "tie_word_embeddings")}
+    return {"model": shape, "data": data.fingerprint(), "rows_per_step": rows_per_step, "max_steps": max_steps,
+            "warmup_steps": warmup, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "seed": args.seed,
+            "shuffle": args.shuffle, "weight_decay": args.weight_decay, "betas": list(args.betas),
+            "grad_clip": args.grad_clip, "init": args.model, "init_from": args.init_from, "teacher": args.teacher,
+            "alpha": args.alpha, "temperature": args.temperature}
+
+
+def signature_diff(old: dict, new: dict) -> list[str]:
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def open_run_dir(args, signature: dict, out: Path, rank: int) -> Path | None:
+    """Check --out against --resume / --overwrite (every rank, before anything is written), then create it on
+    rank 0 with run.json. Returns the checkpoint to resume from, or None."""
+    ckpt_root, run_file = out / "checkpoints", out / "run.json"
+    resume_from = None
+    holds_run = out.is_dir() and any(out.iterdir())
+    if holds_run and not args.overwrite:
+        if not args.resume:
+            fail(f"--out {out} already holds a run ({len(common.list_checkpoints(ckpt_root))} checkpoint(s)); pass "
+                 "--resume auto to continue it, --overwrite to replace it, or choose another --out")
+        if not run_file.is_file():
+            fail(f"--out {out} is not empty and holds no longctx run (no run.json); choose another --out")
+        with open(run_file) as f:
+            diff = signature_diff(json.load(f)["signature"], signature)
+        if diff:
+            fail(f"cannot resume the run in {out}: its settings differ ({'; '.join(diff)}); start a new run "
+                 "with --init-from CHECKPOINT and another --out")
+    if args.resume:
+        if args.resume == "auto":
+            found = common.list_checkpoints(ckpt_root) if holds_run and not args.overwrite else []
+            resume_from = found[-1] if found else None
+        else:
+            resume_from = Path(args.resume)
+            state = common.read_trainer_state(resume_from)
+            diff = signature_diff(state.get("signature", {}), signature)
+            if diff:
+                fail(f"checkpoint {resume_from} is incompatible with this run ({'; '.join(diff)})")
+    if args.init_from:
+        state = common.read_trainer_state(args.init_from)
+        diff = signature_diff(state.get("signature", {}).get("model", {}), signature["model"])
+        if diff:
+            fail(f"--init-from {args.init_from} holds another model shape ({'; '.join(diff)})")
+    common.barrier()  # every rank has checked before rank 0 touches --out
+    if rank == 0:
+        if args.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and (out / "metrics.jsonl").is_file():  # a start before any checkpoint: redo
+            (out / "metrics.jsonl").unlink()
+        if not run_file.is_file():
+            common.atomic_write_text(run_file, json.dumps(common._jsonable(
+                {"stage": STAGE, "signature": signature, "args": vars(args), "versions": common.versions()}),
+                indent=2) + "\n")
+    common.barrier()
+    return resume_from
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Processes and devices
+    dinfo, mesh = common.setup_distributed(args.device)
+    device, world, rank = dinfo.device, dinfo.world_size, dinfo.rank
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    common.seed_everything(args.seed)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Inputs: the model's config, the data (chat conversations, or 01's plain text for distillation), the
+    # teacher, and every check that must fail before anything is written
+    config = common.load_config(args.model)
+    first = Path(os.path.expanduser(args.data[0]))
+    plain = len(args.data) == 1 and first.is_dir() and (common.read_manifest(first) or {}).get("stage") == \
+        "01_prepare_data"
+    tokenizer_name = args.tokenizer or args.model
+    template = template_src = method = None
+    if plain:
+        if args.teacher is None:
+            fail(f"--data {first} is plain text packed by 01_prepare_data.py: pass --teacher for restoration "
+                 "distillation, or train on it with 03_continued_pretrain.py")
+        data = common.PackedData.open(first)
+        longest = data.seq_len
+        tokenizer = common.load_tokenizer(tokenizer_name) if os.path.isdir(os.path.expanduser(tokenizer_name)) \
+            else None
+    else:
+        tokenizer = common.load_tokenizer(tokenizer_name)
+        template, template_src = resolve_chat_template(tokenizer, args.chat_template)
+        has_markers = GENERATION_TAG.search(template) is not None
+        method = args.assistant_mask if args.assistant_mask != "auto" else ("markers" if has_markers else "prefix")
+        if method == "markers" and not has_markers:
+            fail("--assistant-mask markers: the chat template has no {% generation %} markers; use "
+                 "--assistant-mask prefix or a template with markers (--chat-template FILE)")
+        data = load_chat_data(args, tokenizer, template, method)
+        longest = data.stats["longest"]
+    seq_len = data.seq_len
+    if seq_len > config.max_position_embeddings and not args.ignore_max_positions:
+        fail(f"rows of {seq_len} tokens need positions beyond the model's max_position_embeddings "
+             f"{config.max_position_embeddings}; use a shorter --seq-len (or pass --ignore-max-positions)")
+    if (data.manifest.get("vocab_size") or 0) > config.vocab_size:
+        fail(f"the data was tokenized with a vocabulary of {data.manifest['vocab_size']} tokens, the model has "
+             f"{config.vocab_size}; use the model's tokenizer")
+    tconfig = check_teacher(args, config, tokenizer, longest) if args.teacher else None
+
+    batch_tokens = args.batch_tokens or seq_len * world
+    micro_tokens = args.micro_batch_tokens or seq_len
+    if batch_tokens % seq_len or micro_tokens % seq_len:
+        fail(f"--batch-tokens {batch_tokens} and --micro-batch-tokens {micro_tokens} must be multiples of the "
+             f"rows' length {seq_len}")
+    rows_per_step, rows_per_micro = batch_tokens // seq_len, micro_tokens // seq_len
+    if rows_per_step % (world * rows_per_micro):
+        fail(f"a step of {rows_per_step} rows does not divide across {world} ranks x {rows_per_micro} row(s) per "
+             f"micro-batch; choose --batch-tokens as a multiple of {world * rows_per_micro * seq_len}")
+    grad_accum = rows_per_step // (world * rows_per_micro)
+    if args.max_steps:
+        max_steps = args.max_steps
+    elif args.num_tokens:
+        max_steps = math.ceil(args.num_tokens / batch_tokens)
+    else:
+        max_steps = max(1, round(args.epochs * data.num_rows / rows_per_step))
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * max_steps)
+    signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
+    out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
+    resume_from = open_run_dir(args, signature, out, rank)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Models: the student as in 03; the teacher sharded the same way, without gradients or checkpointing
+    liger = args.liger if args.liger is not None else (device.type == "cuda"
+                                                        and config.model_type in common.LIGER_FAMILIES)
+    loss_impl = "chunked" if args.teacher else (
+        args.loss if args.loss != "auto" else ("liger" if liger and device.type == "cuda" else "chunked"))
+    loss_chunk = args.loss_chunk or (1024 if args.teacher else 4096)
+    common.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
+    opts = common.ModelOptions(device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
+                               activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
+                               seed=args.seed)
+    source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")
+    model, minfo = common.prepare_model(config, args.model, mesh, opts)
+    backend = common.check_attention(model, device, dtype, config.vocab_size, args.seed)
+    optimizer = common.build_optimizer(model, args.lr, args.weight_decay, args.betas)
+    teacher = teacher_weight = tinfo = None
+    if args.teacher:
+        teacher, tinfo = common.prepare_model(tconfig, args.teacher, mesh, common.ModelOptions(
+            device=device, compute_dtype=dtype, liger=opts.liger and tconfig.model_type in common.LIGER_FAMILIES,
+            activation_checkpointing=False, cpu_offload=args.cpu_offload, seed=args.seed))
+        teacher.requires_grad_(False)
+        teacher.eval()
+        common.check_attention(teacher, device, dtype, tconfig.vocab_size, args.seed)
+        teacher_weight = common.full_weight(teacher).to(device, dtype)  # constant: gathered once
+
+    start_step = 0
+    if resume_from is not None:
+        state = common.load_checkpoint(resume_from, model, optimizer)
+        start_step = int(state["step"])
+        if rank == 0 and (out / "metrics.jsonl").is_file():  # drop records of steps after the checkpoint
+            kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= start_step]
+            common.atomic_write_text(out / "metrics.jsonl", "".join(ln + "\n" for ln in kept))
+        print0(f"resumed from {resume_from} at step {start_step}")
+    elif args.init_from:
+        common.load_checkpoint(args.init_from, model, None, restore_rng=False)
+        print0(f"initialised from the weights of {args.init_from}; optimizer, step and schedule start afresh")
+
+    n_params = minfo["params"]
+    peak = common.peak_flops(device)
+    print0(f"{STAGE}: {world} rank(s) on {device.type} ({dinfo.backend}), compute {str(dtype)[6:]}, "
+           f"{n_params['total'] / 1e6:.1f}M parameters ({config.model_type}, {config.num_hidden_layers} layers)")
+    if plain:
+        print0(f"data: {data.num_rows} rows x {seq_len:,} tokens of plain text from {first} (01_prepare_data); "
+               "every token is trained")
+    else:
+        st = data.stats
+        first_error = f" (first: {st['first_template_error']})" if st["template_error"] else ""
+        print0(f"data: {st['read']} conversation(s) read, {st['kept']} kept, {st['too_long']} dropped as longer than "
+               f"{args.max_tokens} tokens, {st['no_assistant']} without assistant tokens, {st['template_error']} "
+               f"rejected by the template{first_error}")
+        masking = "generation markers" if method == "markers" else "prefix rendering"
+        print0(f"chat: template {template_src}, assistant mask by {masking}; {st['tokens']:,} tokens, "
+               f"{st['assistant_tokens']:,} trained ({st['assistant_tokens'] / st['tokens']:.1%}); packed best-fit "
+               f"into {data.num_rows} rows of {seq_len:,} ({st['padding_fraction']:.1%} padding)")
+    if teacher is not None:
+        print0(f"distillation: teacher {args.teacher} ({tconfig.model_type}, {tinfo['params']['total'] / 1e6:.1f}M "
+               f"parameters), loss = {1 - args.alpha:g} * CE + {args.alpha:g} * {args.temperature:g}^2 * "
+               f"KL(teacher || student) at T = {args.temperature:g}, on "
+               f"{'every token' if plain else 'the assistant tokens'}")
+    print0(f"attention: {backend}, document-masked")
+    print0(f"kernels: liger {'+'.join(minfo['liger']) or 'off'}, loss {loss_impl} "
+           f"{'CE + KL' if teacher is not None else 'cross-entropy'} ({loss_chunk} tokens per chunk), "
+           f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
+           f"cpu offload {'on' if args.cpu_offload else 'off'}")
+    print0(f"batch: {batch_tokens:,} tokens/step = {rows_per_step} rows x {seq_len:,} tokens; "
+           f"{rows_per_micro} row(s)/micro-batch x {world} rank(s) x {grad_accum} accumulation step(s)")
+    print0(f"schedule: {max_steps} steps ({max_steps * batch_tokens / 1e9:.3g}B tokens), lr {args.lr:g}, warmup "
+           f"{warmup}, cosine to {args.min_lr_ratio:g}x; {max_steps * rows_per_step / data.num_rows:.2f} epochs")
+    if peak is None:
+        print0("MFU: n/a (no peak FLOP/s known for this device)")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Training loop
+    order = common.DataOrder(data.num_rows, args.seed, args.shuffle)
+    signals = common.StopSignals()
+    metrics_path = out / "metrics.jsonl"
+    def trainer_state(step):  # what a checkpoint records besides model, optimizer and RNG
+        return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
+                "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
+
+    last_saved = start_step if resume_from is not None else None
+    step_times = []
+    unit = "gpu" if device.type == "cuda" else "rank"
+    bar = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True,
+               leave=False, file=sys.stderr)
+    for step in range(start_step, max_steps):
+        t0 = time.perf_counter()
+        lr = args.lr * common.lr_multiplier(step, max_steps, warmup, args.min_lr_ratio)
+        common.set_lr(optimizer, lr)
+
+        # the step's rows: the same for every rank; this rank's micro-batches balanced by attention cost
+        stream = order.take(step * rows_per_step, rows_per_step)
+        cost = data.attn_cost
+        plan = common.plan_step(list(range(rows_per_step)), [int(cost[r]) for _, r in stream], world, rows_per_micro)
+        micro_batches = []
+        for positions in plan[rank]:
+            rows = data.rows([stream[i][1] for i in positions])
+            masks = None if plain else [row["loss_mask"] for row in rows]
+            micro_batches.append(common.build_micro_batch(rows, seq_len, True, None, args.seed, loss_masks=masks))
+        n_valid = common.global_count(sum(mb.n_valid for mb in micro_batches), device)
+
+        parts = torch.zeros(2, dtype=torch.float32, device=device)  # summed CE and KL of this rank's tokens
+        for mb in micro_batches:
+            mb = mb.to(device)
+            if teacher is None:
+                ce = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, loss_impl, loss_chunk))
+                loss, kl = ce, torch.zeros_like(ce)
+            else:
+                with torch.no_grad():
+                    teacher_hidden = common.forward_hidden(teacher, mb)
+                common.reshard(teacher)
+                ce, kl = common.forward_loss(model, mb, kd_loss_fn(mb.targets, teacher_hidden, teacher_weight,
+                                                                   args.temperature, loss_chunk)).unbind()
+                loss = (1 - args.alpha) * ce + args.alpha * args.temperature ** 2 * kl
+            (loss / max(n_valid, 1)).backward()
+            parts += torch.stack([ce.detach(), kl.detach()])
+        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+
+        stats = torch.cat([parts, torch.tensor([float(signals.received is not None)], device=device)])
+        if world > 1:
+            dist.all_reduce(stats)
+        ce_val, kl_val = stats[0].item() / max(n_valid, 1), stats[1].item() / max(n_valid, 1)
+        loss_val = ce_val if teacher is None else ((1 - args.alpha) * ce_val
+                                                   + args.alpha * args.temperature ** 2 * kl_val)
+        stop = stats[2].item() > 0
+        gnorm_val = grad_norm.item()
+        if not (math.isfinite(loss_val) and math.isfinite(gnorm_val)):
+            bar.close()
+            last = common.list_checkpoints(ckpt_root)
+            fail(f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} ({loss_val:g}, grad "
+                 f"norm {gnorm_val:g}) at step {step + 1}; stopped before the optimizer step. Last good checkpoint:"
+                 f" {last[-1] if last else 'none'} (resume with --resume auto, e.g. with a lower --lr)")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if args.debug_sleep:
+            time.sleep(args.debug_sleep)
+
+        # metrics: tokens processed (padding included), both MFU conventions (a teacher adds its forward, a
+        # third of its training FLOPs), memory, ETA
+        dt = time.perf_counter() - t0
+        if step > start_step:
+            step_times.append(dt)
+        tokens = rows_per_step * seq_len
+        attn_sq = int(sum(int(cost[r]) for _, r in stream))
+        flops = common.step_flops(n_params, config, tokens, seq_len, attn_sq)
+        if teacher is not None:
+            tflops = common.step_flops(tinfo["params"], tconfig, tokens, seq_len, attn_sq)
+            flops = {k: v + tflops[k] / 3 for k, v in flops.items()}
+        mfu = {k: (v / dt / world / peak if peak else None) for k, v in flops.items()}
+        avg = sum(step_times) / len(step_times) if step_times else dt
+        record = {"step": step + 1, "loss": loss_val, "grad_norm": gnorm_val, "lr": lr, "valid_tokens": n_valid,
+                  "tokens": tokens, "step_time_s": dt, "tokens_per_s": tokens / dt,
+                  "tokens_per_s_per_gpu": tokens / dt / world, "mfu_torchtitan": mfu["torchtitan"],
+                  "mfu_causal_doc": mfu["causal_doc"], "peak_mem_gib": common.peak_memory_gib(device),
+                  "eta_s": avg * (max_steps - step - 1)}
+        if teacher is not None:
+            record.update(ce=ce_val, kl=kl_val)
+        if rank == 0:
+            common.append_jsonl(metrics_path, record)
+            if (step + 1) % args.log_every == 0 or step + 1 == max_steps:
+                mfu_txt = (f"mfu {mfu['torchtitan']:.1%} tt / {mfu['causal_doc']:.1%} doc" if peak else "mfu n/a")
+                kd_txt = f" (ce {ce_val:.4f}, kl {kl_val:.4f})" if teacher is not None else ""
+                tqdm.write(f"step {step + 1}/{max_steps} | loss {loss_val:.4f}{kd_txt} | gnorm {gnorm_val:.3f} | "
+                           f"lr {lr:.2e} | tok/s {record['tokens_per_s']:,.0f} "
+                           f"({record['tokens_per_s_per_gpu']:,.0f}/{unit}) | {mfu_txt} | "
+                           f"mem {record['peak_mem_gib']:.1f} GiB | eta {common.format_duration(record['eta_s'])}",
+                           file=sys.stdout)
+                sys.stdout.flush()
+        bar.update(1)
+
+        # checkpoints: periodic, at the end, and when a stop signal arrived on any rank
+        if (stop or (args.save_every and (step + 1) % args.save_every == 0)
+                or (step + 1 == max_steps and args.final_checkpoint)):
+            path = common.save_checkpoint(ckpt_root, step + 1, model, optimizer, trainer_state(step + 1), args.keep)
+            last_saved = step + 1
+            print0(f"saved checkpoint {path}")
+        if stop:
+            bar.close()
+            signum = signals.received or 15
+            print0(f"stopped by signal {signum} after step {step + 1}; checkpoint saved, continue with --resume auto")
+            signals.restore()
+            return 128 + signum
+    bar.close()
+    signals.restore()
+    if last_saved != max_steps and start_step < max_steps and args.final_checkpoint:
+        common.save_checkpoint(ckpt_root, max_steps, model, optimizer, trainer_state(max_steps), args.keep)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Export: an ordinary HF directory in OUT/final, with the tokenizer (and the chat template trained on)
+    if not args.no_export:
+        if args.export_dtype != "auto":
+            export_dtype = DTYPES[args.export_dtype]
+        else:
+            export_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+                source_dtype.replace("torch.", ""), dtype)
+        tok_dir = tempfile.mkdtemp(prefix="longctx-04-tokenizer-") if rank == 0 and tokenizer is not None else None
+        if tok_dir:
+            if template is not None:
+                tokenizer.chat_template = template
+            tokenizer.save_pretrained(tok_dir)
+        last = json.loads(metrics_path.read_text().splitlines()[-1]) if rank == 0 and metrics_path.is_file() else {}
+        stats = {"steps": max_steps, "tokens": max_steps * batch_tokens, "final_loss": last.get("loss"),
+                 "attention": backend, "world_size": world}
+        if not plain:
+            stats["conversations"] = {k: v for k, v in data.stats.items() if k != "first_template_error"}
+        recipe = {"mode": ("restoration-distillation" if plain else "distillation" if teacher is not None else "sft"),
+                  "teacher": args.teacher, "alpha": args.alpha, "temperature": args.temperature,
+                  "max_tokens": None if plain else args.max_tokens, "seq_len": seq_len,
+                  "chat_template": template_src, "assistant_mask": method}
+        manifest = {"stage": STAGE, "args": args, "inputs": [p for p in (args.model, *args.data, args.teacher)
+                                                             if p and os.path.isdir(os.path.expanduser(p))],
+                    "stats": stats, "base_model": args.model, "recipe": recipe}
+        try:
+            final = common.export_hf(model, config, out / "final", export_dtype, args.model, tok_dir, manifest)
+        finally:
+            if tok_dir:
+                shutil.rmtree(tok_dir, ignore_errors=True)
+        print0(f"exported {final} ({str(export_dtype)[6:]})")
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
