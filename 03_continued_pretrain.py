@@ -18,7 +18,7 @@ with the next-token loss:
   FSDP2 still sharding over all ranks); Ulysses all-to-all over heads for document-masked rows (ProLong 512K),
   ring attention with head-tail load balancing for unmasked rows (UltraLong 1M+: PyTorch's context_parallel on
   CUDA, an exact all-gather ring on CPU), ProLong's local shortcut only where no document straddles a slice;
-  same loss and gradients as --cp 1 (docs/cp.md);
+  same loss and gradients as --cp 1 (common.py, "Context parallelism"; derived H100 throughput in docs/benchmarks.md);
 - sharded checkpoints every --save-every steps and on SIGTERM / SIGUSR1, `--resume auto` continues exactly (also
   with another --cp or world size); the final model is an ordinary HF directory in OUT/final.
 
@@ -38,7 +38,8 @@ Usage:
     # UltraLong-style 1M rows without document masking: ring attention over 16 GPUs (2 nodes)
     torchrun --nnodes=2 --nproc_per_node=8 ... 03_continued_pretrain.py --model runs/llama31-8b-yarn128 \
         --data runs/data-1m-sep --no-doc-mask --cp 16 --out runs/ultralong-1m --lr 3e-5
-    # continue a preempted run exactly
+    # continue a preempted run exactly (with --init-from too: it starts from that checkpoint only while --out
+    # holds none, so one command line serves the first launch and every relaunch)
     torchrun --nproc_per_node=8 03_continued_pretrain.py ...same flags... --resume auto
 
 Outputs: OUT/run.json (the run's settings), OUT/metrics.jsonl (one record per step), OUT/checkpoints/step_N/
@@ -50,16 +51,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
 import common
 from common import fail, print0
@@ -77,7 +73,7 @@ def parse_args(argv=None):
     g.add_argument("--init-from", default=None,
                    help="start a new stage from a checkpoint of another run (OUT/checkpoints/step_N): its weights "
                         "replace --model's (whose config, e.g. a new RoPE base, is kept); step, schedule and data "
-                        "position start afresh")
+                        "position start afresh; with --resume auto, only while --out holds no checkpoint yet")
     g.add_argument("--keep-optimizer", action="store_true",
                    help="with --init-from: also keep its optimizer state (ProLong's 64K -> 512K stage)")
     g = p.add_argument_group("data")
@@ -122,7 +118,7 @@ def parse_args(argv=None):
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each decoder layer in the backward (default: on)")
     g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and optimizer on CPU")
-    g = p.add_argument_group("context parallelism (rows longer than one GPU holds; docs/cp.md)")
+    g = p.add_argument_group("context parallelism (rows longer than one GPU holds; docs/benchmarks.md)")
     g.add_argument("--cp", type=int, default=1,
                    help="split every row over N ranks (N divides the world size; ranks r..r+N-1 share a row, so "
                         "keep a cp group inside a node); FSDP2 keeps sharding over all ranks")
@@ -141,8 +137,8 @@ def parse_args(argv=None):
     g.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="also save a checkpoint after the last step (for --init-from of a next stage)")
     g.add_argument("--resume", default=None,
-                   help="'auto': continue the run in --out from its latest checkpoint (start if there is none); "
-                        "or a checkpoint path of this run")
+                   help="'auto': continue the run in --out from its latest checkpoint (start if there is none, "
+                        "from --init-from when given); or a checkpoint path of this run")
     g.add_argument("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="dtype of OUT/final (auto: the input model's dtype)")
     g.add_argument("--no-export", action="store_true", help="skip the final HF export")
@@ -153,29 +149,20 @@ def parse_args(argv=None):
         p.error("give exactly one of --model (a model directory) and --init-config (random init)")
     if args.keep_optimizer and not args.init_from:
         p.error("--keep-optimizer needs --init-from")
-    if args.resume and args.init_from:
-        p.error("--resume continues this run; --init-from starts a new one: give one of them")
+    if args.resume not in (None, "auto") and args.init_from:
+        p.error("--resume CHECKPOINT continues this run; --init-from starts a new one: give one of them (or "
+                "--resume auto, which resumes --out's latest checkpoint and starts from --init-from when there is "
+                "none)")
     return args
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup: int) -> dict:
     """What must match for --resume to continue exactly (world size, kernels and logging may change)."""
-    shape = {k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
-                                                    "num_hidden_layers", "num_attention_heads",
-                                                    "num_key_value_heads", "head_dim", "tie_word_embeddings")}
-    return {"model": shape, "data": data.fingerprint(), "rows_per_step": rows_per_step, "max_steps": max_steps,
-            "warmup_steps": warmup, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "seed": args.seed,
-            "doc_mask": args.doc_mask, "pose_target_len": args.pose_target_len, "shuffle": args.shuffle,
-            "weight_decay": args.weight_decay, "betas": list(args.betas), "grad_clip": args.grad_clip,
-            "init": args.model or args.init_config, "init_from": args.init_from}
-
-
-def signature_diff(old: dict, new: dict) -> list[str]:
-    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return {"model": common.model_shape(config), "data": data.fingerprint(), "rows_per_step": rows_per_step,
+            "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
+            "seed": args.seed, "doc_mask": args.doc_mask, "pose_target_len": args.pose_target_len,
+            "shuffle": args.shuffle, "weight_decay": args.weight_decay, "betas": list(args.betas),
+            "grad_clip": args.grad_clip, "init": args.model or args.init_config, "init_from": args.init_from}
 
 
 def main(argv=None) -> int:
@@ -185,7 +172,7 @@ def main(argv=None) -> int:
     # Processes and devices
     dinfo, mesh = common.setup_distributed(args.device)
     device, world, rank = dinfo.device, dinfo.world_size, dinfo.rank
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = common.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     common.seed_everything(args.seed)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -220,57 +207,12 @@ def main(argv=None) -> int:
              f"row(s) per micro-batch; choose --batch-tokens as a multiple of {dp * rows_per_micro * seq_len}")
     grad_accum = rows_per_step // (dp * rows_per_micro)
     pad_id = int(data.manifest.get("pad_token_id") or 0)  # fills a micro-batch up to a multiple of the cp split
-    if args.max_steps:
-        max_steps = args.max_steps
-    elif args.num_tokens:
-        max_steps = math.ceil(args.num_tokens / batch_tokens)
-    else:
-        max_steps = max(1, data.num_rows // rows_per_step)
-    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * max_steps)
+    max_steps, warmup = common.schedule_steps(args, batch_tokens, max(1, data.num_rows // rows_per_step))
     signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
 
     out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
-    resume_from = None
-    run_file = out / "run.json"
-    holds_run = out.is_dir() and any(out.iterdir())
-    if holds_run and not args.overwrite:
-        if not args.resume:
-            fail(f"--out {out} already holds a run ({len(common.list_checkpoints(ckpt_root))} checkpoint(s)); pass "
-                 "--resume auto to continue it, --overwrite to replace it, or choose another --out")
-        if not run_file.is_file():
-            fail(f"--out {out} is not empty and holds no longctx run (no run.json); choose another --out")
-        with open(run_file) as f:
-            diff = signature_diff(json.load(f)["signature"], signature)
-        if diff:
-            fail(f"cannot resume the run in {out}: its settings differ ({'; '.join(diff)}); start a new stage "
-                 "with --init-from CHECKPOINT and another --out")
-    if args.resume:
-        if args.resume == "auto":
-            found = common.list_checkpoints(ckpt_root) if holds_run and not args.overwrite else []
-            resume_from = found[-1] if found else None
-        else:
-            resume_from = Path(args.resume)
-            state = common.read_trainer_state(resume_from)
-            diff = signature_diff(state.get("signature", {}), signature)
-            if diff:
-                fail(f"checkpoint {resume_from} is incompatible with this run ({'; '.join(diff)})")
-    if args.init_from:
-        state = common.read_trainer_state(args.init_from)
-        diff = signature_diff(state.get("signature", {}).get("model", {}), signature["model"])
-        if diff:
-            fail(f"--init-from {args.init_from} holds another model shape ({'; '.join(diff)})")
-    common.barrier()  # every rank has checked before rank 0 touches --out
-    if rank == 0:
-        if args.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if resume_from is None and (out / "metrics.jsonl").is_file():  # a start before any checkpoint: redo
-            (out / "metrics.jsonl").unlink()
-        if not run_file.is_file():
-            common.atomic_write_text(run_file, json.dumps(common._jsonable(
-                {"stage": STAGE, "signature": signature, "args": vars(args), "versions": common.versions()}),
-                indent=2) + "\n")
-    common.barrier()
+    metrics_path = out / "metrics.jsonl"
+    resume_from = common.open_run_dir(args, out, signature, STAGE)
 
     # ---------------------------------------------------------------------------------------------------------
     # Model: meta device -> Liger -> activation checkpointing -> FSDP2 -> weights; attention probe
@@ -280,7 +222,7 @@ def main(argv=None) -> int:
     opts = common.ModelOptions(device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
                            activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
                            seed=args.seed)
-    source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")  # from_config
+    source_dtype = common.config_dtype(config)
     model, minfo = common.prepare_model(config, None if args.init_config else args.model, mesh, opts)  # sets fp32
     backend = common.check_attention(model, device, dtype, config.vocab_size, args.seed)
     cp_probe = common.check_cp_attention(cp, device, dtype, config, args.seed)
@@ -288,13 +230,7 @@ def main(argv=None) -> int:
 
     start_step = 0
     if resume_from is not None:
-        state = common.load_checkpoint(resume_from, model, optimizer)
-        start_step = int(state["step"])
-        if rank == 0 and (out / "metrics.jsonl").is_file():  # drop records of steps after the checkpoint
-            kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= start_step]
-            common.atomic_write_text(out / "metrics.jsonl", "".join(ln + "\n" for ln in kept))
-        print0(f"resumed from {resume_from} at step {start_step}")
+        start_step = common.resume_checkpoint(resume_from, model, optimizer, metrics_path)
     elif args.init_from:
         common.load_checkpoint(args.init_from, model, optimizer if args.keep_optimizer else None, restore_rng=False)
         print0(f"initialised from {args.init_from} (weights{' + optimizer state' if args.keep_optimizer else ''}); "
@@ -327,16 +263,12 @@ def main(argv=None) -> int:
     # Training loop
     order = common.DataOrder(data.num_rows, args.seed, args.shuffle)
     signals = common.StopSignals()
-    metrics_path = out / "metrics.jsonl"
     def trainer_state(step):  # what a checkpoint records besides model, optimizer and RNG
         return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
                 "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
 
-    last_saved = start_step if resume_from is not None else None
     step_times = []
-    unit = "gpu" if device.type == "cuda" else "rank"
-    bar = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True,
-               leave=False, file=sys.stderr)
+    bar = common.progress_bar(max_steps, start_step)
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
         lr = args.lr * common.lr_multiplier(step, max_steps, warmup, args.min_lr_ratio)
@@ -365,17 +297,9 @@ def main(argv=None) -> int:
             loss_sum += loss.detach()
         grad_norm = common.clip_grad_norm(model, args.grad_clip)
 
-        stats = torch.stack([loss_sum, torch.tensor(float(signals.received is not None), device=device)])
-        if world > 1:
-            dist.all_reduce(stats)
-        loss_val, stop = stats[0].item() / max(n_valid, 1), stats[1].item() > 0
-        gnorm_val = grad_norm.item()
-        if not (math.isfinite(loss_val) and math.isfinite(gnorm_val)):
-            bar.close()
-            last = common.list_checkpoints(ckpt_root)
-            fail(f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} ({loss_val:g}, grad "
-                 f"norm {gnorm_val:g}) at step {step + 1}; stopped before the optimizer step. Last good checkpoint:"
-                 f" {last[-1] if last else 'none'} (resume with --resume auto, e.g. with a lower --lr)")
+        (loss_total,), stop = common.reduce_step(loss_sum, signals)
+        loss_val, gnorm_val = loss_total / max(n_valid, 1), grad_norm.item()
+        common.check_finite(loss_val, gnorm_val, step + 1, ckpt_root, bar)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.debug_sleep:
@@ -388,52 +312,26 @@ def main(argv=None) -> int:
         tokens = rows_per_step * seq_len
         attn_sq = int(sum(int(cost[r]) for _, r in stream))
         flops = common.step_flops(n_params, config, tokens, seq_len, attn_sq)
-        mfu = {k: (v / dt / world / peak if peak else None) for k, v in flops.items()}
-        avg = sum(step_times) / len(step_times) if step_times else dt
-        record = {"step": step + 1, "loss": loss_val, "grad_norm": gnorm_val, "lr": lr, "valid_tokens": n_valid,
-                  "tokens": tokens, "step_time_s": dt, "tokens_per_s": tokens / dt,
-                  "tokens_per_s_per_gpu": tokens / dt / world, "mfu_torchtitan": mfu["torchtitan"],
-                  "mfu_causal_doc": mfu["causal_doc"], "peak_mem_gib": common.peak_memory_gib(device),
-                  "eta_s": avg * (max_steps - step - 1)}
+        record = common.step_record(step + 1, max_steps, loss=loss_val, grad_norm=gnorm_val, lr=lr,
+                                    valid_tokens=n_valid, tokens=tokens, flops=flops, dt=dt, step_times=step_times,
+                                    world=world, peak=peak, device=device)
         if cp.size > 1:  # how this rank's micro-batches attended (ProLong's shortcut shows up as "local")
             record["cp_methods"] = {m: sum(mb.cp.method == m for mb in micro_batches)
                                     for m in sorted({mb.cp.method for mb in micro_batches})}
-        if rank == 0:
-            common.append_jsonl(metrics_path, record)
-            if (step + 1) % args.log_every == 0 or step + 1 == max_steps:
-                mfu_txt = (f"mfu {mfu['torchtitan']:.1%} tt / {mfu['causal_doc']:.1%} doc" if peak else "mfu n/a")
-                tqdm.write(f"step {step + 1}/{max_steps} | loss {loss_val:.4f} | gnorm {gnorm_val:.3f} | lr {lr:.2e}"
-                           f" | tok/s {record['tokens_per_s']:,.0f} ({record['tokens_per_s_per_gpu']:,.0f}/{unit}) | "
-                           f"{mfu_txt} | mem {record['peak_mem_gib']:.1f} GiB | "
-                           f"eta {common.format_duration(record['eta_s'])}", file=sys.stdout)
-                sys.stdout.flush()
+        common.write_step(metrics_path, record, max_steps, args.log_every, device)
         bar.update(1)
 
         # checkpoints: periodic, at the end, and when a stop signal arrived on any rank
-        if (stop or (args.save_every and (step + 1) % args.save_every == 0)
-                or (step + 1 == max_steps and args.final_checkpoint)):
-            path = common.save_checkpoint(ckpt_root, step + 1, model, optimizer, trainer_state(step + 1), args.keep)
-            last_saved = step + 1
-            print0(f"saved checkpoint {path}")
+        common.save_if_due(ckpt_root, step + 1, max_steps, stop, args, model, optimizer, trainer_state)
         if stop:
-            bar.close()
-            signum = signals.received or 15
-            print0(f"stopped by signal {signum} after step {step + 1}; checkpoint saved, continue with --resume auto")
-            signals.restore()
-            return 128 + signum
+            return common.stop_on_signal(signals, bar, step + 1)
     bar.close()
     signals.restore()
-    if last_saved != max_steps and start_step < max_steps and args.final_checkpoint:
-        common.save_checkpoint(ckpt_root, max_steps, model, optimizer, trainer_state(max_steps), args.keep)
 
     # ---------------------------------------------------------------------------------------------------------
     # Export: an ordinary HF directory in OUT/final
     if not args.no_export:
-        if args.export_dtype != "auto":
-            export_dtype = DTYPES[args.export_dtype]
-        else:
-            export_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-                source_dtype.replace("torch.", ""), dtype)
+        export_dtype = common.export_dtype(args.export_dtype, source_dtype, dtype)
         tokenizer_dir = args.tokenizer or args.model or data.manifest.get("tokenizer")
         if tokenizer_dir and not os.path.isdir(os.path.expanduser(str(tokenizer_dir))):
             tokenizer_dir = None

@@ -64,7 +64,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -72,7 +71,6 @@ import common
 from common import fail, print0
 
 STAGE = "04_sft"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # ChatML, the most common open convention (Qwen, SmolLM, OLMo), with generation markers around what the
 # assistant writes (its content and <|im_end|>), for tokenizers that ship no chat template.
@@ -95,7 +93,8 @@ def parse_args(argv=None):
                            model=dict(help="the (context-extended) model to tune: an HF directory or hub name"))
     g.add_argument("--init-from", default=None,
                    help="start from the weights of a training checkpoint (OUT/checkpoints/step_N of 03 or 04) "
-                        "instead of --model's (whose config is kept); optimizer, step and schedule start afresh")
+                        "instead of --model's (whose config is kept); optimizer, step and schedule start afresh; "
+                        "with --resume auto, only while --out holds no checkpoint yet")
     g = p.add_argument_group("data")
     common.add_common_args(g, "data", required=["data"], data=dict(nargs="+", help=(
         "chat data: one or more .jsonl/.json/.parquet files, folders of them, `datasets` save_to_disk folders or "
@@ -172,8 +171,8 @@ def parse_args(argv=None):
     g.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="also save a checkpoint after the last step")
     g.add_argument("--resume", default=None,
-                   help="'auto': continue the run in --out from its latest checkpoint (start if there is none); "
-                        "or a checkpoint path of this run")
+                   help="'auto': continue the run in --out from its latest checkpoint (start if there is none, "
+                        "from --init-from when given); or a checkpoint path of this run")
     g.add_argument("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="dtype of OUT/final (auto: the input model's dtype)")
     g.add_argument("--no-export", action="store_true", help="skip the final HF export")
@@ -191,8 +190,10 @@ def parse_args(argv=None):
             p.error(f"--temperature must be > 0 (got {args.temperature:g})")
         if args.loss == "liger":
             p.error("--loss liger fuses the CE only; with --teacher the CE + KL loss is chunked")
-    if args.resume and args.init_from:
-        p.error("--resume continues this run; --init-from starts a new one: give one of them")
+    if args.resume not in (None, "auto") and args.init_from:
+        p.error("--resume CHECKPOINT continues this run; --init-from starts a new one: give one of them (or "
+                "--resume auto, which resumes --out's latest checkpoint and starts from --init-from when there is "
+                "none)")
     args.max_tokens = args.max_tokens or args.seq_len or 8192
     args.seq_len = args.seq_len or args.max_tokens
     if args.max_tokens < 2:
@@ -518,71 +519,16 @@ def kd_loss_fn(targets, teacher_hidden, teacher_weight, temperature: float, chun
 
 
 # =============================================================================================================
-# The run directory (as 03): signature, refusal of foreign or different runs, resume.
+# The run's signature: what --resume must match (the run directory itself is handled as in 03, by common).
 
 
 def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup: int) -> dict:
     """What must match for --resume to continue exactly (world size, kernels and logging may change)."""
-    shape = {k: getattr(config, k, None) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
-                                                    "num_hidden_layers", "num_attention_heads",
-                                                    "num_key_value_heads", "head_dim", "tie_word_embeddings")}
-    return {"model": shape, "data": data.fingerprint(), "rows_per_step": rows_per_step, "max_steps": max_steps,
-            "warmup_steps": warmup, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "seed": args.seed,
-            "shuffle": args.shuffle, "weight_decay": args.weight_decay, "betas": list(args.betas),
+    return {"model": common.model_shape(config), "data": data.fingerprint(), "rows_per_step": rows_per_step,
+            "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
+            "seed": args.seed, "shuffle": args.shuffle, "weight_decay": args.weight_decay, "betas": list(args.betas),
             "grad_clip": args.grad_clip, "init": args.model, "init_from": args.init_from, "teacher": args.teacher,
             "alpha": args.alpha, "temperature": args.temperature}
-
-
-def signature_diff(old: dict, new: dict) -> list[str]:
-    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
-def open_run_dir(args, signature: dict, out: Path, rank: int) -> Path | None:
-    """Check --out against --resume / --overwrite (every rank, before anything is written), then create it on
-    rank 0 with run.json. Returns the checkpoint to resume from, or None."""
-    ckpt_root, run_file = out / "checkpoints", out / "run.json"
-    resume_from = None
-    holds_run = out.is_dir() and any(out.iterdir())
-    if holds_run and not args.overwrite:
-        if not args.resume:
-            fail(f"--out {out} already holds a run ({len(common.list_checkpoints(ckpt_root))} checkpoint(s)); pass "
-                 "--resume auto to continue it, --overwrite to replace it, or choose another --out")
-        if not run_file.is_file():
-            fail(f"--out {out} is not empty and holds no longctx run (no run.json); choose another --out")
-        with open(run_file) as f:
-            diff = signature_diff(json.load(f)["signature"], signature)
-        if diff:
-            fail(f"cannot resume the run in {out}: its settings differ ({'; '.join(diff)}); start a new run "
-                 "with --init-from CHECKPOINT and another --out")
-    if args.resume:
-        if args.resume == "auto":
-            found = common.list_checkpoints(ckpt_root) if holds_run and not args.overwrite else []
-            resume_from = found[-1] if found else None
-        else:
-            resume_from = Path(args.resume)
-            state = common.read_trainer_state(resume_from)
-            diff = signature_diff(state.get("signature", {}), signature)
-            if diff:
-                fail(f"checkpoint {resume_from} is incompatible with this run ({'; '.join(diff)})")
-    if args.init_from:
-        state = common.read_trainer_state(args.init_from)
-        diff = signature_diff(state.get("signature", {}).get("model", {}), signature["model"])
-        if diff:
-            fail(f"--init-from {args.init_from} holds another model shape ({'; '.join(diff)})")
-    common.barrier()  # every rank has checked before rank 0 touches --out
-    if rank == 0:
-        if args.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if resume_from is None and (out / "metrics.jsonl").is_file():  # a start before any checkpoint: redo
-            (out / "metrics.jsonl").unlink()
-        if not run_file.is_file():
-            common.atomic_write_text(run_file, json.dumps(common._jsonable(
-                {"stage": STAGE, "signature": signature, "args": vars(args), "versions": common.versions()}),
-                indent=2) + "\n")
-    common.barrier()
-    return resume_from
 
 
 def main(argv=None) -> int:
@@ -592,7 +538,7 @@ def main(argv=None) -> int:
     # Processes and devices
     dinfo, mesh = common.setup_distributed(args.device)
     device, world, rank = dinfo.device, dinfo.world_size, dinfo.rank
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = common.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     common.seed_everything(args.seed)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -641,16 +587,12 @@ def main(argv=None) -> int:
         fail(f"a step of {rows_per_step} rows does not divide across {world} ranks x {rows_per_micro} row(s) per "
              f"micro-batch; choose --batch-tokens as a multiple of {world * rows_per_micro * seq_len}")
     grad_accum = rows_per_step // (world * rows_per_micro)
-    if args.max_steps:
-        max_steps = args.max_steps
-    elif args.num_tokens:
-        max_steps = math.ceil(args.num_tokens / batch_tokens)
-    else:
-        max_steps = max(1, round(args.epochs * data.num_rows / rows_per_step))
-    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * max_steps)
+    max_steps, warmup = common.schedule_steps(args, batch_tokens,
+                                              max(1, round(args.epochs * data.num_rows / rows_per_step)))
     signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
     out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
-    resume_from = open_run_dir(args, signature, out, rank)
+    metrics_path = out / "metrics.jsonl"
+    resume_from = common.open_run_dir(args, out, signature, STAGE)
 
     # ---------------------------------------------------------------------------------------------------------
     # Models: the student as in 03; the teacher sharded the same way, without gradients or checkpointing
@@ -663,7 +605,7 @@ def main(argv=None) -> int:
     opts = common.ModelOptions(device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
                                activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
                                seed=args.seed)
-    source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")
+    source_dtype = common.config_dtype(config)  # before prepare_model, which sets fp32
     model, minfo = common.prepare_model(config, args.model, mesh, opts)
     backend = common.check_attention(model, device, dtype, config.vocab_size, args.seed)
     optimizer = common.build_optimizer(model, args.lr, args.weight_decay, args.betas)
@@ -679,13 +621,7 @@ def main(argv=None) -> int:
 
     start_step = 0
     if resume_from is not None:
-        state = common.load_checkpoint(resume_from, model, optimizer)
-        start_step = int(state["step"])
-        if rank == 0 and (out / "metrics.jsonl").is_file():  # drop records of steps after the checkpoint
-            kept = [ln for ln in (out / "metrics.jsonl").read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= start_step]
-            common.atomic_write_text(out / "metrics.jsonl", "".join(ln + "\n" for ln in kept))
-        print0(f"resumed from {resume_from} at step {start_step}")
+        start_step = common.resume_checkpoint(resume_from, model, optimizer, metrics_path)
     elif args.init_from:
         common.load_checkpoint(args.init_from, model, None, restore_rng=False)
         print0(f"initialised from the weights of {args.init_from}; optimizer, step and schedule start afresh")
@@ -728,16 +664,12 @@ def main(argv=None) -> int:
     # Training loop
     order = common.DataOrder(data.num_rows, args.seed, args.shuffle)
     signals = common.StopSignals()
-    metrics_path = out / "metrics.jsonl"
     def trainer_state(step):  # what a checkpoint records besides model, optimizer and RNG
         return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
                 "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
 
-    last_saved = start_step if resume_from is not None else None
     step_times = []
-    unit = "gpu" if device.type == "cuda" else "rank"
-    bar = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True,
-               leave=False, file=sys.stderr)
+    bar = common.progress_bar(max_steps, start_step)
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
         lr = args.lr * common.lr_multiplier(step, max_steps, warmup, args.min_lr_ratio)
@@ -771,20 +703,12 @@ def main(argv=None) -> int:
             parts += torch.stack([ce.detach(), kl.detach()])
         grad_norm = common.clip_grad_norm(model, args.grad_clip)
 
-        stats = torch.cat([parts, torch.tensor([float(signals.received is not None)], device=device)])
-        if world > 1:
-            dist.all_reduce(stats)
-        ce_val, kl_val = stats[0].item() / max(n_valid, 1), stats[1].item() / max(n_valid, 1)
+        (ce_sum, kl_sum), stop = common.reduce_step(parts, signals)
+        ce_val, kl_val = ce_sum / max(n_valid, 1), kl_sum / max(n_valid, 1)
         loss_val = ce_val if teacher is None else ((1 - args.alpha) * ce_val
                                                    + args.alpha * args.temperature ** 2 * kl_val)
-        stop = stats[2].item() > 0
         gnorm_val = grad_norm.item()
-        if not (math.isfinite(loss_val) and math.isfinite(gnorm_val)):
-            bar.close()
-            last = common.list_checkpoints(ckpt_root)
-            fail(f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} ({loss_val:g}, grad "
-                 f"norm {gnorm_val:g}) at step {step + 1}; stopped before the optimizer step. Last good checkpoint:"
-                 f" {last[-1] if last else 'none'} (resume with --resume auto, e.g. with a lower --lr)")
+        common.check_finite(loss_val, gnorm_val, step + 1, ckpt_root, bar)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.debug_sleep:
@@ -801,53 +725,25 @@ def main(argv=None) -> int:
         if teacher is not None:
             tflops = common.step_flops(tinfo["params"], tconfig, tokens, seq_len, attn_sq)
             flops = {k: v + tflops[k] / 3 for k, v in flops.items()}
-        mfu = {k: (v / dt / world / peak if peak else None) for k, v in flops.items()}
-        avg = sum(step_times) / len(step_times) if step_times else dt
-        record = {"step": step + 1, "loss": loss_val, "grad_norm": gnorm_val, "lr": lr, "valid_tokens": n_valid,
-                  "tokens": tokens, "step_time_s": dt, "tokens_per_s": tokens / dt,
-                  "tokens_per_s_per_gpu": tokens / dt / world, "mfu_torchtitan": mfu["torchtitan"],
-                  "mfu_causal_doc": mfu["causal_doc"], "peak_mem_gib": common.peak_memory_gib(device),
-                  "eta_s": avg * (max_steps - step - 1)}
+        record = common.step_record(step + 1, max_steps, loss=loss_val, grad_norm=gnorm_val, lr=lr,
+                                    valid_tokens=n_valid, tokens=tokens, flops=flops, dt=dt, step_times=step_times,
+                                    world=world, peak=peak, device=device)
         if teacher is not None:
-            record.update(ce=ce_val, kl=kl_val)
-        if rank == 0:
-            common.append_jsonl(metrics_path, record)
-            if (step + 1) % args.log_every == 0 or step + 1 == max_steps:
-                mfu_txt = (f"mfu {mfu['torchtitan']:.1%} tt / {mfu['causal_doc']:.1%} doc" if peak else "mfu n/a")
-                kd_txt = f" (ce {ce_val:.4f}, kl {kl_val:.4f})" if teacher is not None else ""
-                tqdm.write(f"step {step + 1}/{max_steps} | loss {loss_val:.4f}{kd_txt} | gnorm {gnorm_val:.3f} | "
-                           f"lr {lr:.2e} | tok/s {record['tokens_per_s']:,.0f} "
-                           f"({record['tokens_per_s_per_gpu']:,.0f}/{unit}) | {mfu_txt} | "
-                           f"mem {record['peak_mem_gib']:.1f} GiB | eta {common.format_duration(record['eta_s'])}",
-                           file=sys.stdout)
-                sys.stdout.flush()
+            record.update(ce=ce_val, kl=kl_val)  # write_step shows them after the loss
+        common.write_step(metrics_path, record, max_steps, args.log_every, device)
         bar.update(1)
 
         # checkpoints: periodic, at the end, and when a stop signal arrived on any rank
-        if (stop or (args.save_every and (step + 1) % args.save_every == 0)
-                or (step + 1 == max_steps and args.final_checkpoint)):
-            path = common.save_checkpoint(ckpt_root, step + 1, model, optimizer, trainer_state(step + 1), args.keep)
-            last_saved = step + 1
-            print0(f"saved checkpoint {path}")
+        common.save_if_due(ckpt_root, step + 1, max_steps, stop, args, model, optimizer, trainer_state)
         if stop:
-            bar.close()
-            signum = signals.received or 15
-            print0(f"stopped by signal {signum} after step {step + 1}; checkpoint saved, continue with --resume auto")
-            signals.restore()
-            return 128 + signum
+            return common.stop_on_signal(signals, bar, step + 1)
     bar.close()
     signals.restore()
-    if last_saved != max_steps and start_step < max_steps and args.final_checkpoint:
-        common.save_checkpoint(ckpt_root, max_steps, model, optimizer, trainer_state(max_steps), args.keep)
 
     # ---------------------------------------------------------------------------------------------------------
     # Export: an ordinary HF directory in OUT/final, with the tokenizer (and the chat template trained on)
     if not args.no_export:
-        if args.export_dtype != "auto":
-            export_dtype = DTYPES[args.export_dtype]
-        else:
-            export_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-                source_dtype.replace("torch.", ""), dtype)
+        export_dtype = common.export_dtype(args.export_dtype, source_dtype, dtype)
         tok_dir = tempfile.mkdtemp(prefix="longctx-04-tokenizer-") if rank == 0 and tokenizer is not None else None
         if tok_dir:
             if template is not None:

@@ -1473,6 +1473,10 @@ def sync_rope_config_file(model_dir: str | os.PathLike) -> RopeSpec | None:
 #     (loss_sum / n).backward()
 #     gnorm = clip_grad_norm(model, 1.0); optimizer.step()   # optimizer = build_optimizer(model, lr)
 #
+# Around the loop: open_run_dir (refuses foreign or different runs, decides --resume auto), resume_checkpoint;
+# at the end of each step: reduce_step (global sums + stop flag), check_finite (before optimizer.step),
+# step_record + write_step (metrics.jsonl and the log line), save_if_due, stop_on_signal.
+#
 # For a distillation term (04): `forward_loss(model, mb, loss_fn)` calls `loss_fn(hidden [1, T, H], lm_head_weight)`
 # inside the root FSDP forward and returns whatever it returns, so a loss_fn can add a KL term chunk by chunk with
 # `chunked_token_loss(hidden, weight, targets, chunk_size, chunk_loss=fn, extra=[teacher_hidden])`, where
@@ -1483,6 +1487,7 @@ def sync_rope_config_file(model_dir: str | os.PathLike) -> RopeSpec | None:
 
 ATTN_NAME = "longctx_varlen"
 IGNORE_INDEX = -100
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype / --export-dtype names
 
 # -------------------------------------------------------------------------------------------------------------
 # Distributed setup: torchrun (nccl on CUDA, gloo on CPU), or a plain process joining a 1-rank group so that the
@@ -2327,7 +2332,8 @@ def chunked_token_loss(hidden, weight, targets, chunk_size: int = 4096, chunk_lo
     """Sum over chunks of `chunk_loss(hidden_chunk, weight, targets_chunk, *extra_chunks)`, each chunk under
     activation checkpointing: at most one chunk's logits exist at a time, in forward and in backward.
     hidden [T, H] or [1, T, H]; targets [T] or [1, T]; `extra` tensors are sliced along their first token dim
-    the same way (04: the teacher's hidden states for a KL term)."""
+    the same way (04: the teacher's hidden states for a KL term). `chunk_loss` may also return a 1-D tensor of
+    several summed terms (04: [CE, KL]); the chunks' tensors are then summed elementwise."""
     from torch.utils.checkpoint import checkpoint
 
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
@@ -2658,6 +2664,19 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_steps(args, batch_tokens: int, default_steps: int) -> tuple[int, int]:
+    """(max_steps, warmup_steps) from --max-steps, else --num-tokens, else the stage's default (a pass over its
+    data); warmup from --warmup-steps, else --warmup-ratio of the steps."""
+    if args.max_steps:
+        max_steps = args.max_steps
+    elif args.num_tokens:
+        max_steps = math.ceil(args.num_tokens / batch_tokens)
+    else:
+        max_steps = default_steps
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * max_steps)
+    return max_steps, warmup
+
+
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -2802,6 +2821,136 @@ class StopSignals:
 
 
 # -------------------------------------------------------------------------------------------------------------
+# The run directory (03, 04): OUT/run.json records what a resume must match; OUT holds one run, never a mix.
+
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def model_shape(config) -> dict:
+    """The config fields a checkpoint's tensors depend on: part of a run's signature, and what --init-from's
+    checkpoint must match."""
+    return {k: getattr(config, k, None) for k in SHAPE_KEYS}
+
+
+def signature_diff(old: dict, new: dict) -> list[str]:
+    """One 'key: old -> new' line per differing key, compared as JSON (a tuple equals its list, as in run.json),
+    so that a refused resume names exactly what changed."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def open_run_dir(args, out: Path, signature: dict, stage: str) -> Path | None:
+    """Check --out against --resume / --overwrite / --init-from on every rank before anything is written (so a
+    refusal harms nothing), then create it on rank 0 with run.json. Returns the checkpoint to resume from, or
+    None for a fresh start. `--resume auto` resumes OUT's latest checkpoint when there is one, and otherwise
+    starts afresh (from --init-from when given), so one command line serves both the first launch and every
+    relaunch after a preemption."""
+    ckpt_root, run_file = out / "checkpoints", out / "run.json"
+    resume_from = None
+    holds_run = out.is_dir() and any(out.iterdir())
+    if holds_run and not args.overwrite:
+        if not args.resume:
+            fail(f"--out {out} already holds a run ({len(list_checkpoints(ckpt_root))} checkpoint(s)); pass "
+                 "--resume auto to continue it, --overwrite to replace it, or choose another --out")
+        if not run_file.is_file():
+            fail(f"--out {out} is not empty and holds no longctx run (no run.json); choose another --out")
+        with open(run_file) as f:
+            diff = signature_diff(json.load(f)["signature"], signature)
+        if diff:
+            fail(f"cannot resume the run in {out}: its settings differ ({'; '.join(diff)}); start a new stage "
+                 "with --init-from CHECKPOINT and another --out")
+    if args.resume == "auto":
+        found = list_checkpoints(ckpt_root) if holds_run and not args.overwrite else []
+        resume_from = found[-1] if found else None
+        if args.init_from:
+            print0(f"--resume auto: resuming {resume_from} (--init-from is not loaded)" if resume_from else
+                   f"--resume auto: no checkpoint in {out} yet; starting from --init-from {args.init_from}")
+    elif args.resume:
+        resume_from = Path(args.resume)
+        diff = signature_diff(read_trainer_state(resume_from).get("signature", {}), signature)
+        if diff:
+            fail(f"checkpoint {resume_from} is incompatible with this run ({'; '.join(diff)})")
+    if args.init_from and resume_from is None:
+        diff = signature_diff(read_trainer_state(args.init_from).get("signature", {}).get("model", {}),
+                              signature["model"])
+        if diff:
+            fail(f"--init-from {args.init_from} holds another model shape ({'; '.join(diff)})")
+    barrier()  # every rank has checked before rank 0 touches --out
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        if args.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and (out / "metrics.jsonl").is_file():  # a start before any checkpoint: redo
+            (out / "metrics.jsonl").unlink()
+        if not run_file.is_file():
+            atomic_write_text(run_file, json.dumps(_jsonable(
+                {"stage": stage, "signature": signature, "args": vars(args), "versions": versions()}),
+                indent=2) + "\n")
+    barrier()
+    return resume_from
+
+
+def resume_checkpoint(path: Path, model, optimizer, metrics_path: Path) -> int:
+    """Load a checkpoint of this run (model, optimizer, RNG) and return its step. Rank 0 drops the records of
+    later steps from metrics.jsonl: a hard kill leaves records past the last checkpoint, which the resumed run
+    writes again."""
+    step = int(load_checkpoint(path, model, optimizer)["step"])
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0 and metrics_path.is_file():
+        kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+    print0(f"resumed from {path} at step {step}")
+    return step
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The end of a training step (03, 04): global sums, the finite check, checkpoints, stopping on a signal.
+
+
+def reduce_step(sums: torch.Tensor, signals: StopSignals) -> tuple[list[float], bool]:
+    """All-reduce a step's local loss sums (1-D) together with a stop flag in ONE collective: every rank gets the
+    global sums, and all ranks stop after the same step when any of them received a signal."""
+    stats = torch.cat([sums.reshape(-1), torch.tensor([float(signals.received is not None)], device=sums.device)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stats)
+    values = stats.tolist()
+    return values[:-1], values[-1] > 0
+
+
+def check_finite(loss: float, grad_norm: float, done: int, ckpt_root: Path, bar=None) -> None:
+    """Stop with one error line BEFORE the optimizer applies a non-finite update, naming the last good checkpoint
+    (which is left as it is) to resume from."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    if bar is not None:
+        bar.close()
+    last = list_checkpoints(ckpt_root)
+    fail(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} ({loss:g}, grad norm {grad_norm:g}) "
+         f"at step {done}; stopped before the optimizer step. Last good checkpoint: {last[-1] if last else 'none'} "
+         "(resume with --resume auto, e.g. with a lower --lr)")
+
+
+def save_if_due(ckpt_root: Path, done: int, max_steps: int, stop: bool, args, model, optimizer,
+                trainer_state: Callable[[int], dict]) -> None:
+    """Checkpoint after step `done` every --save-every steps, after the last step (--final-checkpoint), and when
+    a stop signal arrived on any rank (a preempted run then loses nothing). Collective."""
+    if (stop or (args.save_every and done % args.save_every == 0)
+            or (done == max_steps and args.final_checkpoint)):
+        path = save_checkpoint(ckpt_root, done, model, optimizer, trainer_state(done), args.keep)
+        print0(f"saved checkpoint {path}")
+
+
+def stop_on_signal(signals: StopSignals, bar, done: int) -> int:
+    """End a run stopped by SIGTERM / SIGUSR1 once its checkpoint is saved: close the bar, restore the handlers,
+    and return 128 + signum, the exit code of death by that signal, so a scheduler sees a preemption."""
+    bar.close()
+    signum = signals.received or 15
+    print0(f"stopped by signal {signum} after step {done}; checkpoint saved, continue with --resume auto")
+    signals.restore()
+    return 128 + signum
+
+
+# -------------------------------------------------------------------------------------------------------------
 # Metrics: throughput, MFU in two stated conventions, memory.
 
 PEAK_BF16_FLOPS = [  # dense bf16 tensor-core peak, by substring of torch.cuda.get_device_name()
@@ -2839,6 +2988,52 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
+def progress_bar(total: int, initial: int):
+    """tqdm on stderr, rank 0 only, so that stdout holds just the log lines."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=(dist.get_rank() if dist.is_initialized() else 0) != 0,
+                desc="train", dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def step_record(done: int, max_steps: int, *, loss: float, grad_norm: float, lr: float, valid_tokens: int,
+                tokens: int, flops: dict, dt: float, step_times: list[float], world: int, peak: float | None,
+                device: torch.device) -> dict:
+    """One metrics.jsonl record: loss and schedule, throughput over the tokens processed (padding included), MFU
+    in both step_flops conventions (None without a known peak), peak memory, and an ETA from the mean time of
+    this process's steps after its first (which pays for warm-up)."""
+    mfu = {k: (v / dt / world / peak if peak else None) for k, v in flops.items()}
+    avg = sum(step_times) / len(step_times) if step_times else dt
+    return {"step": done, "loss": loss, "grad_norm": grad_norm, "lr": lr, "valid_tokens": valid_tokens,
+            "tokens": tokens, "step_time_s": dt, "tokens_per_s": tokens / dt,
+            "tokens_per_s_per_gpu": tokens / dt / world, "mfu_torchtitan": mfu["torchtitan"],
+            "mfu_causal_doc": mfu["causal_doc"], "peak_mem_gib": peak_memory_gib(device),
+            "eta_s": avg * (max_steps - done)}
+
+
+def write_step(metrics_path: Path, record: dict, max_steps: int, log_every: int, device: torch.device) -> None:
+    """Rank 0 appends the record to metrics.jsonl and, every --log-every steps and after the last, prints the
+    one-line log (through tqdm, which keeps the progress bar intact); a distillation record's ce and kl parts
+    follow its loss."""
+    if (dist.get_rank() if dist.is_initialized() else 0) != 0:
+        return
+    append_jsonl(metrics_path, record)
+    done = record["step"]
+    if done % log_every and done != max_steps:
+        return
+    from tqdm import tqdm
+
+    r = record
+    mfu_txt = (f"mfu {r['mfu_torchtitan']:.1%} tt / {r['mfu_causal_doc']:.1%} doc" if r["mfu_torchtitan"] is not None
+               else "mfu n/a")
+    kd_txt = f" (ce {r['ce']:.4f}, kl {r['kl']:.4f})" if "ce" in r else ""
+    unit = "gpu" if device.type == "cuda" else "rank"
+    tqdm.write(f"step {done}/{max_steps} | loss {r['loss']:.4f}{kd_txt} | gnorm {r['grad_norm']:.3f} | lr {r['lr']:.2e}"
+               f" | tok/s {r['tokens_per_s']:,.0f} ({r['tokens_per_s_per_gpu']:,.0f}/{unit}) | {mfu_txt} | "
+               f"mem {r['peak_mem_gib']:.1f} GiB | eta {format_duration(r['eta_s'])}", file=sys.stdout)
+    sys.stdout.flush()
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -2850,6 +3045,19 @@ def format_duration(seconds: float) -> str:
 
 # -------------------------------------------------------------------------------------------------------------
 # Export: an ordinary HF directory (safetensors, config with the rope parameters in both forms, tokenizer).
+
+
+def config_dtype(config) -> torch.dtype | None:
+    """The dtype the input model's config declares (None for a random init or an unusual one). Read it before
+    prepare_model, which turns the model into fp32 master weights."""
+    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "").replace("torch.", "")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)
+
+
+def export_dtype(flag: str, source: torch.dtype | None, compute: torch.dtype) -> torch.dtype:
+    """OUT/final's dtype: --export-dtype, or for "auto" the input model's own dtype (a fine-tuned model ships as
+    it came), else the compute dtype."""
+    return DTYPES[flag] if flag != "auto" else (source or compute)
 
 
 def export_config_dict(config, model_dir: str | None, dtype: torch.dtype) -> dict:

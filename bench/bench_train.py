@@ -14,7 +14,7 @@ and the longest trainable row length per shape and mode.
 Context parallelism (--cp N, "ours" only): each configuration runs under torchrun with --nproc processes
 (default N), every row split over N ranks exactly as 03_continued_pretrain.py --cp N does (Ulysses for
 document-masked rows, ring for --no-doc-mask); tokens/s is per GPU (all ranks), so compare it with --cp 1 runs
-and with docs/cp.md. On a CPU it is a gloo smoke run of the code path, not a speed measurement.
+and with docs/benchmarks.md (bench/cp_estimate.py). On a CPU it is a gloo smoke run of the code path, not a speed measurement.
 
 Usage:
     python bench/bench_train.py                                   # CUDA: the full grid; CPU: a tiny smoke run

@@ -1,8 +1,9 @@
 """03_continued_pretrain.py end to end on the CPU: 2-process FSDP2 == 1 process, SIGTERM and hard kills resume
-bitwise, bad input gets one clear line and harms no checkpoint, a NaN stops the run keeping the last good
-checkpoint, and a few steps on the real SmolLM2-135M lower its loss and export a loadable HF directory."""
+bitwise, --resume auto with --init-from resumes a started run, bad input gets one clear line and harms no
+checkpoint, a NaN stops the run keeping the last good checkpoint, and a few steps on the real SmolLM2-135M lower its loss and export a loadable HF directory."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,6 +192,28 @@ def test_new_stage_keeps_optimizer_and_resets_schedule(data32, tokenizer_dir, re
     assert [r["step"] for r in m] == [1, 2] and m[0]["lr"] == pytest.approx(1e-3)
     # it continued from the trained weights: its first loss is the reference run's level, not a fresh init's
     assert m[0]["loss"] < metrics(reference_run)[0]["loss"]
+
+
+def test_resume_auto_with_init_from_resumes_instead_of_reinitialising(data32, tokenizer_dir, reference_run,
+                                                                     tmp_path, capsys):
+    """--init-from CKPT --resume auto is one command line for a stage's first launch and all its relaunches: while
+    --out holds no checkpoint it starts from CKPT, afterwards it resumes --out's own latest checkpoint."""
+    init = common.list_checkpoints(reference_run / "checkpoints")[-1]
+    out = tmp_path / "relaunch"
+    args = base_args(data32, tokenizer_dir, out, "--init-from", init, "--resume", "auto", "--max-steps", "4",
+                     "--log-every", "1", "--no-export")
+    capsys.readouterr()
+    assert common.call_main(script.main, args) == 0
+    first = capsys.readouterr().out
+    assert "no checkpoint in" in first and f"initialised from {init}" in first
+    full = trajectory(out)
+    shutil.rmtree(common.list_checkpoints(out / "checkpoints")[-1])  # as if killed before step 4's checkpoint
+    assert common.call_main(script.main, args) == 0
+    second = capsys.readouterr().out
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2" in second
+    assert "initialised from" not in second
+    assert [ln.split(" |")[0] for ln in second.splitlines() if ln.startswith("step ")] == ["step 3/4", "step 4/4"]
+    assert trajectory(out) == full  # steps 3-4 continue its own step 2 bitwise, not --init-from's weights
 
 
 def test_liger_rope_patch_matches_in_subprocess(tiny_llama_dir):
