@@ -455,12 +455,15 @@ RULER_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the foll
 RULER_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
 RULER_NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 # The "kv" style: no instructions, and the question is the needle's own opening repeated verbatim, completed by
-# the model (the passkey form of Mohtashami & Jaggi 2023, with RULER's word keys and 7-digit values). Small
-# models trained on key-value documents in this form (recipes/demo_data.py) can retrieve by copying, a skill
-# learnt in a CPU-sized run; RULER's wording asks for an answer phrased unlike the needle.
-KV_NEEDLE = "The special magic number for {key} is {value}."
+# the model (the passkey form of Mohtashami & Jaggi 2023, with RULER's word keys and 7-digit values). The value
+# follows the key directly, with no "is" between them: a model then retrieves by plain induction (attend to the
+# token after the earlier occurrence of the key's last word and copy it), which a tiny model learns in a CPU-sized
+# run (recipes/demo_data.py; measured in assets/demo_base/README.md). With a fixed word between key and value
+# every needle looks alike at the position that predicts the value and retrieval needs a two-token match, which
+# a 1M-parameter model had not learnt after 6M tokens. RULER's wording asks for an answer phrased unlike the needle.
+KV_NEEDLE = "The special magic number for {key} {value}."
 KV_TEMPLATE = "{context}\n"
-KV_ANSWER_PREFIX = "The special magic number for {query} is"
+KV_ANSWER_PREFIX = "The special magic number for {query}"
 RULER_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 RULER_DEPTHS = [round(100 * i / 39) for i in range(40)]  # np.round(np.linspace(0, 100, 40)), for other needles
 
@@ -1346,17 +1349,25 @@ def bucket_edges(spec: str, seq_len: int) -> list[int]:
     return position_bucket_edges(seq_len, "linear", int(m.group(1)))
 
 
-def plot_ppl(path: Path, curves: dict[str, dict], spacing_log: bool) -> None:
+def plot_ppl(path: Path, curves: dict[str, dict], spacing_log: bool, window: int | None = None,
+             dashed: tuple[str, ...] = (), title: str = "loss by position") -> None:
+    """Mean loss per position bucket, one curve per model; `window` shades the positions past a model's native
+    context (the demo's report), `dashed` names the curves drawn dashed (a control)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     for name, ppl in curves.items():
         xs = [(b["start"] + b["end"] - 1) / 2 for b in ppl["buckets"]]
-        ax.plot(xs, [b["loss"] for b in ppl["buckets"]], marker="o", ms=3, label=name)
+        ax.plot(xs, [b["loss"] for b in ppl["buckets"]], marker="o", ms=3, label=name,
+                ls="--" if name in dashed else "-")
+    if window:
+        ax.axvspan(window, max(b["end"] for p in curves.values() for b in p["buckets"]), color="0.9", zorder=0)
+        ax.axvline(window, color="0.4", lw=1, ls=":")
+        ax.text(window * 1.05, ax.get_ylim()[1], "beyond the base's window", va="top", fontsize=8, color="0.3")
     if spacing_log:
         ax.set_xscale("log", base=2)
     ax.set_xlabel("token position (bucket centre)")
     ax.set_ylabel("mean loss (nats/token)")
-    ax.set_title("loss by position")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -78,14 +78,15 @@ step "$RUN/model-theta/manifest.json" \
   --out "$RUN/model-theta"
 
 # 03: config from 02 (new base), weights AND AdamW moments from the 64K run's last step; step, schedule and data
-# position start afresh. (A preempted run of this stage cannot be resumed yet: 03 refuses --resume with
-# --init-from, and a resume without it sees different settings.)
+# position start afresh. --resume auto: a preempted run continues from its own last checkpoint in $RUN/cpt
+# (the 64K checkpoint is then not read again).
 step "$RUN/cpt/final/manifest.json" \
   $LAUNCH 03_continued_pretrain.py --model "$RUN/model-theta" \
   --init-from "$(last_checkpoint "$PREV_RUN/cpt" "$PREV_STEPS")" --keep-optimizer \
   --data "$RUN/data" --out "$RUN/cpt" --doc-mask --cp "$CP" --batch-tokens "$BATCH_TOKENS" --max-steps "$STEPS" \
   --lr "$LR" --min-lr-ratio "$MIN_LR_RATIO" --warmup-ratio "$WARMUP_RATIO" --weight-decay "$WEIGHT_DECAY" \
-  --betas "$BETA1" "$BETA2" --grad-clip "$GRAD_CLIP" --seed "$SEED" --save-every "$SAVE_EVERY" --final-checkpoint
+  --betas "$BETA1" "$BETA2" --grad-clip "$GRAD_CLIP" --seed "$SEED" --save-every "$SAVE_EVERY" --final-checkpoint \
+  --resume auto
 
 step "$RUN/eval/manifest.json" \
   "$PY" 05_eval.py --models "$BASE_MODEL" "$MODEL" "$RUN/cpt/final" --seq-len "$EVAL_LEN" \
