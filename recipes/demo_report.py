@@ -176,15 +176,6 @@ def statements(r: dict[str, dict], native: int, factor: int) -> list[str]:
 # Figures
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_loss(path: Path, r: dict[str, dict], native: int) -> None:
     eval_module().plot_ppl(path, {k: m["ppl"] for k, m in r.items()}, spacing_log=True, window=native,
                            dashed=("control",), title="loss by position on real text (stdlib code, KJV books)")
@@ -192,7 +183,7 @@ def plot_loss(path: Path, r: dict[str, dict], native: int) -> None:
 
 def plot_niah(path: Path, r: dict[str, dict]) -> None:
     """One heatmap per (task, model): needle depth x context length, accuracy in %."""
-    plt = _plt()
+    plt = eval_module()._plt()
     names = list(r)
     tasks = r[names[0]]["niah"]["tasks"]
     fig, axes = plt.subplots(len(tasks), len(names), figsize=(2.1 * len(names) + 1, 2.3 * len(tasks) + 0.6),
@@ -222,11 +213,6 @@ def plot_niah(path: Path, r: dict[str, dict]) -> None:
 
 # -------------------------------------------------------------------------------------------------------------
 # report.md
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def read_timings(path: Path) -> list[tuple[str, float]]:
@@ -275,7 +261,7 @@ def write_report(args) -> Path:
     total = dict(timings).get("total")
     lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')}" + (f" after {total / 60:.1f} min" if total else "")
               + f". Machine: {machine()}.", ""]
-    lines += ["## Targets", "", md_table(["target", "measured", "result"],
+    lines += ["## Targets", "", eval_module().md_table(["target", "measured", "result"],
                                          [[t["target"], t["measured"], "PASS" if t["pass"] else "**MISS**"]
                                           for t in tgt]), ""]
     missed = [t for t in tgt if not t["pass"]]
@@ -283,7 +269,7 @@ def write_report(args) -> Path:
         " Missed: " + "; ".join(t["target"] for t in missed) + "." if missed else ""))
     lines += ["", "## What the numbers show", ""] + [f"- {s}" for s in statements(r, native, factor)] + [""]
 
-    lines += ["## Models", "", md_table(["model", "how it was made", "RoPE (05's reading of the config)"],
+    lines += ["## Models", "", eval_module().md_table(["model", "how it was made", "RoPE (05's reading of the config)"],
                                         [[f"`{k}`", MODELS[k], rope_text(r[k]["rope"])] for k in MODELS]), ""]
 
     s0 = r["base"]["niah"]
@@ -296,7 +282,7 @@ def write_report(args) -> Path:
               f"prompts per task and length. The base was trained on documents in this form (within its "
               f"{native}-token window), so this measures whether the skill survives at longer distances.", ""]
     header = ["model"] + [f"{t} @{L}" for t in tasks for L in lengths]
-    lines.append(md_table(header, [[f"`{k}`"] + [f"{niah_cell(r[k], t, L):.0f}" for t in tasks for L in lengths]
+    lines.append(eval_module().md_table(header, [[f"`{k}`"] + [f"{niah_cell(r[k], t, L):.0f}" for t in tasks for L in lengths]
                                    for k in MODELS]))
     lines += ["", "![needle heatmaps](niah_heatmaps.png)", ""]
 
@@ -311,20 +297,20 @@ def write_report(args) -> Path:
             + [f"{r[k]['ppl']['buckets'][i]['loss']:.3f}" for k in MODELS] for i, b in enumerate(buckets)]
     rows.append([f"**short ppl (1-{native - 1})**"]
                 + [f"{window_losses(r[k]['ppl'], native)['short_ppl']:.2f}" for k in MODELS])
-    lines += [md_table(["positions"] + list(MODELS), rows), "", "(* beyond the base's window)", "",
+    lines += [eval_module().md_table(["positions"] + list(MODELS), rows), "", "(* beyond the base's window)", "",
               "![loss by position](loss_by_position.png)", ""]
 
     curve = base_curve(Path(args.base))
     if curve:
         keys = [k for k in curve[0] if k.startswith("niah_")]
         lines += ["## The base model's retrieval while it was trained", "",
-                  f"From `{args.base}/curve.json` (recipes/train_demo_base.sh: each checkpoint on 05's kv prompts at "
+                  f"From `{os.path.relpath(args.base, ROOT)}/curve.json` (recipes/train_demo_base.sh: each checkpoint on 05's kv prompts at "
                   f"{native} tokens, teacher-forced exact match of the value, which is what greedy decoding "
                   f"answers).", "",
-                  md_table(["step"] + keys, [[c["step"]] + [f"{c[k]:.0f}" for k in keys] for c in curve]), ""]
+                  eval_module().md_table(["step"] + keys, [[c["step"]] + [f"{c[k]:.0f}" for k in keys] for c in curve]), ""]
 
     if timings:
-        lines += ["## Wall time per stage", "", md_table(["stage", "seconds"],
+        lines += ["## Wall time per stage", "", eval_module().md_table(["stage", "seconds"],
                                                          [[n, f"{s:.0f}"] for n, s in timings]), "",
                   "Every stage runs on one thread; two chains run side by side (`(wall)` rows: their joint "
                   "time), so the stage times add up to more than the total.", ""]
@@ -337,7 +323,7 @@ def write_report(args) -> Path:
     text = "\n".join(lines) + "\n"
     common.atomic_write_text(out, text)
     if not args.quiet:
-        print(md_table(["target", "measured", "result"],
+        print(eval_module().md_table(["target", "measured", "result"],
                        [[t["target"], t["measured"], "PASS" if t["pass"] else "MISS"] for t in tgt]))
     return out
 
@@ -413,8 +399,8 @@ def write_base_card(args) -> Path:
             "## Retrieval accuracy vs training steps", "",
             "Each checkpoint on 05's `kv` NIAH prompts at the native length (11 depths x 4 samples per task), "
             "teacher-forced exact match of the 7-digit value (= greedy decoding success):", "",
-            md_table(["step"] + keys, [[c["step"]] + [f"{c[k]:.0f}" for k in keys] for c in curve]), "",
-            "## Training loss", "", md_table(["step", "loss"], loss_rows), "",
+            eval_module().md_table(["step"] + keys, [[c["step"]] + [f"{c[k]:.0f}" for k in keys] for c in curve]), "",
+            "## Training loss", "", eval_module().md_table(["step", "loss"], loss_rows), "",
         ]
         common.atomic_write_text(tmp / "README.md", "\n".join(card) + "\n")
         sums = "".join(f"{sha256(tmp / n)}  {n}\n" for n in ("model.safetensors", "tokenizer.json"))
