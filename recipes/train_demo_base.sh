@@ -15,7 +15,11 @@
 # - hence the induction drills: a random sequence of keys and values followed by the same sequence, half of each
 #   document predictable only by copying (the setting in which induction heads form fastest), beside the needle
 #   documents that teach the question format. The retrieval-vs-steps curve of the committed model is in
-#   assets/demo_base/README.md.
+#   assets/demo_base/README.md: 0% at every checkpoint up to 2,500 steps;
+# - why: bench/induction_plateau.py (table in docs/benchmarks.md). On pure copy drills this shape starts copying
+#   after ~200 steps on 32-token rows but not within 600 on 128-token rows, and a length curriculum loses what the
+#   short rows taught. Induction heads on natural data form after ~T sqrt(B C) tokens (Aoyama et al. 2025,
+#   T ~ 10^5.7): ~7,800 steps here. STEPS=12000 (about 5.5 h on one thread, resumable) is the next thing to try.
 #
 # Reproducible bit for bit on the same software and CPU type: every stage is seeded, runs on one thread and
 # keeps its data order; the tokenizer and the final weights are compared by sha256 in assets/demo_base/SHA256SUMS
