@@ -1792,19 +1792,40 @@ def _torch_varlen_params() -> frozenset:
     return frozenset(inspect.signature(_torch_varlen()).parameters)
 
 
+def _torch_varlen_kwargs() -> dict:
+    params = _torch_varlen_params()  # the signature changed between torch 2.9, 2.10 and 2.12
+    if "window_size" in params:  # torch >= 2.10: causal is window (-1, 0)
+        return {"window_size": (-1, 0)}
+    return {"is_causal": True}  # torch 2.9
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_native_gqa(device: str) -> bool:
+    """Does varlen_attn take fewer KV heads than query heads as they are? torch 2.11's does without saying so in
+    its signature (measured on an H200: identical to repeating the heads); probed once, on a tiny input, so a
+    torch that does not falls back to repeating them."""
+    q = torch.randn(48, 4, 64, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(48, 2, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
+    cu = torch.tensor([0, 16, 48], dtype=torch.int32, device=device)
+    with torch.no_grad():
+        want = _torch_varlen()(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu, cu, 32, 32,
+                               **_torch_varlen_kwargs())
+        try:
+            got = _torch_varlen()(q, k, v, cu, cu, 32, 32, **_torch_varlen_kwargs())
+        except Exception:  # noqa: BLE001 - a kernel that refuses GQA raises some RuntimeError
+            return False
+    return got.shape == want.shape and bool(torch.equal(got, want))
+
+
 def _torch_varlen_call(q, k, v, cu, max_len, scale, cu_k=None, max_len_k=None):
     fn = _torch_varlen()
-    params = _torch_varlen_params()  # the signature changed between torch 2.9, 2.10 and 2.12
-    kwargs = {}
+    params = _torch_varlen_params()
+    kwargs = _torch_varlen_kwargs()
     if "enable_gqa" in params:  # torch >= 2.12
         kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
-    elif q.shape[1] != k.shape[1]:  # torch 2.10/2.11: expand KV heads ourselves
-        n_rep = q.shape[1] // k.shape[1]
+    elif q.shape[1] != k.shape[1] and not _torch_varlen_native_gqa(str(q.device)):
+        n_rep = q.shape[1] // k.shape[1]  # expand KV heads ourselves (memory and copies: avoided where we can)
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    if "window_size" in params:  # torch >= 2.10: causal is window (-1, 0)
-        kwargs["window_size"] = (-1, 0)
-    else:  # torch 2.9
-        kwargs["is_causal"] = True
     if "scale" in params:
         kwargs["scale"] = scale
     cu_k, max_len_k = (cu, max_len) if cu_k is None else (cu_k, max_len_k)

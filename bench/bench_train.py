@@ -86,7 +86,8 @@ def run_one(cfg: dict) -> dict:
         if mode == "ours":
             liger = cuda and config.model_type in common.LIGER_FAMILIES and not cfg.get("no_liger")
             model, info = common.prepare_model(config, None, mesh, common.ModelOptions(
-                device=device, compute_dtype=dtype, liger=liger, activation_checkpointing=True, seed=0))
+                device=device, compute_dtype=dtype, liger=liger, activation_checkpointing=cfg.get("ac", True),
+                seed=0))
             params = info["params"]
             result["attention"] = common.check_attention(model, device, dtype, config.vocab_size)
             if cp.size > 1:
@@ -98,7 +99,8 @@ def run_one(cfg: dict) -> dict:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
             params = common.count_params(model)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.get("ac", True):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
             common.shard_model(model, mesh, common.ModelOptions(device=device, compute_dtype=dtype))
             common.materialize(model, device, None, seed=0)
@@ -134,6 +136,9 @@ def run_one(cfg: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        if cfg.get("profile"):  # the first timed row once more, under the profiler: where the time goes
+            result["profile"] = profile_step(lambda: step(rows[cfg["warmup"]]), cuda)
+            result["profile"]["docs_in_row"] = len(rows[cfg["warmup"]]["doc_lens"])
         tokens = seq_len * cfg["steps"]  # per data-parallel group; a cp group of N GPUs shares them
         if mode == "baseline" or not doc_mask:  # attention over the whole row
             attn_sq = seq_len * seq_len * cfg["steps"]
@@ -154,9 +159,76 @@ def run_one(cfg: dict) -> dict:
     return result
 
 
+KERNEL_KINDS = [  # (kind, substrings of a kernel name), first match wins
+    ("attention", ("flash", "fmha", "attention", "varlen", "sdpa")),
+    ("communication", ("nccl", "allgather", "all_gather", "reduce_scatter", "all_reduce")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul", "addmm", "aten::mm", "aten::bmm")),
+    ("optimizer", ("optimizer", "adam", "multi_tensor_apply")),
+    ("copy/cast", ("copy_kernel", "aten::copy", "to_copy", "memcpy", "memset", "catarray", "aten::cat")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    # Triton kernels (Liger's) carry their Python function's name; CUDA C++ kernels a C++ signature
+    if not any(c in name for c in " <:("):
+        return "triton (liger)"
+    return "other elementwise"
+
+
+def profile_step(run_step, cuda: bool, top: int = 12) -> dict:
+    """Run one step under torch.profiler; the top kernels (device time, or CPU ops on a CPU) and the share
+    of each kind of kernel in the step's total."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        run_step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    rows, cpu_ops = [], []
+    for e in prof.key_averages():
+        on_gpu = "CUDA" in str(getattr(e, "device_type", ""))
+        if cuda and not on_gpu:  # host side: the operators that cost the most CPU time themselves
+            cpu_ops.append((e.key, e.self_cpu_time_total / 1e3, e.count))
+            continue
+        if cuda:  # kernels: device time of events that ran on the GPU
+            t = getattr(e, "self_device_time_total", None)
+            t = getattr(e, "self_cuda_time_total", 0) if t is None else t
+        else:
+            t = e.self_cpu_time_total
+        if t > 0:
+            rows.append((e.key, t / 1e3, e.count))
+    cpu_ops.sort(key=lambda r: -r[1])
+    total = sum(ms for _, ms, _ in rows) or 1.0
+    kinds: dict[str, float] = {}
+    for name, ms, _ in rows:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    rows.sort(key=lambda r: -r[1])
+    return {"total_ms": total, "wall_ms": wall_ms,
+            "cpu_top": [{"name": n[:80], "ms": ms, "calls": c} for n, ms, c in cpu_ops[:8]], "by_kind": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n[:110], "ms": ms, "calls": c, "share": ms / total} for n, ms, c in rows[:top]]}
+
+
+def fmt_profile(r: dict) -> str:
+    prof = r["profile"]
+    kinds = ", ".join(f"{k} {v:.0%}" for k, v in prof["by_kind"].items())
+    lines = [f"profile {r['shape']} @ {r['seq_len']:,} {r['mode']} ({prof.get('docs_in_row', '?')} documents in the "
+             f"row): {prof['wall_ms']:.0f} ms wall (profiled), {prof['total_ms']:.0f} ms of kernels; {kinds}"]
+    lines += [f"  {k['share']:6.1%} {k['ms']:9.1f} ms {k['calls']:6d}x  {k['name']}" for k in prof["top"]]
+    lines += [f"  host {k['ms']:9.1f} ms {k['calls']:6d}x  {k['name']}" for k in prof.get("cpu_top", [])]
+    return "\n".join(lines)
+
+
 def fmt(r: dict) -> str:
     mode = r["mode"] + (f" cp{r['cp_size']}" if r.get("cp_size", 1) > 1 else "") + \
-        ("" if r.get("doc_mask", True) else " nomask")
+        ("" if r.get("doc_mask", True) else " nomask") + ("" if r.get("ac", True) else " noAC")
     if not r.get("ok"):
         return (f"| {r['shape']} | {r['seq_len']:,} | {mode} | {r.get('error', 'failed')} | | | | |")
     mfu = lambda x: f"{x:.1%}" if x is not None else "n/a"  # noqa: E731
@@ -211,6 +283,10 @@ def main(argv=None):
     p.add_argument("--time-limit", type=float, default=900, help="seconds per configuration")
     p.add_argument("--max-len-search", action="store_true",
                    help="per shape and mode, stop at the first failing length (the longest trainable length)")
+    p.add_argument("--no-ac", action="store_true",
+                   help="no activation checkpointing (both modes): what recomputation costs where memory allows")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one extra step of each configuration and print its top kernels")
     p.add_argument("--json", default=None, help="append results as JSON lines to this file")
     p.add_argument("--md", default=None, help="append the markdown table to this file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print RESULT
@@ -244,10 +320,13 @@ def main(argv=None):
                 cfg = {"shape": shape, "seq_len": seq_len, "mode": mode, "steps": args.steps,
                        "warmup": args.warmup, "docs": args.docs, "no_liger": args.no_liger,
                        "doc_mask": args.doc_mask, "cp": args.cp, "cp_size": args.cp, "nproc": nproc,
-                       "cp_attention": args.cp_attention}
+                       "cp_attention": args.cp_attention, "profile": args.profile,
+                       "ac": not args.no_ac}
                 r = spawn(cfg, args.time_limit)
                 results.append(r)
                 print(fmt(r), flush=True)
+                if r.get("profile"):
+                    print(fmt_profile(r), flush=True)
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps(r) + "\n")

@@ -338,3 +338,32 @@ def test_chunked_loss_composes_a_distillation_term():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-6)
+
+
+def test_gpu_test_code_names_what_it_uses():
+    """The GPU tests run only where CUDA is: check on the CPU that their code would not die of a NameError.
+    (1) no function imports a name the module already imports (a local `import common` in a fixture's teardown
+    makes `common` local for the whole function: UnboundLocalError before it); (2) every name the Liger
+    subprocess script reads is defined in the script or a builtin."""
+    import ast
+    import builtins
+    import symtable
+
+    path = os.path.join(os.path.dirname(__file__), "test_train_gpu.py")
+    source = open(path).read()
+    tree = ast.parse(source)
+    module_imports = {a.asname or a.name.split(".")[0] for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+                      for a in n.names}
+    for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+        local = {a.asname or a.name.split(".")[0] for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))
+                 for a in n.names}
+        assert not local & module_imports, (fn.name, local & module_imports)
+    import test_train_gpu
+
+    script = test_train_gpu.LIGER_SCRIPT.format(root="/x", spec="tiny-llama")
+    top = symtable.symtable(script, "liger_script", "exec")
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    used = {s.get_name() for s in top.get_symbols() if s.is_referenced()}
+    for child in top.get_children():  # comprehensions and lambdas read module names too
+        used |= {s.get_name() for s in child.get_symbols() if s.is_global() or s.is_free()}
+    assert used - defined - set(dir(builtins)) == set()

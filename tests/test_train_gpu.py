@@ -25,8 +25,6 @@ def gpu_mesh():
         pytest.skip("needs CUDA")
     info, mesh = common.setup_distributed("cuda")
     yield mesh
-    import common
-
     common.destroy_distributed()
 
 
@@ -85,6 +83,7 @@ def test_packed_row_equals_documents_alone_bf16(gpu_mesh):
 LIGER_SCRIPT = r"""
 import sys, torch, numpy as np
 sys.path.insert(0, {root!r})
+import common
 info, mesh = common.setup_distributed("cuda")
 config = common.config_from_init_spec({spec!r})
 rng = np.random.default_rng(0)
