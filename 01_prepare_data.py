@@ -1,6 +1,6 @@
 """Stage 01: turn raw corpora into packed training rows that keep document boundaries.
 
-Both families of long-context recipes are served (RECIPES.md §5.2, §8.11):
+Both families of long-context recipes are served (docs/data-format.md#separators-and-masking-options):
 - ProLong: `--boundary mask` puts an eos after every document and stores each row's attention segments
   (`doc_lens`) so that training masks attention across documents (varlen attention);
 - UltraLong: `--boundary separator --separator "<s>"` puts a literal separator between documents and trains with
@@ -15,7 +15,7 @@ Pipeline:
   4. mix: each source gives WEIGHT / sum(WEIGHTS) of the output tokens (a subset, or repeats under --max-tokens);
   5. pack each source into --seq-len rows: `concat` (concatenate and cut, remainder carried to the next row) or
      `best-fit` (whole documents bin-packed, longer ones split into row-sized pieces, the rest padded);
-  6. write a `datasets` directory (input_ids, doc_lens, num_pad, source, attn_cost; CONTRACTS.md) and
+  6. write a `datasets` directory (input_ids, doc_lens, num_pad, source, attn_cost; docs/data-format.md) and
      manifest.json, then print the statistics.
 
 Usage:
@@ -48,6 +48,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 import common
+import packing
 
 ROWS_BATCH_BYTES = 16 << 20  # rows are assembled and written in batches of about this many bytes
 
@@ -798,11 +799,11 @@ def plan_source(name: str, store: TokenStore, copies: np.ndarray, quota: int, nb
     """Which documents (in which order) fill the source's quota, and how they are packed into rows."""
     sel = select_items(store.lengths, copies, nb, quota, source_rng(args, name, 1))
     if args.packing == "concat":
-        return sel, common.plan_concat(sel.cost, args.seq_len)
+        return sel, packing.plan_concat(sel.cost, args.seq_len)
     # best-fit: a subsampled source fills the gaps with the documents it would have skipped, landing on its
     # quota in full rows; a source that gives all it has keeps its (few) padded gaps
     spare = store.lengths[sel.spare]
-    plan = common.plan_best_fit(sel.cost, args.seq_len, rng=source_rng(args, name, 2), fill_lengths=spare + nb,
+    plan = packing.plan_best_fit(sel.cost, args.seq_len, rng=source_rng(args, name, 2), fill_lengths=spare + nb,
                                 fill_cut_max=spare, max_rows=-(-quota // args.seq_len) if len(spare) else None)
     return add_fill(sel, store.lengths, plan.fill_used), plan
 
@@ -840,7 +841,7 @@ def make_fetch(store: TokenStore, sel: Selection, boundary: np.ndarray):
 
 def write_rows(out: Path, plans, fetches, names, order, args, pad_id: int) -> dict:
     seq_len = args.seq_len
-    writer = common.PackedDatasetWriter(out, len(order), seq_len, fingerprint="")
+    writer = packing.PackedDatasetWriter(out, len(order), seq_len, fingerprint="")
     hasher = hashlib.blake2b(digest_size=8)
     per_batch = max(1, min(1024, ROWS_BATCH_BYTES // (4 * seq_len)))
     one_segment = args.boundary == "separator"
@@ -850,7 +851,7 @@ def write_rows(out: Path, plans, fetches, names, order, args, pad_id: int) -> di
         buf = np.empty((len(chunk), seq_len), dtype=np.int32)
         doc_lens, num_pad, cost, source = [], [], [], []
         for i, (s, r) in enumerate(chunk):
-            row = common.assemble_row(plans[s], r, fetches[s], pads, one_segment=one_segment,
+            row = packing.assemble_row(plans[s], r, fetches[s], pads, one_segment=one_segment,
                                       out={"input_ids": buf[i]})
             doc_lens.append(row["doc_lens"])
             num_pad.append(row["num_pad"])
@@ -858,7 +859,7 @@ def write_rows(out: Path, plans, fetches, names, order, args, pad_id: int) -> di
             source.append(names[s])
         hasher.update(buf.data)  # no copy
         hasher.update(np.asarray([x for d in doc_lens for x in d], dtype=np.int64).tobytes())
-        writer.write(common.rows_table(buf, doc_lens, num_pad, source, cost))
+        writer.write(packing.rows_table(buf, doc_lens, num_pad, source, cost))
     writer.fingerprint = hasher.hexdigest()
     writer.close()
     return {"files": writer.num_shards, "fingerprint": writer.fingerprint}

@@ -8,7 +8,7 @@ rebuilds the model's own rotary embedding with the installed transformers from t
 through `rope_parameters` only and through the legacy keys only, and refuses to finish unless all of them equal
 its own frequencies. Weights are hard-linked (same filesystem) or copied, never modified.
 
-Methods (formulas: RECIPES.md §8):
+Methods (formulas: docs/rope.md):
     yarn     YaRN: pairs with many rotations kept, pairs with < beta_slow rotations divided by s, a ramp linear in
              the pair index between them; cos/sin x attention_factor (default 0.1 ln s + 1)
     theta    ABF / ProLong: a new rope base, plain RoPE (no temperature)
@@ -31,7 +31,7 @@ Usage:
     python 02_rope_scale.py --model .cache/smollm2-135m-instruct --method yarn --factor 4 --out runs/smol-yarn4
 
 Output: an HF model directory (config in both forms, max_position_embeddings, tokenizer model_max_length and
-generation max_length updated), `rope_report.json` + `rope_report.png` (per-pair common.wavelengths before / after,
+generation max_length updated), `rope_report.json` + `rope_report.png` (per-pair rope.wavelengths before / after,
 YaRN band edges, attention temperature, the perplexity check) and `manifest.json`.
 Note: linear and dynamic keep max_position_embeddings at the ORIGINAL length, because transformers' dynamic NTK
 and vLLM read it as such (vLLM serves max_position_embeddings x factor); the tokenizer gets the target length.
@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 import common
+import rope
 
 METHODS = ("yarn", "theta", "linear", "ntk", "dynamic", "llama3")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
@@ -59,46 +60,49 @@ REL_TOL = 1e-5  # transformers (float32) vs ours (float64); observed differences
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Published presets [RECIPES.md §3-§5, §8.3]. `factor` fixed where the published config fixes it, otherwise
+# Published presets [docs/recipes.md#recipes-at-a-glance]. `factor` fixed where the published config fixes it, otherwise
 # derived from target_len / the model's original length (UltraLong's rule).
 
 ROPE_PRESETS: dict[str, dict] = {
     "prolong-64k": dict(
         method="theta", theta=8e6, target_len=65536, expected_original=8192,
         source="ProLong (arXiv 2410.02660) Table 9 + train_64K.sh `--config_overrides rope_theta=8000000`: "
-               "plain ABF base change, Llama-3-8B-Instruct 8K -> 64K [RECIPES.md §5.1]"),
+               "plain ABF base change, Llama-3-8B-Instruct 8K -> 64K [docs/recipes.md#prolong-final-recipe]"),
     "prolong-512k": dict(
         method="theta", theta=1.28e8, target_len=524288, expected_original=65536,
         source="ProLong (arXiv 2410.02660) Table 9 + train_512K.sh `--config_overrides rope_theta=128000000`: "
-               "second stage, continues from the 64K model [RECIPES.md §5.1]"),
+               "second stage, continues from the 64K model [docs/recipes.md#prolong-final-recipe]"),
     "ultralong-1m": dict(
         method="yarn", target_len=1048576, beta_fast=4.0, beta_slow=1.0, published_factor=128.0,
         expected_original=8192,
         source="UltraLong (arXiv 2504.06214) §3.1: YaRN alpha=1, beta=4 (beta_slow 1, beta_fast 4), s = 1M / 8192 "
-               "= 128 relative to Llama-3.1's ORIGINAL 8K [RECIPES.md §4.1]"),
+               "= 128 relative to Llama-3.1's ORIGINAL 8K [docs/recipes.md#ultralong-recipe]"),
     "ultralong-2m": dict(
         method="yarn", target_len=2097152, beta_fast=4.0, beta_slow=1.0, published_factor=256.0,
         expected_original=8192,
         source="UltraLong (arXiv 2504.06214) §3.1: YaRN beta_fast 4, beta_slow 1, s = 2M / 8192 = 256 "
-               "[RECIPES.md §4.1]"),
+               "[docs/recipes.md#ultralong-recipe]"),
     "ultralong-4m": dict(
         method="yarn", target_len=4194304, beta_fast=4.0, beta_slow=1.0, published_factor=512.0,
         expected_original=8192,
         source="UltraLong (arXiv 2504.06214) §3.1: YaRN beta_fast 4, beta_slow 1, s = 4M / 8192 = 512 "
-               "[RECIPES.md §4.1]"),
+               "[docs/recipes.md#ultralong-recipe]"),
     "afm-64k": dict(
         method="yarn", factor=20.0, target_len=65536, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
         expected_original=4096,
         source="Arcee AFM-4.5B shipped config: yarn factor 20, original 4096, beta 32/1, mscale 1.0, "
-               "max_position_embeddings 65536 (factor 20 != 64K/4K = 16 on purpose) [RECIPES.md §3.1]"),
+               "max_position_embeddings 65536 (factor 20 != 64K/4K = 16 on purpose) "
+               "[docs/recipes.md#arcee-published-facts]"),
     "dsv3-yarn": dict(
         method="yarn", factor=40.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
         expected_original=4096,
         source="DeepSeek-V3 config.json rope_scaling: yarn factor 40, original 4096, beta 32/1, mscale = "
-               "mscale_all_dim = 1, max_position_embeddings 163840 (what Arcee copied first) [RECIPES.md §3.1]",
+               "mscale_all_dim = 1, max_position_embeddings 163840 (what Arcee copied first) "
+               "[docs/recipes.md#arcee-published-facts]",
         note="temperature semantics differ by architecture: with mscale = mscale_all_dim = 1 transformers' "
              "attention_factor is 1 (cos/sin unscaled); DeepSeek-V3's own MLA attention multiplies the softmax "
-             "scale by get_mscale(40, 1)^2 = 1.874, a Llama/Qwen/Arcee model does not [RECIPES.md §8.3]"),
+             "scale by get_mscale(40, 1)^2 = 1.874, a Llama/Qwen/Arcee model does not "
+             "[docs/rope.md#deepseek-v3-convention]"),
 }
 
 
@@ -163,7 +167,7 @@ def apply_preset(args) -> dict | None:
     return preset
 
 
-def plan_rope(args, before: common.RopeSpec, model_type: str | None, preset: dict | None):
+def plan_rope(args, before: rope.RopeSpec, model_type: str | None, preset: dict | None):
     """(after spec, original length, notes, warnings). Refuses bad input with one clear line."""
     notes, warnings = [], []
     if args.original_len is not None:
@@ -171,7 +175,7 @@ def plan_rope(args, before: common.RopeSpec, model_type: str | None, preset: dic
             common.fail(f"--original-len {args.original_len} must be positive")
         original, why = args.original_len, "--original-len"
     else:
-        original, why = common.original_context_length(before)
+        original, why = rope.original_context_length(before)
     notes.append(f"original pretraining length {original} ({why})")
     method = args.method
     if method is None:
@@ -216,13 +220,14 @@ def plan_rope(args, before: common.RopeSpec, model_type: str | None, preset: dic
                                                                  "mscale_all_dim", "attention_factor", "truncate")):
         common.fail(f"--beta-fast / --beta-slow / --mscale / --mscale-all-dim / --attention-factor / --no-truncate "
                     f"are yarn settings; they do nothing with --method {method}")
-    after = scaled_rope_spec(before, method, original=original, factor=factor, target_len=target_len,
+    after = rope.scaled_rope_spec(before, method, original=original, factor=factor, target_len=target_len,
                              theta=args.theta, **options)
 
     # What happened to an existing scaling, and the traps worth a line each.
     if before.rope_type != "default" and not (method == "llama3" and before.rope_type == "llama3"):
         notes.append(f"the model is already scaled: {before.describe()}, addressing "
-                     f"{common.addressable_length(before)} tokens; the new setting REPLACES it and is relative to the same original {original} tokens "
+                     f"{rope.addressable_length(before)} tokens; the new setting REPLACES it and is relative to "
+                     f"the same original {original} tokens "
                      f"(factors are not multiplied): {after.describe()}")
     if args.theta is not None and method != "theta":
         notes.append(f"rope base changed {before.theta:g} -> {after.theta:g} together with {method}")
@@ -231,22 +236,22 @@ def plan_rope(args, before: common.RopeSpec, model_type: str | None, preset: dic
         base = before.theta if args.theta is None else args.theta
         notes.append(f"static NTK: base {base:g} x {s:g}^({after.rotary_dim}/{after.rotary_dim - 2}) = "
                      f"{after.theta:.6g}, written as plain RoPE")
-    if method in common.TYPES_KEEPING_MAX_AT_ORIGINAL:
+    if method in rope.TYPES_KEEPING_MAX_AT_ORIGINAL:
         notes.append(f"{method}: max_position_embeddings stays at the original {original} (transformers' dynamic "
                      f"NTK and vLLM read it as the original length); the tokenizer gets "
-                     f"{common.addressable_length(after)}")
+                     f"{rope.addressable_length(after)}")
     if after.rope_type in ("yarn", "llama3") and target_len is not None:
         implicit = target_len / original
         if abs(implicit - after.scale) > 1e-9:
             warnings.append(f"factor {after.scale:g} != max_position_embeddings / original = {target_len} / "
                             f"{original} = {implicit:g}; written as given (AFM ships factor 20 with 64K on purpose)")
-    deepseek_attention = model_type in common.MSCALE_ALL_DIM_IN_ATTENTION
+    deepseek_attention = model_type in rope.MSCALE_ALL_DIM_IN_ATTENTION
     if after.rope_type == "yarn" and after.mscale_all_dim and not deepseek_attention \
             and after.attention_factor is None:
-        deepseek = common.yarn_get_mscale(after.scale, after.mscale_all_dim) ** 2
+        deepseek = rope.yarn_get_mscale(after.scale, after.mscale_all_dim) ** 2
         warnings.append(f"mscale_all_dim is a DeepSeek convention: DeepSeek's attention multiplies its softmax by "
                         f"{deepseek:.4f}, but a model of type {model_type} does not, so here q.k logits scale by "
-                        f"{common.attention_logit_scale(after, model_type)['logit_multiplier']:.4f}; to reproduce "
+                        f"{rope.attention_logit_scale(after, model_type)['logit_multiplier']:.4f}; to reproduce "
                         f"DeepSeek's temperature pass --attention-factor {math.sqrt(deepseek):.4f}")
     if after.rope_type == "yarn" and after.mscale_all_dim and not after.mscale and deepseek_attention:
         warnings.append("mscale_all_dim without mscale: transformers scales cos/sin by 0.1 ln s + 1 AND DeepSeek "
@@ -257,83 +262,35 @@ def plan_rope(args, before: common.RopeSpec, model_type: str | None, preset: dic
 
 
 # -------------------------------------------------------------------------------------------------------------
-# The new setting: what each method gives, relative to the original pretraining length.
-
-
-def scaled_rope_spec(before: common.RopeSpec, method: str, *, original: int, factor: float | None = None,
-                     target_len: int | None = None, theta: float | None = None, **options) -> common.RopeSpec:
-    """The rope setting `method` gives a model whose current setting is `before` (pure; no files).
-
-    method: "yarn", "linear", "ntk" (static NTK: a plain theta change b * s^(d/(d-2))), "dynamic", "llama3"
-    (keeps an existing llama3 scaling's low/high frequency factors, else Meta's 1 / 4), "theta" (plain RoPE
-    with base `theta`). The factor is always relative to `original`, the ORIGINAL pretraining length (an
-    existing scaling is replaced, not multiplied); it defaults to target_len / original. `theta` overrides
-    the base for any method. `options`: beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor,
-    truncate (yarn), low_freq_factor, high_freq_factor (llama3).
-    The returned spec's max_position_embeddings is what the config should hold: target_len (or
-    factor x original), except linear / dynamic, which keep the original (see common.TYPES_KEEPING_MAX_AT_ORIGINAL).
-    """
-    if factor is None and target_len is not None:
-        factor = target_len / original
-    base = float(theta) if theta is not None else before.theta
-    shared = dict(theta=base, head_dim=before.head_dim, partial_rotary_factor=before.partial_rotary_factor)
-    if method == "theta":
-        return common.RopeSpec(rope_type="default",
-                               max_position_embeddings=int(target_len or before.max_position_embeddings), **shared)
-    if factor is None:
-        common.fail(f"--method {method} needs --factor or --target-len")
-    if factor < 1:
-        common.fail(f"factor {factor:g} < 1 would shrink the context; give a factor >= 1 (or a target >= {original})")
-    target = int(target_len) if target_len is not None else int(round(factor * original))
-    if method == "ntk":
-        shared["theta"] = common.ntk_theta(base, factor, before.rotary_dim)
-        return common.RopeSpec(rope_type="default", max_position_embeddings=target, **shared)
-    if method in ("linear", "dynamic"):
-        return common.RopeSpec(rope_type=method, factor=float(factor), max_position_embeddings=int(original), **shared)
-    if method == "yarn":
-        keys = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
-        return common.RopeSpec(rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(original),
-                               max_position_embeddings=target, **shared,
-                               **{k: options.get(k) for k in keys if options.get(k) is not None})
-    if method == "llama3":
-        low = options.get("low_freq_factor") or before.low_freq_factor or 1.0
-        high = options.get("high_freq_factor") or before.high_freq_factor or 4.0
-        return common.RopeSpec(rope_type="llama3", factor=float(factor),
-                               original_max_position_embeddings=int(original), max_position_embeddings=target,
-                               low_freq_factor=float(low), high_freq_factor=float(high), **shared)
-    common.fail(f"unknown method {method!r}; choose yarn, theta, linear, ntk, dynamic or llama3")
-
-
-# -------------------------------------------------------------------------------------------------------------
 # Reports: per-dimension wavelengths before / after, YaRN band edges, attention temperature, PNG.
 
 
-def yarn_bands(spec: common.RopeSpec) -> dict | None:
+def yarn_bands(spec: rope.RopeSpec) -> dict | None:
     """For a yarn spec: the ramp edges and which pairs are extrapolated (kept), ramped or interpolated (/s)."""
     if spec.rope_type != "yarn":
         return None
-    dim, original = spec.rotary_dim, common.scaling_original(spec)
-    low, high = common.yarn_band_edges(dim, spec.theta, original, spec.beta_fast, spec.beta_slow, spec.truncate)
-    ramp = common.yarn_ramp(low, high, dim // 2)
+    dim, original = spec.rotary_dim, rope.scaling_original(spec)
+    low, high = rope.yarn_band_edges(dim, spec.theta, original, spec.beta_fast, spec.beta_slow, spec.truncate)
+    ramp = rope.yarn_ramp(low, high, dim // 2)
     return {"low": low, "high": high,
-            "dim_at_beta_fast": common.yarn_correction_dim(spec.beta_fast or 32, dim, spec.theta, original),
-            "dim_at_beta_slow": common.yarn_correction_dim(spec.beta_slow or 1, dim, spec.theta, original),
+            "dim_at_beta_fast": rope.yarn_correction_dim(spec.beta_fast or 32, dim, spec.theta, original),
+            "dim_at_beta_slow": rope.yarn_correction_dim(spec.beta_slow or 1, dim, spec.theta, original),
             "extrapolated": [i for i, r in enumerate(ramp.tolist()) if r == 0.0],
             "ramped": [i for i, r in enumerate(ramp.tolist()) if 0.0 < r < 1.0],
             "interpolated": [i for i, r in enumerate(ramp.tolist()) if r == 1.0]}
 
 
-def rope_report(before: common.RopeSpec, after: common.RopeSpec, model_type: str | None = None,
+def rope_report(before: rope.RopeSpec, after: rope.RopeSpec, model_type: str | None = None,
                 original: int | None = None) -> dict:
     """Everything a user should see before training on a rope change, as a JSON-able dict: both settings, the
     lengths, the attention temperature before / after, YaRN bands, and per pair i: inv_freq, wavelength,
     rotations over the original length and the stretch lambda_after / lambda_before."""
-    original = original or common.original_context_length(before)[0]
-    inv_b, _ = common.rope_frequencies(before)
-    inv_a, _ = common.rope_frequencies(after)
+    original = original or rope.original_context_length(before)[0]
+    inv_b, _ = rope.rope_frequencies(before)
+    inv_a, _ = rope.rope_frequencies(after)
     if inv_b.shape != inv_a.shape:
         common.fail(f"rotary dimension changed ({2 * inv_b.numel()} -> {2 * inv_a.numel()}); this is a bug")
-    wl_b, wl_a = common.wavelengths(inv_b), common.wavelengths(inv_a)
+    wl_b, wl_a = rope.wavelengths(inv_b), rope.wavelengths(inv_a)
     dims = [{"pair": i, "inv_freq_before": float(inv_b[i]), "inv_freq_after": float(inv_a[i]),
              "wavelength_before": float(wl_b[i]), "wavelength_after": float(wl_a[i]),
              "rotations_over_original": float(original / wl_b[i]), "stretch": float(wl_a[i] / wl_b[i])}
@@ -343,9 +300,9 @@ def rope_report(before: common.RopeSpec, after: common.RopeSpec, model_type: str
         "before": before.to_dict(), "after": after.to_dict(),
         "describe_before": before.describe(), "describe_after": after.describe(),
         "original_length": original,
-        "addressable_before": common.addressable_length(before), "addressable_after": common.addressable_length(after),
-        "attention_before": common.attention_logit_scale(before, model_type),
-        "attention_after": common.attention_logit_scale(after, model_type),
+        "addressable_before": rope.addressable_length(before), "addressable_after": rope.addressable_length(after),
+        "attention_before": rope.attention_logit_scale(before, model_type),
+        "attention_after": rope.attention_logit_scale(after, model_type),
         "yarn_bands": yarn_bands(after),
         "dims": dims,
         "notes": rope_compat_notes(after),
@@ -353,8 +310,8 @@ def rope_report(before: common.RopeSpec, after: common.RopeSpec, model_type: str
     return report
 
 
-def rope_compat_notes(spec: common.RopeSpec) -> list[str]:
-    """How other loaders / versions read this setting differently [RECIPES.md §8.3 version pitfalls]."""
+def rope_compat_notes(spec: rope.RopeSpec) -> list[str]:
+    """How other loaders / versions read this setting differently [docs/rope.md#version-pitfalls]."""
     notes = []
     if spec.rope_type == "yarn" and spec.max_position_embeddings and spec.original_max_position_embeddings:
         implicit = spec.max_position_embeddings / spec.original_max_position_embeddings
@@ -438,21 +395,6 @@ def plot_rope_report(report: dict, path: str | os.PathLike) -> None:
 # Writing the output directory: links or copies, the rewritten configs.
 
 
-def resolve_model_dir(name: str) -> Path:
-    """A local directory for `name`: the path itself, or the hub snapshot (downloaded unless offline)."""
-    if common.is_local_path(name):
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            common.fail(f"model path {name} does not exist; pass a Hugging Face model directory or hub name")
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, ignore_patterns=["original/*"]))  # Meta's own-format checkpoint
-    except Exception as exc:  # offline, unknown repo, no access: one clear line
-        common.fail(f"cannot fetch {name} from the hub ({type(exc).__name__}); pass a local directory instead")
-
-
 def link_or_copy(src: Path, dst: Path, copy: bool) -> str:
     """Hard-link `src` to `dst` (same filesystem), else copy it. Returns "linked" or "copied"."""
     if not copy:
@@ -465,7 +407,7 @@ def link_or_copy(src: Path, dst: Path, copy: bool) -> str:
     return "copied"
 
 
-def write_files(src: Path, out: Path, config: dict, after: common.RopeSpec, copy_weights: bool) -> dict:
+def write_files(src: Path, out: Path, config: dict, after: rope.RopeSpec, copy_weights: bool) -> dict:
     """Weights linked / copied untouched, small files copied, the configs rewritten. Returns file statistics."""
     stats = {"linked": [], "copied": [], "skipped": [], "weight_bytes": 0}
     for path in sorted(src.iterdir()):
@@ -480,8 +422,8 @@ def write_files(src: Path, out: Path, config: dict, after: common.RopeSpec, copy
         else:
             shutil.copy2(path.resolve(), out / path.name)
             stats["copied"].append(path.name)
-    target = common.addressable_length(after)
-    (out / "config.json").write_text(json.dumps(common.apply_rope_to_config(config, after), indent=2) + "\n")
+    target = rope.addressable_length(after)
+    (out / "config.json").write_text(json.dumps(rope.apply_rope_to_config(config, after), indent=2) + "\n")
     for name, key in (("tokenizer_config.json", "model_max_length"), ("generation_config.json", "max_length")):
         if not (src / name).is_file():
             continue
@@ -505,17 +447,17 @@ def config_views(config: dict) -> dict[str, dict]:
     return {"both forms": config, "rope_parameters only": v5, "rope_scaling + rope_theta only": legacy}
 
 
-def verify_written_config(config: dict, after: common.RopeSpec) -> dict:
+def verify_written_config(config: dict, after: rope.RopeSpec) -> dict:
     """Max relative difference between our inv_freq / attention factor and (a) our reader and (b) the installed
     transformers' own rotary embedding, for each view of the written config. Fails on a mismatch."""
-    ours, ours_af = common.rope_frequencies(after)
+    ours, ours_af = rope.rope_frequencies(after)
     tf_logger = logging.getLogger("transformers")
     level = tf_logger.level
     tf_logger.setLevel(logging.ERROR)  # its factor-mismatch warnings are ours already, said once
     result = {}
     try:
         for view, cfg in config_views(config).items():
-            reread, reread_af = common.rope_frequencies(common.rope_spec_from_config(cfg))
+            reread, reread_af = rope.rope_frequencies(rope.rope_spec_from_config(cfg))
             entry = {"reader_rel_diff": _rel(reread, ours), "reader_attention_factor": reread_af}
             try:
                 theirs, their_af, how = transformers_rope(cfg)
@@ -567,8 +509,8 @@ def transformers_rope(config: Any, seq_len: int | None = None) -> tuple[torch.Te
         if module is not None:
             return module.inv_freq.detach().clone(), float(module.attention_scaling), type(module).__name__
     if rope_type == "default":
-        dim = common.rope_spec_from_config(config).rotary_dim
-        inv_freq, scaling = common.base_inv_freq(config.rope_parameters["rope_theta"], dim).float(), 1.0
+        dim = rope.rope_spec_from_config(config).rotary_dim
+        inv_freq, scaling = rope.base_inv_freq(config.rope_parameters["rope_theta"], dim).float(), 1.0
         return inv_freq, scaling, "default formula (no rotary module found)"
     kwargs = {"seq_len": seq_len} if seq_len is not None else {}
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
@@ -678,14 +620,14 @@ def main(argv=None):
     if args.out:
         common.check_output_dir(args.out, args.overwrite)
     preset = apply_preset(args)
-    src = resolve_model_dir(args.model)
+    src = common.model_dir(args.model, ignore_patterns=["original/*"])  # not Meta's own-format copy
     if not (src / "config.json").is_file():
         common.fail(f"{args.model} has no config.json; pass a Hugging Face model directory")
     if args.out and Path(args.out).expanduser().resolve() == src.resolve():
         common.fail("--out must differ from --model: 02 never modifies its input")
     config = json.loads((src / "config.json").read_text())
     model_type = config.get("model_type")
-    before = common.rope_spec_from_config(config)
+    before = rope.rope_spec_from_config(config)
     after, original, notes, warnings = plan_rope(args, before, model_type, preset)
 
     common.print0(f"02_rope_scale: {args.model} ({model_type})")
@@ -715,7 +657,7 @@ def main(argv=None):
             report["ppl_check"] = perplexity_check(args, src, tmp, original)
         report.update({"preset": args.preset, "method": args.method, "notes": notes + report["notes"],
                        "warnings": warnings, "files": files})
-        (tmp / "rope_report.json").write_text(json.dumps(common._jsonable(report), indent=2) + "\n")
+        (tmp / "rope_report.json").write_text(json.dumps(common.jsonable(report), indent=2) + "\n")
         plot_rope_report(report, tmp / "rope_report.png")
         common.write_manifest(
             tmp, "02_rope_scale", args, inputs=[str(src)],
@@ -723,7 +665,7 @@ def main(argv=None):
                    "weight_bytes": files["weight_bytes"]},
             rope={"method": args.method, "preset": args.preset, "before": before.to_dict(),
                   "after": after.to_dict(), "original_max_position_embeddings": original,
-                  "addressable_length": common.addressable_length(after), "notes": notes, "warnings": warnings})
+                  "addressable_length": rope.addressable_length(after), "notes": notes, "warnings": warnings})
     how = "hard-linked" if files["linked"] else "copied"
     n_weights = len(files["linked"]) + sum(f.endswith(WEIGHT_SUFFIXES) for f in files["copied"])
     common.print0(f"wrote {args.out}: {n_weights} weight file(s) {how} ({files['weight_bytes'] / 1e9:.3f} GB, "

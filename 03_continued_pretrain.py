@@ -18,7 +18,7 @@ with the next-token loss:
   FSDP2 still sharding over all ranks); Ulysses all-to-all over heads for document-masked rows (ProLong 512K),
   ring attention with head-tail load balancing for unmasked rows (UltraLong 1M+: PyTorch's context_parallel on
   CUDA, an exact all-gather ring on CPU), ProLong's local shortcut only where no document straddles a slice;
-  same loss and gradients as --cp 1 (common.py, "Context parallelism"; derived H100 throughput in docs/benchmarks.md);
+  same loss and gradients as --cp 1 (context_parallel.py; derived H100 throughput in docs/benchmarks.md);
 - sharded checkpoints every --save-every steps and on SIGTERM / SIGUSR1, `--resume auto` continues exactly (also
   with another --cp or world size); the final model is an ordinary HF directory in OUT/final.
 
@@ -58,6 +58,11 @@ from pathlib import Path
 import torch
 
 import common
+import context_parallel
+import fsdp_train
+import packing
+import rope
+import varlen_attention
 from common import fail, print0
 
 STAGE = "03_continued_pretrain"
@@ -122,11 +127,11 @@ def parse_args(argv=None):
     g.add_argument("--cp", type=int, default=1,
                    help="split every row over N ranks (N divides the world size; ranks r..r+N-1 share a row, so "
                         "keep a cp group inside a node); FSDP2 keeps sharding over all ranks")
-    g.add_argument("--cp-attention", choices=common.CP_ATTENTION, default="auto",
+    g.add_argument("--cp-attention", choices=context_parallel.CP_ATTENTION, default="auto",
                    help="auto: ulysses with --doc-mask (ProLong), ring with --no-doc-mask (UltraLong); ulysses needs "
                         "N to divide the query heads (KV heads are repeated when N does not divide them); ring "
                         "works for any head count")
-    g.add_argument("--cp-ring-impl", choices=common.CP_RING_IMPL, default="auto",
+    g.add_argument("--cp-ring-impl", choices=context_parallel.CP_RING_IMPL, default="auto",
                    help="ring attention: torch = PyTorch's context_parallel (CUDA, unmasked rows, one row per "
                         "micro-batch), allgather = exact all-gathered-KV ring (any device, any mask); auto picks "
                         "torch where it applies")
@@ -158,7 +163,7 @@ def parse_args(argv=None):
 
 def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup: int) -> dict:
     """What must match for --resume to continue exactly (world size, kernels and logging may change)."""
-    return {"model": common.model_shape(config), "data": data.fingerprint(), "rows_per_step": rows_per_step,
+    return {"model": fsdp_train.model_shape(config), "data": data.fingerprint(), "rows_per_step": rows_per_step,
             "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
             "seed": args.seed, "doc_mask": args.doc_mask, "pose_target_len": args.pose_target_len,
             "shuffle": args.shuffle, "weight_decay": args.weight_decay, "betas": list(args.betas),
@@ -170,14 +175,14 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------------------------------------------------
     # Processes and devices
-    dinfo, mesh = common.setup_distributed(args.device)
+    dinfo, mesh = fsdp_train.setup_distributed(args.device)
     device, world, rank = dinfo.device, dinfo.world_size, dinfo.rank
-    dtype = common.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = fsdp_train.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     common.seed_everything(args.seed)
 
     # ---------------------------------------------------------------------------------------------------------
     # Inputs: data made by 01, a config, and the checks that must fail before anything is written
-    data = common.PackedData.open(args.data)
+    data = packing.PackedData.open(args.data)
     seq_len = data.seq_len
     config = common.config_from_init_spec(args.init_config) if args.init_config else common.load_config(args.model)
     longest = args.pose_target_len or seq_len
@@ -195,8 +200,9 @@ def main(argv=None) -> int:
         fail(f"--micro-batch-tokens {micro_tokens} must be a multiple of the rows' length {seq_len}")
     rows_per_micro = micro_tokens // seq_len
     # the ("dp", "cp") mesh: a row is split over the cp ranks; data-parallel groups read different rows
-    cp = common.setup_context_parallel(args.cp, config, device, doc_mask=args.doc_mask, attention=args.cp_attention,
-                                       ring_impl=args.cp_ring_impl, rows_per_micro=rows_per_micro)
+    cp = context_parallel.setup_context_parallel(args.cp, config, device, doc_mask=args.doc_mask,
+                                                 attention=args.cp_attention, ring_impl=args.cp_ring_impl,
+                                                 rows_per_micro=rows_per_micro)
     dp = cp.dp_size
     batch_tokens = args.batch_tokens or seq_len * dp
     if batch_tokens % seq_len:
@@ -207,37 +213,39 @@ def main(argv=None) -> int:
              f"row(s) per micro-batch; choose --batch-tokens as a multiple of {dp * rows_per_micro * seq_len}")
     grad_accum = rows_per_step // (dp * rows_per_micro)
     pad_id = int(data.manifest.get("pad_token_id") or 0)  # fills a micro-batch up to a multiple of the cp split
-    max_steps, warmup = common.schedule_steps(args, batch_tokens, max(1, data.num_rows // rows_per_step))
+    max_steps, warmup = fsdp_train.schedule_steps(args, batch_tokens, max(1, data.num_rows // rows_per_step))
     signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
 
     out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
     metrics_path = out / "metrics.jsonl"
-    resume_from = common.open_run_dir(args, out, signature, STAGE)
+    resume_from = fsdp_train.open_run_dir(args, out, signature, STAGE)
 
     # ---------------------------------------------------------------------------------------------------------
     # Model: meta device -> Liger -> activation checkpointing -> FSDP2 -> weights; attention probe
-    liger = args.liger if args.liger is not None else (device.type == "cuda" and config.model_type in common.LIGER_FAMILIES)
+    liger = args.liger if args.liger is not None else (device.type == "cuda"
+                                                       and config.model_type in fsdp_train.LIGER_FAMILIES)
     loss_impl = args.loss if args.loss != "auto" else ("liger" if liger and device.type == "cuda" else "chunked")
-    common.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
-    opts = common.ModelOptions(device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
+    varlen_attention.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
+    opts = fsdp_train.ModelOptions(attn_implementation=varlen_attention.register_attention(),
+                                   device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
                            activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
                            seed=args.seed)
-    source_dtype = common.config_dtype(config)
-    model, minfo = common.prepare_model(config, None if args.init_config else args.model, mesh, opts)  # sets fp32
-    backend = common.check_attention(model, device, dtype, config.vocab_size, args.seed)
-    cp_probe = common.check_cp_attention(cp, device, dtype, config, args.seed)
-    optimizer = common.build_optimizer(model, args.lr, args.weight_decay, args.betas)
+    source_dtype = fsdp_train.config_dtype(config)
+    model, minfo = fsdp_train.prepare_model(config, None if args.init_config else args.model, mesh, opts)  # sets fp32
+    backend = varlen_attention.check_attention(model, device, dtype, config.vocab_size, args.seed)
+    cp_probe = context_parallel.check_cp_attention(cp, device, dtype, config, args.seed)
+    optimizer = fsdp_train.build_optimizer(model, args.lr, args.weight_decay, args.betas)
 
     start_step = 0
     if resume_from is not None:
-        start_step = common.resume_checkpoint(resume_from, model, optimizer, metrics_path)
+        start_step = fsdp_train.resume_checkpoint(resume_from, model, optimizer, metrics_path)
     elif args.init_from:
-        common.load_checkpoint(args.init_from, model, optimizer if args.keep_optimizer else None, restore_rng=False)
+        fsdp_train.load_checkpoint(args.init_from, model, optimizer if args.keep_optimizer else None, restore_rng=False)
         print0(f"initialised from {args.init_from} (weights{' + optimizer state' if args.keep_optimizer else ''}); "
                "step, schedule and data position start afresh")
 
     n_params = minfo["params"]
-    peak = common.peak_flops(device)
+    peak = fsdp_train.peak_flops(device)
     print0(f"{STAGE}: {world} rank(s) on {device.type} ({dinfo.backend}), compute {str(dtype)[6:]}, "
            f"{n_params['total'] / 1e6:.1f}M parameters ({config.model_type}, {config.num_hidden_layers} layers)")
     print0(f"attention: {backend}, {'document-masked' if args.doc_mask else 'full causal per row (no doc mask)'}"
@@ -261,45 +269,45 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------------------------------------------------
     # Training loop
-    order = common.DataOrder(data.num_rows, args.seed, args.shuffle)
-    signals = common.StopSignals()
+    order = fsdp_train.DataOrder(data.num_rows, args.seed, args.shuffle)
+    signals = fsdp_train.StopSignals()
     def trainer_state(step):  # what a checkpoint records besides model, optimizer and RNG
         return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
                 "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
 
     step_times = []
-    bar = common.progress_bar(max_steps, start_step)
+    bar = fsdp_train.progress_bar(max_steps, start_step)
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
-        lr = args.lr * common.lr_multiplier(step, max_steps, warmup, args.min_lr_ratio)
-        common.set_lr(optimizer, lr)
+        lr = args.lr * fsdp_train.lr_multiplier(step, max_steps, warmup, args.min_lr_ratio)
+        fsdp_train.set_lr(optimizer, lr)
 
         # the step's rows: the same for every rank; this rank's micro-batches balanced by attention cost
         stream = order.take(step * rows_per_step, rows_per_step)
         cost = data.attn_cost if args.doc_mask else (seq_len - data.num_pad) ** 2
         # (plan[dp group]: every rank of a cp group builds the same micro-batches, then keeps its own tokens)
-        plan = common.plan_step(list(range(rows_per_step)), [int(cost[r]) for _, r in stream], dp, rows_per_micro)
+        plan = fsdp_train.plan_step(list(range(rows_per_step)), [int(cost[r]) for _, r in stream], dp, rows_per_micro)
         micro_batches = []
         for positions in plan[cp.dp_rank]:
             rows = data.rows([stream[i][1] for i in positions])
             for i, row in zip(positions, rows):
                 row["epoch"] = stream[i][0]
-            mb = common.build_micro_batch(rows, seq_len, args.doc_mask, args.pose_target_len, args.seed)
-            micro_batches.append(common.shard_micro_batch(mb, cp, pad_id))
-        n_valid = common.global_count(sum(mb.n_valid for mb in micro_batches), device)
+            mb = varlen_attention.build_micro_batch(rows, seq_len, args.doc_mask, args.pose_target_len, args.seed)
+            micro_batches.append(context_parallel.shard_micro_batch(mb, cp, pad_id))
+        n_valid = fsdp_train.global_count(sum(mb.n_valid for mb in micro_batches), device)
 
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for mb in micro_batches:
             mb = mb.to(device)
-            with common.cp_context(mb):  # PyTorch's context_parallel around forward and backward (torch ring)
-                loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, loss_impl, args.loss_chunk))
+            with context_parallel.cp_context(mb):  # PyTorch's context_parallel around forward and backward (torch ring)
+                loss = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, loss_impl, args.loss_chunk))
                 (loss / max(n_valid, 1)).backward()
             loss_sum += loss.detach()
-        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+        grad_norm = fsdp_train.clip_grad_norm(model, args.grad_clip)
 
-        (loss_total,), stop = common.reduce_step(loss_sum, signals)
+        (loss_total,), stop = fsdp_train.reduce_step(loss_sum, signals)
         loss_val, gnorm_val = loss_total / max(n_valid, 1), grad_norm.item()
-        common.check_finite(loss_val, gnorm_val, step + 1, ckpt_root, bar)
+        fsdp_train.check_finite(loss_val, gnorm_val, step + 1, ckpt_root, bar)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.debug_sleep:
@@ -311,27 +319,27 @@ def main(argv=None) -> int:
             step_times.append(dt)
         tokens = rows_per_step * seq_len
         attn_sq = int(sum(int(cost[r]) for _, r in stream))
-        flops = common.step_flops(n_params, config, tokens, seq_len, attn_sq)
-        record = common.step_record(step + 1, max_steps, loss=loss_val, grad_norm=gnorm_val, lr=lr,
+        flops = fsdp_train.step_flops(n_params, config, tokens, seq_len, attn_sq)
+        record = fsdp_train.step_record(step + 1, max_steps, loss=loss_val, grad_norm=gnorm_val, lr=lr,
                                     valid_tokens=n_valid, tokens=tokens, flops=flops, dt=dt, step_times=step_times,
                                     world=world, peak=peak, device=device)
         if cp.size > 1:  # how this rank's micro-batches attended (ProLong's shortcut shows up as "local")
             record["cp_methods"] = {m: sum(mb.cp.method == m for mb in micro_batches)
                                     for m in sorted({mb.cp.method for mb in micro_batches})}
-        common.write_step(metrics_path, record, max_steps, args.log_every, device)
+        fsdp_train.write_step(metrics_path, record, max_steps, args.log_every, device)
         bar.update(1)
 
         # checkpoints: periodic, at the end, and when a stop signal arrived on any rank
-        common.save_if_due(ckpt_root, step + 1, max_steps, stop, args, model, optimizer, trainer_state)
+        fsdp_train.save_if_due(ckpt_root, step + 1, max_steps, stop, args, model, optimizer, trainer_state)
         if stop:
-            return common.stop_on_signal(signals, bar, step + 1)
+            return fsdp_train.stop_on_signal(signals, bar, step + 1)
     bar.close()
     signals.restore()
 
     # ---------------------------------------------------------------------------------------------------------
     # Export: an ordinary HF directory in OUT/final
     if not args.no_export:
-        export_dtype = common.export_dtype(args.export_dtype, source_dtype, dtype)
+        export_dtype = fsdp_train.export_dtype(args.export_dtype, source_dtype, dtype)
         tokenizer_dir = args.tokenizer or args.model or data.manifest.get("tokenizer")
         if tokenizer_dir and not os.path.isdir(os.path.expanduser(str(tokenizer_dir))):
             tokenizer_dir = None
@@ -342,7 +350,8 @@ def main(argv=None) -> int:
                               "attention": backend, "world_size": world, "cp": cp.size},
                     "base_model": args.model or args.init_config, "recipe": {"doc_mask": args.doc_mask,
                                                                            "pose_target_len": args.pose_target_len}}
-        final = common.export_hf(model, config, out / "final", export_dtype, args.model, tokenizer_dir, manifest)
+        final = fsdp_train.export_hf(model, config, out / "final", export_dtype, args.model, tokenizer_dir, manifest,
+                    rope.both_forms)
         print0(f"exported {final} ({str(export_dtype)[6:]})")
     return 0
 

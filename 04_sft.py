@@ -68,6 +68,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import fsdp_train
+import packing
+import rope
+import varlen_attention
 from common import fail, print0
 
 STAGE = "04_sft"
@@ -388,7 +392,7 @@ def encode_conversation(tokenizer, messages, template: str, method: str, max_tok
 
 @dataclass
 class ChatRows:
-    """Packed conversations in memory, read like common.PackedData; rows also carry their `loss_mask`."""
+    """Packed conversations in memory, read like packing.PackedData; rows also carry their `loss_mask`."""
     input_ids: np.ndarray  # [rows, seq_len] int32
     loss_mask: np.ndarray  # [rows, seq_len] uint8
     doc_lens: list
@@ -457,7 +461,7 @@ def load_chat_data(args, tokenizer, template: str, method: str) -> ChatRows:
              f"--max-tokens {args.max_tokens}, {stats['no_assistant']} have no assistant tokens, "
              f"{stats['template_error']} were rejected by the chat template")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    rows = list(common.pack_documents(docs, args.seq_len, "best-fit", pad_values={"loss_mask": 0}, pad_id=pad_id,
+    rows = list(packing.pack_documents(docs, args.seq_len, "best-fit", pad_values={"loss_mask": 0}, pad_id=pad_id,
                                       rng=np.random.default_rng(args.seed)))
     data = ChatRows(input_ids=np.stack([r["input_ids"] for r in rows]).astype(np.int32),
                     loss_mask=np.stack([r["loss_mask"] for r in rows]).astype(np.uint8),
@@ -500,7 +504,7 @@ def check_teacher(args, config, tokenizer, longest: int):
 
 
 def kd_loss_fn(targets, teacher_hidden, teacher_weight, temperature: float, chunk_size: int):
-    """A loss_fn(hidden, weight) for common.forward_loss returning [CE sum, KL sum] over the trained positions:
+    """A loss_fn(hidden, weight) for fsdp_train.forward_loss returning [CE sum, KL sum] over the trained positions:
     KL(softmax(z_t / T) || softmax(z_s / T)) per token. Chunked and checkpointed: one chunk's logits at a time,
     and only for positions with a target."""
     def chunk(h, w, t, th):
@@ -514,7 +518,7 @@ def kd_loss_fn(targets, teacher_hidden, teacher_weight, temperature: float, chun
         kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
         return torch.stack([ce, kl])
 
-    return lambda hidden, weight: common.chunked_token_loss(hidden, weight, targets, chunk_size, chunk_loss=chunk,
+    return lambda hidden, weight: fsdp_train.chunked_token_loss(hidden, weight, targets, chunk_size, chunk_loss=chunk,
                                                             extra=[teacher_hidden])
 
 
@@ -524,7 +528,7 @@ def kd_loss_fn(targets, teacher_hidden, teacher_weight, temperature: float, chun
 
 def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup: int) -> dict:
     """What must match for --resume to continue exactly (world size, kernels and logging may change)."""
-    return {"model": common.model_shape(config), "data": data.fingerprint(), "rows_per_step": rows_per_step,
+    return {"model": fsdp_train.model_shape(config), "data": data.fingerprint(), "rows_per_step": rows_per_step,
             "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
             "seed": args.seed, "shuffle": args.shuffle, "weight_decay": args.weight_decay, "betas": list(args.betas),
             "grad_clip": args.grad_clip, "init": args.model, "init_from": args.init_from, "teacher": args.teacher,
@@ -536,9 +540,9 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------------------------------------------------
     # Processes and devices
-    dinfo, mesh = common.setup_distributed(args.device)
+    dinfo, mesh = fsdp_train.setup_distributed(args.device)
     device, world, rank = dinfo.device, dinfo.world_size, dinfo.rank
-    dtype = common.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = fsdp_train.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     common.seed_everything(args.seed)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -554,7 +558,7 @@ def main(argv=None) -> int:
         if args.teacher is None:
             fail(f"--data {first} is plain text packed by 01_prepare_data.py: pass --teacher for restoration "
                  "distillation, or train on it with 03_continued_pretrain.py")
-        data = common.PackedData.open(first)
+        data = packing.PackedData.open(first)
         longest = data.seq_len
         tokenizer = common.load_tokenizer(tokenizer_name) if os.path.isdir(os.path.expanduser(tokenizer_name)) \
             else None
@@ -587,47 +591,49 @@ def main(argv=None) -> int:
         fail(f"a step of {rows_per_step} rows does not divide across {world} ranks x {rows_per_micro} row(s) per "
              f"micro-batch; choose --batch-tokens as a multiple of {world * rows_per_micro * seq_len}")
     grad_accum = rows_per_step // (world * rows_per_micro)
-    max_steps, warmup = common.schedule_steps(args, batch_tokens,
+    max_steps, warmup = fsdp_train.schedule_steps(args, batch_tokens,
                                               max(1, round(args.epochs * data.num_rows / rows_per_step)))
     signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
     out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
     metrics_path = out / "metrics.jsonl"
-    resume_from = common.open_run_dir(args, out, signature, STAGE)
+    resume_from = fsdp_train.open_run_dir(args, out, signature, STAGE)
 
     # ---------------------------------------------------------------------------------------------------------
     # Models: the student as in 03; the teacher sharded the same way, without gradients or checkpointing
     liger = args.liger if args.liger is not None else (device.type == "cuda"
-                                                        and config.model_type in common.LIGER_FAMILIES)
+                                                        and config.model_type in fsdp_train.LIGER_FAMILIES)
     loss_impl = "chunked" if args.teacher else (
         args.loss if args.loss != "auto" else ("liger" if liger and device.type == "cuda" else "chunked"))
     loss_chunk = args.loss_chunk or (1024 if args.teacher else 4096)
-    common.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
-    opts = common.ModelOptions(device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
+    varlen_attention.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
+    opts = fsdp_train.ModelOptions(attn_implementation=varlen_attention.register_attention(),
+                                   device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
                                activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
                                seed=args.seed)
-    source_dtype = common.config_dtype(config)  # before prepare_model, which sets fp32
-    model, minfo = common.prepare_model(config, args.model, mesh, opts)
-    backend = common.check_attention(model, device, dtype, config.vocab_size, args.seed)
-    optimizer = common.build_optimizer(model, args.lr, args.weight_decay, args.betas)
+    source_dtype = fsdp_train.config_dtype(config)  # before prepare_model, which sets fp32
+    model, minfo = fsdp_train.prepare_model(config, args.model, mesh, opts)
+    backend = varlen_attention.check_attention(model, device, dtype, config.vocab_size, args.seed)
+    optimizer = fsdp_train.build_optimizer(model, args.lr, args.weight_decay, args.betas)
     teacher = teacher_weight = tinfo = None
     if args.teacher:
-        teacher, tinfo = common.prepare_model(tconfig, args.teacher, mesh, common.ModelOptions(
-            device=device, compute_dtype=dtype, liger=opts.liger and tconfig.model_type in common.LIGER_FAMILIES,
+        teacher, tinfo = fsdp_train.prepare_model(tconfig, args.teacher, mesh, fsdp_train.ModelOptions(
+            attn_implementation=varlen_attention.register_attention(),
+            device=device, compute_dtype=dtype, liger=opts.liger and tconfig.model_type in fsdp_train.LIGER_FAMILIES,
             activation_checkpointing=False, cpu_offload=args.cpu_offload, seed=args.seed))
         teacher.requires_grad_(False)
         teacher.eval()
-        common.check_attention(teacher, device, dtype, tconfig.vocab_size, args.seed)
-        teacher_weight = common.full_weight(teacher).to(device, dtype)  # constant: gathered once
+        varlen_attention.check_attention(teacher, device, dtype, tconfig.vocab_size, args.seed)
+        teacher_weight = fsdp_train.full_weight(teacher).to(device, dtype)  # constant: gathered once
 
     start_step = 0
     if resume_from is not None:
-        start_step = common.resume_checkpoint(resume_from, model, optimizer, metrics_path)
+        start_step = fsdp_train.resume_checkpoint(resume_from, model, optimizer, metrics_path)
     elif args.init_from:
-        common.load_checkpoint(args.init_from, model, None, restore_rng=False)
+        fsdp_train.load_checkpoint(args.init_from, model, None, restore_rng=False)
         print0(f"initialised from the weights of {args.init_from}; optimizer, step and schedule start afresh")
 
     n_params = minfo["params"]
-    peak = common.peak_flops(device)
+    peak = fsdp_train.peak_flops(device)
     print0(f"{STAGE}: {world} rank(s) on {device.type} ({dinfo.backend}), compute {str(dtype)[6:]}, "
            f"{n_params['total'] / 1e6:.1f}M parameters ({config.model_type}, {config.num_hidden_layers} layers)")
     if plain:
@@ -662,53 +668,55 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------------------------------------------------
     # Training loop
-    order = common.DataOrder(data.num_rows, args.seed, args.shuffle)
-    signals = common.StopSignals()
+    order = fsdp_train.DataOrder(data.num_rows, args.seed, args.shuffle)
+    signals = fsdp_train.StopSignals()
     def trainer_state(step):  # what a checkpoint records besides model, optimizer and RNG
         return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
                 "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
 
     step_times = []
-    bar = common.progress_bar(max_steps, start_step)
+    bar = fsdp_train.progress_bar(max_steps, start_step)
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
-        lr = args.lr * common.lr_multiplier(step, max_steps, warmup, args.min_lr_ratio)
-        common.set_lr(optimizer, lr)
+        lr = args.lr * fsdp_train.lr_multiplier(step, max_steps, warmup, args.min_lr_ratio)
+        fsdp_train.set_lr(optimizer, lr)
 
         # the step's rows: the same for every rank; this rank's micro-batches balanced by attention cost
         stream = order.take(step * rows_per_step, rows_per_step)
         cost = data.attn_cost
-        plan = common.plan_step(list(range(rows_per_step)), [int(cost[r]) for _, r in stream], world, rows_per_micro)
+        plan = fsdp_train.plan_step(list(range(rows_per_step)), [int(cost[r]) for _, r in stream], world,
+                                    rows_per_micro)
         micro_batches = []
         for positions in plan[rank]:
             rows = data.rows([stream[i][1] for i in positions])
             masks = None if plain else [row["loss_mask"] for row in rows]
-            micro_batches.append(common.build_micro_batch(rows, seq_len, True, None, args.seed, loss_masks=masks))
-        n_valid = common.global_count(sum(mb.n_valid for mb in micro_batches), device)
+            micro_batches.append(varlen_attention.build_micro_batch(rows, seq_len, True, None, args.seed,
+                                                                    loss_masks=masks))
+        n_valid = fsdp_train.global_count(sum(mb.n_valid for mb in micro_batches), device)
 
         parts = torch.zeros(2, dtype=torch.float32, device=device)  # summed CE and KL of this rank's tokens
         for mb in micro_batches:
             mb = mb.to(device)
             if teacher is None:
-                ce = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, loss_impl, loss_chunk))
+                ce = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, loss_impl, loss_chunk))
                 loss, kl = ce, torch.zeros_like(ce)
             else:
                 with torch.no_grad():
-                    teacher_hidden = common.forward_hidden(teacher, mb)
-                common.reshard(teacher)
-                ce, kl = common.forward_loss(model, mb, kd_loss_fn(mb.targets, teacher_hidden, teacher_weight,
+                    teacher_hidden = varlen_attention.forward_hidden(teacher, mb)
+                fsdp_train.reshard(teacher)
+                ce, kl = fsdp_train.forward_loss(model, mb, kd_loss_fn(mb.targets, teacher_hidden, teacher_weight,
                                                                    args.temperature, loss_chunk)).unbind()
                 loss = (1 - args.alpha) * ce + args.alpha * args.temperature ** 2 * kl
             (loss / max(n_valid, 1)).backward()
             parts += torch.stack([ce.detach(), kl.detach()])
-        grad_norm = common.clip_grad_norm(model, args.grad_clip)
+        grad_norm = fsdp_train.clip_grad_norm(model, args.grad_clip)
 
-        (ce_sum, kl_sum), stop = common.reduce_step(parts, signals)
+        (ce_sum, kl_sum), stop = fsdp_train.reduce_step(parts, signals)
         ce_val, kl_val = ce_sum / max(n_valid, 1), kl_sum / max(n_valid, 1)
         loss_val = ce_val if teacher is None else ((1 - args.alpha) * ce_val
                                                    + args.alpha * args.temperature ** 2 * kl_val)
         gnorm_val = grad_norm.item()
-        common.check_finite(loss_val, gnorm_val, step + 1, ckpt_root, bar)
+        fsdp_train.check_finite(loss_val, gnorm_val, step + 1, ckpt_root, bar)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.debug_sleep:
@@ -721,29 +729,29 @@ def main(argv=None) -> int:
             step_times.append(dt)
         tokens = rows_per_step * seq_len
         attn_sq = int(sum(int(cost[r]) for _, r in stream))
-        flops = common.step_flops(n_params, config, tokens, seq_len, attn_sq)
+        flops = fsdp_train.step_flops(n_params, config, tokens, seq_len, attn_sq)
         if teacher is not None:
-            tflops = common.step_flops(tinfo["params"], tconfig, tokens, seq_len, attn_sq)
+            tflops = fsdp_train.step_flops(tinfo["params"], tconfig, tokens, seq_len, attn_sq)
             flops = {k: v + tflops[k] / 3 for k, v in flops.items()}
-        record = common.step_record(step + 1, max_steps, loss=loss_val, grad_norm=gnorm_val, lr=lr,
+        record = fsdp_train.step_record(step + 1, max_steps, loss=loss_val, grad_norm=gnorm_val, lr=lr,
                                     valid_tokens=n_valid, tokens=tokens, flops=flops, dt=dt, step_times=step_times,
                                     world=world, peak=peak, device=device)
         if teacher is not None:
             record.update(ce=ce_val, kl=kl_val)  # write_step shows them after the loss
-        common.write_step(metrics_path, record, max_steps, args.log_every, device)
+        fsdp_train.write_step(metrics_path, record, max_steps, args.log_every, device)
         bar.update(1)
 
         # checkpoints: periodic, at the end, and when a stop signal arrived on any rank
-        common.save_if_due(ckpt_root, step + 1, max_steps, stop, args, model, optimizer, trainer_state)
+        fsdp_train.save_if_due(ckpt_root, step + 1, max_steps, stop, args, model, optimizer, trainer_state)
         if stop:
-            return common.stop_on_signal(signals, bar, step + 1)
+            return fsdp_train.stop_on_signal(signals, bar, step + 1)
     bar.close()
     signals.restore()
 
     # ---------------------------------------------------------------------------------------------------------
     # Export: an ordinary HF directory in OUT/final, with the tokenizer (and the chat template trained on)
     if not args.no_export:
-        export_dtype = common.export_dtype(args.export_dtype, source_dtype, dtype)
+        export_dtype = fsdp_train.export_dtype(args.export_dtype, source_dtype, dtype)
         tok_dir = tempfile.mkdtemp(prefix="longctx-04-tokenizer-") if rank == 0 and tokenizer is not None else None
         if tok_dir:
             if template is not None:
@@ -762,7 +770,8 @@ def main(argv=None) -> int:
                                                              if p and os.path.isdir(os.path.expanduser(p))],
                     "stats": stats, "base_model": args.model, "recipe": recipe}
         try:
-            final = common.export_hf(model, config, out / "final", export_dtype, args.model, tok_dir, manifest)
+            final = fsdp_train.export_hf(model, config, out / "final", export_dtype, args.model, tok_dir, manifest,
+                    rope.both_forms)
         finally:
             if tok_dir:
                 shutil.rmtree(tok_dir, ignore_errors=True)

@@ -5,7 +5,7 @@ tensors, not for models.
 Context extension costs short-context quality (Arcee: MMLU 65.4 -> 55.0 from YaRN alone). Arcee's AFM-4.5B
 recipe won it back partly by "iterative merging" of checkpoints from different runs; SmolLM3 recovered RULER
 with 0.9 * soup + 0.1 * mid-training checkpoint. The soup here is mergekit's `linear` method with
-`normalize: true` (RECIPES.md §8.10):
+`normalize: true` (docs/training.md#model-merging-and-soups):
 
     theta_soup  = sum_k w_k * theta_k / sum_k w_k
     theta_final = lam * theta_soup + (1 - lam) * theta_original        (only with --original)
@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import rope
 
 # Tensor dtypes as safetensors names them (the on-disk header), and bytes per element.
 SAFETENSORS_DTYPES = {
@@ -79,22 +80,6 @@ class Checkpoint:
     headers: dict[str, dict]  # tensor name -> {"dtype": "BF16", "shape": [...]}
 
 
-def resolve_model_dir(name: str) -> Path:
-    """A local directory for `name`: the path itself, or the hub snapshot (downloaded unless offline)."""
-    if common.is_local_path(name):
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            common.fail(f"model path {name} does not exist; pass HF model directories or hub names to --models")
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                            "*.jinja", "*.tiktoken"]))
-    except Exception as exc:  # offline, unknown repo, no access: one clear line
-        common.fail(f"cannot fetch {name} from the hub ({type(exc).__name__}); pass a local directory instead")
-
-
 def read_safetensors_header(path: Path) -> dict:
     with open(path, "rb") as f:
         (length,) = __import__("struct").unpack("<Q", f.read(8))
@@ -104,7 +89,8 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 def open_checkpoint(name: str) -> Checkpoint:
-    path = resolve_model_dir(name)
+    path = common.model_dir(name, "--models", allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                              "*.jinja", "*.tiktoken"])
     config_path = path / "config.json"
     if not config_path.is_file():
         common.fail(f"{name} has no config.json; pass Hugging Face model directories to --models")
@@ -292,7 +278,7 @@ def copy_config_and_tokenizer(source: Checkpoint, out: Path, trust_remote_code: 
     for file in ("config.json", "generation_config.json"):
         if (source.path / file).is_file():
             shutil.copy2(source.path / file, out / file)
-    common.sync_rope_config_file(out)  # both rope forms, whichever tool wrote the source's config
+    rope.sync_rope_config_file(out)  # both rope forms, whichever tool wrote the source's config
     common.load_tokenizer(str(source.path), trust_remote_code).save_pretrained(str(out))
 
 

@@ -3,7 +3,7 @@ data and random-init model shapes (no weights needed).
 
   ours      FSDP2 (bf16 compute, fp32 master + reduce), per-layer activation checkpointing, flattened packed rows
             with document-masked varlen attention (flash-attn or PyTorch varlen), Liger RoPE/RMSNorm/SwiGLU and
-            fused linear cross-entropy (the exact building blocks of common.py)
+            fused linear cross-entropy (the exact building blocks of 03: varlen_attention.py, fsdp_train.py)
   baseline  the same FSDP2 sharding, mixed precision and HF gradient checkpointing, but the HF model's own
             forward with labels (full logits), sdpa attention (plain causal over the row), no Liger, no packing
 
@@ -68,8 +68,11 @@ def run_one(cfg: dict) -> dict:
     import torch
 
     import common
+    import context_parallel
+    import fsdp_train
+    import varlen_attention
 
-    dinfo, mesh = common.setup_distributed(None)
+    dinfo, mesh = fsdp_train.setup_distributed(None)
     device = dinfo.device
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -79,49 +82,50 @@ def run_one(cfg: dict) -> dict:
     result = dict(cfg, device=torch.cuda.get_device_name(device) if cuda else "cpu", ok=False,
                   world_size=dinfo.world_size)
     try:
-        cp = common.setup_context_parallel(cfg.get("cp", 1), config, device, doc_mask=doc_mask,
+        cp = context_parallel.setup_context_parallel(cfg.get("cp", 1), config, device, doc_mask=doc_mask,
                                            attention=cfg.get("cp_attention", "auto"))
         if cp.size > 1 and mode != "ours":
             common.fail("the baseline has no context parallelism")
         if mode == "ours":
-            liger = cuda and config.model_type in common.LIGER_FAMILIES and not cfg.get("no_liger")
-            model, info = common.prepare_model(config, None, mesh, common.ModelOptions(
+            liger = cuda and config.model_type in fsdp_train.LIGER_FAMILIES and not cfg.get("no_liger")
+            model, info = fsdp_train.prepare_model(config, None, mesh, fsdp_train.ModelOptions(
+                attn_implementation=varlen_attention.register_attention(),
                 device=device, compute_dtype=dtype, liger=liger, activation_checkpointing=cfg.get("ac", True),
                 seed=0))
             params = info["params"]
-            result["attention"] = common.check_attention(model, device, dtype, config.vocab_size)
+            result["attention"] = varlen_attention.check_attention(model, device, dtype, config.vocab_size)
             if cp.size > 1:
-                result["cp"] = f"{cp.describe()}; {common.check_cp_attention(cp, device, dtype, config)}"
+                result["cp"] = f"{cp.describe()}; {context_parallel.check_cp_attention(cp, device, dtype, config)}"
             loss_impl = "liger" if liger else "chunked"
         else:
             from transformers import AutoModelForCausalLM
 
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-            params = common.count_params(model)
+            params = fsdp_train.count_params(model)
             if cfg.get("ac", True):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-            common.shard_model(model, mesh, common.ModelOptions(device=device, compute_dtype=dtype))
-            common.materialize(model, device, None, seed=0)
+            fsdp_train.shard_model(model, mesh, fsdp_train.ModelOptions(device=device, compute_dtype=dtype))
+            fsdp_train.materialize(model, device, None, seed=0)
             model.train()
             result["attention"] = "sdpa, causal over the whole row"
-        optimizer = common.build_optimizer(model, 1e-5)
+        optimizer = fsdp_train.build_optimizer(model, 1e-5)
         # every data-parallel group gets its own rows; the ranks of a cp group share theirs
         n_rows = cfg["steps"] + cfg["warmup"]
         rows = synthetic_rows(seq_len, n_rows * cp.dp_size, config.vocab_size, cfg["docs"], seed=0)
         rows = rows[cp.dp_rank * n_rows:(cp.dp_rank + 1) * n_rows]
 
         def step(row):
-            full = common.build_micro_batch([row], seq_len, doc_mask=doc_mask)
-            mb = common.shard_micro_batch(full, cp).to(device)
+            full = varlen_attention.build_micro_batch([row], seq_len, doc_mask=doc_mask)
+            mb = context_parallel.shard_micro_batch(full, cp).to(device)
             if mode == "ours":
-                with common.cp_context(mb):
-                    loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, loss_impl))
-                    (loss / max(common.global_count(mb.n_valid, device), 1)).backward()
+                with context_parallel.cp_context(mb):
+                    loss = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, loss_impl))
+                    (loss / max(fsdp_train.global_count(mb.n_valid, device), 1)).backward()
             else:
                 model(input_ids=mb.input_ids, labels=mb.input_ids, use_cache=False).loss.backward()
-            common.clip_grad_norm(model, 1.0)
+            fsdp_train.clip_grad_norm(model, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return full.attn_sq
@@ -142,13 +146,13 @@ def run_one(cfg: dict) -> dict:
         tokens = seq_len * cfg["steps"]  # per data-parallel group; a cp group of N GPUs shares them
         if mode == "baseline" or not doc_mask:  # attention over the whole row
             attn_sq = seq_len * seq_len * cfg["steps"]
-        flops = common.step_flops(params, config, tokens, seq_len, attn_sq)
-        peak = common.peak_flops(device)
+        flops = fsdp_train.step_flops(params, config, tokens, seq_len, attn_sq)
+        peak = fsdp_train.peak_flops(device)
         per_gpu = cp.size  # GPUs sharing the tokens counted above
         result.update(ok=True, tokens_per_s=tokens / dt / per_gpu, step_time_s=dt / cfg["steps"],
                       mfu_torchtitan=flops["torchtitan"] / dt / per_gpu / peak if peak else None,
                       mfu_causal_doc=flops["causal_doc"] / dt / per_gpu / peak if peak else None,
-                      peak_mem_gib=common.peak_memory_gib(device), params_m=params["total"] / 1e6)
+                      peak_mem_gib=fsdp_train.peak_memory_gib(device), params_m=params["total"] / 1e6)
     except common.UserError as exc:  # e.g. a --cp the heads or the world size cannot take
         result.update(error="refused", detail=str(exc)[:300])
     except torch.cuda.OutOfMemoryError as exc:
@@ -212,7 +216,8 @@ def profile_step(run_step, cuda: bool, top: int = 12) -> dict:
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
     rows.sort(key=lambda r: -r[1])
     return {"total_ms": total, "wall_ms": wall_ms,
-            "cpu_top": [{"name": n[:80], "ms": ms, "calls": c} for n, ms, c in cpu_ops[:8]], "by_kind": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "cpu_top": [{"name": n[:80], "ms": ms, "calls": c} for n, ms, c in cpu_ops[:8]],
+            "by_kind": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [{"name": n[:110], "ms": ms, "calls": c, "share": ms / total} for n, ms, c in rows[:top]]}
 
 

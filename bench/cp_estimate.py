@@ -8,8 +8,8 @@ named constant below; change one and re-run.
 Model: compute time per token = FLOPs_tt(S) / (eta * peak), with FLOPs_tt the torchtitan convention
 (6 N_non-embedding + 12 L H d S per token: non-causal attention over the whole row, masks ignored) and eta the
 efficiency that convention implies in torchtitan's published Llama-3-8B H100 table at the same CP degree
-(ANCHORS.md 4.4). Document masking (ProLong) makes the real attention work smaller than FLOPs_tt counts, so
-for doc-masked rows the figure is a lower bound.
+(docs/training.md#published-throughput). Document masking (ProLong) makes the real attention work smaller than
+FLOPs_tt counts, so for doc-masked rows the figure is a lower bound.
 
 Communication per GPU per row (bf16, activation checkpointing = one extra forward):
 - Ulysses (doc-masked rows): 4 all-to-alls per layer (q, k, v, out) in the forward, 4 in the backward, 4 in the

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Arcee AFM-4.5B: 4K to 64K with YaRN, continued pretraining, model soups and short-context distillation
-# (Charles Goddard, "Extending AFM-4.5B to 64k Context Length", Arcee blog, 2025-06-23). Facts: RECIPES.md §3,
-# §10.1. The public blog text stops after its PoSE experiment, so most of this file is a RECONSTRUCTION:
+# (Charles Goddard, "Extending AFM-4.5B to 64k Context Length", Arcee blog, 2025-06-23).
+# Facts: docs/recipes.md#arcee-afm-45b, #arcee-results. The public blog text stops after its PoSE experiment,
+# so most of this file is a RECONSTRUCTION:
 #   [C] confirmed: the YaRN settings (AFM's shipped config), the 4K starting length, the steps named by Arcee's
 #       GLM-4-32B-Base-32K card (long continued pretraining, iterative merging, short-context distillation),
 #       DistillKit's loss defaults, and the published numbers below;
 #   [S] secondary (a third-party note citing the blog): ProLong data, MergeKit + DistillKit, ~700 H100-hours,
 #       NIAH 100% at 32K and 97% at 64K;
 #   [R] reconstructed here, not published: every data amount, learning rate, step count, run count, soup weight
-#       and the distillation data (RECIPES.md §3.3).
+#       and the distillation data (docs/recipes.md#arcee-reconstruction).
 #
 #   01 ProLong-style 64K rows + 4K short rows -> 02 YaRN factor 20 -> 03 x RUNS long runs -> 06 soup of the runs
 #   -> 04 distillation from the original 4K model on short text -> 06 soup of distilled + soup -> 05 evaluation of

@@ -14,7 +14,7 @@ the form that 05_eval.py's `kv` NIAH variants ask about:
 A line whose key appeared earlier repeats that needle verbatim, so the value is predictable only by finding the
 key earlier in the document (a needle is otherwise 23 bits of noise). Several pairs per document (--pairs), each
 asked once or more (--queries), and fillers of random length spread the needle-question distances over the whole
-window. Keys (adjective-noun) and values (7 digits) come from 05_eval.py's NIAH generator.
+window. Keys (adjective-noun) and values (7 digits) come from ruler.py, 05's NIAH generator.
 
 Subcommands:
     corpus     write the embedded corpus (stdlib code repositories, KJV books) as jsonl sources for 01
@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+import ruler  # noqa: E402
+import fsdp_train  # noqa: E402
 from common import fail  # noqa: E402
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<s>"]  # eos, pad, bos (01 appends eos after every document)
@@ -56,7 +58,7 @@ DIGIT_GROUPS = r" ?\d{1,2}"
 
 
 def eval_module():
-    """05_eval.py as a module: the `kv` needle texts, keys and values come from its NIAH generator."""
+    """05_eval.py as a module (demo_report.py draws with its plots and tables)."""
     name = "longctx_05_eval"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, ROOT / "05_eval.py")
@@ -100,9 +102,8 @@ def read_jsonl_texts(path: Path) -> list[str]:
 
 def needle_lines(n: int, seed: int) -> list[str]:
     """Needle lines as they appear in key-value documents (tokenizer training text)."""
-    ev = eval_module()
     rng = random.Random(f"{seed}:needle-lines")
-    return [ev.KV_NEEDLE.format(key=ev.random_value(rng, "words"), value=ev.random_value(rng, "numbers"))
+    return [ruler.KV_NEEDLE.format(key=ruler.random_value(rng, "words"), value=ruler.random_value(rng, "numbers"))
             for _ in range(n)]
 
 
@@ -192,16 +193,15 @@ def kv_document(rng: random.Random, pool: FillerPool, tokenizer, doc_tokens: int
                 queries: tuple[float, float]) -> dict:
     """One key-value document of at most `doc_tokens` tokens: P needles and Q questions in random order (a
     question only after its needle, the last event always a question) with real-text fillers between them."""
-    ev = eval_module()
     n_pairs = rng.randint(*pairs)
     n_queries = max(1, round(n_pairs * rng.uniform(*queries)))
     keys, nouns = [], set()
     while len(keys) < n_pairs:  # distinct nouns: the key's last word alone tells the pairs apart
-        k = ev.random_value(rng, "words")
+        k = ruler.random_value(rng, "words")
         if k.split("-")[1] not in nouns:
             nouns.add(k.split("-")[1])
             keys.append(k)
-    values = [ev.random_value(rng, "numbers") for _ in keys]
+    values = [ruler.random_value(rng, "numbers") for _ in keys]
     kinds = ["N"] + rng.sample(["N"] * (n_pairs - 1) + ["Q"] * (n_queries - 1), n_pairs + n_queries - 2) + ["Q"]
     events, seen, asked = [], [], []
     for kind in kinds:
@@ -212,7 +212,7 @@ def kv_document(rng: random.Random, pool: FillerPool, tokenizer, doc_tokens: int
             fresh = [i for i in seen if i not in asked]
             i = rng.choice(fresh or seen)
             asked.append(i)
-        events.append((kind, ev.KV_NEEDLE.format(key=keys[i], value=values[i]) + "\n"))
+        events.append((kind, ruler.KV_NEEDLE.format(key=keys[i], value=values[i]) + "\n"))
     event_tokens = [len(x) for x in tokenizer([e[1] for e in events], add_special_tokens=False,
                                                verbose=False)["input_ids"]]
     free = doc_tokens - sum(event_tokens)
@@ -265,11 +265,10 @@ def repeat_document(rng: random.Random, tokenizer, doc_tokens: int) -> dict:
     the same line again. Every token of the second copy is predictable only by finding its predecessor in the
     first copy and taking the token after it: exactly the induction head that retrieval from a needle needs,
     with a dense signal (half the document) that forms it in far fewer steps than needles alone."""
-    ev = eval_module()
     target = rng.randint(16, (doc_tokens - 2) // 2)
     items, n = [], 0
     while n < target:
-        items.append(ev.random_value(rng, "numbers" if rng.random() < 0.3 else "words"))
+        items.append(ruler.random_value(rng, "numbers" if rng.random() < 0.3 else "words"))
         n = len(tokenizer(" ".join(items), add_special_tokens=False)["input_ids"])
     while len(items) > 1 and 2 * n + 2 > doc_tokens:
         items.pop()
@@ -321,10 +320,9 @@ def load_for_probe(path: str, init_config: str | None):
 
 
 def probe_prompts(tokenizer, length: int, tasks: list[str], depths: int, samples: int, seed: int) -> list[dict]:
-    ev = eval_module()
-    _, text = ev.load_haystack_text("books")
+    _, text = ruler.load_haystack_text("books")
     depth_list = [100 * i / max(depths - 1, 1) for i in range(depths)]
-    recs = ev.build_niah_prompts(tasks, [length], depth_list, samples, text, tokenizer, seed=seed,
+    recs = ruler.build_niah_prompts(tasks, [length], depth_list, samples, text, tokenizer, seed=seed,
                                  max_new_tokens=8)
     for r in recs:
         r["answer_ids"] = tokenizer(" " + r["references"][0], add_special_tokens=False)["input_ids"]
@@ -357,8 +355,8 @@ def run_probe(args) -> list[dict]:
         model = load_for_probe(path, args.init_config)
         acc = probe_accuracy(model, recs)
         step = None
-        if (Path(path) / common.TRAINER_STATE).is_file():
-            step = common.read_trainer_state(path).get("step")
+        if (Path(path) / fsdp_train.TRAINER_STATE).is_file():
+            step = fsdp_train.read_trainer_state(path).get("step")
         row = {"model": str(path), "step": step, "length": args.length, "prompts": len(recs), **acc}
         rows.append(row)
         print(json.dumps(row), flush=True)

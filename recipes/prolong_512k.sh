@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ProLong stage 2: the 64K model to 512K (arXiv 2410.02660; princeton-nlp/ProLong train_512K.sh). Facts:
-# RECIPES.md §5, ANCHORS.md §4.1. Run recipes/prolong_64k.sh first.
+# docs/recipes.md#prolong, docs/training.md#prolong-system-facts. Run recipes/prolong_64k.sh first.
 #
 #   01 mix and pack 512K rows -> 02 RoPE base 8e6 -> 1.28e8 -> 03 continued pretraining, 20B tokens, starting
 #   from the 64K run's last checkpoint WITH its optimizer state and a fresh schedule (paper §3; ProLong does this
@@ -10,8 +10,8 @@
 #   DRY_RUN=1 bash recipes/prolong_512k.sh
 #
 # Sources disagree on the learning rate: the paper (Table 9) says 1e-5 "each stage", the released train_512K.sh
-# uses 5e-6, and which one produced the released checkpoint is not known (RECIPES.md §1.4, §12). This file uses
-# the released script's 5e-6; LR=1e-5 gives the paper's.
+# uses 5e-6, and which one produced the released checkpoint is not known (docs/recipes.md#open-disagreements).
+# This file uses the released script's 5e-6; LR=1e-5 gives the paper's.
 #
 # Hardware: ProLong ran this stage with Ulysses sequence parallelism over each 8-GPU node (--seq_parallel_size 8);
 # here that is 03's --cp 8 (Ulysses all-to-all for document-masked rows, ProLong's local shortcut where no document

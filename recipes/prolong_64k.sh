@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ProLong stage 1: Llama-3-8B-Instruct from 8K to 64K (Gao et al., "How to Train Long-Context Language Models
-# (Effectively)", arXiv 2410.02660; princeton-nlp/ProLong train_64K.sh). Facts: RECIPES.md §5, ANCHORS.md §4.1.
+# (Effectively)", arXiv 2410.02660; princeton-nlp/ProLong train_64K.sh).
+# Facts: docs/recipes.md#prolong, docs/training.md#prolong-system-facts.
 #
 #   01 mix and pack 64K rows (document boundaries kept) -> 02 RoPE base 5e5 -> 8e6 -> 03 continued pretraining,
 #   20B tokens, document masking -> 05 evaluation against the base. Next: prolong_512k.sh, then prolong_sft.sh
@@ -46,7 +47,7 @@ arxiv=$DATA_ROOT/arxiv@0.03 openwebmath=$DATA_ROOT/openwebmath@0.03 textbooks=$D
 : "${BETA2:=0.95}"
 : "${GRAD_CLIP:=1.0}"         # max_grad_norm 1.0 (script only, not in the paper)
 : "${SEED:=0}"
-: "${SAVE_EVERY:=250}"        # longctx choice (ProLong's save interval is not in RECIPES.md)
+: "${SAVE_EVERY:=250}"        # longctx choice (ProLong's save interval is not published)
 : "${CP:=1}"                  # no sequence parallelism at 64K (chunked CE makes it fit 80 GB, ProLong README)
 
 # --- evaluation (05: RULER NIAH + MMLU + loss by position; ProLong itself used HELMET and lm-eval) -----------

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ProLong SFT: short instruction tuning of the 512K model, the last step to ProLong-8B-512K-Instruct
-# (arXiv 2410.02660; princeton-nlp/ProLong train_sft.sh). Facts: RECIPES.md §5.1, §10.3. Run
-# recipes/prolong_512k.sh first (or point MODEL at any extended model).
+# (arXiv 2410.02660; princeton-nlp/ProLong train_sft.sh). Facts: docs/recipes.md#prolong-final-recipe,
+# #prolong-results. Run recipes/prolong_512k.sh first (or point MODEL at any extended model).
 #
 #   04 SFT on UltraChat, conversations packed into 64K rows with a mask per conversation, loss on assistant
 #   tokens only, global token mean -> 05 evaluation of base, 512K model and the SFT model side by side.

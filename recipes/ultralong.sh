@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # NVIDIA UltraLong: Llama-3.1-8B-Instruct (128K) to 1M, 2M or 4M tokens in one step (Xu et al., "From 128K to 4M:
 # Efficient Training of Ultra-Long Context Large Language Models", arXiv 2504.06214). No training code was
-# released: the settings come from the paper, project page and model cards. Facts: RECIPES.md §4, §10.2.
+# released: the settings come from the paper, project page and model cards.
+# Facts: docs/recipes.md#ultralong, #ultralong-results.
 #
 #   01 SlimPajama per domain, short documents downsampled and long ones upsampled, "<s>" between documents
 #   -> 02 YaRN, s = target / 8192 (Llama-3.1's ORIGINAL length), beta_fast 4, beta_slow 1 -> 03 continued
@@ -43,7 +44,8 @@ github=$DATA_ROOT/RedPajamaGithub@0.052 book=$DATA_ROOT/RedPajamaBook@0.042 arxi
 wikipedia=$DATA_ROOT/RedPajamaWikipedia@0.038 stackexchange=$DATA_ROOT/RedPajamaStackExchange@0.033}"
 : "${SEPARATOR:=<s>}"           # literal "<s>" between documents instead of BOS/EOS [S]; without it RULER<1M 79.15
                                 # vs 80.17, InfiniteBench 22.75 vs 26.25 (Table 3)
-: "${LONG_TOKEN_SHARE:=0.7}"    # per-source length upsampling, Fu et al. 2024 [C]; the share ~70% [R, RECIPES §11]
+: "${LONG_TOKEN_SHARE:=0.7}"    # per-source length upsampling, Fu et al. 2024 [C];
+                                # the share ~70% [R, docs/data-format.md#length-upsampling]
 : "${SHORT_DOC_TOKENS:=4096}"   # documents < 4K downsampled [S]
 : "${LONG_DOC_TOKENS:=8192}"    # documents > 8K upsampled [S]
 

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, os.path.dirname(__file__))  # lc_testutil, assets
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # common.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # common.py and the topic modules
 
 import pytest  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The foundation in common.py: atomic outputs, manifests, clear failures, loading by path."""
+"""What every stage shares (common.py): atomic outputs, manifests, clear failures, loading by path."""
 import json
 import subprocess
 import sys

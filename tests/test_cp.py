@@ -20,6 +20,9 @@ import pytest
 import torch
 
 import common
+import context_parallel
+import fsdp_train
+import varlen_attention
 from lc_testutil import ROOT, load_script
 from test_train import make_packed_data, rows_of
 
@@ -28,7 +31,7 @@ SEQ = 30  # not a multiple of 4 or 8: cp 4 (Ulysses) and the ring (2N chunks) pa
 
 
 def group(size, rank, attention, ring_impl="allgather", kv_repeat=1):
-    return common.CPGroup(size=size, rank=rank, attention=attention, kv_repeat=kv_repeat,
+    return context_parallel.CPGroup(size=size, rank=rank, attention=attention, kv_repeat=kv_repeat,
                           ring_impl=ring_impl if attention == "ring" else "")
 
 
@@ -44,7 +47,7 @@ def expected_positions(total, size, rank, attention):
 @pytest.mark.parametrize("attention,size", [("ulysses", 2), ("ulysses", 4), ("ring", 2), ("ring", 4)])
 def test_shards_partition_the_row_with_targets_positions_and_counts(attention, size):
     rows = rows_of([([4, 19, 7], 0), ([11, 12], 7)], SEQ, seed=3)
-    mb = common.build_micro_batch(rows, SEQ, doc_mask=True)
+    mb = varlen_attention.build_micro_batch(rows, SEQ, doc_mask=True)
     T = 2 * SEQ
     mult = size * (2 if attention == "ring" else 1)
     total = -(-T // mult) * mult
@@ -53,7 +56,7 @@ def test_shards_partition_the_row_with_targets_positions_and_counts(attention, s
     tgt = mb.targets[0].tolist() + [-100] * (total - T)
     seen, n_valid = [], 0
     for r in range(size):
-        local = common.shard_micro_batch(mb, group(size, r, attention), pad_id=1)
+        local = context_parallel.shard_micro_batch(mb, group(size, r, attention), pad_id=1)
         want = expected_positions(total, size, r, attention)
         assert local.input_ids[0].tolist() == [ids[i] for i in want]
         assert local.position_ids[0].tolist() == [pos[i] for i in want]
@@ -68,8 +71,9 @@ def test_shards_partition_the_row_with_targets_positions_and_counts(attention, s
 def test_method_choice_local_shortcut_only_when_exact():
     def method(segs, size, attention, ring_impl="allgather", doc_mask=True):
         row = rows_of([(segs, 0)], sum(segs))
-        mb = common.build_micro_batch(row, sum(segs), doc_mask=doc_mask)
-        return [common.shard_micro_batch(mb, group(size, r, attention, ring_impl)).cp.method for r in range(size)]
+        mb = varlen_attention.build_micro_batch(row, sum(segs), doc_mask=doc_mask)
+        return [context_parallel.shard_micro_batch(mb, group(size, r, attention, ring_impl)).cp.method
+                for r in range(size)]
 
     # documents tiling the slices: ProLong's shortcut, no collective
     assert method([8, 8, 8, 8], 4, "ulysses") == ["local"] * 4
@@ -82,8 +86,9 @@ def test_method_choice_local_shortcut_only_when_exact():
     assert method([20, 12], 2, "ring", "torch") == ["allgather"] * 2
     # KV heads: repeated up to lcm(H_kv, N)
     config = common.config_from_init_spec("tiny-llama")  # 4 query heads, 2 KV heads
-    assert common.setup_context_parallel(1, config, torch.device("cpu")).size == 1
-    padded = common.shard_micro_batch(common.build_micro_batch(rows_of([([30], 0)], 30), 30), group(4, 0, "ring"))
+    assert context_parallel.setup_context_parallel(1, config, torch.device("cpu")).size == 1
+    row = varlen_attention.build_micro_batch(rows_of([([30], 0)], 30), 30)
+    padded = context_parallel.shard_micro_batch(row, group(4, 0, "ring"))
     assert padded.cp.method == "allgather" and padded.n_tokens == 32 // 4
 
 
@@ -126,7 +131,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 import torch, torch.distributed as dist
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import common
+import common, context_parallel, fsdp_train, varlen_attention
 from lc_testutil import load_script
 script = load_script("03_continued_pretrain")
 dist.init_process_group("gloo")
@@ -137,7 +142,7 @@ results = {{"attention": []}}
 heads = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2)
 for size in (2, 4):
     for attention in ("ulysses", "ring"):
-        base = common.setup_context_parallel(size, heads, torch.device("cpu"), attention=attention)
+        base = context_parallel.setup_context_parallel(size, heads, torch.device("cpu"), attention=attention)
         for hkv in (2, 1):
             cp = replace(base, kv_repeat=math.lcm(hkv, size) // hkv if attention == "ulysses" else 1)
             for segs in ([3, 17, 1, 9], [30], [8, 8, 8, 8], [5, 20, 7]):
@@ -147,9 +152,9 @@ for size in (2, 4):
                 k = torch.randn(T, hkv, 8, generator=g, dtype=torch.float64, requires_grad=True)
                 v = torch.randn(T, hkv, 8, generator=g, dtype=torch.float64, requires_grad=True)
                 go = torch.randn(T, 4, 8, generator=g, dtype=torch.float64)
-                ref = common.reference_varlen_attention(q, k, v, segs, 0.3)
+                ref = varlen_attention.reference_varlen_attention(q, k, v, segs, 0.3)
                 ref_grads = torch.autograd.grad(ref, (q, k, v), go)
-                local = common.shard_micro_batch(common._probe_micro_batch(segs), cp)
+                local = context_parallel.shard_micro_batch(context_parallel._probe_micro_batch(segs), cp)
                 idx = local.position_ids[0]
                 real = idx < T  # the padding appended for the split has positions >= T
                 def take(z):
@@ -157,7 +162,7 @@ for size in (2, 4):
                     out[real] = z.detach()[idx[real]]
                     return out.requires_grad_()
                 ql, kl, vl = take(q), take(k), take(v)
-                out = common.cp_attention(ql, kl, vl, local.cp, 0.3)
+                out = context_parallel.cp_attention(ql, kl, vl, local.cp, 0.3)
                 gl = torch.zeros_like(out)
                 gl[real] = go[idx[real]]
                 grads = torch.autograd.grad(out, (ql, kl, vl), gl)
@@ -251,7 +256,7 @@ def test_stage03_under_cp_matches_cp1(cp_runs, name, mode):
     assert_same_trajectory(metrics(out), metrics(cp_runs["refs"][mode]))  # ring_cp4: steps 3-4 from its resume
     used = set().union(*(m["cp_methods"] for m in metrics(out)))
     assert used <= ({"ulysses", "local"} if mode == "--doc-mask" else {"allgather", "local"}) and used - {"local"}
-    state = common.read_trainer_state(out / "checkpoints" / "step_00000004")
+    state = fsdp_train.read_trainer_state(out / "checkpoints" / "step_00000004")
     assert state["world_size"] == 4 and state["rows_consumed"] == 16
 
 

@@ -1,13 +1,18 @@
 """05_eval.py: needles found and scored from the real generation, MMLU prompts byte-identical to lm-eval's and
 scored like it, micro vs macro averaging, loss by position, one report for several models, clear bad-input lines."""
+import importlib.machinery
 import json
 import shutil
+import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import common
+import ruler
+import varlen_attention
 from lc_testutil import error_lines, load_script, run_script
 
 ev = load_script("05_eval")
@@ -18,17 +23,17 @@ ev = load_script("05_eval")
 
 
 def test_ruler_template_and_needle_text_are_rulers():
-    task = ev.NIAH_TASKS["niah_single_2"]
-    sample = ev.make_sample(task, seed=0, length=1024, depth=50.0, index=0)
+    task = ruler.NIAH_TASKS["niah_single_2"]
+    sample = ruler.make_sample(task, seed=0, length=1024, depth=50.0, index=0)
     assert sample.needles[0] == f"One of the special magic numbers for {sample.query} is: {sample.answers[0]}."
-    prompt = ev.render_prompt(sample, "CONTEXT", tokenizer=None, chat_template=False, answer_prefix=True)
+    prompt = ruler.render_prompt(sample, "CONTEXT", tokenizer=None, chat_template=False)
     assert prompt == (
         "A special magic number is hidden within the following text. Make sure to memorize it. I will quiz you "
         "about the number afterwards.\nCONTEXT\nWhat is the special magic number for " + sample.query +
         " mentioned in the provided text? The special magic number for " + sample.query +
         " mentioned in the provided text is")
-    multi = ev.make_sample(ev.NIAH_TASKS["niah_multivalue"], seed=0, length=1024, depth=50.0, index=0)
-    prompt = ev.render_prompt(multi, "CONTEXT", tokenizer=None, chat_template=False, answer_prefix=True)
+    multi = ruler.make_sample(ruler.NIAH_TASKS["niah_multivalue"], seed=0, length=1024, depth=50.0, index=0)
+    prompt = ruler.render_prompt(multi, "CONTEXT", tokenizer=None, chat_template=False)
     assert prompt.startswith("Some special magic numbers are hidden within the following text.")
     assert prompt.endswith(f"The special magic numbers for {multi.query} mentioned in the provided text are")
     assert len(multi.answers) == 4 and len(multi.needles) == 4
@@ -37,11 +42,11 @@ def test_ruler_template_and_needle_text_are_rulers():
 def test_prompts_fill_the_length_with_needles_at_sentence_boundaries(tokenizer):
     text = "\n\n".join(d["text"] for d, _ in zip(common.book_documents(), range(2))) or open(common.__file__).read()
     kwargs = dict(seed=0, max_new_tokens=16)
-    recs = ev.build_niah_prompts(["niah_single_2", "niah_multikey_1", "niah_multiquery", "niah_single_1",
+    recs = ruler.build_niah_prompts(["niah_single_2", "niah_multikey_1", "niah_multiquery", "niah_single_1",
                                   "niah_multikey_3"], [400, 600], [0.0, 50.0, 100.0], 1, text, tokenizer, **kwargs)
-    again = ev.build_niah_prompts(["niah_single_2"], [400, 600], [0.0, 50.0, 100.0], 1, text, tokenizer, **kwargs)
+    again = ruler.build_niah_prompts(["niah_single_2"], [400, 600], [0.0, 50.0, 100.0], 1, text, tokenizer, **kwargs)
     assert [r["prompt"] for r in recs[:6]] == [r["prompt"] for r in again]  # deterministic
-    other = ev.build_niah_prompts(["niah_single_2"], [400], [50.0], 1, text, tokenizer, seed=1, max_new_tokens=16)
+    other = ruler.build_niah_prompts(["niah_single_2"], [400], [50.0], 1, text, tokenizer, seed=1, max_new_tokens=16)
     assert other[0]["references"] != recs[1]["references"]
     for r in recs:
         budget = r["length"] - 16
@@ -62,7 +67,7 @@ def test_prompts_fill_the_length_with_needles_at_sentence_boundaries(tokenizer):
 
 
 def test_planted_wrong_answer_scores_zero(tokenizer):
-    recs = ev.build_niah_prompts(["niah_single_2", "niah_multivalue"], [500], [50.0], 1, "Some text here. " * 500,
+    recs = ruler.build_niah_prompts(["niah_single_2", "niah_multivalue"], [500], [50.0], 1, "Some text here. " * 500,
                                  tokenizer, seed=0, max_new_tokens=16)
     wrong = ev.run_niah(None, tokenizer, [dict(r) for r in recs], 16, 4096, 4,
                         generate=lambda rows, refs: ["The special magic number is 1234567." for _ in rows])
@@ -72,7 +77,7 @@ def test_planted_wrong_answer_scores_zero(tokenizer):
                        generate=lambda rows, refs: [" and ".join(x[:2]) for x in refs])
     assert [r["string_match_all"] for r in half] == [100.0, 50.0]  # multi-value: 2 of 4 found
     assert [r["string_match_part"] for r in half] == [100.0, 100.0]
-    assert ev.string_match_all("  the number is 7654321\x00", ["7654321"]) == 1.0
+    assert ruler.string_match_all("  the number is 7654321\x00", ["7654321"]) == 1.0
     assert ev.summarize_niah(half)["score"] == 75.0
 
 
@@ -80,8 +85,8 @@ def test_smollm2_finds_the_needle_and_is_scored_from_its_generation(smollm2_dir)
     torch.manual_seed(0)
     tok = common.load_tokenizer(smollm2_dir)
     model = common.load_model(smollm2_dir, attn_implementation="sdpa")
-    _, text = ev.load_haystack_text("books")
-    recs = ev.build_niah_prompts(["niah_single_2"], [1024], [0.0, 50.0, 100.0], 1, text, tok, seed=0,
+    _, text = ruler.load_haystack_text("books")
+    recs = ruler.build_niah_prompts(["niah_single_2"], [1024], [0.0, 50.0, 100.0], 1, text, tok, seed=0,
                                  max_new_tokens=16)
     ev.run_niah(model, tok, recs, 16, 8192, 4)
     assert [r["string_match_all"] for r in recs] == [100.0, 100.0, 100.0], [r["generation"] for r in recs]
@@ -93,7 +98,7 @@ def test_smollm2_finds_the_needle_and_is_scored_from_its_generation(smollm2_dir)
     direct = tok.decode(out[0, len(r["input_ids"]):], skip_special_tokens=True)
     assert direct == r["generation"] and r["prediction"] == direct.strip()
     assert r["references"][0] in direct
-    assert r["string_match_all"] == 100 * ev.string_match_all(direct, r["references"])
+    assert r["string_match_all"] == 100 * ruler.string_match_all(direct, r["references"])
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -147,10 +152,11 @@ def test_mmlu_scorer_reproduces_hand_computed_answers(tiny_llama_dir):
             assert pred["prediction"] == max(range(4), key=lambda i: hand[i])
             assert pred["correct"] == (pred["prediction"] == item["answer"])
     assert meta["questions"] == 3 and meta["tokens_run"] < meta["row_tokens"]  # the shared prefix ran once
-    # Sharing each subject's 5-shot prefix through the KV cache changes nothing.
-    full, _ = ev.run_mmlu(model, tok, items, max_length=256, batch_tokens=4096, max_rows=8, prefix_cache=False)
-    for a, b in zip(full, preds):
-        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)
+    # Sharing each subject's 5-shot prefix through the KV cache changes nothing: every row in full, no groups.
+    requests = [ev.encode_pair(tok, ev.mmlu_prompt(q["subject"], q["shots"], q), " " + letter)
+                for q in items for letter in "ABCD"]
+    full = ev.loglikelihoods(model, requests, max_length=256, batch_tokens=4096, max_rows=8)
+    assert full == pytest.approx([ll for p in preds for ll in p["loglikelihoods"]], abs=1e-5)
 
 
 def test_loglikelihoods_share_rows_and_handle_multi_token_continuations(tiny_llama_dir):
@@ -168,17 +174,16 @@ def test_loglikelihoods_share_rows_and_handle_multi_token_continuations(tiny_lla
 
 
 def test_varlen_attention_path_equals_sdpa(tiny_llama_dir):
-    """--attn longctx_varlen (03's document-masked kernel in common.py): rows packed into one flattened row
-    give the same log-likelihoods and losses as padded sdpa batches; generation falls back to sdpa."""
-    train = common
+    """--attn longctx_varlen (03's document-masked kernel, varlen_attention.py): the perplexity rows run through it
+    and give sdpa's losses; log-likelihoods and generation need a KV cache, which it lacks, and run on sdpa."""
     tok = common.load_tokenizer(tiny_llama_dir)
     sdpa = common.load_model(tiny_llama_dir, attn_implementation="sdpa")
-    varlen = common.load_model(tiny_llama_dir, attn_implementation=ev.resolve_attn(train.ATTN_NAME))
+    varlen = common.load_model(tiny_llama_dir, attn_implementation=ev.resolve_attn(varlen_attention.ATTN_NAME))
     assert ev.is_varlen(varlen) and not ev.is_varlen(sdpa)
     reqs = [ev.encode_pair(tok, c, x) for c, x in [("In the beginning God", " created"), ("A", " B C D")]]
     assert ev.loglikelihoods(varlen, reqs, 256, 4096, 8) == pytest.approx(ev.loglikelihoods(sdpa, reqs, 256, 4096, 8),
                                                                           abs=1e-4)
-    rows, edges = [("x", list(range(5, 69))), ("y", list(range(200, 264)))], ev.bucket_edges("log", 64)
+    rows, edges = [("x", list(range(5, 69))), ("y", list(range(200, 264)))], ev.position_bucket_edges(64)
     assert ev.run_ppl(varlen, rows, edges, 4096)["loss"] == pytest.approx(ev.run_ppl(sdpa, rows, edges, 4096)["loss"],
                                                                          rel=1e-5)
     assert ev.generate_batch(varlen, tok, [reqs[0][0]], 3) == ev.generate_batch(sdpa, tok, [reqs[0][0]], 3)
@@ -249,7 +254,7 @@ def test_position_buckets_equal_a_direct_computation(tiny_llama_dir, tmp_path):
             {"id": "short", "text": "too short"}]
     rows = ev.select_ppl_rows(docs, tok, 100, 5)
     assert [r[0] for r in rows] == ["a", "b"] and all(len(r[1]) == 100 for r in rows)
-    edges = ev.bucket_edges("log", 100)
+    edges = ev.position_bucket_edges(100)
     assert edges == [1, 16, 32, 64, 100]
     got = ev.run_ppl(model, rows, edges, batch_tokens=100)  # one row per batch: merging across batches
     with torch.no_grad():
@@ -260,7 +265,6 @@ def test_position_buckets_equal_a_direct_computation(tiny_llama_dir, tmp_path):
         want = nll[:, lo - 1:hi - 1].mean().item()  # loss of the tokens at positions lo .. hi - 1
         assert b["loss"] == pytest.approx(want, rel=1e-5) and b["tokens"] == 2 * (hi - lo)
     assert got["loss"] == pytest.approx(nll.mean().item(), rel=1e-5)
-    assert ev.bucket_edges("linear:3", 100) == [1, 34, 67, 100]
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -319,6 +323,8 @@ def test_missing_model_path_is_one_line_and_exit_2(tmp_path):
     (["--tasks", "ppl", "--seq-len", "1024"], "rope_type\": \"yarn\", \"factor\": 4"),
     (["--tasks", "niah", "--haystack", "EMPTY"], "is empty"),
     (["--tasks", "mmlu", "--lm-eval-tasks", "bbh"], "lm_eval --model hf"),
+    (["--tasks", "ppl", "--attn", "nope"], "unknown --attn 'nope'"),
+    (["--tasks", "mmlu", "--limit-per-subject", "0"], "--limit-per-subject must be positive"),
 ])
 def test_bad_inputs_fail_with_one_clear_line(tiny_llama_dir, tmp_path, extra, expected):
     if "lm_eval --model hf" in expected and ev.importlib.util.find_spec("lm_eval") is not None:
@@ -338,3 +344,98 @@ def test_allow_beyond_context_evaluates_and_says_so(tiny_llama_dir, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["models"][0]["beyond_context"] and results["models"][0]["ppl"]["seq_len"] == 512
     assert "evaluated beyond them" in (out / "report.md").read_text()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Flags that no recipe passes, kept for what they are worth to users
+
+
+def _ppl_run(model_dir, out, *extra):
+    ev.main(["--models", model_dir, "--out", str(out), "--tasks", "ppl", "--seq-len", "128", "--ppl-data",
+             common.__file__, "--ppl-docs", "2", *extra])
+    return json.loads((out / "results.json").read_text())
+
+
+def test_attn_and_dtype_flags_reach_the_model(tiny_llama_dir, tmp_path):
+    """--attn longctx_varlen runs the perplexity rows through 03's kernel with sdpa's numbers; --dtype bfloat16
+    loads the weights in bfloat16 (on a CPU, where auto means float32)."""
+    base = _ppl_run(tiny_llama_dir, tmp_path / "sdpa")
+    varlen = _ppl_run(tiny_llama_dir, tmp_path / "varlen", "--attn", varlen_attention.ATTN_NAME)
+    bf16 = _ppl_run(tiny_llama_dir, tmp_path / "bf16", "--dtype", "bfloat16")
+    assert (base["settings"]["attn"], base["settings"]["dtype"]) == ("sdpa", "float32")
+    assert varlen["settings"]["attn"] == varlen_attention.ATTN_NAME and bf16["settings"]["dtype"] == "bfloat16"
+    loss = base["models"][0]["ppl"]["loss"]
+    assert varlen["models"][0]["ppl"]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert bf16["models"][0]["ppl"]["loss"] == pytest.approx(loss, rel=0.02)
+    assert bf16["models"][0]["ppl"]["loss"] != loss  # really computed in bfloat16
+
+
+def test_trust_remote_code_reaches_every_loader_and_lm_eval(tiny_llama_dir, tmp_path, monkeypatch):
+    seen = []
+    for name in ("load_config", "load_tokenizer", "load_model"):
+        real = getattr(common, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            seen.append((_name, kw.get("trust_remote_code", a[1] if len(a) > 1 else None)))
+            return _real(*a, **kw)
+        monkeypatch.setattr(common, name, spy)
+    calls = []
+    lm_eval = types.ModuleType("lm_eval")
+    lm_eval.__spec__ = importlib.machinery.ModuleSpec("lm_eval", None)
+    lm_eval.simple_evaluate = lambda **kw: calls.append(kw) or {
+        "results": {"bbh": {"exact_match,none": 0.25, "exact_match_stderr,none": 0.01, "alias": "bbh"}}}
+    monkeypatch.setitem(sys.modules, "lm_eval", lm_eval)
+    res = _ppl_run(tiny_llama_dir, tmp_path / "o", "--trust-remote-code", "--lm-eval-tasks", "bbh")
+    assert {n for n, _ in seen} == {"load_config", "load_tokenizer", "load_model"}
+    assert all(trust is True for _, trust in seen), seen
+    assert len(calls) == 1 and calls[0]["tasks"] == ["bbh"]
+    assert calls[0]["model_args"] == f"pretrained={tiny_llama_dir},dtype=float32,trust_remote_code=True"
+    assert res["models"][0]["metrics"]["lm-eval bbh/exact_match,none"] == 25.0
+    assert not any("stderr" in k for k in res["models"][0]["lm_eval"])
+
+
+def test_chat_template_wraps_the_niah_prompt(tiny_llama_dir, tmp_path):
+    out = tmp_path / "o"
+    ev.main(["--models", tiny_llama_dir, "--out", str(out), "--tasks", "niah", "--lengths", "256", "--depths", "50",
+             "--max-new-tokens", "4", "--haystack", "pydocs", "--chat-template"])
+    rec = json.loads((out / f"0-{ev.slug(tiny_llama_dir)}" / "niah.json").read_text())["records"][0]
+    assert rec["prompt"].startswith("<|im_start|>user\nA special magic number is hidden")
+    assert rec["prompt"].endswith(f"<|im_start|>assistant\nThe special magic number for {rec['query']} mentioned "
+                                  f"in the provided text is")  # the answer prefix follows the assistant's turn
+    assert rec["prompt_tokens"] <= 256 - 4
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_llama_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(common.UserError, match="has no chat template; drop --chat-template"):
+        ev.main(["--models", str(bare), "--out", str(tmp_path / "o2"), "--tasks", "niah", "--lengths", "256",
+                 "--chat-template"])
+
+
+def test_limit_per_subject_and_mmlu_add_bos(tiny_llama_dir, tmp_path):
+    """--limit-per-subject N scores the first N questions of each subject (lm-eval's --limit N); --mmlu-add-bos
+    tokenizes with the tokenizer's special tokens (lm-eval's add_bos_token=True): one BOS more per prompt."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "bos"
+    shutil.copytree(tiny_llama_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                   special_tokens=[("<s>", tok.bos_token_id)])
+    tok.save_pretrained(model)
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text("".join(json.dumps(dict(q, subject=subj)) + "\n" for subj in ("anatomy", "virology")
+                            for q in SHOTS + [dict(QUESTION, question=f"Q{i}?") for i in range(3)]))
+
+    def run(out, *extra):
+        ev.main(["--models", str(model), "--out", str(out), "--tasks", "mmlu", "--mmlu-data", str(mmlu),
+                 "--limit-per-subject", "2", *extra])
+        return [json.loads(line) for line in (out / "0-bos" / "mmlu_predictions.jsonl").read_text().splitlines()]
+
+    plain, bos = run(tmp_path / "plain"), run(tmp_path / "with_bos", "--mmlu-add-bos")
+    assert [(p["subject"], p["index"]) for p in plain] == [("anatomy", 0), ("anatomy", 1), ("virology", 0),
+                                                           ("virology", 1)]
+    assert [p["tokens"] for p in bos] == [p["tokens"] + 1 for p in plain]

@@ -1,5 +1,5 @@
 """Stage 01 (01_prepare_data.py: readers, tokenization, mixture) and the packer and packed output it shares
-with 04 (common.py).
+with 04 (packing.py).
 
 Most runs call the stage's main() in this process on small real corpora (KJV verses, standard-library source)
 with the locally trained BPE tokenizer; the round trips use the real SmolLM2 tokenizer.
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import common
+import packing
 from lc_testutil import ROOT, error_lines, load_script
 
 prep = load_script("01_prepare_data")
@@ -91,7 +92,7 @@ def encode(tok, texts):
 
 
 def check_rows(rows: dict, seq_len: int, pad_id: int, separator_mode: bool = False):
-    """The CONTRACTS.md invariants of every row."""
+    """The docs/data-format.md#invariants of every row."""
     for ids, lens, pad, cost in zip(rows["input_ids"], rows["doc_lens"], rows["num_pad"], rows["attn_cost"]):
         assert len(ids) == seq_len
         assert all(n > 0 for n in lens) and sum(lens) == seq_len
@@ -534,14 +535,14 @@ def _docs_with_masks(lengths, seed=0):
     return docs
 
 
-@pytest.mark.parametrize("packing,kw", [("concat", {}), ("concat", {"carry": False}),
-                                        ("concat", {"drop_last": True}), ("best-fit", {}),
-                                        ("best-fit", {"long_docs": "truncate"})])
-def test_packers_carry_parallel_arrays(packing, kw):
+@pytest.mark.parametrize("method,kw", [("concat", {}), ("concat", {"carry": False}),
+                                       ("concat", {"drop_last": True}), ("best-fit", {}),
+                                       ("best-fit", {"long_docs": "truncate"})])
+def test_packers_carry_parallel_arrays(method, kw):
     S = 64
     lengths = [5, 64, 100, 1, 30, 33, 200, 7, 63, 64, 2]
     docs = _docs_with_masks(lengths)
-    rows = list(common.pack_documents(docs, S, packing, pad_values={"loss_mask": 0, "doc": -1}, pad_id=3, **kw))
+    rows = list(packing.pack_documents(docs, S, method, pad_values={"loss_mask": 0, "doc": -1}, pad_id=3, **kw))
     seen = Counter()
     for r in rows:
         assert len(r["input_ids"]) == S and sum(r["doc_lens"]) == S and r["input_ids"].dtype == np.int32
@@ -582,16 +583,16 @@ def test_packers_carry_parallel_arrays(packing, kw):
 def test_best_fit_decreasing_packs_tightly():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 4096, 3000)
-    plan = common.plan_best_fit(lengths, 4096)
+    plan = packing.plan_best_fit(lengths, 4096)
     lower_bound = -(-int(lengths.sum()) // 4096)
     assert plan.num_rows <= lower_bound * 1.03  # uniform sizes are BFD's hard case; real corpora pack tighter
     assert sorted(np.bincount(plan.item, minlength=len(lengths)).tolist()) == [1] * len(lengths)
-    plan = common.plan_best_fit([6, 5, 4, 3, 2, 1], 7)  # 6+1, 5+2, 4+3
+    plan = packing.plan_best_fit([6, 5, 4, 3, 2, 1], 7)  # 6+1, 5+2, 4+3
     assert plan.num_rows == 3 and (plan.num_pad() == 0).all()
     # a subsampled source: at most max_rows rows, gaps filled by spare items (whole, or cut to the gap)
     lengths = rng.integers(1, 3000, 200)
     spare = rng.integers(1, 3000, 400)
-    plan = common.plan_best_fit(lengths, 4096, fill_lengths=spare, max_rows=-(-int(lengths.sum()) // 4096))
+    plan = packing.plan_best_fit(lengths, 4096, fill_lengths=spare, max_rows=-(-int(lengths.sum()) // 4096))
     assert plan.num_rows == -(-int(lengths.sum()) // 4096) and (plan.num_pad() == 0).all()
     used = plan.fill_used
     assert len(used) and (used <= spare[:len(used)]).all()
@@ -602,16 +603,16 @@ def test_best_fit_decreasing_packs_tightly():
 def test_writer_matches_save_to_disk_layout(tmp_path):
     import datasets
 
-    rows = list(common.pack_documents([np.arange(1, n + 1) for n in (5, 9, 3, 12)], 8, "best-fit", pad_id=0))
+    rows = list(packing.pack_documents([np.arange(1, n + 1) for n in (5, 9, 3, 12)], 8, "best-fit", pad_id=0))
     buf = np.stack([r["input_ids"] for r in rows])
-    w = common.PackedDatasetWriter(tmp_path / "ours", len(rows), 8, fingerprint="abc")
+    w = packing.PackedDatasetWriter(tmp_path / "ours", len(rows), 8, fingerprint="abc")
     (tmp_path / "ours").mkdir()
-    w.write(common.rows_table(buf, [r["doc_lens"] for r in rows], [r["num_pad"] for r in rows], ["s"] * len(rows),
+    w.write(packing.rows_table(buf, [r["doc_lens"] for r in rows], [r["num_pad"] for r in rows], ["s"] * len(rows),
                           [r["attn_cost"] for r in rows]))
     w.close()
     ref = datasets.Dataset.from_dict(
         {"input_ids": buf.tolist(), "doc_lens": [r["doc_lens"] for r in rows], "num_pad": [r["num_pad"] for r in rows],
-         "source": ["s"] * len(rows), "attn_cost": [r["attn_cost"] for r in rows]}, features=common.packed_features())
+         "source": ["s"] * len(rows), "attn_cost": [r["attn_cost"] for r in rows]}, features=packing.packed_features())
     ref.save_to_disk(str(tmp_path / "ref"))
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
     assert (tmp_path / "ours" / "dataset_info.json").read_text() == (tmp_path / "ref" / "dataset_info.json").read_text()
@@ -625,13 +626,13 @@ def test_writer_matches_save_to_disk_layout(tmp_path):
 def test_writer_splits_large_outputs_into_shards(tmp_path, monkeypatch):
     import datasets
 
-    monkeypatch.setattr(common, "MAX_SHARD_BYTES", 200)  # about 4 rows of 8 tokens per file
-    rows = list(common.pack_documents([np.arange(1, n + 1) for n in range(1, 40)], 8, "concat", pad_id=0))
+    monkeypatch.setattr(packing, "MAX_SHARD_BYTES", 200)  # about 4 rows of 8 tokens per file
+    rows = list(packing.pack_documents([np.arange(1, n + 1) for n in range(1, 40)], 8, "concat", pad_id=0))
     (tmp_path / "o").mkdir()
-    w = common.PackedDatasetWriter(tmp_path / "o", len(rows), 8, fingerprint="x")
+    w = packing.PackedDatasetWriter(tmp_path / "o", len(rows), 8, fingerprint="x")
     for k in range(0, len(rows), 7):  # write batches that straddle the file boundaries
         part = rows[k:k + 7]
-        w.write(common.rows_table(np.stack([r["input_ids"] for r in part]), [r["doc_lens"] for r in part],
+        w.write(packing.rows_table(np.stack([r["input_ids"] for r in part]), [r["doc_lens"] for r in part],
                               [r["num_pad"] for r in part], ["s"] * len(part), [r["attn_cost"] for r in part]))
     w.close()
     assert w.num_shards > 5 and len(list((tmp_path / "o").glob("data-*.arrow"))) == w.num_shards

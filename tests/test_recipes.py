@@ -1,5 +1,5 @@
 """recipes/*.sh: with DRY_RUN=1 every recipe prints its plan and the exact stage commands, runs nothing and exits 0;
-the plan's numbers equal the published recipe arithmetic (RECIPES.md, computed here independently); every command
+the plan's numbers equal the published recipe arithmetic (docs/recipes.md, computed here independently); every command
 parses with its stage's own argument parser (flags, types, choices and cross-flag rules), and every flag written in
 a recipe shows up in some printed command, so no recipe can rot as the stages change."""
 import importlib.util
@@ -12,7 +12,7 @@ import pytest
 
 from lc_testutil import ROOT, load_script
 
-import common
+import fsdp_train
 
 # Optional flags, set so that their branches are printed (and so parsed) too.
 OPTIONAL = {"LM_EVAL_TASKS": "bbh", "EVAL_EXTRA": "--limit 100"}
@@ -156,7 +156,7 @@ def test_prolong_arithmetic(runs):
     # the 512K stage continues the 64K run's LAST checkpoint, optimizer included, in 03's directory format
     ckpt = a03b.init_from
     assert a03b.keep_optimizer and os.path.dirname(ckpt) == os.path.join(a03.out, "checkpoints")
-    assert common.CKPT_RE.match(os.path.basename(ckpt)).group(1) == f"{a03.max_steps:08d}"
+    assert fsdp_train.CKPT_RE.match(os.path.basename(ckpt)).group(1) == f"{a03.max_steps:08d}"
     assert a03.final_checkpoint
     assert a02b.model == os.path.join(a03.out, "final")
 

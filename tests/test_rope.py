@@ -1,10 +1,10 @@
-"""02_rope_scale.py (frequencies, presets, reports) and the config reader / writer in common.py: RoPE frequencies
+"""02_rope_scale.py (frequencies, presets, reports) and the config reader / writer in rope.py: RoPE frequencies
 proven three ways.
 
 1. Our inverse frequencies and attention factor equal transformers' own rope initialisation
    (`ROPE_INIT_FUNCTIONS`, or the family's default-RoPE function) to 1e-6 relative on the published settings.
-2. They equal a YaRN / llama3 reference written independently below from RECIPES.md §8.3-§8.4 (band edges as in
-   its worked table; the paper's eq. 18 ramp differs as much as RECIPES.md says).
+2. They equal a YaRN / llama3 reference written independently below from docs/rope.md#yarn and #llama-3-rope
+   (band edges as in its worked table; the paper's eq. 18 ramp differs as much as docs/rope.md#paper-form says).
 3. Both config forms read alike: transformers 5 reading the whole file, `rope_parameters` only, `rope_scaling` +
    `rope_theta` only, and an independent legacy-key reader (transformers >= 4.56 / vLLM semantics) all compute
    the same frequencies for every preset.
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import common
+import rope
 from lc_testutil import load_script
 
 scale = load_script("02_rope_scale")
@@ -77,7 +78,7 @@ PUBLISHED = {
     "qwen2.5-yarn-4": QWEN25_7B,
     "llama-3.1-llama3": LLAMA31_8B,
     "linear-4": with_rope(LLAMA3_8B, rope_type="linear", factor=4.0),
-    "ntk-8": dict(LLAMA3_8B, rope_theta=common.ntk_theta(5e5, 8.0, 128), max_position_embeddings=65536),
+    "ntk-8": dict(LLAMA3_8B, rope_theta=rope.ntk_theta(5e5, 8.0, 128), max_position_embeddings=65536),
     "dynamic-4": with_rope(LLAMA3_8B, rope_type="dynamic", factor=4.0),
 }
 
@@ -108,8 +109,8 @@ def hf_frequencies(d: dict, seq_len=None):
     return inv_freq.double(), float(factor)
 
 
-def read_spec(model_dir) -> common.RopeSpec:
-    return common.rope_spec_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+def read_spec(model_dir) -> rope.RopeSpec:
+    return rope.rope_spec_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
 def assert_rel(a, b, rtol=RTOL):
@@ -120,11 +121,11 @@ def assert_rel(a, b, rtol=RTOL):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Independent references, written from RECIPES.md §8.3 / §8.4 (not from 02_rope_scale.py).
+# Independent references, written from docs/rope.md#yarn / #llama-3-rope (not from 02_rope_scale.py).
 
 
 def reference_yarn(d, b, L, s, beta_fast=32, beta_slow=1, mscale=None, mscale_all_dim=None, attention_factor=None):
-    """RECIPES.md §8.3, "HF implementation": the released code's ramp, linear in the pair index."""
+    """docs/rope.md#hf-implementation: the released code's ramp, linear in the pair index."""
     def dim_at(rot):
         return d * math.log(L / (rot * 2 * math.pi)) / (2 * math.log(b))
 
@@ -146,7 +147,7 @@ def reference_yarn(d, b, L, s, beta_fast=32, beta_slow=1, mscale=None, mscale_al
 
 
 def paper_yarn(d, b, L, s, alpha=1, beta=32):
-    """The paper's eq. 18 ramp, linear in r = L / lambda (RECIPES.md §8.3, "Paper"): NOT what checkpoints use."""
+    """The paper's eq. 18 ramp, linear in r = L / lambda (docs/rope.md#paper-form): NOT what checkpoints use."""
     inv = []
     for i in range(d // 2):
         theta = b ** (-2 * i / d)
@@ -157,7 +158,7 @@ def paper_yarn(d, b, L, s, alpha=1, beta=32):
 
 
 def reference_llama3(d, b, L, s, low_ff, high_ff):
-    """RECIPES.md §8.4."""
+    """docs/rope.md#llama-3-rope."""
     inv = []
     for i in range(d // 2):
         theta = b ** (-2 * i / d)
@@ -205,44 +206,44 @@ def legacy_reader(cfg: dict):
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_inv_freq_and_attention_factor_match_transformers(name):
     cfg = PUBLISHED[name]
-    spec = common.rope_spec_from_config(cfg)
+    spec = rope.rope_spec_from_config(cfg)
     lengths = [None]
     if spec.rope_type == "dynamic":  # dynamic NTK at two running lengths past the original 8192
         lengths += [16384, 65536]
     for seq_len in lengths:
-        ours, our_factor = common.rope_frequencies(spec, seq_len)
+        ours, our_factor = rope.rope_frequencies(spec, seq_len)
         theirs, their_factor = hf_frequencies(cfg, seq_len)
         assert_rel(ours, theirs)
         assert our_factor == pytest.approx(their_factor, rel=RTOL)
     if spec.rope_type == "dynamic":  # and it really changed with the length
-        assert not torch.allclose(common.rope_frequencies(spec, 65536)[0], common.rope_frequencies(spec)[0])
+        assert not torch.allclose(rope.rope_frequencies(spec, 65536)[0], rope.rope_frequencies(spec)[0])
 
 
 def test_transformers_config_objects_read_like_dicts():
     for name in ("afm-4k-to-64k", "deepseek-v3-factor-40", "llama-3.1-llama3", "qwen2.5-yarn-4"):
-        a = common.rope_frequencies(common.rope_spec_from_config(PUBLISHED[name]))[0]
-        b = common.rope_frequencies(common.rope_spec_from_config(hf_config(PUBLISHED[name])))[0]
+        a = rope.rope_frequencies(rope.rope_spec_from_config(PUBLISHED[name]))[0]
+        b = rope.rope_frequencies(rope.rope_spec_from_config(hf_config(PUBLISHED[name])))[0]
         assert_rel(a, b, 1e-12)
 
 
 def test_ntk_rule_and_attention_temperatures():
-    # ProLong's "dynamic NTK suggests" bases (RECIPES.md §8.2)
-    assert common.ntk_theta(5e5, 8, 128) == pytest.approx(4.13e6, rel=2e-3)
-    assert common.ntk_theta(8e6, 8, 128) == pytest.approx(6.6e7, rel=5e-3)
-    # YaRN temperatures (RECIPES.md §3.1, §4.1, §8.3)
-    afm = common.attention_logit_scale(common.rope_spec_from_config(AFM_SHIPPED), "arcee")
+    # ProLong's "dynamic NTK suggests" bases (docs/rope.md#ntk-aware-dynamic-ntk-and-abf)
+    assert rope.ntk_theta(5e5, 8, 128) == pytest.approx(4.13e6, rel=2e-3)
+    assert rope.ntk_theta(8e6, 8, 128) == pytest.approx(6.6e7, rel=5e-3)
+    # YaRN temperatures (docs/recipes.md#arcee-published-facts, #ultralong-recipe)
+    afm = rope.attention_logit_scale(rope.rope_spec_from_config(AFM_SHIPPED), "arcee")
     assert afm["attention_factor"] == pytest.approx(1.2996, abs=1e-4)
     assert afm["logit_multiplier"] == pytest.approx(1.689, abs=1e-3)
     for factor, expected in ((128, 1.485), (256, 1.555), (512, 1.624)):
-        spec = common.rope_spec_from_config(ultralong(factor))
-        assert common.rope_frequencies(spec)[1] == pytest.approx(expected, abs=1e-3)
+        spec = rope.rope_spec_from_config(ultralong(factor))
+        assert rope.rope_frequencies(spec)[1] == pytest.approx(expected, abs=1e-3)
     # DeepSeek-V3's rope_scaling: attention_factor 1 on cos/sin; DeepSeek's own attention scales the softmax by
     # get_mscale(40)^2 = 1.874, a Llama-architecture model copying the same rope_scaling does not.
-    dsv3 = common.rope_spec_from_config(DSV3)
-    assert common.attention_logit_scale(dsv3, "deepseek_v3")["logit_multiplier"] == pytest.approx(1.874, abs=1e-3)
-    assert common.attention_logit_scale(dsv3, "llama")["logit_multiplier"] == 1.0
+    dsv3 = rope.rope_spec_from_config(DSV3)
+    assert rope.attention_logit_scale(dsv3, "deepseek_v3")["logit_multiplier"] == pytest.approx(1.874, abs=1e-3)
+    assert rope.attention_logit_scale(dsv3, "llama")["logit_multiplier"] == 1.0
     only_all_dim = replace(dsv3, mscale=None)  # mscale_all_dim without mscale: logits x3.51 at s = 40
-    assert common.attention_logit_scale(only_all_dim, "deepseek_v3")["logit_multiplier"] == pytest.approx(3.51, abs=0.01)
+    assert rope.attention_logit_scale(only_all_dim, "deepseek_v3")["logit_multiplier"] == pytest.approx(3.51, abs=0.01)
 
 
 def test_deepseek_temperature_matches_transformers_attention():
@@ -254,14 +255,14 @@ def test_deepseek_temperature_matches_transformers_attention():
     config._attn_implementation = "eager"
     attention = DeepseekV3Attention(config, layer_idx=0)
     extra = attention.scaling / config.qk_head_dim ** -0.5
-    assert extra == pytest.approx(common.attention_logit_scale(common.rope_spec_from_config(DSV3),
+    assert extra == pytest.approx(rope.attention_logit_scale(rope.rope_spec_from_config(DSV3),
                                                              "deepseek_v3")["extra_softmax_scale"], rel=1e-9)
 
 
 # -------------------------------------------------------------------------------------------------------------
-# 2. Ours == the YaRN reference formula; band edges as RECIPES.md's worked table; eq. 18 differs.
+# 2. Ours == the YaRN reference formula; band edges as docs/rope.md#worked-band-edges; eq. 18 differs.
 
-YARN_CASES = {  # name: (config, band edges from RECIPES.md's table or None, eq.18 max rel diff, at pair)
+YARN_CASES = {  # name: (config, band edges from docs/rope.md#worked-band-edges or None, eq.18 max rel diff, at pair)
     "afm-4k-to-64k": (AFM_SHIPPED, (20, 46), 0.70, 39),
     "ultralong-1m": (ultralong(128), (28, 35), 0.45, 34),
     "ultralong-2m": (ultralong(256), (28, 35), None, None),
@@ -274,13 +275,13 @@ YARN_CASES = {  # name: (config, band edges from RECIPES.md's table or None, eq.
 @pytest.mark.parametrize("name", sorted(YARN_CASES))
 def test_yarn_matches_reference_and_band_edges(name):
     cfg, edges, paper_gap, paper_pair = YARN_CASES[name]
-    spec = common.rope_spec_from_config(cfg)
+    spec = rope.rope_spec_from_config(cfg)
     rs = cfg["rope_scaling"]
     inv, factor, (low, high) = reference_yarn(spec.rotary_dim, cfg["rope_theta"],
                                               rs["original_max_position_embeddings"], rs["factor"],
                                               rs.get("beta_fast") or 32, rs.get("beta_slow") or 1, rs.get("mscale"),
                                               rs.get("mscale_all_dim"))
-    ours, our_factor = common.rope_frequencies(spec)
+    ours, our_factor = rope.rope_frequencies(spec)
     assert_rel(ours, inv, 1e-12)
     assert our_factor == pytest.approx(factor, rel=1e-12)
     bands = scale.yarn_bands(spec)
@@ -297,15 +298,16 @@ def test_yarn_matches_reference_and_band_edges(name):
 
 
 def test_llama3_matches_reference():
-    ours, factor = common.rope_frequencies(common.rope_spec_from_config(LLAMA31_8B))
+    ours, factor = rope.rope_frequencies(rope.rope_spec_from_config(LLAMA31_8B))
     assert_rel(ours, reference_llama3(128, 5e5, 8192, 8.0, 1.0, 4.0), 1e-12)
     assert factor == 1.0
 
 
 def test_ultralong_band_edges_equal_llama3_band():
-    """RECIPES.md §1: beta 4/1 from 8K puts the YaRN ramp on the same wavelengths (2048-8192) as llama3 1/4."""
-    bands = scale.yarn_bands(common.rope_spec_from_config(ultralong(128)))
-    wl = common.wavelengths(common.base_inv_freq(5e5, 128))
+    """docs/rope.md#same-band-as-llama3: beta 4/1 from 8K puts the YaRN ramp on the same wavelengths
+    (2048-8192) as llama3 1/4."""
+    bands = scale.yarn_bands(rope.rope_spec_from_config(ultralong(128)))
+    wl = rope.wavelengths(rope.base_inv_freq(5e5, 128))
     assert wl[bands["low"]] <= 2048 <= wl[bands["low"] + 1] and wl[bands["high"] - 1] <= 8192 <= wl[bands["high"]]
 
 
@@ -328,16 +330,16 @@ PRESET_EXPECT = {  # published values the written config must carry
 }
 
 
-def plan_config(base: dict, argv: list[str]) -> tuple[dict, common.RopeSpec, list[str], list[str]]:
+def plan_config(base: dict, argv: list[str]) -> tuple[dict, rope.RopeSpec, list[str], list[str]]:
     """What 02 writes for `base` with these flags (no files): (config, after spec, notes, warnings)."""
     args = scale.parse_args(["--model", "unused", "--dry-run"] + argv)
     preset = scale.apply_preset(args)
-    before = common.rope_spec_from_config(base)
+    before = rope.rope_spec_from_config(base)
     after, _, notes, warnings = scale.plan_rope(args, before, base["model_type"], preset)
-    return common.apply_rope_to_config(base, after), after, notes, warnings
+    return rope.apply_rope_to_config(base, after), after, notes, warnings
 
 
-def preset_config(name: str) -> tuple[dict, common.RopeSpec]:
+def preset_config(name: str) -> tuple[dict, rope.RopeSpec]:
     if name == "prolong-512k":  # the second ProLong stage patches the 64K model
         base = plan_config(LLAMA3_8B, ["--preset", "prolong-64k"])[0]
     else:
@@ -364,13 +366,13 @@ def test_every_preset_reads_alike_in_both_forms(name):
         for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
             if key in expect:
                 assert legacy[key] == expect[key]
-    ours, our_factor = common.rope_frequencies(after)
+    ours, our_factor = rope.rope_frequencies(after)
     views = scale.config_views(config)
     for view, cfg in views.items():  # transformers 5 reading the file whole, v5 keys only, legacy keys only
         theirs, their_factor = hf_frequencies(cfg)
         assert_rel(theirs, ours)
         assert their_factor == pytest.approx(our_factor, rel=RTOL), view
-        assert_rel(common.rope_frequencies(common.rope_spec_from_config(cfg))[0], ours, 1e-12)
+        assert_rel(rope.rope_frequencies(rope.rope_spec_from_config(cfg))[0], ours, 1e-12)
     legacy_inv, legacy_factor = legacy_reader(views["rope_scaling + rope_theta only"])
     assert_rel(legacy_inv, ours)
     assert legacy_factor == pytest.approx(our_factor, rel=RTOL)
@@ -384,9 +386,9 @@ def test_v5_save_loses_legacy_keys_and_sync_restores_them(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert "rope_theta" not in saved and not saved.get("rope_scaling")
     assert legacy_reader(saved)[1] == 1.0  # the legacy reader lost YaRN
-    assert_rel(common.rope_frequencies(read_spec(tmp_path))[0], common.rope_frequencies(after)[0], 1e-12)
-    common.sync_rope_config_file(tmp_path)
-    assert_rel(legacy_reader(json.loads((tmp_path / "config.json").read_text()))[0], common.rope_frequencies(after)[0])
+    assert_rel(rope.rope_frequencies(read_spec(tmp_path))[0], rope.rope_frequencies(after)[0], 1e-12)
+    rope.sync_rope_config_file(tmp_path)
+    assert_rel(legacy_reader(json.loads((tmp_path / "config.json").read_text()))[0], rope.rope_frequencies(after)[0])
 
 
 def test_reader_follows_transformers_on_the_traps():
@@ -394,38 +396,38 @@ def test_reader_follows_transformers_on_the_traps():
     both = dict(LLAMA3_8B, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5,
                                             "original_max_position_embeddings": 8192},
                 rope_scaling={"rope_type": "linear", "factor": 2.0})
-    assert common.rope_spec_from_config(both).rope_type == "linear"
+    assert rope.rope_spec_from_config(both).rope_type == "linear"
     assert hf_config(both).rope_parameters["rope_type"] == "linear"
     # a top-level original_max_position_embeddings overrides the rope dict's (applied when the rotary is built)
     top = dict(AFM_SHIPPED, original_max_position_embeddings=2048)
-    assert common.rope_spec_from_config(top).original_max_position_embeddings == 2048
-    assert_rel(common.rope_frequencies(common.rope_spec_from_config(top))[0], hf_frequencies(top)[0])
+    assert rope.rope_spec_from_config(top).original_max_position_embeddings == 2048
+    assert_rel(rope.rope_frequencies(rope.rope_spec_from_config(top))[0], hf_frequencies(top)[0])
     # theta only inside rope_parameters (a v5-saved file): read it, never default to 10000
     v5 = {k: v for k, v in LLAMA3_8B.items() if k != "rope_theta"}
     v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
-    assert common.rope_spec_from_config(v5).theta == 5e5
+    assert rope.rope_spec_from_config(v5).theta == 5e5
     # no theta anywhere: the family's default, as transformers 5 (SmolLM3: 2e6, not 1e4)
     bare = {k: v for k, v in LLAMA3_8B.items() if k != "rope_theta"} | {"model_type": "smollm3"}
-    assert common.rope_spec_from_config(bare).theta == hf_config(bare).rope_parameters["rope_theta"]
+    assert rope.rope_spec_from_config(bare).theta == hf_config(bare).rope_parameters["rope_theta"]
     # original pretraining length of scaled models (UltraLong's rule: Llama-3.1 is 8192, not 131072)
-    assert common.original_context_length(common.rope_spec_from_config(LLAMA31_8B))[0] == 8192
-    assert common.addressable_length(common.rope_spec_from_config(LLAMA31_8B)) == 131072
-    assert common.original_context_length(common.rope_spec_from_config(AFM_SHIPPED))[0] == 4096
-    assert common.addressable_length(common.rope_spec_from_config(AFM_SHIPPED)) == 65536
+    assert rope.original_context_length(rope.rope_spec_from_config(LLAMA31_8B))[0] == 8192
+    assert rope.addressable_length(rope.rope_spec_from_config(LLAMA31_8B)) == 131072
+    assert rope.original_context_length(rope.rope_spec_from_config(AFM_SHIPPED))[0] == 4096
+    assert rope.addressable_length(rope.rope_spec_from_config(AFM_SHIPPED)) == 65536
     # MLA models rotate qk_rope_head_dim channels
-    assert common.rope_spec_from_config(DSV3).rotary_dim == 64
+    assert rope.rope_spec_from_config(DSV3).rotary_dim == 64
     # partial rotation (StableLM: a quarter of each head), top-level in the legacy form, inside rope_parameters in v5
     partial = dict(model_type="stablelm", hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
                    intermediate_size=64, num_hidden_layers=1, vocab_size=128, max_position_embeddings=4096,
                    rope_theta=10000.0, partial_rotary_factor=0.25, rope_scaling={"rope_type": "linear", "factor": 2.0})
-    spec = common.rope_spec_from_config(partial)
+    spec = rope.rope_spec_from_config(partial)
     assert spec.rotary_dim == 16
-    assert_rel(common.rope_frequencies(spec)[0], hf_frequencies(partial)[0])
-    written = common.apply_rope_to_config(partial, spec)
+    assert_rel(rope.rope_frequencies(spec)[0], hf_frequencies(partial)[0])
+    written = rope.apply_rope_to_config(partial, spec)
     assert written["rope_parameters"]["partial_rotary_factor"] == written["partial_rotary_factor"] == 0.25
     for cfg in scale.config_views(written).values():
-        assert_rel(hf_frequencies(cfg)[0], common.rope_frequencies(spec)[0])
-    assert_rel(legacy_reader(written)[0], common.rope_frequencies(spec)[0])
+        assert_rel(hf_frequencies(cfg)[0], rope.rope_frequencies(spec)[0])
+    assert_rel(legacy_reader(written)[0], rope.rope_frequencies(spec)[0])
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -527,7 +529,7 @@ def test_ultralong_on_llama31_and_afm_warning(tmp_path, capsys):
     _, after, _, warnings = plan_config(AFM_4K, ["--preset", "afm-64k"])
     assert after.factor == 20 and any("factor 20 != " in w for w in warnings)
     _, after, notes, _ = plan_config(LLAMA31_8B, ["--method", "llama3"])  # pass-through
-    assert after == common.rope_spec_from_config(LLAMA31_8B)
+    assert after == rope.rope_spec_from_config(LLAMA31_8B)
     (tmp_path / "llama31").mkdir()
     (tmp_path / "llama31" / "config.json").write_text(json.dumps(LLAMA31_8B))
     scale.main(["--model", str(tmp_path / "llama31"), "--preset", "ultralong-1m", "--dry-run"])

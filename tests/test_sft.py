@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import common
+import fsdp_train
+import varlen_attention
 from lc_testutil import load_script, run_script
 from test_train import make_packed_data
 
@@ -81,7 +83,7 @@ def assistant_runs(data, tokenizer):
     runs = []
     for r in range(data.num_rows):
         rows = data.rows([r])
-        mb = common.build_micro_batch(rows, data.seq_len, True, loss_masks=[rows[0]["loss_mask"]])
+        mb = varlen_attention.build_micro_batch(rows, data.seq_len, True, loss_masks=[rows[0]["loss_mask"]])
         t = mb.targets[0].tolist()
         cur = []
         for tok in t + [common.IGNORE_INDEX]:
@@ -257,7 +259,7 @@ def test_sigterm_checkpoint_then_resume_is_bitwise(distill_ref, tmp_path):
 
     threading.Thread(target=send_sigterm, daemon=True).start()
     assert common.call_main(sft.main, args + ["--debug-sleep", "0.5"]) == 128 + signal.SIGTERM
-    ckpts = common.list_checkpoints(out / "checkpoints")
+    ckpts = fsdp_train.list_checkpoints(out / "checkpoints")
     assert len(ckpts) == 1 and int(ckpts[0].name[5:]) < 3
     assert common.call_main(sft.main, args + ["--resume", "auto"]) == 0
     key = [(r["step"], r["loss"], r["kl"], r["grad_norm"]) for r in ref]

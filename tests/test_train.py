@@ -1,7 +1,7 @@
-"""Training building blocks (common.py): micro-batches, attention, loss, accumulation, PoSE, schedule,
-weights loading. In-process, tiny models, fp32 on the CPU.
+"""Training building blocks (varlen_attention.py, fsdp_train.py): micro-batches, attention, loss, accumulation,
+PoSE, schedule, weights loading. In-process, tiny models, fp32 on the CPU.
 
-`make_packed_data` writes a dataset in 01's format (CONTRACTS.md) directly, so these tests do not depend on
+`make_packed_data` writes a dataset in 01's format (docs/data-format.md) directly, so these tests do not depend on
 01_prepare_data.py; the script-level tests in test_train_runs.py use it too."""
 import os
 
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import common
+import fsdp_train
+import varlen_attention
 
 
 def make_packed_data(out, seq_len=32, num_rows=8, vocab=1000, seed=0, pad_id=1, max_docs=4, pad_rows=True,
@@ -59,14 +61,15 @@ def make_packed_data(out, seq_len=32, num_rows=8, vocab=1000, seed=0, pad_id=1, 
 
 @pytest.fixture(scope="module")
 def cpu_mesh():
-    info, mesh = common.setup_distributed("cpu")
+    info, mesh = fsdp_train.setup_distributed("cpu")
     yield mesh
     common.destroy_distributed()
 
 
 def tiny_model(mesh, spec="tiny-llama", weights=None, seed=0, ac=False):
     config = common.config_from_init_spec(spec) if weights is None else common.load_config(weights)
-    model, _ = common.prepare_model(config, weights, mesh, common.ModelOptions(device=torch.device("cpu"), seed=seed,
+    model, _ = fsdp_train.prepare_model(config, weights, mesh, fsdp_train.ModelOptions(
+        device=torch.device("cpu"), seed=seed, attn_implementation=varlen_attention.register_attention(),
                                                                       activation_checkpointing=ac))
     return model
 
@@ -87,7 +90,7 @@ def rows_of(lens_list, seq_len, vocab=1000, seed=0):
 
 def test_micro_batch_targets_positions_and_boundaries():
     rows = rows_of([([4, 9], 3), ([16], 0)], 16)
-    mb = common.build_micro_batch(rows, 16, doc_mask=True)
+    mb = varlen_attention.build_micro_batch(rows, 16, doc_mask=True)
     ids, t = mb.input_ids[0], mb.targets[0]
     assert mb.input_ids.shape == (1, 32) and mb.cu_seqlens.tolist() == [0, 4, 13, 16, 32]
     assert mb.position_ids[0].tolist() == list(range(16)) * 2  # not reset per document
@@ -99,14 +102,14 @@ def test_micro_batch_targets_positions_and_boundaries():
     assert mb.n_valid == 3 + 8 + 15 == int((t != -100).sum())
     assert mb.attn_sq == 16 + 81 + 256 and mb.max_len == 16
     # --no-doc-mask: the real tokens of a row are one segment, padding still its own and never a target
-    mb = common.build_micro_batch(rows, 16, doc_mask=False)
+    mb = varlen_attention.build_micro_batch(rows, 16, doc_mask=False)
     assert mb.cu_seqlens.tolist() == [0, 13, 16, 32]
     assert mb.targets[0, 3] == ids[4] and mb.targets[0, 12] == -100 and mb.n_valid == 12 + 15
 
 
 def test_plan_step_balances_cost_and_covers_rows():
     costs = [100, 1, 50, 49, 2, 99, 10, 11]
-    plan = common.plan_step(list(range(8)), costs, world_size=2, rows_per_micro=2)
+    plan = fsdp_train.plan_step(list(range(8)), costs, world_size=2, rows_per_micro=2)
     assert sorted(r for rank in plan for mb in rank for r in mb) == list(range(8))
     assert all(len(mb) == 2 for rank in plan for mb in rank) and len(plan[0]) == 2
     for a in range(2):  # each micro-step: the two ranks' costs are close
@@ -116,7 +119,7 @@ def test_plan_step_balances_cost_and_covers_rows():
 
 
 def test_data_order_is_deterministic_and_epoch_wise():
-    a, b = common.DataOrder(5, seed=3), common.DataOrder(5, seed=3)
+    a, b = fsdp_train.DataOrder(5, seed=3), fsdp_train.DataOrder(5, seed=3)
     first = a.take(0, 12)
     assert first == b.take(0, 12)
     assert sorted(r for e, r in first[:5]) == list(range(5)) and {e for e, _ in first[5:10]} == {1}
@@ -126,21 +129,21 @@ def test_data_order_is_deterministic_and_epoch_wise():
 def test_pose_ids_in_range_and_increasing():
     rng = np.random.default_rng(0)
     for _ in range(200):
-        p = common.pose_position_ids(64, 1024, rng)
+        p = varlen_attention.pose_position_ids(64, 1024, rng)
         assert p[0] == 0 and p[-1] <= 1023 and np.all(np.diff(p) >= 1)
         jumps = np.nonzero(np.diff(p) > 1)[0]
         assert len(jumps) <= 1  # two chunks
         if len(jumps):
             assert 1 <= jumps[0] + 1 <= 32  # chunk 1 length in U{1, (n+1)//2}
-    seen_max = max(common.pose_position_ids(64, 1024, rng)[-1] for _ in range(300))
+    seen_max = max(varlen_attention.pose_position_ids(64, 1024, rng)[-1] for _ in range(300))
     assert seen_max > 900  # the skips cover the target range
-    mb = common.build_micro_batch(rows_of([([20, 12], 0)], 32), 32, pose_target_len=512, pose_seed=1)
+    mb = varlen_attention.build_micro_batch(rows_of([([20, 12], 0)], 32), 32, pose_target_len=512, pose_seed=1)
     p = mb.position_ids[0]
     assert p.max() < 512 and bool((p.diff() > 0).all())
 
 
 def test_lr_schedule_warmup_cosine_min_ratio():
-    m = [common.lr_multiplier(s, 100, 10, 0.1) for s in range(100)]
+    m = [fsdp_train.lr_multiplier(s, 100, 10, 0.1) for s in range(100)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
     assert m[10] == pytest.approx(1.0) and m[-1] == pytest.approx(0.1)
     assert all(x >= y - 1e-12 for x, y in zip(m[10:], m[11:]))
@@ -170,7 +173,7 @@ def test_attention_equals_dense_document_reference_outputs_and_grads():
     v = torch.randn(30, 2, 8, dtype=torch.float64, requires_grad=True)
     cu = torch.tensor(np.cumsum([0] + seg), dtype=torch.int32)
     go = torch.randn(30, 4, 8, dtype=torch.float64)
-    out = common.varlen_attention(q, k, v, cu, max(seg), None, 0.3)
+    out = varlen_attention.varlen_attention(q, k, v, cu, max(seg), None, 0.3)
     grads = torch.autograd.grad(out, (q, k, v), go)
     ref = dense_doc_reference(q, k, v, seg, 0.3)
     ref_grads = torch.autograd.grad(ref, (q, k, v), go)
@@ -189,29 +192,29 @@ def test_attention_refuses_calls_without_boundaries(cpu_mesh):
 def test_packed_row_logits_equal_each_document_alone(cpu_mesh):
     model = tiny_model(cpu_mesh)
     rows = rows_of([([5, 11, 7], 9)], 32, seed=1)
-    mb = common.build_micro_batch(rows, 32)
+    mb = varlen_attention.build_micro_batch(rows, 32)
     with torch.no_grad():
-        packed = common.forward_hidden(model, mb)[0]
+        packed = varlen_attention.forward_hidden(model, mb)[0]
         head = model.get_output_embeddings().weight
         start = 0
         for n in [5, 11, 7]:
             ids = mb.input_ids[:, start:start + n]
-            alone = common.MicroBatch(ids, torch.arange(n).view(1, -1), ids, torch.tensor([0, n], dtype=torch.int32),
-                                  n, [n], n, 0, 0)
-            h = common.forward_hidden(model, alone)[0]
+            alone = varlen_attention.MicroBatch(ids, torch.arange(n).view(1, -1), ids,
+                                                torch.tensor([0, n], dtype=torch.int32), n, [n], n, 0, 0)
+            h = varlen_attention.forward_hidden(model, alone)[0]
             torch.testing.assert_close(packed[start:start + n] @ head.T, h @ head.T, rtol=1e-4, atol=1e-5)
             start += n
 
 
 def test_startup_probe_names_backend_and_catches_leaks(cpu_mesh, monkeypatch):
     model = tiny_model(cpu_mesh)
-    assert "reference" in common.check_attention(model, torch.device("cpu"), torch.float32, 1000)
+    assert "reference" in varlen_attention.check_attention(model, torch.device("cpu"), torch.float32, 1000)
     # a backend that ignores boundaries (whole-row causal attention) must be refused
-    exact = common.reference_varlen_attention
+    exact = varlen_attention.reference_varlen_attention
     leaky = lambda q, k, v, seg_lens, scale, seg_lens_k=None: exact(q, k, v, [q.shape[0]], scale)  # noqa: E731
-    monkeypatch.setattr(common, "reference_varlen_attention", leaky)
+    monkeypatch.setattr(varlen_attention, "reference_varlen_attention", leaky)
     with pytest.raises(RuntimeError, match="reference|crosses document boundaries"):
-        common.check_attention(model, torch.device("cpu"), torch.float32, 1000)
+        varlen_attention.check_attention(model, torch.device("cpu"), torch.float32, 1000)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -224,7 +227,7 @@ def test_chunked_loss_equals_full_cross_entropy():
     w = torch.randn(50, 16, requires_grad=True)
     t = torch.randint(0, 50, (1, 37))
     t[0, ::5] = -100
-    loss = common.chunked_token_loss(h, w, t, chunk_size=8)
+    loss = fsdp_train.chunked_token_loss(h, w, t, chunk_size=8)
     gh, gw = torch.autograd.grad(loss, (h, w))
     ref = torch.nn.functional.cross_entropy((h[0] @ w.T), t[0], reduction="sum")
     rh, rw = torch.autograd.grad(ref, (h, w))
@@ -243,9 +246,9 @@ def test_liger_flce_equals_chunked_loss():
     w = torch.randn(100, 32, requires_grad=True)
     t = torch.randint(0, 100, (1, 40))
     t[0, 3::7] = -100
-    lig = common.liger_token_loss(h, w, t)
+    lig = fsdp_train.liger_token_loss(h, w, t)
     gh, gw = torch.autograd.grad(lig, (h, w))
-    ch = common.chunked_token_loss(h, w, t, chunk_size=16)
+    ch = fsdp_train.chunked_token_loss(h, w, t, chunk_size=16)
     rh, rw = torch.autograd.grad(ch, (h, w))
     torch.testing.assert_close(lig, ch, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-5)
@@ -257,7 +260,7 @@ def grads_after(model, micro_batches, impl="chunked"):
     n = sum(mb.n_valid for mb in micro_batches)
     total = 0.0
     for mb in micro_batches:
-        loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, impl, chunk_size=24))
+        loss = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, impl, chunk_size=24))
         (loss / n).backward()
         total += loss.item()
     return total / n, {k: p.grad.full_tensor().clone() for k, p in model.named_parameters()}
@@ -266,8 +269,8 @@ def grads_after(model, micro_batches, impl="chunked"):
 def test_accumulating_k_micro_batches_equals_one_big_batch(cpu_mesh):
     model = tiny_model(cpu_mesh, ac=True)
     rows = rows_of([([10, 22], 0), ([32], 0), ([7, 7, 7], 11), ([31], 1)], 32, seed=2)
-    big = [common.build_micro_batch(rows, 32)]
-    small = [common.build_micro_batch([r], 32) for r in rows]
+    big = [varlen_attention.build_micro_batch(rows, 32)]
+    small = [varlen_attention.build_micro_batch([r], 32) for r in rows]
     loss_big, g_big = grads_after(model, big)
     loss_small, g_small = grads_after(model, small)
     assert loss_big == pytest.approx(loss_small, rel=1e-6)
@@ -288,30 +291,30 @@ def test_meta_init_and_shard_loading_match_from_pretrained(cpu_mesh, tiny_qwen2_
     model = tiny_model(cpu_mesh, weights=tiny_qwen2_dir)
     ref = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).eval()
     ids = torch.randint(5, 500, (1, 12))
-    mb = common.MicroBatch(ids, torch.arange(12).view(1, -1), ids, torch.tensor([0, 12], dtype=torch.int32), 12, [12],
-                       12, 0, 0)
+    mb = varlen_attention.MicroBatch(ids, torch.arange(12).view(1, -1), ids, torch.tensor([0, 12], dtype=torch.int32),
+                                     12, [12], 12, 0, 0)
     with torch.no_grad():
-        ours = common.forward_hidden(model, mb) @ model.get_output_embeddings().weight.T
+        ours = varlen_attention.forward_hidden(model, mb) @ model.get_output_embeddings().weight.T
         theirs = ref(ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_random_init_is_deterministic_by_name():
-    a = common.random_init_tensor("model.layers.0.mlp.up_proj.weight", (8, 4), 0.02, seed=3)
-    b = common.random_init_tensor("model.layers.0.mlp.up_proj.weight", (8, 4), 0.02, seed=3)
-    c = common.random_init_tensor("model.layers.1.mlp.up_proj.weight", (8, 4), 0.02, seed=3)
+    a = fsdp_train.random_init_tensor("model.layers.0.mlp.up_proj.weight", (8, 4), 0.02, seed=3)
+    b = fsdp_train.random_init_tensor("model.layers.0.mlp.up_proj.weight", (8, 4), 0.02, seed=3)
+    c = fsdp_train.random_init_tensor("model.layers.1.mlp.up_proj.weight", (8, 4), 0.02, seed=3)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(common.random_init_tensor("model.norm.weight", (4,), 0.02, 0), torch.ones(4))
+    assert torch.equal(fsdp_train.random_init_tensor("model.norm.weight", (4,), 0.02, 0), torch.ones(4))
 
 
 def test_flop_conventions():
     config = common.config_from_init_spec("tiny-llama")
     params = {"non_embedding": 1000}
-    f = common.step_flops(params, config, n_tokens=64, seq_len=64, attn_sq=32 * 32 * 2)
+    f = fsdp_train.step_flops(params, config, n_tokens=64, seq_len=64, attn_sq=32 * 32 * 2)
     L, H, d = 2, 4, 16
     assert f["torchtitan"] == 64 * (6 * 1000 + 12 * L * H * d * 64)
     assert f["causal_doc"] == 6 * 1000 * 64 + 12 * L * H * d * (2 * 32 * 32) / 2
-    assert common.peak_flops(torch.device("cpu")) is None
+    assert fsdp_train.peak_flops(torch.device("cpu")) is None
 
 
 def test_chunked_loss_composes_a_distillation_term():
@@ -331,7 +334,7 @@ def test_chunked_loss_composes_a_distillation_term():
                       reduction="none").sum(-1)[tc != -100].sum()
         return F.cross_entropy(logits, tc, ignore_index=-100, reduction="sum") + kl
 
-    got = common.chunked_token_loss(h, w, t, chunk_size=8, chunk_loss=ce_plus_kl, extra=[th])
+    got = fsdp_train.chunked_token_loss(h, w, t, chunk_size=8, chunk_loss=ce_plus_kl, extra=[th])
     gh, gw = torch.autograd.grad(got, (h, w))
     ref = ce_plus_kl(h[0], w, t[0], th[0])
     rh, rw = torch.autograd.grad(ref, (h, w))

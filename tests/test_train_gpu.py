@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import common
+import fsdp_train
+import varlen_attention
 
 from lc_testutil import ROOT, run_script
 from test_train import make_packed_data
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.gpu
 def gpu_mesh():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    info, mesh = common.setup_distributed("cuda")
+    info, mesh = fsdp_train.setup_distributed("cuda")
     yield mesh
     common.destroy_distributed()
 
@@ -32,9 +34,9 @@ def gpu_mesh():
 def test_varlen_kernel_matches_reference_bf16_outputs_and_grads(backend):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    if backend == "flash_attn" and common._flash_attn() is None:
+    if backend == "flash_attn" and varlen_attention._flash_attn() is None:
         pytest.skip("flash-attn not installed")
-    if backend == "torch_varlen" and common._torch_varlen() is None:
+    if backend == "torch_varlen" and varlen_attention._torch_varlen() is None:
         pytest.skip("torch has no varlen_attn")
     name = None if backend == "auto" else backend
     torch.manual_seed(0)
@@ -46,10 +48,10 @@ def test_varlen_kernel_matches_reference_bf16_outputs_and_grads(backend):
     v = torch.randn(T, 2, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
     cu = torch.tensor(np.cumsum([0] + seg), dtype=torch.int32, device=dev)
     go = torch.randn(T, 8, 64, device=dev, dtype=torch.bfloat16)
-    out = common.varlen_attention(q, k, v, cu, max(seg), seg, 0.125, backend=name)
+    out = varlen_attention.varlen_attention(q, k, v, cu, max(seg), seg, 0.125, backend=name)
     grads = torch.autograd.grad(out, (q, k, v), go)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = common.reference_varlen_attention(qf, kf, vf, seg, 0.125)
+    ref = varlen_attention.reference_varlen_attention(qf, kf, vf, seg, 0.125)
     ref_grads = torch.autograd.grad(ref, (qf, kf, vf), go.float())
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     for g, r in zip(grads, ref_grads):
@@ -58,43 +60,45 @@ def test_varlen_kernel_matches_reference_bf16_outputs_and_grads(backend):
 
 def test_packed_row_equals_documents_alone_bf16(gpu_mesh):
     config = common.config_from_init_spec("tiny-llama:hidden_size=256,head_dim=64,intermediate_size=512")
-    model, _ = common.prepare_model(config, None, gpu_mesh, common.ModelOptions(
+    model, _ = fsdp_train.prepare_model(config, None, gpu_mesh, fsdp_train.ModelOptions(
+        attn_implementation=varlen_attention.register_attention(),
         device=torch.device("cuda"), compute_dtype=torch.bfloat16, liger=False, activation_checkpointing=False))
-    backend = common.check_attention(model, torch.device("cuda"), torch.bfloat16, config.vocab_size)
+    backend = varlen_attention.check_attention(model, torch.device("cuda"), torch.bfloat16, config.vocab_size)
     assert "reference" not in backend
     rng = np.random.default_rng(0)
     lens = [100, 333, 67]
     row = {"index": 0, "input_ids": rng.integers(5, 1000, size=500), "doc_lens": np.array(lens), "num_pad": 0}
-    mb = common.build_micro_batch([row], 500).to("cuda")
+    mb = varlen_attention.build_micro_batch([row], 500).to("cuda")
     with torch.no_grad():
-        packed = common.forward_hidden(model, mb)[0].float()
+        packed = varlen_attention.forward_hidden(model, mb)[0].float()
         start = 0
         for n in lens:
             ids = mb.input_ids[:, start:start + n]
-            alone = common.MicroBatch(ids, torch.arange(n, device="cuda").view(1, -1), ids,
+            alone = varlen_attention.MicroBatch(ids, torch.arange(n, device="cuda").view(1, -1), ids,
                                   torch.tensor([0, n], dtype=torch.int32, device="cuda"), n, [n], n, 0, 0)
-            h = common.forward_hidden(model, alone)[0].float()
+            h = varlen_attention.forward_hidden(model, alone)[0].float()
             rel = ((packed[start:start + n] - h).norm() / h.norm()).item()
             assert rel < 2e-2, (n, rel)
             start += n
-    common.reshard(model)
+    fsdp_train.reshard(model)
 
 
 LIGER_SCRIPT = r"""
 import sys, torch, numpy as np
 sys.path.insert(0, {root!r})
-import common
-info, mesh = common.setup_distributed("cuda")
+import common, fsdp_train, varlen_attention
+info, mesh = fsdp_train.setup_distributed("cuda")
 config = common.config_from_init_spec({spec!r})
 rng = np.random.default_rng(0)
 row = {{"index": 0, "input_ids": rng.integers(5, config.vocab_size, size=2048),
         "doc_lens": np.array([1000, 900, 148]), "num_pad": 0}}
-mb = common.build_micro_batch([row], 2048).to("cuda")
+mb = varlen_attention.build_micro_batch([row], 2048).to("cuda")
 out = {{}}
 for liger in (False, True):  # off first: Liger's RoPE patch is global
-    model, _ = common.prepare_model(config, None, mesh, common.ModelOptions(device=torch.device("cuda"),
+    model, _ = fsdp_train.prepare_model(config, None, mesh, fsdp_train.ModelOptions(device=torch.device("cuda"),
+        attn_implementation=varlen_attention.register_attention(),
         compute_dtype=torch.bfloat16, liger=liger, activation_checkpointing=True, seed=0))
-    loss = common.forward_loss(model, mb, common.ce_loss_fn(mb.targets, "liger" if liger else "chunked", 512))
+    loss = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, "liger" if liger else "chunked", 512))
     (loss / mb.n_valid).backward()
     out[liger] = (loss.item() / mb.n_valid, {{k: p.grad.full_tensor().float() for k, p in model.named_parameters()}})
 (l0, g0), (l1, g1) = out[False], out[True]

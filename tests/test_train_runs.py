@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import fsdp_train
 from lc_testutil import ROOT, load_script, run_script
 from test_train import make_packed_data
 
@@ -62,7 +63,7 @@ def test_single_process_run_trains_checkpoints_and_exports(reference_run):
     assert [r["step"] for r in m] == list(range(1, 7))
     assert all(r["valid_tokens"] > 0 and r["mfu_torchtitan"] is None for r in m)
     assert m[-1]["lr"] == pytest.approx(1e-4)  # cosine down to 0.1x
-    assert [p.name for p in common.list_checkpoints(reference_run / "checkpoints")] == ["step_00000004",
+    assert [p.name for p in fsdp_train.list_checkpoints(reference_run / "checkpoints")] == ["step_00000004",
                                                                                    "step_00000006"]
     final = reference_run / "final"
     config = json.loads((final / "config.json").read_text())
@@ -99,10 +100,10 @@ def test_sigterm_saves_complete_checkpoint_and_resume_is_bitwise(data32, tokeniz
     threading.Thread(target=send_sigterm, daemon=True).start()
     code = common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--save-every", "0", "--debug-sleep", "0.4"))
     assert code == 128 + signal.SIGTERM
-    ckpts = common.list_checkpoints(out / "checkpoints")
+    ckpts = fsdp_train.list_checkpoints(out / "checkpoints")
     assert len(ckpts) == 1 and 2 <= int(ckpts[0].name[5:]) < 6
     assert (ckpts[0] / ".metadata").is_file() and (ckpts[0] / "rng_rank0.pt").is_file()
-    state = common.read_trainer_state(ckpts[0])
+    state = fsdp_train.read_trainer_state(ckpts[0])
     assert state["rows_consumed"] == state["step"] * 4
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--resume", "auto", "--no-export")) == 0
@@ -121,7 +122,7 @@ def test_hard_kill_then_resume_auto_is_bitwise(data32, tokenizer_dir, reference_
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert common.list_checkpoints(out / "checkpoints")  # step 2 at least
+    assert fsdp_train.list_checkpoints(out / "checkpoints")  # step 2 at least
     assert common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--resume", "auto", "--no-export")) == 0
     assert trajectory(out) == trajectory(reference_run)  # bitwise, records after the checkpoint replaced
 
@@ -162,7 +163,7 @@ def test_bad_inputs_fail_with_one_line_and_harm_no_checkpoint(data32, tokenizer_
     # resuming with other settings, or from an incompatible checkpoint
     assert "settings differ" in run_error(capsys, base_args(data32, tokenizer_dir, reference_run, "--resume",
                                                             "auto", "--lr", "5e-4"))
-    ckpt = common.list_checkpoints(reference_run / "checkpoints")[-1]
+    ckpt = fsdp_train.list_checkpoints(reference_run / "checkpoints")[-1]
     assert "incompatible" in run_error(capsys, base_args(data32, tokenizer_dir, tmp_path / "d", "--resume",
                                                          str(ckpt), "--max-steps", "8"))
     args = base_args(data32, tokenizer_dir, tmp_path / "e", "--init-from", str(ckpt))
@@ -177,14 +178,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data32, tokenizer_dir, tm
     line = run_error(capsys, base_args(data32, tokenizer_dir, out, "--lr", "1e30", "--save-every", "1",
                                        "--warmup-steps", "0", "--grad-clip", "0"))
     assert "non-finite" in line and "step_0000000" in line
-    ckpts = common.list_checkpoints(out / "checkpoints")
+    ckpts = fsdp_train.list_checkpoints(out / "checkpoints")
     assert ckpts and all(m["loss"] == m["loss"] for m in metrics(out))  # only finite losses recorded
-    common.read_trainer_state(ckpts[-1])
+    fsdp_train.read_trainer_state(ckpts[-1])
     assert not (out / "final").exists()
 
 
 def test_new_stage_keeps_optimizer_and_resets_schedule(data32, tokenizer_dir, reference_run, tmp_path):
-    ckpt = common.list_checkpoints(reference_run / "checkpoints")[-1]
+    ckpt = fsdp_train.list_checkpoints(reference_run / "checkpoints")[-1]
     out = tmp_path / "stage2"
     assert common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--init-from", ckpt, "--keep-optimizer",
                                 "--max-steps", "2", "--warmup-steps", "1", "--no-export")) == 0
@@ -198,7 +199,7 @@ def test_resume_auto_with_init_from_resumes_instead_of_reinitialising(data32, to
                                                                      tmp_path, capsys):
     """--init-from CKPT --resume auto is one command line for a stage's first launch and all its relaunches: while
     --out holds no checkpoint it starts from CKPT, afterwards it resumes --out's own latest checkpoint."""
-    init = common.list_checkpoints(reference_run / "checkpoints")[-1]
+    init = fsdp_train.list_checkpoints(reference_run / "checkpoints")[-1]
     out = tmp_path / "relaunch"
     args = base_args(data32, tokenizer_dir, out, "--init-from", init, "--resume", "auto", "--max-steps", "4",
                      "--log-every", "1", "--no-export")
@@ -207,7 +208,7 @@ def test_resume_auto_with_init_from_resumes_instead_of_reinitialising(data32, to
     first = capsys.readouterr().out
     assert "no checkpoint in" in first and f"initialised from {init}" in first
     full = trajectory(out)
-    shutil.rmtree(common.list_checkpoints(out / "checkpoints")[-1])  # as if killed before step 4's checkpoint
+    shutil.rmtree(fsdp_train.list_checkpoints(out / "checkpoints")[-1])  # as if killed before step 4's checkpoint
     assert common.call_main(script.main, args) == 0
     second = capsys.readouterr().out
     assert f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2" in second
@@ -222,21 +223,22 @@ def test_liger_rope_patch_matches_in_subprocess(tiny_llama_dir):
     code = f"""
 import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-import common
+import common, fsdp_train, varlen_attention
 from liger_kernel.transformers import apply_liger_kernel_to_llama
-info, mesh = common.setup_distributed("cpu")
+info, mesh = fsdp_train.setup_distributed("cpu")
 config = common.load_config({tiny_llama_dir!r})
-opts = common.ModelOptions(device=torch.device("cpu"), activation_checkpointing=False)
+opts = fsdp_train.ModelOptions(device=torch.device("cpu"), activation_checkpointing=False,
+                               attn_implementation=varlen_attention.register_attention())
 ids = torch.randint(5, 500, (1, 24))
-mb = common.MicroBatch(ids, torch.arange(24).view(1, -1), ids, torch.tensor([0, 10, 24], dtype=torch.int32), 14,
-                   [10, 14], 24, 0, 0)
-ref, _ = common.prepare_model(config, {tiny_llama_dir!r}, mesh, opts)
+mb = varlen_attention.MicroBatch(ids, torch.arange(24).view(1, -1), ids,
+                                 torch.tensor([0, 10, 24], dtype=torch.int32), 14, [10, 14], 24, 0, 0)
+ref, _ = fsdp_train.prepare_model(config, {tiny_llama_dir!r}, mesh, opts)
 with torch.no_grad():
-    a = common.forward_hidden(ref, mb)
+    a = varlen_attention.forward_hidden(ref, mb)
 apply_liger_kernel_to_llama(rope=True, rms_norm=False, swiglu=False, cross_entropy=False,
                             fused_linear_cross_entropy=False)
 with torch.no_grad():
-    b = common.forward_hidden(ref, mb)
+    b = varlen_attention.forward_hidden(ref, mb)
 err = (a - b).abs().max().item()
 print("max error", err)
 assert err < 1e-4, err
