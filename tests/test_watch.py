@@ -1,9 +1,7 @@
 """Long runs watched and planned: --report-to (tracking.py), --eval-every probes and the short-context alarm
 (probes.py), --ac-every / --offload-activations (activation_memory.py) and the fit planner (memory_plan.py,
 03 --plan). Tiny models on the CPU."""
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,19 +12,16 @@ import memory_plan
 import tracking
 from lc_testutil import load_script
 from test_train import make_packed_data
-from test_train_runs import base_args, data32, metrics, trajectory  # noqa: F401  (data32: a fixture)
+from test_sft import make_chats, one_thread  # noqa: F401  (one_thread: an autouse fixture, one OpenMP thread)
+from test_train_runs import base_args, metrics, trajectory
 
 script = load_script("03_continued_pretrain")
 LLAMA3_8B = memory_plan.Shape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336, vocab=128256)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on 2 shared cores: a second OpenMP thread spinning makes each step several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def data32(tmp_path_factory):
+    return make_packed_data(tmp_path_factory.mktemp("d32") / "d", seq_len=32, num_rows=16)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +170,25 @@ def test_plan_flag_prints_the_table_and_writes_nothing(data32, tokenizer_dir, tm
     assert "fit: cp 1, 2 row(s)/micro-batch, no AC" in printed  # a tiny model fits without checkpointing
     assert "plan: this run's setting (cp 1, 2 row(s)/micro-batch, AC every 2)" in printed
     assert not out.exists()
+
+
+def test_sft_probes_and_tracks_the_same_way(tiny_llama_dir, tmp_path, capsys):
+    """04 takes the same --eval-every and --report-to: probe records at steps 0 and 2, every value in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sft = load_script("04_sft")
+    out = tmp_path / "sft"
+    args = ["--model", tiny_llama_dir, "--data", make_chats(tmp_path / "c.jsonl", n=8), "--out", str(out),
+            "--device", "cpu", "--seq-len", "128", "--batch-tokens", "256", "--max-steps", "2", "--lr", "3e-3",
+            "--save-every", "0", "--no-final-checkpoint", "--no-export", "--eval-every", "2", "--report-to",
+            "tensorboard", "--probe-niah-task", "niah_single_kv", "--probe-lengths", "128", "--probe-depths", "50",
+            "--probe-docs", "1", "--probe-short-docs", "2"]
+    assert common.call_main(sft.main, args) == 0
+    records = metrics(out)
+    assert [r["step"] for r in records if "probe/short_ppl" in r] == [0, 2]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for record in records:
+        for name, value in tracking.scalars(record).items():
+            assert events.Scalars(name)[[e.step for e in events.Scalars(name)].index(record["step"])].value == \
+                pytest.approx(value, rel=1e-6, abs=1e-6)
