@@ -41,9 +41,16 @@ Usage:
     # continue a preempted run exactly (with --init-from too: it starts from that checkpoint only while --out
     # holds none, so one command line serves the first launch and every relaunch)
     torchrun --nproc_per_node=8 03_continued_pretrain.py ...same flags... --resume auto
+    # watched and planned: probes every 250 steps (needles, loss by position, short-context perplexity with an
+    # alarm), TensorBoard, and the memory plan before renting the GPUs (prints, writes nothing)
+    torchrun ... 03_continued_pretrain.py ... --eval-every 250 --report-to tensorboard
+    python 03_continued_pretrain.py --model runs/llama3-8b-theta8e6 --data runs/data-512k --out x --plan
+    # on a SLURM cluster: sbatch --nodes=4 recipes/slurm.sbatch recipes/prolong_512k.sh (README)
 
-Outputs: OUT/run.json (the run's settings), OUT/metrics.jsonl (one record per step), OUT/checkpoints/step_N/
-(torch.distributed.checkpoint shards + trainer_state.json), OUT/final/ (HF model directory with manifest.json).
+Outputs: OUT/run.json (the run's settings), OUT/metrics.jsonl (one record per step; with --eval-every the probe
+results as probe/... fields, step 0 before training), OUT/tensorboard or OUT/wandb (--report-to),
+OUT/checkpoints/step_N/ (torch.distributed.checkpoint shards + trainer_state.json), OUT/final/ (HF model directory
+with manifest.json).
 MFU conventions in the log: "tt" = torchtitan's 6N + 12*L*H*d*S per token (non-causal, masks ignored);
 "doc" = 6N + causal attention over the documents actually attended, 12*L*H*d*sum(len_i^2)/(2*sum(len_i)).
 """

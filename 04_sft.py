@@ -24,8 +24,8 @@ Arcee and LongReD did) on every token. The teacher runs without gradients, shard
 and neither model's logits ever exist for a whole row: the CE and KL are computed chunk by chunk (--loss-chunk
 tokens, only the trained positions), each chunk recomputed in the backward.
 
-Launch, checkpoints (--save-every, SIGTERM/SIGUSR1, --resume auto), metrics line, progress bar and export are
-those of 03_continued_pretrain.py.
+Launch, checkpoints (--save-every, SIGTERM/SIGUSR1, --resume auto), metrics line, progress bar, tracking
+(--report-to), probes of the long/short trade-off (--eval-every) and export are those of 03_continued_pretrain.py.
 
 Usage:
     # UltraLong-style short SFT of an extended model on 8 GPUs: 1M tokens/step, LR 5e-6, conversations < 8K

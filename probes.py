@@ -10,12 +10,12 @@ once, the same on every rank, from three things:
 - loss by position on held-out long documents (buckets of the position in the document, as 05 reports it);
 - short-context perplexity on held-out short text (the first --probe-short-len tokens of other documents).
 Held-out text: --probe-data (a text file, a .jsonl with a "text" field, or a directory of them), by default the
-embedded corpus's books read from the END (the demo and 01's default mixture read the corpus from the start). Probe documents
-are packed into rows of at most the training row (per rank under --cp) with document-masked attention and dealt
-to all ranks, each running the same number of forward passes (FSDP gathers weights collectively), then summed
-over ranks. A warning line appears when the short-context perplexity rises more than --short-ppl-alarm above
-the first probe's (run before the first step). The results go into that step's metrics.jsonl record (and the
-tracker) as probe/... fields.
+embedded corpus's books read from the END (the demo and 01's default mixture read the corpus from the start).
+Probe documents are packed into rows of at most the training row (per rank under --cp) with document-masked
+attention and dealt to all ranks, each running the same number of forward passes (FSDP gathers weights
+collectively), then summed over ranks. A warning line appears when the short-context perplexity rises more
+than --short-ppl-alarm above the first probe's (run before the first step). The results go into that step's
+metrics.jsonl record (and the tracker) as probe/... fields.
 
 Used by 03_continued_pretrain.py and 04_sft.py (--eval-every N).
 

@@ -192,3 +192,18 @@ def test_sft_probes_and_tracks_the_same_way(tiny_llama_dir, tmp_path, capsys):
         for name, value in tracking.scalars(record).items():
             assert events.Scalars(name)[[e.step for e in events.Scalars(name)].index(record["step"])].value == \
                 pytest.approx(value, rel=1e-6, abs=1e-6)
+
+
+def test_probe_that_cannot_be_built_fails_with_one_line_before_any_output(data256, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "bad"
+    code = common.call_main(script.main, probe_args(data256, tokenizer_dir, out, "--probe-lengths", "16"))
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "--probe-lengths" in errors[0] and not out.exists()
+
+
+@pytest.mark.gpu
+def test_plan_on_cuda_prints_predicted_beside_measured(data256, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert common.call_main(script.main, base_args(data256, tokenizer_dir, out, "--plan", "--device", "cuda")) == 0
+    printed = capsys.readouterr().out
+    assert "measured peak" in printed and "predicted" in printed and not out.exists()
