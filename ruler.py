@@ -4,12 +4,14 @@ RULER (Hsieh et al., 2024; github.com/hsiehjackson/RULER) measures retrieval at 
 synthetic prompts: a haystack (repeated noise sentences, real text, or distractor needles) grown until the prompt
 plus the answer budget fills the length in the model's tokenizer, needles ("One of the special magic numbers for
 KEY is: VALUE.") placed at chosen depths, a question, and an answer prefix; a prediction is scored by whether it
-contains the planted values (string_match_all) or any of them (string_match_part). This module generates the 8
-NIAH variants of RULER's synthetic.yaml (single 1-3, multikey 1-3, multivalue, multiquery) plus a kv style for
-tiny models, and scores predictions; docs/evaluation.md#ruler-niah states the definitions it follows. It needs
-a tokenizer, never a model.
+contains the planted values (string_match_all) or any of them (string_match_part). This module generates all 13
+tasks of RULER's synthetic.yaml: the 8 NIAH variants (single 1-3, multikey 1-3, multivalue, multiquery, plus a kv
+style for tiny models), variable tracking (vt), common and frequent words extraction (cwe, fwe) and QA over SQuAD
+and HotpotQA (qa_1, qa_2), and scores predictions with each task's metric and a 95% interval;
+docs/evaluation.md#ruler-niah and docs/evaluation.md#ruler-tasks state the definitions it follows. It needs a
+tokenizer, never a model (cwe also needs the wonderwords package's word lists, as RULER does).
 
-Used by 05_eval.py (--tasks niah).
+Used by 05_eval.py (--tasks niah, ruler, or a task's name).
 
 Outside this repository (copy this file and common.py):
 
@@ -19,14 +21,21 @@ Outside this repository (copy this file and common.py):
     for r in records:                     # r["input_ids"] fills 8192 tokens minus the answer budget
         prediction = my_generate(r["input_ids"])
         score = ruler.string_match_all(ruler.postprocess_prediction(prediction), r["references"])
+    # all 13 tasks (QA from RULER's squad.json / hotpotqa.json), each with its budget r["max_new_tokens"]
+    qa = {d: ruler.load_qa_data(d, f"{d}.json") for d in ("squad", "hotpotqa")}
+    records = ruler.build_ruler_prompts(ruler.RULER_TASK_NAMES, [8192], [50], 5, tokenizer, essay_text=text,
+                                        qa_data=qa)
+    score = ruler.task_score(r["task"], ruler.postprocess_prediction(prediction), r["references"])
 """
 from __future__ import annotations
 
 import bisect
 import functools
 import itertools
+import json
 import random
 import re
+import string
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,27 +281,36 @@ def render_prompt(sample: NeedleSample, context: str, tokenizer, chat_template: 
             return t.replace("Some", "A").replace("are all", "is").replace("are", "is").replace("answers", "answer")
         template, prefix, type_v = singular(template), singular(prefix), type_v[:-1]
     text = template.format(type_needle_v=type_v, context=context, query=sample.query)
-    prefix = prefix.format(type_needle_v=type_v, query=sample.query)
+    return finish_prompt(text, prefix.format(type_needle_v=type_v, query=sample.query), tokenizer, chat_template)
+
+
+def finish_prompt(task_text: str, answer_prefix: str, tokenizer, chat_template: bool) -> str:
+    """The task text followed by its answer prefix (RULER's base template), or, with the tokenizer's chat
+    template, the task text as the user's turn and the answer prefix opening the assistant's."""
     if chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+        text = tokenizer.apply_chat_template([{"role": "user", "content": task_text}], tokenize=False,
                                              add_generation_prompt=True)
-        return text + prefix.lstrip()
-    return text + prefix
+        return text + answer_prefix.lstrip()
+    return task_text + answer_prefix
 
 
 def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=not chat_template, verbose=False)["input_ids"]
 
 
-def largest_fitting(fits, start: int) -> int:
-    """The largest n >= 0 with fits(n), for a monotone `fits`, searching outwards from a good guess."""
-    start = max(start, 0)
+def largest_fitting(fits, start: int, upper: int | None = None) -> int:
+    """The largest n in [0, upper] with fits(n), for a monotone `fits`, searching outwards from a good guess;
+    -1 when not even fits(0)."""
+    start = max(min(start, upper) if upper is not None else start, 0)
     if fits(start):
         lo, step = start, 1
-        while fits(lo + step):
+        while (upper is None or lo + step <= upper) and fits(lo + step):
             lo += step
             step *= 2
-        hi = lo + step
+        if upper is not None and lo + step > upper:
+            if lo == upper or fits(upper):
+                return upper
+        hi = lo + step if upper is None else min(lo + step, upper)
     else:
         hi, step = start, 1
         while hi - step > 0 and not fits(hi - step):
@@ -311,12 +329,13 @@ def largest_fitting(fits, start: int) -> int:
 
 
 def build_niah_prompts(task_names: list[str], lengths: list[int], depths: list[float], samples: int,
-                       essay_text: str | None, tokenizer, *, seed: int = 0, max_new_tokens: int = 64,
+                       essay_text: str | None, tokenizer, *, seed: int = 0, max_new_tokens: int | None = None,
                        chat_template: bool = False, essay_kind: str = "essay") -> list[dict]:
     """One record per (task, length, depth, sample): the prompt, its token ids, the references and where the
-    primary needle landed. Haystacks are grown unit by unit until prompt + generation budget fills the length
-    (RULER's rule), using this model's tokenizer."""
+    primary needle landed. Haystacks are grown unit by unit until prompt + generation budget (default: RULER's
+    128 tokens for niah) fills the length (RULER's rule), using this model's tokenizer."""
     records = []
+    max_new_tokens = max_new_tokens or TOKENS_TO_GENERATE["niah"]
     for name in task_names:
         task = NIAH_TASKS[name]
         kind = task.haystack if task.haystack != "essay" else essay_kind
@@ -346,10 +365,390 @@ def build_niah_prompts(task_names: list[str], lengths: list[int], depths: list[f
                 ctx_start, ctx_end, needle_token = (len(encode_prompt(tokenizer, prompt[:i], chat_template))
                                                     for i in (c0, c0 + len(context), prompt.find(sample.needles[0])))
                 records.append({
-                    "task": name, "length": length, "depth": depth, "sample": index,
-                    "haystack": kind, "haystack_units": n, "prompt_tokens": len(ids), "needle_token": needle_token,
+                    "task": name, "length": length, "depth": depth, "sample": index, "metric": "string_match_all",
+                    "max_new_tokens": max_new_tokens, "haystack": kind, "haystack_units": n,
+                    "prompt_tokens": len(ids), "needle_token": needle_token,
                     "needle_token_depth": round(100 * (needle_token - ctx_start) / max(ctx_end - ctx_start, 1), 2),
                     "query": sample.query, "references": sample.answers, "needles": sample.needles,
                     "prompt": prompt, "input_ids": ids,
                 })
+    return records
+
+
+# -------------------------------------------------------------------------------------------------------------
+# RULER's other five tasks (docs/evaluation.md#ruler-tasks): variable tracking, common and frequent words
+# extraction, and QA over SQuAD / HotpotQA, with RULER's templates, answer prefixes, settings and metrics
+# (RULER scripts/synthetic.yaml, scripts/data/synthetic/{constants,variable_tracking,common_words_extraction,
+# freq_words_extraction,qa}.py, scripts/eval/synthetic/constants.py).
+
+TOKENS_TO_GENERATE = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}
+METRICS = {"niah": "string_match_all", "vt": "string_match_all", "cwe": "string_match_all",
+           "fwe": "string_match_all", "qa": "string_match_part"}
+
+VT_TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
+               "Question: Find all variables that are assigned the value {query} in the text above.")
+VT_ANSWER_PREFIX = (" Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables "
+                    "are assgined the value {query}, they are: ")  # RULER's spelling, kept: it is the prompt
+CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
+                "ones that appear most often.\n{context}\nQuestion: What are the {num_cw} most common words in the "
+                "above list?")
+CWE_ANSWER_PREFIX = " Answer: The top {num_cw} words that appear most often in the list are:"
+FWE_TEMPLATE = ("Read the following coded text and track the frequency of each coded word. Find the three most "
+                "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
+                "the dots '....'. What are the three most frequently appeared words in the above coded text?")
+FWE_ANSWER_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
+QA_INSTRUCTION = "Answer the question based on the given documents. Only give me the answer and do not output any " \
+                 "other words."
+QA_TEMPLATE = (QA_INSTRUCTION + "\n\nThe following are given documents.\n\n{context}\n\n" + QA_INSTRUCTION
+               + "\n\nQuestion: {query}")
+QA_ANSWER_PREFIX = " Answer:"
+QA_DOCUMENT = "Document {i}:\n{document}"
+
+
+@dataclass(frozen=True)
+class RulerTask:
+    """One of RULER's non-NIAH tasks with its synthetic.yaml settings."""
+    name: str
+    kind: str  # vt | cwe | fwe | qa
+    num_chains: int = 1  # vt: chains of assignments, one queried
+    num_hops: int = 4  # vt: assignments after the first (5 variables hold the value)
+    freq_cw: int = 30  # cwe: repeats of each common word (RULER: 6 below 4096 tokens)
+    freq_ucw: int = 3  # cwe: repeats of each uncommon word (RULER: 1 below 4096 tokens)
+    num_cw: int = 10  # cwe: common words, all asked for
+    alpha: float = 2.0  # fwe: the Zipf exponent of the word counts
+    coded_wordlen: int = 6  # fwe: letters per coded word
+    dataset: str = ""  # qa: squad | hotpotqa
+
+
+OTHER_TASKS = {t.name: t for t in [RulerTask("vt", "vt"), RulerTask("cwe", "cwe"), RulerTask("fwe", "fwe"),
+                                   RulerTask("qa_1", "qa", dataset="squad"),
+                                   RulerTask("qa_2", "qa", dataset="hotpotqa")]}
+RULER_TASK_NAMES = [n for n, t in NIAH_TASKS.items() if t.style == "ruler"] + list(OTHER_TASKS)  # RULER's 13
+
+
+def task_kind(name: str) -> str:
+    return "niah" if name in NIAH_TASKS else OTHER_TASKS[name].kind
+
+
+def generation_budget(name: str, override: int | None = None) -> int:
+    """Tokens to generate for a task: `override`, else RULER's for its kind (niah 128, vt 30, cwe 120, fwe 50,
+    qa 32)."""
+    return override or TOKENS_TO_GENERATE[task_kind(name)]
+
+
+def task_score(name: str, prediction: str, references: list[str]) -> float:
+    """The task's own RULER metric: string_match_part for qa, string_match_all for every other task."""
+    metric = string_match_part if METRICS[task_kind(name)] == "string_match_part" else string_match_all
+    return metric(prediction, references)
+
+
+def wilson_interval(mean: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of the mean of n scores in [0, 1]. For 0/1 scores it is the usual binomial
+    interval; for fractional scores (string_match_all over several references) it is conservative, since a score
+    in [0, 1] with mean p has a variance of at most p(1 - p)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = min(max(mean, 0.0), 1.0)
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# Variable tracking: chains "VAR A = 12345", "VAR B = VAR A ", ... hidden in RULER's noise; the answer is every
+# variable of the queried chain. A worked example (3-letter names, fitted to 500 tokens) comes first, as in RULER.
+
+def vt_chains(rng: random.Random, num_chains: int, num_hops: int, letters: int) -> tuple[list, list]:
+    names: list[str] = []
+    while len(names) < num_chains * (num_hops + 1):
+        name = "".join(rng.choices(string.ascii_uppercase, k=letters))
+        if name not in names:
+            names.append(name)
+    variables = [names[c * (num_hops + 1):(c + 1) * (num_hops + 1)] for c in range(num_chains)]
+    chains = [[f"VAR {vs[0]} = {rng.randint(10000, 99998)}"] + [f"VAR {vs[j + 1]} = VAR {vs[j]} "
+                                                                for j in range(num_hops)] for vs in variables]
+    return variables, chains
+
+
+def vt_sample(task: RulerTask, key: str, noises: int, *, letters: int = 5, hops: int | None = None,
+              template: str = VT_TEMPLATE, example: str = "") -> tuple[str, str, list[str]]:
+    """(task text, answer prefix, references) with `noises` noise lines; the chains depend only on `key`."""
+    rng = random.Random(key)
+    hops = task.num_hops if hops is None else hops
+    variables, chains = vt_chains(rng, task.num_chains, hops, letters)
+    lines = [RULER_NOISE + "\n"] * noises
+    for chain in chains:  # each statement at a random line, in chain order
+        for j, (pos, statement) in enumerate(zip(sorted(rng.sample(range(len(lines)), len(chain))), chain)):
+            lines.insert(pos + j, statement)
+    context = " ".join(lines).replace(". \n", ".\n")
+    query = chains[0][0].split("=")[-1].strip()
+    text = example + template.format(context=context, query=query)
+    return text, VT_ANSWER_PREFIX.format(num_v=hops + 1, query=query), variables[0]
+
+
+def vt_example(task: RulerTask, seed: int, tokenizer) -> str:
+    """RULER's in-context example for vt: the task with 3-letter names (at most 10 hops) and as much noise as fits
+    500 tokens with the answer and the 30-token budget, its template's whitespace collapsed and its last word
+    dropped (RULER cuts the model template's closing tag that way; with its base template that word is the
+    question's "above."), followed by the answer."""
+    hops = min(10, task.num_hops)
+    collapsed = " ".join(VT_TEMPLATE.split()[:-1])
+
+    def text(extra: int) -> str:
+        body, prefix, answer = vt_sample(task, f"{seed}:vt:example", hops + 1 + extra, letters=3, hops=hops,
+                                         template=collapsed)
+        return body + prefix + " " + " ".join(answer) + "\n\n"
+
+    extra = largest_fitting(lambda m: len(encode_prompt(tokenizer, text(m), False)) + TOKENS_TO_GENERATE["vt"]
+                            <= 500, 10)
+    return text(max(extra, 0)) + "\n\n"
+
+
+# Common words extraction: a numbered list in which num_cw words appear freq_cw times and the others freq_ucw
+# times, after one worked example; the answer is the num_cw common words.
+
+@functools.lru_cache(maxsize=None)
+def cwe_words() -> tuple[str, ...]:
+    """RULER's word pool: the wonderwords package's noun, adjective and verb lists, deduplicated and sorted."""
+    try:
+        from importlib.resources import files
+
+        assets = files("wonderwords.assets")
+    except ModuleNotFoundError:
+        common.fail("the cwe task needs RULER's word lists from the wonderwords package: pip install "
+                    "wonderwords==3.0.1")
+    words = {w.strip() for f in ("nounlist.txt", "adjectivelist.txt", "verblist.txt")
+             for w in assets.joinpath(f).read_text().splitlines() if w.strip()}
+    return tuple(sorted(words))
+
+
+def cwe_list(rng: random.Random, num_words: int, common_repeats: int, uncommon_repeats: int,
+             num_common: int) -> tuple[str, list[str]]:
+    chosen = rng.sample(cwe_words(), num_words)
+    listed = chosen[:num_common] * common_repeats + chosen[num_common:] * uncommon_repeats
+    rng.shuffle(listed)
+    return " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed)), chosen[:num_common]
+
+
+def cwe_repeats(task: RulerTask, length: int) -> tuple[int, int]:
+    """(common, uncommon) repeats: the configured ones from 4096 tokens on, RULER's 6 and 1 below."""
+    return (task.freq_cw, task.freq_ucw) if length >= 4096 else (6, 1)
+
+
+def cwe_sample(task: RulerTask, key: str, num_words: int, length: int) -> tuple[str, str, list[str]]:
+    rng = random.Random(key)
+    example_shape = (40, 10, 3) if length >= 4096 else (20, 3, 1)
+    example_context, example_answer = cwe_list(rng, *example_shape, task.num_cw)
+    context, answer = cwe_list(rng, num_words, *cwe_repeats(task, length), task.num_cw)
+    fmt = dict(num_cw=task.num_cw)
+    example = (CWE_TEMPLATE.format(context=example_context, **fmt) + CWE_ANSWER_PREFIX.format(**fmt)
+               + " ".join(f"{i + 1}. {w}" for i, w in enumerate(example_answer)))
+    return example + "\n" + CWE_TEMPLATE.format(context=context, **fmt), CWE_ANSWER_PREFIX.format(**fmt), answer
+
+
+# Frequent words extraction: coded words drawn with Zipf counts (count of rank k = int(N k^-alpha / zeta(alpha))),
+# rank 1 being "..." (noise); the answer is ranks 2-4. The vocabulary has length // 50 words.
+
+def zeta(s: float, terms: int = 1000) -> float:
+    """Riemann's zeta for s > 1: a partial sum and its Euler-Maclaurin tail (error far below 1e-12)."""
+    n = terms
+    return sum(k ** -s for k in range(1, n)) + n ** (1 - s) / (s - 1) + n ** -s / 2 + s * n ** (-s - 1) / 12
+
+
+def fwe_sample(task: RulerTask, key: str, num_words: int, length: int) -> tuple[str, str, list[str]]:
+    rng = random.Random(key)
+    size = max(length // 50, 4)
+    vocab: set[str] = set()
+    while len(vocab) < size:
+        vocab.add("".join(rng.choices(string.ascii_lowercase, k=task.coded_wordlen)))
+    ranked = sorted(vocab)
+    rng.shuffle(ranked)
+    ranked[0] = "..."
+    norm = zeta(task.alpha)
+    words = [w for k, w in enumerate(ranked, 1) for _ in range(int(num_words * k ** -task.alpha / norm))]
+    rng.shuffle(words)
+    return FWE_TEMPLATE.format(context=" ".join(words)), FWE_ANSWER_PREFIX, ranked[1:4]
+
+
+# QA: the question's own paragraph(s) among distractor paragraphs of the same dataset, as many as fit.
+
+@dataclass
+class QAData:
+    dataset: str  # squad | hotpotqa
+    source: str
+    docs: list[str]
+    questions: list[dict]  # {"query", "outputs": [answers], "gold": [doc index], "more": [doc index]}
+
+
+def qa_from_squad(data: dict, source: str) -> QAData:
+    """RULER's read_squad: unique paragraphs (sorted) as documents; every answerable question with all its answer
+    texts, its paragraph as gold and the other paragraphs of its article first in line as distractors."""
+    docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
+    index = {c: i for i, c in enumerate(docs)}
+    questions = []
+    for article in data["data"]:
+        article_docs = [index[p["context"]] for p in article["paragraphs"]]
+        for p in article["paragraphs"]:
+            for qa in p["qas"]:
+                if not qa.get("is_impossible", False) and qa["answers"]:
+                    gold = index[p["context"]]
+                    questions.append({"query": qa["question"], "outputs": [a["text"] for a in qa["answers"]],
+                                      "gold": [gold], "more": [i for i in article_docs if i != gold]})
+    return QAData("squad", source, docs, questions)
+
+
+def qa_from_hotpotqa(data: list, source: str) -> QAData:
+    """RULER's read_hotpotqa: every paragraph "title\\nsentences" (unique, sorted) a document; each question's own
+    ten paragraphs (supporting and distractor) as gold."""
+    def doc(title, sentences):
+        return f"{title}\n{''.join(sentences)}"
+
+    docs = sorted({doc(t, s) for d in data for t, s in d["context"]})
+    index = {c: i for i, c in enumerate(docs)}
+    questions = [{"query": d["question"], "outputs": [d["answer"]], "gold": [index[doc(t, s)] for t, s in d["context"]],
+                  "more": []} for d in data]
+    return QAData("hotpotqa", source, docs, questions)
+
+
+def squad_rows_to_json(rows) -> dict:
+    """Hub rows (rajpurkar/squad_v2 or squad: title, context, question, answers.text) in SQuAD's json layout."""
+    articles: dict[str, dict[str, list]] = {}
+    for r in rows:
+        texts = list(r["answers"]["text"])
+        articles.setdefault(r["title"], {}).setdefault(r["context"], []).append(
+            {"question": r["question"], "answers": [{"text": t} for t in texts], "is_impossible": not texts})
+    return {"data": [{"title": t, "paragraphs": [{"context": c, "qas": q} for c, q in paragraphs.items()]}
+                     for t, paragraphs in articles.items()]}
+
+
+def hotpotqa_rows_to_json(rows) -> list:
+    """Hub rows (hotpotqa/hotpot_qa, config distractor: question, answer, context.title / context.sentences) in
+    HotpotQA's json layout."""
+    return [{"question": r["question"], "answer": r["answer"],
+             "context": [[t, list(s)] for t, s in zip(r["context"]["title"], r["context"]["sentences"])]} for r in rows]
+
+
+def load_qa_data(dataset: str, spec: str) -> QAData:
+    """SQuAD or HotpotQA questions from RULER's json files (SQuAD v2.0 dev, HotpotQA dev distractor: the files
+    RULER's download_qa_dataset.sh fetches) or from the hub (NAME or NAME:CONFIG, validation split)."""
+    flag = f"--{dataset}-data"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            common.fail(f"{flag} {spec} is not a json file ({type(exc).__name__}); give RULER's {dataset}.json")
+    elif common.is_local_path(spec):
+        common.fail(f"{flag} {spec} does not exist; give RULER's {dataset}.json or a hub dataset name")
+    else:
+        name, _, config = spec.partition(":")
+        try:
+            import datasets
+
+            rows = datasets.load_dataset(name, config or None, split="validation")
+        except Exception as exc:  # offline, unknown name: one clear line
+            common.fail(f"cannot load {flag} {spec} from the hub ({type(exc).__name__}); download it first or give "
+                        f"RULER's {dataset}.json")
+        data = squad_rows_to_json(rows) if dataset == "squad" else hotpotqa_rows_to_json(rows)
+    try:
+        qa = qa_from_squad(data, str(spec)) if dataset == "squad" else qa_from_hotpotqa(data, str(spec))
+    except (KeyError, TypeError, ValueError) as exc:
+        common.fail(f"{flag} {spec} is not in {dataset}'s json layout (missing {exc}); give RULER's {dataset}.json")
+    if not qa.questions:
+        common.fail(f"{flag} {spec} holds no answerable question")
+    return qa
+
+
+def qa_sample(qa: QAData, key: str, question: int, num_docs: int) -> tuple[str, str, list[str]]:
+    """RULER's choice of documents: the gold ones, then the question's own article's others, then random ones."""
+    rng = random.Random(key)
+    q = qa.questions[question]
+    gold, more = q["gold"], q["more"]
+    if num_docs >= len(qa.docs):
+        chosen = list(range(len(qa.docs)))
+    elif num_docs - len(gold) > len(more):
+        taken = set(gold + more)
+        others = [i for i in range(len(qa.docs)) if i not in taken]
+        chosen = gold + more + rng.sample(others, num_docs - len(gold) - len(more))
+    else:
+        chosen = gold + rng.sample(more, num_docs - len(gold))
+    rng.shuffle(chosen)
+    context = "\n\n".join(QA_DOCUMENT.format(i=i + 1, document=qa.docs[d]) for i, d in enumerate(chosen))
+    return QA_TEMPLATE.format(context=context, query=q["query"]), QA_ANSWER_PREFIX, q["outputs"]
+
+
+def build_task_prompts(name: str, lengths: list[int], samples: int, tokenizer, *, seed: int = 0,
+                       max_new_tokens: int | None = None, chat_template: bool = False,
+                       qa_data: dict[str, QAData] | None = None) -> list[dict]:
+    """One record per (length, sample) of vt, cwe, fwe, qa_1 or qa_2: the prompt grown (noise lines, words or
+    documents) until prompt + generation budget fills the length in this tokenizer's tokens, as in RULER."""
+    task, budget_new = OTHER_TASKS[name], generation_budget(name, max_new_tokens)
+    qa = (qa_data or {}).get(task.dataset)
+    if task.kind == "qa" and qa is None:
+        common.fail(f"{name} needs {task.dataset} data: RULER's {task.dataset}.json or a hub dataset")
+    if task.kind == "qa" and samples > len(qa.questions):
+        common.fail(f"{name}: {samples} samples asked but {qa.source} has {len(qa.questions)} questions")
+    example = vt_example(task, seed, tokenizer) if task.kind == "vt" else ""
+    records = []
+    for length in lengths:
+        guess = None
+        for index in range(samples):
+            key = f"{seed}:{name}:{length}:{index}"
+            if task.kind == "vt":  # size: noise lines
+                low, high = task.num_chains * (task.num_hops + 1), None
+                make = functools.partial(vt_sample, task, key, example=example)
+            elif task.kind == "cwe":  # size: distinct words, at most the word pool (RULER's cap)
+                low, high = task.num_cw, len(cwe_words())
+                make = functools.partial(cwe_sample, task, key, length=length)
+            elif task.kind == "fwe":  # size: words drawn
+                low, high = 1, None
+                make = functools.partial(fwe_sample, task, key, length=length)
+            else:  # size: documents
+                low, high = len(qa.questions[index]["gold"]), len(qa.docs)
+                make = functools.partial(qa_sample, qa, key, index)
+
+            @functools.lru_cache(maxsize=None)
+            def prompt_for(extra: int):
+                text, prefix, references = make(low + extra)
+                prompt = finish_prompt(text, prefix, tokenizer, chat_template)
+                return prompt, encode_prompt(tokenizer, prompt, chat_template), references
+
+            def fits(extra: int) -> bool:
+                return len(prompt_for(extra)[1]) + budget_new <= length
+
+            if guess is None:  # a first guess from the tokens per unit of size at a small size
+                probe = min(16, high - low) if high is not None else 16
+                t0, t1 = len(prompt_for(0)[1]), len(prompt_for(probe)[1])
+                guess = int((length - budget_new - t0) * probe / max(t1 - t0, 1))
+            extra = largest_fitting(fits, guess, None if high is None else high - low)
+            if extra < 0:
+                common.fail(f"length {length} is too short for the {name} prompt and a {budget_new}-token answer; "
+                            f"use longer --lengths or fewer --max-new-tokens")
+            guess = extra
+            prompt, ids, references = prompt_for(extra)
+            records.append({"task": name, "length": length, "depth": None, "sample": index,
+                            "metric": METRICS[task.kind], "max_new_tokens": budget_new, "size": low + extra,
+                            "size_capped": high is not None and extra == high - low and fits(extra),
+                            "prompt_tokens": len(ids), "references": list(references), "prompt": prompt,
+                            "input_ids": ids})
+            prompt_for.cache_clear()
+    return records
+
+
+def build_ruler_prompts(task_names: list[str], lengths: list[int], depths: list[float], samples: int, tokenizer,
+                        *, essay_text: str | None = None, essay_kind: str = "essay", seed: int = 0,
+                        max_new_tokens: int | None = None, chat_template: bool = False,
+                        qa_data: dict[str, QAData] | None = None) -> list[dict]:
+    """Every task's records: a NIAH task has `samples` prompts per depth; the other tasks have no depth and get
+    samples x len(depths) prompts per length, so that every task counts as much in the average."""
+    records = []
+    for name in task_names:
+        if name in NIAH_TASKS:
+            records += build_niah_prompts([name], lengths, depths, samples, essay_text, tokenizer, seed=seed,
+                                          max_new_tokens=max_new_tokens, chat_template=chat_template,
+                                          essay_kind=essay_kind)
+        else:
+            records += build_task_prompts(name, lengths, samples * len(depths), tokenizer, seed=seed,
+                                          max_new_tokens=max_new_tokens, chat_template=chat_template,
+                                          qa_data=qa_data)
     return records

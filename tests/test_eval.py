@@ -318,7 +318,13 @@ def test_missing_model_path_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--tasks", "niah,ruler"], "unknown task 'ruler'"),
+    (["--tasks", "niah,rulers"], "unknown task 'rulers'"),
+    (["--tasks", "qa_1"], "qa_1 needs its QA data; pass --squad-data"),
+    (["--tasks", "ruler", "--lengths", "1024"], "python 02_rope_scale.py"),
+    (["--tasks", "niah", "--prefill-chunk", "512"], "--prefill-chunk 512 is larger than the longest length"),
+    (["--tasks", "niah", "--compare-published", "nope"], "'nope' has no published results"),
+    (["--tasks", "niah", "--lengths", "256,1024m", "--max-new-tokens", "4", "--allow-beyond-context"],
+     "at 1073741824 tokens needs weights"),
     (["--tasks", "niah", "--niah-tasks", "niah_single_9"], "unknown NIAH task"),
     (["--tasks", "ppl", "--seq-len", "1024"], "rope_type\": \"yarn\", \"factor\": 4"),
     (["--tasks", "niah", "--haystack", "EMPTY"], "is empty"),
@@ -439,3 +445,48 @@ def test_limit_per_subject_and_mmlu_add_bos(tiny_llama_dir, tmp_path):
     assert [(p["subject"], p["index"]) for p in plain] == [("anatomy", 0), ("anatomy", 1), ("virology", 0),
                                                            ("virology", 1)]
     assert [p["tokens"] for p in bos] == [p["tokens"] + 1 for p in plain]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# All of RULER, QA data, the published numbers
+
+
+def test_ruler_without_qa_data_runs_11_tasks_and_renders_the_published_numbers(tiny_llama_dir, tmp_path):
+    """Offline without QA data `--tasks ruler` runs RULER's other 11 tasks and says why QA did not run; every cell
+    carries its samples and interval; --compare-published puts each published number beside the measured ones with
+    its source (prolong here, ultralong rendered from the same results)."""
+    out = tmp_path / "o"
+    ev.main(["--models", tiny_llama_dir, "--out", str(out), "--tasks", "ruler", "--lengths", "2k", "--depths", "50",
+             "--max-new-tokens", "2", "--compare-published", "prolong", "--allow-beyond-context"])
+    results = json.loads((out / "results.json").read_text())
+    s = results["models"][0]["niah"]
+    assert s["tasks"] == [t for t in ruler.RULER_TASK_NAMES if not t.startswith("qa")] and s["metric"] == "RULER"
+    assert all(c["n"] == 1 and c["lo"] <= c["score"] <= c["hi"] for t in s["cells"].values() for c in t.values())
+    report = (out / "report.md").read_text()
+    assert "Not run: qa_1 (no QA data: pass --squad-data" in report and "RULER average (11 of 13 tasks)" in report
+    published = json.loads(ev.PUBLISHED.read_text())["recipes"]
+    for recipe in ("prolong", "ultralong"):
+        if recipe == "ultralong":
+            ev.write_report(out, results["models"], results["settings"], results["not_run"],
+                            ev.published_results("ultralong"))
+            report = (out / "report.md").read_text()
+        for e in published[recipe]["results"]:
+            assert f"| {e['score']:g} | {e['source']} {e['tag']} |" in report, e
+        assert "Protocol differences:" in report and "RULER's default: 500" in report
+    row = next(line for line in report.splitlines() if "| 79.1 |" in line)
+    assert "n=11 (at 2K)" in row  # RULER < 1M: the 11 tasks at the one length measured
+
+
+def test_qa_1_runs_from_a_local_squad_file(tiny_llama_dir, tmp_path):
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [
+        {"context": f"Paragraph {i} says the colour is blue{i}.", "qas": [
+            {"question": f"What colour does paragraph {i} name?", "answers": [{"text": f"blue{i}"}]}]}
+        for i in range(6)]}]}))
+    out = tmp_path / "o"
+    ev.main(["--models", tiny_llama_dir, "--out", str(out), "--tasks", "qa_1", "--lengths", "256", "--depths", "0,50",
+             "--samples", "2", "--max-new-tokens", "4", "--squad-data", str(squad)])
+    records = json.loads((out / f"0-{ev.slug(tiny_llama_dir)}" / "niah.json").read_text())["records"]
+    assert [(r["task"], r["sample"]) for r in records] == [("qa_1", i) for i in range(4)]  # 2 samples x 2 depths
+    assert all(r["metric"] == "string_match_part" and f"blue{r['sample']}" in r["references"] for r in records)
+    assert "squad.json (6 questions)" in json.loads((out / "results.json").read_text())["settings"]["qa data"]
