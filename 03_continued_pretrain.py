@@ -60,7 +60,7 @@ import torch
 import common
 import context_parallel
 import fsdp_train
-import packing
+import packed_data
 import rope
 import varlen_attention
 from common import fail, print0
@@ -82,7 +82,9 @@ def parse_args(argv=None):
     g.add_argument("--keep-optimizer", action="store_true",
                    help="with --init-from: also keep its optimizer state (ProLong's 64K -> 512K stage)")
     g = p.add_argument_group("data")
-    common.add_common_args(g, "data", required=["data"])
+    common.add_common_args(g, "data", required=["data"], data=dict(nargs="+", help=(
+        "the output directory of 01_prepare_data.py; several (shards prepared with --num-shards), or a directory "
+        "holding them, are read as one dataset")))
     g.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="attend only inside each document (ProLong, default); --no-doc-mask: causal attention "
                         "over the whole packed row (UltraLong), still never across rows")
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------------------------------------------------
     # Inputs: data made by 01, a config, and the checks that must fail before anything is written
-    data = packing.PackedData.open(args.data)
+    data = packed_data.PackedData.open(args.data)
     seq_len = data.seq_len
     config = common.config_from_init_spec(args.init_config) if args.init_config else common.load_config(args.model)
     longest = args.pose_target_len or seq_len
@@ -344,7 +346,7 @@ def main(argv=None) -> int:
         if tokenizer_dir and not os.path.isdir(os.path.expanduser(str(tokenizer_dir))):
             tokenizer_dir = None
         last = json.loads(metrics_path.read_text().splitlines()[-1]) if rank == 0 and metrics_path.is_file() else {}
-        manifest = {"stage": STAGE, "args": args, "inputs": [p for p in (args.model, args.data) if p and
+        manifest = {"stage": STAGE, "args": args, "inputs": [p for p in (args.model, *args.data) if p and
                                                                os.path.isdir(p)],
                     "stats": {"steps": max_steps, "tokens": max_steps * batch_tokens, "final_loss": last.get("loss"),
                               "attention": backend, "world_size": world, "cp": cp.size},

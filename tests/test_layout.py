@@ -12,7 +12,8 @@ import pytest
 
 from lc_testutil import ROOT
 
-TOPIC_MODULES = ["common", "packing", "rope", "varlen_attention", "context_parallel", "fsdp_train", "ruler"]
+TOPIC_MODULES = ["common", "packing", "packed_data", "tokenizing", "mds", "rope", "varlen_attention",
+                 "context_parallel", "fsdp_train", "ruler"]
 
 
 def run_copied(tmp_path, modules: list[str], code: str) -> str:
