@@ -26,6 +26,8 @@ Usage:
     # tiny CPU run (random init), 20 steps
     python 03_continued_pretrain.py --init-config tiny-llama --tokenizer TOK --data runs/data --out runs/cpt \\
         --batch-tokens 4096 --max-steps 20 --lr 1e-3
+    # data prepared as shards on several machines (01 --num-shards): the folder holding them, or the shards
+    python 03_continued_pretrain.py ... --data runs/data            # = --data runs/data/shard-0 ... shard-7
     # ProLong stage 1 (64K) on 8 GPUs: 4M tokens per step, 5000 steps, LR 1e-5
     torchrun --nproc_per_node=8 03_continued_pretrain.py --model runs/llama3-8b-theta8e6 \\
         --data runs/data-64k --out runs/prolong-64k --batch-tokens 4194304 --max-steps 5000 --lr 1e-5

@@ -12,6 +12,7 @@ Used by 01_prepare_data.py (pass 1: every source tokenized into a token store; p
 
 Outside this repository (copy this file and common.py):
 
+    import numpy as np
     import tokenizing
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M")
