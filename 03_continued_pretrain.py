@@ -43,15 +43,23 @@ Usage:
     # continue a preempted run exactly (with --init-from too: it starts from that checkpoint only while --out
     # holds none, so one command line serves the first launch and every relaunch)
     torchrun --nproc_per_node=8 03_continued_pretrain.py ...same flags... --resume auto
+    # watched and planned: probes every 250 steps (needles, loss by position, short-context perplexity with an
+    # alarm), TensorBoard, and the memory plan before renting the GPUs (prints, writes nothing)
+    torchrun ... 03_continued_pretrain.py ... --eval-every 250 --report-to tensorboard
+    python 03_continued_pretrain.py --model runs/llama3-8b-theta8e6 --data runs/data-512k --out x --plan
+    # on a SLURM cluster: sbatch --nodes=4 recipes/slurm.sbatch recipes/prolong_512k.sh (README)
 
-Outputs: OUT/run.json (the run's settings), OUT/metrics.jsonl (one record per step), OUT/checkpoints/step_N/
-(torch.distributed.checkpoint shards + trainer_state.json), OUT/final/ (HF model directory with manifest.json).
+Outputs: OUT/run.json (the run's settings), OUT/metrics.jsonl (one record per step; with --eval-every the probe
+results as probe/... fields, step 0 before training), OUT/tensorboard or OUT/wandb (--report-to),
+OUT/checkpoints/step_N/ (torch.distributed.checkpoint shards + trainer_state.json), OUT/final/ (HF model directory
+with manifest.json).
 MFU conventions in the log: "tt" = torchtitan's 6N + 12*L*H*d*S per token (non-causal, masks ignored);
 "doc" = 6N + causal attention over the documents actually attended, 12*L*H*d*sum(len_i^2)/(2*sum(len_i)).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -59,11 +67,16 @@ from pathlib import Path
 
 import torch
 
+import activation_memory
 import common
 import context_parallel
 import fsdp_train
+import memory_plan
 import packed_data
+import probes
 import rope
+import ruler
+import tracking
 import varlen_attention
 from common import fail, print0
 
@@ -152,8 +165,27 @@ def parse_args(argv=None):
                    help="dtype of OUT/final (auto: the input model's dtype)")
     g.add_argument("--no-export", action="store_true", help="skip the final HF export")
     g.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
+    tracking.add_tracking_args(g)
     g.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow steps down
+    g = p.add_argument_group("activation memory and the fit planner (activation_memory.py, memory_plan.py)")
+    g.add_argument("--ac-every", type=int, default=1,
+                   help="checkpoint only every k-th decoder layer (0, k, 2k, ...): less recompute, more memory")
+    g.add_argument("--offload-activations", action="store_true",
+                   help="keep the checkpointed layer inputs in pinned host memory until the backward (the "
+                        "longest rows); same losses and gradients")
+    g.add_argument("--plan", action="store_true",
+                   help="print the per-GPU memory of this run's setting and the smallest setting (cp, micro-batch, "
+                        "checkpointing, offload) that fits, then stop without writing anything; on CUDA after one "
+                        "measured step of this setting, predicted beside measured peak memory")
+    g.add_argument("--plan-gpu-gib", type=float, default=None,
+                   help="GPU memory for --plan (default: this GPU's, else an 80 GB H100's)")
+    probes.add_probe_args(p)
     args = p.parse_args(argv)
+    if args.ac_every < 1:
+        p.error("--ac-every must be at least 1 (--no-activation-checkpointing turns checkpointing off)")
+    if not args.activation_checkpointing and (args.ac_every != 1 or args.offload_activations):
+        p.error("--ac-every and --offload-activations choose how layers are checkpointed: drop "
+                "--no-activation-checkpointing")
     if (args.model is None) == (args.init_config is None):
         p.error("give exactly one of --model (a model directory) and --init-config (random init)")
     if args.keep_optimizer and not args.init_from:
@@ -172,6 +204,65 @@ def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup
             "seed": args.seed, "doc_mask": args.doc_mask, "pose_target_len": args.pose_target_len,
             "shuffle": args.shuffle, "weight_decay": args.weight_decay, "betas": list(args.betas),
             "grad_clip": args.grad_clip, "init": args.model or args.init_config, "init_from": args.init_from}
+
+
+def model_options(args, config, device, dtype):
+    """(ModelOptions, loss implementation): Liger and the fused CE on CUDA for the families it patches."""
+    liger = args.liger if args.liger is not None else (device.type == "cuda"
+                                                       and config.model_type in fsdp_train.LIGER_FAMILIES)
+    loss_impl = args.loss if args.loss != "auto" else ("liger" if liger and device.type == "cuda" else "chunked")
+    varlen_attention.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
+    opts = fsdp_train.ModelOptions(attn_implementation=varlen_attention.register_attention(),
+                                   device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
+                           activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
+                           seed=args.seed)
+    return opts, loss_impl
+
+
+def build_model(args, config, mesh, opts):
+    """fsdp_train.prepare_model; --ac-every / --offload-activations checkpoint through activation_memory."""
+    custom = args.activation_checkpointing and (args.ac_every != 1 or args.offload_activations)
+    opts = dataclasses.replace(opts, activation_checkpointing=opts.activation_checkpointing and not custom)
+    model, info = fsdp_train.prepare_model(config, None if args.init_config else args.model, mesh, opts)
+    if custom:
+        activation_memory.checkpoint_layers(model.get_decoder().layers, args.ac_every, args.offload_activations)
+    return model, info
+
+
+def plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro: int, world: int, pad_id: int) -> int:
+    """--plan: the planner's table for this run's shape and rows, and on CUDA one measured step of this setting."""
+    device, cuda = opts.device, opts.device.type == "cuda"
+    setting = memory_plan.Setting(
+        seq_len=data.seq_len, gpus=world, cp=cp.size, micro_rows=rows_per_micro,
+        ac_every=args.ac_every if args.activation_checkpointing else 0, offload=args.offload_activations,
+        cpu_offload=args.cpu_offload, compute_bytes=2 if opts.compute_dtype != torch.float32 else 4,
+        liger=opts.liger, attention="flash" if cuda else "reference", loss_chunk=args.loss_chunk)
+    gpu_gib = args.plan_gpu_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda
+                                    else memory_plan.H100_GIB)
+    shape = memory_plan.Shape.from_config(config)
+    best, table = memory_plan.choose(shape, gpu_gib=gpu_gib, base=dataclasses.replace(setting, cp=1))
+    predicted = memory_plan.estimate(shape, setting)["total"] / 2**30
+    print0(f"plan: {shape.params / 1e9:.3g}B parameters, rows of {data.seq_len:,} tokens, {world} GPU(s)")
+    print0(memory_plan.format_table(table, best, gpu_gib))
+    print0(f"plan: this run's setting ({setting.describe()}): {predicted:.2f} GiB per GPU predicted")
+    if not cuda:
+        return 0
+    torch.cuda.reset_peak_memory_stats(device)
+    model, _ = build_model(args, config, mesh, opts)
+    optimizer = fsdp_train.build_optimizer(model, args.lr, args.weight_decay, args.betas)
+    rows = data.rows(list(range(rows_per_micro)))
+    mb = varlen_attention.build_micro_batch(rows, data.seq_len, args.doc_mask, args.pose_target_len, args.seed)
+    mb = context_parallel.shard_micro_batch(mb, cp, pad_id).to(device)
+    for _ in range(2):  # the second step holds AdamW's moments, as every later one
+        with context_parallel.cp_context(mb):
+            loss = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, loss_impl, args.loss_chunk))
+            (loss / max(mb.n_valid, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    measured = fsdp_train.peak_memory_gib(device)
+    print0(f"plan: one step of this setting on {torch.cuda.get_device_name(device)}: predicted {predicted:.2f} GiB, "
+           f"measured peak {measured:.2f} GiB ({predicted / measured - 1:+.1%})")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -219,23 +310,21 @@ def main(argv=None) -> int:
     pad_id = int(data.manifest.get("pad_token_id") or 0)  # fills a micro-batch up to a multiple of the cp split
     max_steps, warmup = fsdp_train.schedule_steps(args, batch_tokens, max(1, data.num_rows // rows_per_step))
     signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
+    opts, loss_impl = model_options(args, config, device, dtype)
+    if args.plan:  # nothing is written
+        return plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro, world, pad_id)
 
     out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
     metrics_path = out / "metrics.jsonl"
+    tokenizer_dir = args.tokenizer or args.model or data.manifest.get("tokenizer")
+    monitor = probes.monitor_from_args(args, common.load_tokenizer(tokenizer_dir) if args.eval_every else None,
+                                       seq_len // cp.size, device, metrics_path, ruler)  # (probes.py)
     resume_from = fsdp_train.open_run_dir(args, out, signature, STAGE)
 
     # ---------------------------------------------------------------------------------------------------------
     # Model: meta device -> Liger -> activation checkpointing -> FSDP2 -> weights; attention probe
-    liger = args.liger if args.liger is not None else (device.type == "cuda"
-                                                       and config.model_type in fsdp_train.LIGER_FAMILIES)
-    loss_impl = args.loss if args.loss != "auto" else ("liger" if liger and device.type == "cuda" else "chunked")
-    varlen_attention.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
-    opts = fsdp_train.ModelOptions(attn_implementation=varlen_attention.register_attention(),
-                                   device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
-                           activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
-                           seed=args.seed)
     source_dtype = fsdp_train.config_dtype(config)
-    model, minfo = fsdp_train.prepare_model(config, None if args.init_config else args.model, mesh, opts)  # sets fp32
+    model, minfo = build_model(args, config, mesh, opts)  # sets fp32
     backend = varlen_attention.check_attention(model, device, dtype, config.vocab_size, args.seed)
     cp_probe = context_parallel.check_cp_attention(cp, device, dtype, config, args.seed)
     optimizer = fsdp_train.build_optimizer(model, args.lr, args.weight_decay, args.betas)
@@ -255,7 +344,9 @@ def main(argv=None) -> int:
     print0(f"attention: {backend}, {'document-masked' if args.doc_mask else 'full causal per row (no doc mask)'}"
            f"{f', PoSE positions over {args.pose_target_len}' if args.pose_target_len else ''}")
     print0(f"kernels: liger {'+'.join(minfo['liger']) or 'off'}, loss {loss_impl} cross-entropy, "
-           f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
+           f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}"
+           f"{f' (every {args.ac_every} layers)' if args.ac_every > 1 else ''}"
+           f"{', inputs offloaded to host memory' if args.offload_activations else ''}, "
            f"cpu offload {'on' if args.cpu_offload else 'off'}")
     print0(f"batch: {batch_tokens:,} tokens/step = {rows_per_step} rows x {seq_len:,} tokens; "
            f"{rows_per_micro} row(s)/micro-batch x {dp} data-parallel group(s) x {grad_accum} accumulation step(s)")
@@ -278,6 +369,11 @@ def main(argv=None) -> int:
     def trainer_state(step):  # what a checkpoint records besides model, optimizer and RNG
         return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
                 "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
+
+    # tracking; the first probe (the alarm's reference) runs before the first step of a fresh run
+    tracker = tracking.open_tracker(args.report_to, out, common.jsonable(vars(args)), start_step)
+    if monitor is not None and start_step == 0:
+        monitor.run_first(model, metrics_path, tracker)
 
     step_times = []
     bar = fsdp_train.progress_bar(max_steps, start_step)
@@ -330,14 +426,19 @@ def main(argv=None) -> int:
         if cp.size > 1:  # how this rank's micro-batches attended (ProLong's shortcut shows up as "local")
             record["cp_methods"] = {m: sum(mb.cp.method == m for mb in micro_batches)
                                     for m in sorted({mb.cp.method for mb in micro_batches})}
+        if monitor is not None and monitor.due(step + 1):
+            record.update(monitor.run(step + 1, model))
         fsdp_train.write_step(metrics_path, record, max_steps, args.log_every, device)
+        tracker.log(record)
         bar.update(1)
 
         # checkpoints: periodic, at the end, and when a stop signal arrived on any rank
         fsdp_train.save_if_due(ckpt_root, step + 1, max_steps, stop, args, model, optimizer, trainer_state)
         if stop:
+            tracker.close()
             return fsdp_train.stop_on_signal(signals, bar, step + 1)
     bar.close()
+    tracker.close()
     signals.restore()
 
     # ---------------------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ Arcee and LongReD did) on every token. The teacher runs without gradients, shard
 and neither model's logits ever exist for a whole row: the CE and KL are computed chunk by chunk (--loss-chunk
 tokens, only the trained positions), each chunk recomputed in the backward.
 
-Launch, checkpoints (--save-every, SIGTERM/SIGUSR1, --resume auto), metrics line, progress bar and export are
-those of 03_continued_pretrain.py.
+Launch, checkpoints (--save-every, SIGTERM/SIGUSR1, --resume auto), metrics line, progress bar, tracking
+(--report-to), probes of the long/short trade-off (--eval-every) and export are those of 03_continued_pretrain.py.
 
 Usage:
     # UltraLong-style short SFT of an extended model on 8 GPUs: 1M tokens/step, LR 5e-6, conversations < 8K
@@ -71,7 +71,10 @@ import common
 import fsdp_train
 import packed_data
 import packing
+import probes
 import rope
+import ruler
+import tracking
 import varlen_attention
 from common import fail, print0
 
@@ -183,7 +186,9 @@ def parse_args(argv=None):
                    help="dtype of OUT/final (auto: the input model's dtype)")
     g.add_argument("--no-export", action="store_true", help="skip the final HF export")
     g.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
+    tracking.add_tracking_args(g)
     g.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow steps down
+    probes.add_probe_args(p)
     args = p.parse_args(argv)
     if args.teacher is None and (args.alpha is not None or args.temperature is not None):
         p.error("--alpha and --temperature weight the distillation term: they need --teacher")
@@ -599,6 +604,7 @@ def main(argv=None) -> int:
     signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
     out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
     metrics_path = out / "metrics.jsonl"
+    monitor = probes.monitor_from_args(args, tokenizer, seq_len, device, metrics_path, ruler)  # (probes.py)
     resume_from = fsdp_train.open_run_dir(args, out, signature, STAGE)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -677,6 +683,11 @@ def main(argv=None) -> int:
         return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
                 "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
 
+    # tracking; the first probe (the alarm's reference) runs before the first step of a fresh run
+    tracker = tracking.open_tracker(args.report_to, out, common.jsonable(vars(args)), start_step)
+    if monitor is not None and start_step == 0:
+        monitor.run_first(model, metrics_path, tracker)
+
     step_times = []
     bar = fsdp_train.progress_bar(max_steps, start_step)
     for step in range(start_step, max_steps):
@@ -741,14 +752,19 @@ def main(argv=None) -> int:
                                     world=world, peak=peak, device=device)
         if teacher is not None:
             record.update(ce=ce_val, kl=kl_val)  # write_step shows them after the loss
+        if monitor is not None and monitor.due(step + 1):
+            record.update(monitor.run(step + 1, model))
         fsdp_train.write_step(metrics_path, record, max_steps, args.log_every, device)
+        tracker.log(record)
         bar.update(1)
 
         # checkpoints: periodic, at the end, and when a stop signal arrived on any rank
         fsdp_train.save_if_due(ckpt_root, step + 1, max_steps, stop, args, model, optimizer, trainer_state)
         if stop:
+            tracker.close()
             return fsdp_train.stop_on_signal(signals, bar, step + 1)
     bar.close()
+    tracker.close()
     signals.restore()
 
     # ---------------------------------------------------------------------------------------------------------

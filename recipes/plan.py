@@ -1,6 +1,8 @@
 """Print the plan of one training stage of a recipe: tokens per step, steps, gradient accumulation per GPU count,
 a derived memory floor, and GPU-hours from measured throughput (docs/benchmarks.md) or from the recipe's
-published compute, each labelled by where it comes from. Standard library only, so DRY_RUN=1 is instant.
+published compute, each labelled by where it comes from, and with the full shape (--heads ... --vocab) the fit
+planner's table (memory_plan.py: per-GPU memory of each setting, the smallest that fits). Standard library only,
+so DRY_RUN=1 is instant.
 
 Called by recipes/*.sh (through `plan` in recipes/lib.sh), e.g.:
     python recipes/plan.py --title "03 continued pretraining, ProLong 64K" --seq-len 65536 \
@@ -21,6 +23,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import memory_plan  # noqa: E402  (standard library only, as this file)
 NO_MEASUREMENT = "no measured throughput for this shape yet"
 
 
@@ -100,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=int, default=None, help="decoder layers")
     g.add_argument("--hidden", type=int, default=None, help="hidden size")
     g.add_argument("--params", type=parse_count, default=None, help="parameters (e.g. 8.03e9)")
+    g.add_argument("--heads", type=int, default=None, help="heads (with --kv-heads ... --vocab: the fit plan)")
+    g.add_argument("--kv-heads", type=int, default=None, help="key/value heads")
+    g.add_argument("--head-dim", type=int, default=None, help="head dimension")
+    g.add_argument("--ffn", type=int, default=None, help="MLP intermediate size")
+    g.add_argument("--vocab", type=int, default=None, help="vocabulary size")
+    g.add_argument("--gpu-gib", type=float, default=memory_plan.H100_GIB,
+                   help=f"memory per GPU for the fit plan (default {memory_plan.H100_GIB:.1f}: an 80 GB H100)")
     g.add_argument("--benchmarks", default=os.environ.get("BENCHMARKS", str(ROOT / "docs" / "benchmarks.md")),
                    help="file holding measured throughput tables (default: docs/benchmarks.md, or $BENCHMARKS)")
     g = p.add_argument_group("published compute (printed as such)")
@@ -144,6 +156,16 @@ def main(argv=None) -> int:
         act = args.layers * tokens * args.hidden * 2
         line("memory floor", f"checkpointed layer inputs {args.layers} x {tokens:,} x {args.hidden:,} x 2 B = "
                              f"{act / 2**30:.1f} GiB per GPU (derived, not measured)")
+
+    shape_flags = (args.layers, args.hidden, args.heads, args.kv_heads, args.head_dim, args.ffn, args.vocab)
+    if all(shape_flags):
+        shape = memory_plan.Shape(*shape_flags)
+        base = memory_plan.Setting(seq_len=args.seq_len, gpus=args.gpus_now or 8, micro_rows=args.micro_rows)
+        best, table = memory_plan.choose(shape, gpu_gib=args.gpu_gib, base=base)
+        print(f"  fit plan on {base.gpus} GPUs (memory_plan.py: bf16, Liger, varlen attention; derived, GiB per GPU)")
+        print(memory_plan.format_table(table, best, args.gpu_gib))
+        if best and best.cp != args.cp:
+            line("note", f"the recipe uses --cp {args.cp}; the planner's smallest fitting setting has cp {best.cp}")
 
     bench = Path(args.benchmarks)
     # the benchmark table holds one-GPU runs, so it speaks for --cp 1 only

@@ -78,7 +78,8 @@ arxiv=$DATA_ROOT/arxiv@0.03 openwebmath=$DATA_ROOT/openwebmath@0.03}"
 
 echo "ProLong 512K: $MODEL -> $RUN (DRY_RUN=$DRY_RUN, $NGPUS GPUs)"
 plan --title "03 continued pretraining, ProLong 512K" --seq-len "$SEQ_LEN" --batch-tokens "$BATCH_TOKENS" \
-  --steps "$STEPS" --cp "$CP" --shape llama-3.1-8b --layers 32 --hidden 4096 --params 8.03e9 \
+  --steps "$STEPS" --cp "$CP" --shape llama-3.1-8b --layers 32 --hidden 4096 \
+  --heads 32 --kv-heads 8 --head-dim 128 --ffn 14336 --vocab 128256 --params 8.03e9 \
   --published-hours 12200 --published-tokens 20e9 --published-source "ProLong Table 9: 20B tokens at 512K, H100"
 
 read -r -a MIX <<< "$DATA_MIX"

@@ -75,7 +75,8 @@ arxiv=$DATA_ROOT/arxiv@0.03 openwebmath=$DATA_ROOT/openwebmath@0.03 textbooks=$D
 
 echo "ProLong 64K: $MODEL -> $RUN (DRY_RUN=$DRY_RUN, $NGPUS GPUs)"
 plan --title "03 continued pretraining, ProLong 64K" --seq-len "$SEQ_LEN" --batch-tokens "$BATCH_TOKENS" \
-  --steps "$STEPS" --cp "$CP" --shape llama-3.1-8b --layers 32 --hidden 4096 --params 8.03e9 \
+  --steps "$STEPS" --cp "$CP" --shape llama-3.1-8b --layers 32 --hidden 4096 \
+  --heads 32 --kv-heads 8 --head-dim 128 --ffn 14336 --vocab 128256 --params 8.03e9 \
   --published-hours 2200 --published-tokens 20e9 --published-source "ProLong Table 9: 20B tokens at 64K, H100"
 
 # 01: tokenize with the model's tokenizer, mix by token share, pack 64K rows; the budget (split over the shards)

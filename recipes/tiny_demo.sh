@@ -143,12 +143,16 @@ data_short_and_yarn() {
 CPT_FLAGS=(--data "$OUT/data_long" --batch-tokens $((CPT_ROWS * LONG)) --max-steps "$CPT_STEPS" --lr "$CPT_LR"
            --warmup-steps $((CPT_STEPS / 10)) --seed "$SEED" --no-activation-checkpointing --save-every 0
            --no-final-checkpoint --log-every 25 --overwrite)
+# 03 (YaRN) watches the long/short trade-off as it trains (probes.py): kv needles at 256/512/1024 tokens, loss by
+# position on held-out books, perplexity on 256-token text, before the first step and every EVAL_EVERY steps
+: "${EVAL_EVERY:=25}"
+PROBE_FLAGS=(--eval-every "$EVAL_EVERY" --probe-niah-task niah_single_kv)
 EVAL_FLAGS=(--tasks niah,ppl --niah-tasks niah_single_kv,niah_multikey_kv --lengths "$SEQ,$((2 * SEQ)),$LONG"
             --seq-len "$LONG" --depths "$DEPTHS" --samples "$SAMPLES" --max-new-tokens 8 --ppl-docs "$PPL_DOCS"
             --allow-beyond-context --device cpu --seed "$SEED" --overwrite)
 yarn_chain() {
   timed "03 continued pretraining at $LONG (YaRN)" $PY 03_continued_pretrain.py --model "$OUT/patched" \
-    --out "$OUT/trained" "${CPT_FLAGS[@]}"
+    --out "$OUT/trained" "${CPT_FLAGS[@]}" "${PROBE_FLAGS[@]}"
   # 04: short-context distillation from the base (Arcee's restoration step), on 256-token text
   timed "04 distillation at $SEQ" $PY 04_sft.py --model "$OUT/trained/final" --teacher "$BASE" \
     --data "$OUT/data_short" --alpha 0.5 --temperature 2 --batch-tokens $((KD_ROWS * SEQ)) \

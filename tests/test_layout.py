@@ -13,7 +13,7 @@ import pytest
 from lc_testutil import ROOT
 
 TOPIC_MODULES = ["common", "packing", "packed_data", "tokenizing", "mds", "rope", "varlen_attention",
-                 "context_parallel", "fsdp_train", "ruler"]
+                 "context_parallel", "fsdp_train", "ruler", "tracking", "probes", "memory_plan", "activation_memory"]
 
 
 def run_copied(tmp_path, modules: list[str], code: str) -> str:

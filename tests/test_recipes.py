@@ -3,10 +3,12 @@ the plan's numbers equal the published recipe arithmetic (docs/recipes.md, compu
 parses with its stage's own argument parser (flags, types, choices and cross-flag rules), and every flag written in
 a recipe shows up in some printed command, so no recipe can rot as the stages change."""
 import importlib.util
+import json
 import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -19,12 +21,12 @@ OPTIONAL = {"LM_EVAL_TASKS": "bbh", "EVAL_EXTRA": "--limit 100"}
 M = 2**20
 
 
-def run_recipe(recipe: str, **env) -> subprocess.CompletedProcess:
+def run_recipe(recipe: str, timeout: float = 60, **env) -> subprocess.CompletedProcess:
     """bash recipes/RECIPE with only PATH and HOME from the caller (a stray STEPS or LR must not leak in)."""
     full = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
     full.update({k: str(v) for k, v in env.items()})
     return subprocess.run(["bash", str(ROOT / "recipes" / recipe)], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=timeout)
 
 
 def dry_run(recipe: str, **env) -> subprocess.CompletedProcess:
@@ -79,6 +81,7 @@ CASES = {
     "ultralong_2m": ("ultralong.sh", {"TARGET": "2m"}, ["01", "02", "03", "04", "05"]),
     "ultralong_4m": ("ultralong.sh", {"TARGET": "4m"}, ["01", "02", "03", "04", "05"]),
     "afm_64k": ("afm_64k.sh", {}, ["01", "01", "02", "03", "03", "06", "04", "06", "05"]),
+    "smollm2_32k": ("smollm2_32k.sh", {}, ["01", "02", "03", "05"]),
 }
 
 
@@ -187,6 +190,15 @@ def test_prolong_arithmetic(runs):
     assert a04.model == os.path.join(a03b.out, "final")
 
 
+@pytest.mark.parametrize("name,cp", [("prolong_64k", 1), ("prolong_512k", 8)])
+def test_fit_plan_chooses_the_recipes_cp(runs, name, cp):
+    """The fit planner (memory_plan.py) alone arrives at what ProLong ran on 8 x 80 GB: 64K without sequence
+    parallelism, 512K with sequence parallelism 8, both with full activation checkpointing and no offload."""
+    a03, = stage_args(runs[name], "03")
+    fit = re.search(r"^  fit: cp (\d+), 1 row\(s\)/micro-batch, AC every layer \(", runs[name].stdout, re.M)
+    assert fit and int(fit.group(1)) == a03.cp == cp
+
+
 @pytest.mark.parametrize("target,length,sft_steps", [("1m", M, 480), ("2m", 2 * M, 140), ("4m", 4 * M, 150)])
 def test_ultralong_arithmetic(runs, target, length, sft_steps):
     proc = runs[f"ultralong_{target}"]
@@ -231,6 +243,36 @@ def test_afm_reconstruction(runs):
     assert final.models[0] == os.path.join(a04.out, "final")
     text = (ROOT / "recipes" / "afm_64k.sh").read_text()
     assert "[R]" in text and "[C" in text and "[S" in text  # reconstructed vs published, marked
+
+
+def test_smollm2_32k_plan_is_one_gpu_yarn_x4_from_8k(runs):
+    proc = runs["smollm2_32k"]
+    p, = plans(proc.stdout)
+    assert p["tokens_per_step"] == 8 * 32768 and p["total"] == 200 * 8 * 32768
+    assert re.search(r"^\s+1\s+8\s+.*<- this launch", p["text"], re.M)  # one GPU, 8 rows accumulated
+    a01, = stage_args(proc, "01")
+    a02, = stage_args(proc, "02")
+    a03, = stage_args(proc, "03")
+    a05, = stage_args(proc, "05")
+    assert (a02.method, a02.factor, a02.original_len) == ("yarn", 4.0, 8192) and a01.seq_len == 32768
+    assert a03.batch_tokens == p["tokens_per_step"] and a03.max_steps == 200 and a03.data == [a01.out]
+    assert a05.models == [a02.model, a02.out, os.path.join(a03.out, "final")]
+    assert a05.lengths == "8192,16384,32768" and a05.allow_beyond_context
+
+
+@pytest.mark.slow
+def test_smollm2_32k_runs_end_to_end_at_tiny_sizes_on_cpu(tmp_path, smollm2_dir):
+    """The student recipe itself, every stage for real on the real SmolLM2-135M at 256 tokens (CPU smoke)."""
+    run = tmp_path / "run"
+    proc = run_recipe("smollm2_32k.sh", MODEL=smollm2_dir, RUN=run, SEQ_LEN=256, STEPS=1, ROWS_PER_STEP=1,
+                      SAVE_EVERY=0, DATA_EXTRA="--max-docs 4", EVAL_LENGTHS=256, EVAL_SAMPLES=1, DEPTHS=50,
+                      EVAL_EXTRA="--tasks niah", HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, OMP_NUM_THREADS=2,
+                      PY=sys.executable, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for stage in ("data", "model-yarn", "cpt/final", "eval"):
+        assert (run / stage / "manifest.json").is_file(), stage
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert len(results["models"]) == 3
 
 
 def test_measured_throughput_is_used_when_present(tmp_path):

@@ -1,0 +1,209 @@
+"""Long runs watched and planned: --report-to (tracking.py), --eval-every probes and the short-context alarm
+(probes.py), --ac-every / --offload-activations (activation_memory.py) and the fit planner (memory_plan.py,
+03 --plan). Tiny models on the CPU."""
+import math
+
+import pytest
+import torch
+
+import activation_memory
+import common
+import memory_plan
+import tracking
+from lc_testutil import load_script
+from test_train import make_packed_data
+from test_sft import make_chats, one_thread  # noqa: F401  (one_thread: an autouse fixture, one OpenMP thread)
+from test_train_runs import base_args, metrics, trajectory
+
+script = load_script("03_continued_pretrain")
+LLAMA3_8B = memory_plan.Shape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336, vocab=128256)
+
+
+@pytest.fixture(scope="module")
+def data32(tmp_path_factory):
+    return make_packed_data(tmp_path_factory.mktemp("d32") / "d", seq_len=32, num_rows=16)
+
+
+@pytest.fixture(scope="module")
+def data256(tmp_path_factory):
+    return make_packed_data(tmp_path_factory.mktemp("d256") / "d", seq_len=256, num_rows=8)
+
+
+def probe_args(data, tokenizer_dir, out, *extra):
+    return ["--init-config", "tiny-llama", "--tokenizer", tokenizer_dir, "--data", data, "--out", str(out),
+            "--device", "cpu", "--batch-tokens", "512", "--max-steps", "4", "--save-every", "0", "--no-export",
+            "--no-final-checkpoint", "--eval-every", "2", "--probe-niah-task", "niah_single_kv",
+            "--probe-lengths", "128,256", "--probe-depths", "50", "--probe-docs", "1", "--probe-short-docs", "2",
+            *map(str, extra)]
+
+
+def test_probes_at_their_steps_and_every_metric_in_tensorboard(data256, tokenizer_dir, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert common.call_main(script.main, probe_args(data256, tokenizer_dir, out, "--lr", "1e-3",
+                                                    "--report-to", "tensorboard")) == 0
+    printed = capsys.readouterr().out
+    records = metrics(out)
+    assert [r["step"] for r in records if "probe/short_ppl" in r] == [0, 2, 4]  # before training, then every 2
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    first = records[0]
+    assert set(first) >= {"probe/niah", "probe/niah/128", "probe/niah/256", "probe/loss_pos/1-31",
+                          "probe/loss_pos/128-255", "probe/short_ppl"}
+    assert first["probe/short_ppl"] == pytest.approx(math.exp(7), rel=0.2)  # a random init: ~ln(1024) nats
+    assert printed.count("probe step ") == 3 and "warning:" not in printed
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    for record in records:
+        values = tracking.scalars(record)
+        assert values, record
+        for name, value in values.items():
+            assert logged[name][record["step"]] == pytest.approx(value, rel=1e-6, abs=1e-6), (name, record["step"])
+
+
+def test_short_context_alarm_fires_when_a_learning_rate_wrecks_the_model(data256, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "wreck"
+    assert common.call_main(script.main, probe_args(data256, tokenizer_dir, out, "--lr", "0.3", "--warmup-steps",
+                                                    "0", "--max-steps", "2", "--eval-every", "1")) == 0
+    printed = capsys.readouterr().out
+    rises = [r["probe/short_ppl_rise"] for r in metrics(out) if "probe/short_ppl_rise" in r]
+    assert len(rises) == 3 and rises[0] == 0 and max(rises) > 0.05
+    warnings = [ln for ln in printed.splitlines() if ln.startswith("warning: short-context perplexity")]
+    assert warnings and all("--short-ppl-alarm 5%" in w for w in warnings)
+
+
+def test_wandb_offline_run_directory(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(tracking, "wandb_reachable", lambda timeout=2.0: False)  # a node without network
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracker = tracking.open_tracker("wandb", tmp_path, {"lr": 1e-3})
+    assert tracker.mode == "offline"
+    for step in (1, 2):
+        tracker.log({"step": step, "loss": 1.0 / step, "cp_methods": {"ulysses": 2}, "note": "text"})
+    tracker.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_tracking_flattens_numbers_and_skips_the_rest():
+    rec = {"step": 3, "loss": 1.5, "mfu": None, "cp_methods": {"ulysses": 2, "local": 1}, "ok": True,
+           "name": "x", "bad": float("nan")}
+    assert tracking.scalars(rec) == {"loss": 1.5, "cp_methods/ulysses": 2.0, "cp_methods/local": 1.0, "ok": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation memory: the same arithmetic as full checkpointing.
+
+
+@pytest.fixture(scope="module")
+def full_ac_run(data32, tokenizer_dir, tmp_path_factory):
+    """The default: every layer checkpointed (fsdp_train.apply_activation_checkpointing), 3 steps."""
+    out = tmp_path_factory.mktemp("ac") / "ref"
+    assert common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--no-export", "--max-steps", "3")) == 0
+    return out
+
+
+@pytest.mark.parametrize("variant", [["--ac-every", "2"], ["--offload-activations"]])
+def test_ac_every_and_offload_give_the_default_losses(data32, tokenizer_dir, full_ac_run, tmp_path, variant):
+    run = tmp_path / "variant"
+    assert common.call_main(script.main, base_args(data32, tokenizer_dir, run, "--no-export", "--max-steps", "3",
+                                                   *variant)) == 0
+    for (s1, l1, g1), (s2, l2, g2) in zip(trajectory(full_ac_run), trajectory(run), strict=True):
+        assert s1 == s2 and abs(l1 - l2) < 1e-6 and abs(g1 - g2) < 1e-6
+
+
+def test_offload_hooks_see_exactly_the_checkpointed_layer_inputs():
+    """The saved-tensor hooks around torch.utils.checkpoint receive the layer inputs (hidden states) and nothing
+    the layers compute: layers x tokens x hidden x 4 bytes with every layer checkpointed, half with every 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    for every, layers in ((1, 4), (2, 2)):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        stats = activation_memory.checkpoint_layers(model.model.layers, every=every, offload=True)
+        ids = torch.randint(0, 128, (1, 24))
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert stats.saved_bytes == layers * 24 * 32 * 4 and stats.offloaded_bytes == 0  # CPU: nothing moves
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fit planner.
+
+
+def test_planner_parameter_count_matches_transformers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for tied in (False, True):
+        config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        assert memory_plan.Shape.from_config(config).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("seq_len,cp", [(65536, 1), (524288, 8)])
+def test_planner_picks_prolongs_published_settings(seq_len, cp):
+    """ProLong (Llama-3-8B, 8 x 80 GB): 64K without sequence parallelism, 512K with sequence parallelism 8."""
+    best, table = memory_plan.choose(LLAMA3_8B, seq_len, gpus=8)
+    assert (best.cp, best.ac_every, best.offload) == (cp, 1, False)
+    assert all(est["total"] > memory_plan.H100_GIB * 0.9 * 2**30 for st, est in table[:-1])  # nothing cheaper fits
+
+
+def test_planner_components_follow_their_definitions():
+    st = memory_plan.Setting(seq_len=65536, gpus=8, cp=2)
+    est = memory_plan.estimate(LLAMA3_8B, st)
+    assert est["states"] == 12 * LLAMA3_8B.params / 8
+    assert est["ckpt inputs"] == 32 * 32768 * 4096 * 2
+    assert memory_plan.estimate(LLAMA3_8B, memory_plan.Setting(seq_len=65536, gpus=8, cp=2, offload=True))[
+        "ckpt inputs"] == 0
+    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
+
+
+def test_plan_flag_prints_the_table_and_writes_nothing(data32, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--plan", "--ac-every", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "fit: cp 1, 2 row(s)/micro-batch, no AC" in printed  # a tiny model fits without checkpointing
+    assert "plan: this run's setting (cp 1, 2 row(s)/micro-batch, AC every 2)" in printed
+    assert not out.exists()
+
+
+def test_sft_probes_and_tracks_the_same_way(tiny_llama_dir, tmp_path, capsys):
+    """04 takes the same --eval-every and --report-to: probe records at steps 0 and 2, every value in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sft = load_script("04_sft")
+    out = tmp_path / "sft"
+    args = ["--model", tiny_llama_dir, "--data", make_chats(tmp_path / "c.jsonl", n=8), "--out", str(out),
+            "--device", "cpu", "--seq-len", "128", "--batch-tokens", "256", "--max-steps", "2", "--lr", "3e-3",
+            "--save-every", "0", "--no-final-checkpoint", "--no-export", "--eval-every", "2", "--report-to",
+            "tensorboard", "--probe-niah-task", "niah_single_kv", "--probe-lengths", "128", "--probe-depths", "50",
+            "--probe-docs", "1", "--probe-short-docs", "2"]
+    assert common.call_main(sft.main, args) == 0
+    records = metrics(out)
+    assert [r["step"] for r in records if "probe/short_ppl" in r] == [0, 2]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for record in records:
+        for name, value in tracking.scalars(record).items():
+            assert events.Scalars(name)[[e.step for e in events.Scalars(name)].index(record["step"])].value == \
+                pytest.approx(value, rel=1e-6, abs=1e-6)
+
+
+def test_probe_that_cannot_be_built_fails_with_one_line_before_any_output(data256, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "bad"
+    code = common.call_main(script.main, probe_args(data256, tokenizer_dir, out, "--probe-lengths", "16"))
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "--probe-lengths" in errors[0] and not out.exists()
+
+
+@pytest.mark.gpu
+def test_plan_on_cuda_prints_predicted_beside_measured(data256, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert common.call_main(script.main, base_args(data256, tokenizer_dir, out, "--plan", "--device", "cuda")) == 0
+    printed = capsys.readouterr().out
+    assert "measured peak" in printed and "predicted" in printed and not out.exists()
