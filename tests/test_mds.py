@@ -36,11 +36,14 @@ def streaming_mds_writer():
         package = types.ModuleType(name)
         package.__path__ = [path]
         sys.modules[name] = package
-    for name in ("brotli", "snappy", "zstd"):
-        if importlib.util.find_spec(name) is None:
-            sys.modules[name] = types.ModuleType(name)
-    from streaming.base.format.mds.writer import MDSWriter
-
+    stand_ins = [name for name in ("brotli", "snappy", "zstd") if importlib.util.find_spec(name) is None]
+    for name in stand_ins:
+        sys.modules[name] = types.ModuleType(name)
+    try:
+        from streaming.base.format.mds.writer import MDSWriter
+    finally:
+        for name in stand_ins:  # only for this import: other libraries (urllib3) probe for the real ones
+            del sys.modules[name]
     return MDSWriter
 
 
