@@ -8,10 +8,12 @@ Both families of long-context recipes are served (docs/data-format.md#separators
 
 Pipeline:
   1. read every source (SPEC@WEIGHT: files, folders, code repositories, `datasets` folders, hub datasets), or the
-     built-in corpus (Python standard-library packages as code repositories + KJV books, 1:1 by tokens);
+     built-in corpus (Python standard-library packages as code repositories + KJV books, 1:1 by tokens); an
+     `mds:` source holds rows packed already (ProLong's released data), taken whole with their document spans;
   2. tokenize in batches with --num-proc worker processes, streaming token ids to disk (memory stays flat);
-  3. shape lengths: drop documents under --min-doc-tokens; optionally downsample short and upsample long
-     documents per source (Fu et al. 2024 / UltraLong) to --long-token-share, keeping each source's size;
+  3. shape lengths: drop documents under --min-doc-tokens (per source: SPEC@WEIGHT:min=N,max=M); optionally
+     downsample short and upsample long documents per source (Fu et al. 2024 / UltraLong) to
+     --long-token-share, keeping each source's size;
   4. mix: each source gives WEIGHT / sum(WEIGHTS) of the output tokens (a subset, or repeats under --max-tokens);
   5. pack each source into --seq-len rows: `concat` (concatenate and cut, remainder carried to the next row) or
      `best-fit` (whole documents bin-packed, longer ones split into row-sized pieces, the rest padded);
@@ -25,8 +27,13 @@ Usage:
     python 01_prepare_data.py --data data/books.jsonl@0.3 code=repo:data/repos@0.3 hf:HuggingFaceFW/fineweb-edu@0.4 \\
         --tokenizer meta-llama/Llama-3.1-8B-Instruct --boundary separator --separator "<s>" \\
         --long-token-share 0.7 --max-tokens 1B --seq-len 131072 --out runs/data
-    # one of 8 machines preparing the same corpus
-    python 01_prepare_data.py ... --num-shards 8 --shard-index 3 --out runs/data-3
+    # ProLong's mix: long documents (>= 64K tokens) from code and books, short ones from the rest; or its released
+    # packed rows (a local copy of princeton-nlp/prolong-data-64K), domain folders mixed by share
+    python 01_prepare_data.py --data code=repo:data/repos@0.3:min=65536 books=data/books@0.3:min=65536 ...
+    python 01_prepare_data.py --data code=mds:prolong-data-64K/thestackv1_concat_by_repo-65536@0.3 ...
+    # one of 8 machines preparing one corpus (03 and 04 read runs/data, the folder of shards); then one report
+    python 01_prepare_data.py ... --num-shards 8 --shard-index 3 --out runs/data/shard-3
+    python 01_prepare_data.py --merge-report runs/data --out runs/data-report
 """
 from __future__ import annotations
 
@@ -39,7 +46,6 @@ import os
 import re
 import shutil
 import time
-from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +54,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 import common
+import packed_data
 import packing
+import tokenizing
 
 ROWS_BATCH_BYTES = 16 << 20  # rows are assembled and written in batches of about this many bytes
 
@@ -103,8 +111,7 @@ def parse_args(argv=None):
     g.add_argument("--packing", choices=["concat", "best-fit"], default="concat",
                    help="concat: concatenate and cut, the remainder starts the next row (default); best-fit: whole "
                         "documents bin-packed, longer ones split into row-sized pieces, rows padded")
-    common.add_common_args(g, "seq-len", required=["seq-len"],
-                           seq_len=dict(type=int, help="tokens per packed row, e.g. 65536 (required)"))
+    common.add_common_args(g, "seq-len", seq_len=dict(type=int, help="tokens per packed row, e.g. 65536 (required)"))
     g = parser.add_argument_group("length shaping and mixture")
     g.add_argument("--min-doc-tokens", type=int, default=0,
                    help="drop documents shorter than this many tokens (ProLong's long data: 65536)")
@@ -126,10 +133,18 @@ def parse_args(argv=None):
                    help="prepare the corpus on this many machines: each takes a disjoint share of every source's "
                         "documents (document i goes to shard i %% num_shards)")
     g.add_argument("--shard-index", type=int, default=0, help="this machine's shard, 0 .. num-shards - 1")
+    g.add_argument("--merge-report", nargs="+", metavar="SHARD_DIR", default=None,
+                   help="instead of preparing data: combine the statistics of shards prepared with --num-shards "
+                        "(their directories, or the directory holding them) into one report, printed and written "
+                        "to --out/manifest.json")
     return parser.parse_args(argv)
 
 
 def validate(args) -> None:
+    if args.merge_report:
+        return
+    if args.seq_len is None:
+        common.fail("--seq-len is required: the tokens per packed row, e.g. 65536")
     if args.seq_len < 2:
         common.fail(f"--seq-len must be at least 2 (got {args.seq_len}): a row needs a token to predict and one "
                     f"to predict it from")
@@ -173,12 +188,14 @@ def load_tokenizer(args):
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 FILE_SUFFIXES = DATA_SUFFIXES + (".txt",)
-SPEC_KINDS = ("repo", "files", "hf")  # explicit kinds; everything else is inferred from the location
+SPEC_KINDS = ("repo", "files", "hf", "mds")  # explicit kinds; everything else is inferred from the location
 SPEC_HELP = ("[NAME=][KIND:]LOCATION[@WEIGHT], where LOCATION is a .jsonl/.json/.parquet/.txt file, a folder (of "
              "data files, or of text/code files: one file = one document), a `datasets` save_to_disk folder, or a "
              "hub dataset name; KIND is `repo:` (each sub-folder is one document: all its files behind a path "
-             "header), `files:` (force one-file-one-document) or `hf:` (hub: hf:NAME[:CONFIG[:SPLIT]]); WEIGHT is "
-             "the source's share of the output tokens (default 1, normalised over all sources)")
+             "header), `files:` (force one-file-one-document), `hf:` (hub: hf:NAME[:CONFIG[:SPLIT]]) or `mds:` (an "
+             "MDS folder of packed rows, ProLong's released data: each row kept whole with its document spans); "
+             "WEIGHT is the source's share of the output tokens (default 1, normalised over all sources); "
+             "`@WEIGHT:min=N,max=M` keeps only the source's documents of N to M tokens")
 
 
 @dataclass
@@ -186,8 +203,10 @@ class SourceSpec:
     name: str
     location: str  # a path, a hub name, or "<embedded>"
     weight: float = 1.0
-    kind: str | None = None  # "repo", "files", "hf", "embedded-code", "embedded-books" or None (inferred)
+    kind: str | None = None  # "repo", "files", "hf", "mds", "embedded-code", "embedded-books" or None (inferred)
     raw: str = ""
+    min_tokens: int | None = None  # this source's document length filter (:min=N,max=M), else --min-doc-tokens
+    max_tokens: int | None = None
 
     def describe(self) -> str:
         return self.raw or f"{self.name}@{self.weight:g}"
@@ -208,11 +227,13 @@ def parse_source_spec(spec: str) -> SourceSpec:
     rest = spec.strip()
     if not rest:
         common.fail("empty source spec; write " + SPEC_HELP)
-    weight = 1.0
+    weight, filters = 1.0, {}
     if "@" in rest:
         head, tail = rest.rsplit("@", 1)
-        if re.fullmatch(r"[-+0-9.eE]+|nan|inf|-inf", tail.strip(), flags=re.IGNORECASE) or not tail.strip():
-            weight = parse_weight(tail.strip(), spec)
+        text, _, options = tail.strip().partition(":")
+        if re.fullmatch(r"[-+0-9.eE]+|nan|inf|-inf", text, flags=re.IGNORECASE) or not tail.strip():
+            weight = parse_weight(text, spec)
+            filters = parse_filters(options, spec) if options else {}
             rest = head
     name = None
     m = re.match(r"^([A-Za-z0-9_.-]+)=(.+)$", rest)
@@ -234,7 +255,27 @@ def parse_source_spec(spec: str) -> SourceSpec:
                     base = base[: -len(suffix)]
                     break
             name = base
-    return SourceSpec(name=name, location=rest, weight=weight, kind=kind, raw=spec)
+    return SourceSpec(name=name, location=rest, weight=weight, kind=kind, raw=spec, **filters)
+
+
+def parse_filters(text: str, spec: str) -> dict:
+    """`min=N,max=M` after a source's weight: keep only its documents of N to M tokens (ProLong: long sources
+    min=65536, the rest unfiltered)."""
+    out = {}
+    for item in text.split(","):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if key not in ("min", "max") or not eq:
+            common.fail(f"source {spec!r}: unknown filter {item!r}; write SPEC@WEIGHT:min=N,max=M (document lengths "
+                        f"in tokens, either or both)")
+        try:
+            out[f"{key}_tokens"] = parse_count(value)
+        except ValueError as exc:
+            common.fail(f"source {spec!r}: {exc}")
+        if out[f"{key}_tokens"] < 1:
+            common.fail(f"source {spec!r}: {key}= must be at least 1 token (got {value})")
+    if out.get("min_tokens", 1) > out.get("max_tokens", math.inf):
+        common.fail(f"source {spec!r}: min={out['min_tokens']} is above max={out['max_tokens']}")
+    return out
 
 
 def parse_source_specs(specs: Sequence[str]) -> list[SourceSpec]:
@@ -302,6 +343,10 @@ class Source:
 
     def check(self) -> None:
         """Fail early, with one clear line, on an empty source or an unknown text field (reads one document)."""
+        if self.kind == "mds":  # its index and shard files are there (the rows are read in pass 1)
+            import mds
+
+            return mds.MDSDataset(self.path).close()
         for _ in self.iter_texts():
             return
         common.fail(f"source {self.spec.describe()!r} ({self.kind}) has no documents (no non-empty text); "
@@ -336,6 +381,11 @@ def resolve_source(spec: SourceSpec, text_field: str = "text", txt_unit: str = "
         if not path.is_dir():
             common.fail(f"source {spec.raw!r}: files: needs a folder of text files")
         return Source(spec, "files", path, text_field, txt_unit)
+    if spec.kind == "mds":
+        if spec.min_tokens or spec.max_tokens:
+            common.fail(f"source {spec.raw!r}: an mds: source holds rows packed already; min= and max= filter "
+                        f"documents before packing, so drop them")
+        return Source(spec, "mds", path, text_field, txt_unit)
     if path.is_dir():
         if _is_datasets_dir(path):
             return Source(spec, "datasets", path, text_field, txt_unit)
@@ -573,9 +623,10 @@ def _prepend(first, iterator):
 # Pass 1: read and tokenize every source into a token store on disk.
 
 
-def tokenize_source(src: Source, store: TokenStore, bt: BatchTokenizer, args) -> dict:
+def tokenize_source(src: Source, store: tokenizing.TokenStore, bt: tokenizing.BatchTokenizer, args) -> dict:
     """Stream the source's documents (this shard's share) through the tokenizer workers into `store`."""
-    counts = {"docs_read": 0, "docs_in_shard": 0, "docs_too_short": 0, "chars": 0, "text_tokens_read": 0}
+    counts = {"docs_read": 0, "docs_in_shard": 0, "docs_too_short": 0, "docs_too_long": 0, "chars": 0,
+              "text_tokens_read": 0}
     index_queue: deque = deque()
 
     # in-process: big batches keep the tokenizer's thread pool busy; workers: small ones balance the load
@@ -600,14 +651,17 @@ def tokenize_source(src: Source, store: TokenStore, bt: BatchTokenizer, args) ->
             index_queue.append(np.asarray(idx, dtype=np.int64))
             yield texts
 
-    min_tokens = max(1, args.min_doc_tokens)
+    spec = src.spec
+    min_tokens = max(1, args.min_doc_tokens if spec.min_tokens is None else spec.min_tokens)
+    max_tokens = spec.max_tokens or np.iinfo(np.int64).max
     for lengths, flat in bt.map(batches()):
         idx = index_queue.popleft()
         counts["docs_in_shard"] += len(lengths)
         counts["text_tokens_read"] += int(lengths.sum())
-        keep = lengths >= min_tokens
+        keep = (lengths >= min_tokens) & (lengths <= max_tokens)
         if not keep.all():
-            counts["docs_too_short"] += int((~keep).sum())
+            counts["docs_too_short"] += int((lengths < min_tokens).sum())
+            counts["docs_too_long"] += int((lengths > max_tokens).sum())
             flat = flat[np.repeat(keep, lengths)]
             lengths, idx = lengths[keep], idx[keep]
         store.append(lengths, flat, idx)
@@ -618,159 +672,54 @@ def tokenize_source(src: Source, store: TokenStore, bt: BatchTokenizer, args) ->
         common.fail(f"source {src.spec.describe()!r} has {counts['docs_read']} documents, none of them in shard "
                     f"{args.shard_index} of {args.num_shards}; use fewer shards")
     if len(store) == 0:
-        common.fail(f"source {src.spec.describe()!r}: all {counts['docs_in_shard']} documents are shorter than "
-                    f"--min-doc-tokens {args.min_doc_tokens}; lower it")
+        wanted = f"{min_tokens} to {spec.max_tokens}" if spec.max_tokens else f"at least {min_tokens}"
+        common.fail(f"source {spec.describe()!r}: none of its {counts['docs_in_shard']} documents has {wanted} "
+                    f"tokens; widen {'its min=/max=' if spec.min_tokens or spec.max_tokens else '--min-doc-tokens'}")
     return counts
 
 
-# -------------------------------------------------------------------------------------------------------------
-# Pass 1's building blocks: batches of texts tokenized in worker processes, in order, streamed to a flat token
-# store.
+class MDSStore:
+    """An `mds:` source read as pass 2 reads a TokenStore: each of this shard's samples is one item, a row packed
+    already, whose document spans become its doc_lens (`plan`) and which gets no boundary tokens."""
 
-_WORKER_ENCODER = None
+    def __init__(self, src: Source, args, vocab_size: int):
+        import mds
 
-
-def make_encoder(tokenizer):
-    """What the workers call: a private copy of the fast tokenizer's Rust backend with special-token strings in
-    documents encoded as plain text (a document that contains "<|endoftext|>" must not produce a fake eos), or
-    the slow tokenizer itself."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is None:
-        return tokenizer
-    from tokenizers import Tokenizer
-
-    encoder = Tokenizer.from_str(backend.to_str())
-    encoder.encode_special_tokens = True
-    return encoder
-
-
-def encode_texts(encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize a batch without special tokens: (lengths int64 [n], flat ids int32 [sum(lengths)])."""
-    from tokenizers import Tokenizer
-
-    if isinstance(encoder, Tokenizer):
-        fn = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
-        ids = [e.ids for e in fn(list(texts), add_special_tokens=False)]
-    else:
-        ids = encoder(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
-    return lengths, flat
-
-
-def _worker_init(encoder) -> None:
-    global _WORKER_ENCODER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside each
-    _WORKER_ENCODER = encoder
-
-
-def _worker_encode(texts):
-    return encode_texts(_WORKER_ENCODER, texts)
-
-
-class BatchTokenizer:
-    """Tokenize batches in `num_proc` worker processes, yielding results in input order. Batches in flight are
-    bounded by `max_inflight_chars` (so reading a huge corpus never queues it all in memory) but are many more
-    than the workers, so that one worker busy with a huge document does not leave the others idle while the
-    results wait for it in order.
-
-    With num_proc == 1 batches are tokenized in this process (a fast tokenizer then uses its own thread pool
-    unless TOKENIZERS_PARALLELISM=false)."""
-
-    def __init__(self, tokenizer, num_proc: int = 1, max_inflight_chars: int = 16 << 20):
-        self.encoder = make_encoder(tokenizer)
-        self.num_proc = max(1, int(num_proc))
-        self.max_inflight_chars = max_inflight_chars
-        self.pool = None
-        if self.num_proc > 1:
-            import multiprocessing as mp
-
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before forking: no warning, no deadlock
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = mp.get_context(method).Pool(self.num_proc, initializer=_worker_init,
-                                                    initargs=(self.encoder,))
-
-    def map(self, batches: Iterable[Sequence[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        if self.pool is None:
-            for batch in batches:
-                yield encode_texts(self.encoder, batch)
-            return
-        pending: deque = deque()
-        inflight = 0
-        for batch in batches:
-            chars = sum(len(t) for t in batch)
-            pending.append((self.pool.apply_async(_worker_encode, (list(batch),)), chars))
-            inflight += chars
-            while pending and (inflight > self.max_inflight_chars or len(pending) > 64 * self.num_proc):
-                result, c = pending.popleft()
-                inflight -= c
-                yield result.get()
-        while pending:
-            yield pending.popleft()[0].get()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class TokenStore:
-    """Documents' token ids in one flat int32 file plus per-document lengths: written append-only, read back
-    with positioned reads (no memory map, so the resident memory of the reader stays small)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._file = open(self.path, "wb")
-        self._lengths = array("q")
-        self._tags = array("q")  # caller's per-document tag (01: the document's index in its source)
-        self.lengths: np.ndarray | None = None
-        self.offsets: np.ndarray | None = None
-        self._fd: int | None = None
-
-    def append(self, lengths: np.ndarray, flat: np.ndarray, tags: np.ndarray) -> None:
-        self._file.write(np.ascontiguousarray(flat, dtype=np.int32).tobytes())
-        self._lengths.extend(np.asarray(lengths, dtype=np.int64).tolist())
-        self._tags.extend(np.asarray(tags, dtype=np.int64).tolist())
-
-    def finish(self) -> "TokenStore":
-        self._file.close()
-        self.lengths = np.frombuffer(self._lengths, dtype=np.int64).copy()
-        self.tags = np.frombuffer(self._tags, dtype=np.int64).copy()
-        self.offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
-        np.cumsum(self.lengths, out=self.offsets[1:])
-        self._fd = os.open(self.path, os.O_RDONLY)
-        return self
+        self.name, self.data, self.vocab_size = src.name, mds.MDSDataset(src.path), vocab_size
+        n = len(self.data) if args.max_docs is None else min(args.max_docs, len(self.data))
+        self.tags = np.arange(args.shard_index, n, args.num_shards, dtype=np.int64)  # sample i -> shard i % N
+        if not len(self.tags):
+            common.fail(f"source {src.spec.describe()!r} has {n} rows, none in shard {args.shard_index} of "
+                        f"{args.num_shards}; use fewer shards")
+        self.lengths = np.fromiter((self.data.length(int(i)) for i in self.tags), np.int64, len(self.tags))
+        if self.lengths.max() > args.seq_len:
+            common.fail(f"source {src.spec.describe()!r} holds rows of {self.lengths.max()} tokens, longer than "
+                        f"--seq-len {args.seq_len}; pass --seq-len {self.lengths.max()} (its row length)")
+        self.counts = {"docs_read": n, "docs_in_shard": len(self.tags), "docs_too_short": 0, "docs_too_long": 0,
+                       "chars": 0, "text_tokens_read": int(self.lengths.sum())}
 
     def __len__(self) -> int:
-        return len(self._lengths) if self.lengths is None else len(self.lengths)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1]) if self.offsets is not None else 0
+        return len(self.tags)
 
     def read(self, doc: int, start: int, end: int) -> np.ndarray:
-        """Tokens [start, end) of document `doc`."""
-        if end <= start:
-            return np.empty(0, dtype=np.int32)
-        nbytes = (end - start) * 4
-        data = os.pread(self._fd, nbytes, int(self.offsets[doc] + start) * 4)
-        if len(data) != nbytes:
-            raise OSError(f"short read from {self.path}")
-        return np.frombuffer(data, dtype=np.int32)
+        ids = self.data.tokens(int(self.tags[doc]))[start:end]
+        if len(ids) and int(ids.max()) >= self.vocab_size:
+            common.fail(f"source {self.name}: token id {int(ids.max())} in row {int(self.tags[doc])} is outside the "
+                        f"tokenizer's {self.vocab_size} ids; pass the tokenizer the rows were made with (ProLong: "
+                        f"Llama-3's)")
+        return ids.astype(np.int32)
+
+    def plan(self, docs: np.ndarray, seq_len: int) -> packing.RowPlan:
+        """Row k of the plan is sample docs[k] whole, one piece per document span."""
+        lens = [np.asarray(self.data.doc_lens(int(self.tags[d])), np.int64) for d in docs.tolist()]
+        row_ptr = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum([len(x) for x in lens], out=row_ptr[1:])
+        end = np.concatenate([np.cumsum(x) for x in lens]) if lens else np.zeros(0, np.int64)
+        flat = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+        return packing.RowPlan(seq_len, row_ptr, np.repeat(np.arange(len(lens)), np.diff(row_ptr)), end - flat, end)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.data.close()
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -781,7 +730,7 @@ def shape_lengths(sources, stores, nb: int, args) -> tuple[list[np.ndarray], lis
     """Copies of each stored document after per-source length shaping (all ones without --long-token-share)."""
     copies, shaping = [], []
     for src, store in zip(sources, stores):
-        if args.long_token_share is None:
+        if args.long_token_share is None or src.kind == "mds":  # ready rows are not reshaped
             copies.append(np.ones(len(store), dtype=np.int64))
             shaping.append(None)
             continue
@@ -795,8 +744,11 @@ def shape_lengths(sources, stores, nb: int, args) -> tuple[list[np.ndarray], lis
     return copies, shaping
 
 
-def plan_source(name: str, store: TokenStore, copies: np.ndarray, quota: int, nb: int, args):
+def plan_source(name: str, store: tokenizing.TokenStore, copies: np.ndarray, quota: int, nb: int, args):
     """Which documents (in which order) fill the source's quota, and how they are packed into rows."""
+    if isinstance(store, MDSStore):  # ready rows: a random subset (or repeats) of them, each kept whole
+        sel = select_items(store.lengths, copies, 0, quota, source_rng(args, name, 1), cut_last=False)
+        return sel, store.plan(sel.doc, args.seq_len)
     sel = select_items(store.lengths, copies, nb, quota, source_rng(args, name, 1))
     if args.packing == "concat":
         return sel, packing.plan_concat(sel.cost, args.seq_len)
@@ -825,7 +777,7 @@ def interleave(row_counts: list[int], rng: np.random.Generator) -> list[tuple[in
     return [tuple(x) for x in np.concatenate(ids)[order].tolist()]
 
 
-def make_fetch(store: TokenStore, sel: Selection, boundary: np.ndarray):
+def make_fetch(store: tokenizing.TokenStore, sel: Selection, boundary: np.ndarray):
     docs, ntexts = sel.doc.tolist(), sel.ntext.tolist()
 
     def fetch(item: int, s: int, e: int):
@@ -1080,17 +1032,19 @@ def add_fill(sel: Selection, ntext: np.ndarray, used: np.ndarray) -> Selection:
 # Statistics.
 
 
-def collect_stats(sources, stores, counts, copies, shaping, quotas, sels, plans, shares, nb: int, args) -> dict:
+def collect_stats(sources, stores, counts, copies, shaping, quotas, sels, plans, shares, nbs, args) -> dict:
     per_source, used_all = {}, []
     total_real = sum(int(p.row_tokens().sum()) for p in plans)
-    for src, st, cnt, c, info, q, sel, plan, share in zip(sources, stores, counts, copies, shaping, quotas, sels,
-                                                           plans, shares):
+    for src, st, cnt, c, info, q, sel, plan, share, nb in zip(sources, stores, counts, copies, shaping, quotas,
+                                                               sels, plans, shares, nbs):
         real = int(plan.row_tokens().sum())
         pad = int(plan.num_pad().sum())
         pieces = plan.pieces_per_item(len(sel.ntext))
         used = np.bincount(plan.item, weights=plan.end - plan.start, minlength=len(sel.ntext))
         cut = (used > 0) & (used < st.lengths[sel.doc] + nb)  # documents that do not end in the output
         used = used[used > 0].astype(np.int64)
+        if src.kind == "mds":  # ready rows: their documents are the spans, none split or cut here
+            used, cut, pieces = plan.end - plan.start, cut[:0], pieces[:0]
         used_all.append(used)
         per_source[src.name] = {
             "spec": src.spec.describe(), "kind": src.kind,
@@ -1195,11 +1149,74 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------------
+# --merge-report: the statistics of a corpus prepared as shards on several machines, as one report.
+
+SUMMED_STATS = ("docs_in_shard", "docs_too_short", "docs_too_long", "chars", "text_tokens_read", "docs_kept",
+                "text_tokens_kept", "tokens_available", "docs_repeated", "docs_dropped_by_shaping", "quota",
+                "docs_out", "docs_cut", "docs_split", "tokens_out", "rows", "pad_tokens")
+
+
+def merge_histograms(histograms: Iterable[list[dict]]) -> list[dict]:
+    bins: dict[int, dict] = {}
+    for hist in histograms:
+        for h in hist:
+            b = bins.setdefault(h["lo"], dict(h, docs=0, tokens=0))
+            b["docs"], b["tokens"] = b["docs"] + h["docs"], b["tokens"] + h["tokens"]
+    total = sum(b["tokens"] for b in bins.values())
+    return [dict(b, token_share=b["tokens"] / max(total, 1)) for _, b in sorted(bins.items())]
+
+
+def merge_report(args) -> None:
+    """Sum the shards' per-source counts, recompute their shares and fractions, merge their length histograms;
+    print the table 01 prints and write it to --out/manifest.json (stage 01_merge_report)."""
+    dirs = []
+    for path in args.merge_report:
+        found = packed_data.packed_dirs(path)
+        if found is None:
+            common.fail(f"--merge-report {path} is neither an output directory of 01_prepare_data.py nor a "
+                        f"directory of them; pass the shard directories")
+        dirs += found
+    manifests = [common.read_manifest(d) for d in dirs]
+    packed_data.check_shards(dirs, manifests)
+    out = common.check_output_dir(args.out, args.overwrite)
+    seq_len, per_source = manifests[0]["seq_len"], {}
+    for name in dict.fromkeys(n for m in manifests for n in m["stats"]["sources"]):
+        shards = [m["stats"]["sources"][name] for m in manifests if name in m["stats"]["sources"]]
+        s = dict(shards[0], **{k: sum(x.get(k) or 0 for x in shards) for k in SUMMED_STATS})
+        weights = [x["tokens_available"] for x in shards]
+        for k in ("long_share_before", "long_share_after"):
+            if s.get(k) is not None:
+                s[k] = float(np.average([x[k] for x in shards], weights=weights))
+        s.update(epochs=s["quota"] / max(s["tokens_available"], 1), length_histogram=merge_histograms(
+            x["length_histogram"] for x in shards), padding_fraction=s["pad_tokens"] / max(s["rows"] * seq_len, 1))
+        per_source[name] = s
+    total = sum(s["tokens_out"] for s in per_source.values())
+    for s in per_source.values():
+        s["achieved_share"] = s["tokens_out"] / max(total, 1)
+    rows, pad = sum(s["rows"] for s in per_source.values()), sum(s["pad_tokens"] for s in per_source.values())
+    seconds = max(m["stats"].get("seconds_total", 0) for m in manifests)  # the shards ran side by side
+    stats = {"sources": per_source, "num_rows": rows, "num_tokens": total, "num_pad_tokens": pad, "shards": len(dirs),
+             "padding_fraction": pad / max(rows * seq_len, 1), "seconds_total": seconds,
+             "tokens_per_second": sum(s["text_tokens_read"] for s in per_source.values()) / max(seconds, 1e-9),
+             "max_share_error": max(abs(s["achieved_share"] - s["target_share"]) for s in per_source.values()),
+             **{k: sum(s[k] for s in per_source.values()) for k in ("docs_out", "docs_split")},
+             "length_histogram": merge_histograms(m["stats"]["length_histogram"] for m in manifests)}
+    with common.atomic_output_dir(out, args.overwrite) as tmp:
+        common.write_manifest(tmp, "01_merge_report", args, inputs=dirs, stats=stats, seq_len=seq_len,
+                              num_rows=rows, num_tokens=total, shards=[str(d) for d in dirs])
+    m = manifests[0]
+    print_stats(stats, argparse.Namespace(seq_len=seq_len, boundary=m["boundary"], packing=m["packing"]),
+                f"{len(dirs)} shards (report: {out})")
+
+
+# -------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     validate(args)
+    if args.merge_report:
+        return merge_report(args)
     specs = parse_source_specs(args.data) if args.data else embedded_specs()
     out = common.check_output_dir(args.out, args.overwrite)
     sources = [resolve_source(s, args.text_field, args.txt_unit) for s in specs]
@@ -1227,21 +1244,24 @@ def main(argv=None) -> None:
         scratch.mkdir()
         stores, counts = [], []
         try:
-            with BatchTokenizer(tok, args.num_proc) as bt:
+            with tokenizing.BatchTokenizer(tok, args.num_proc) as bt:
                 for k, src in enumerate(sources):
                     t0 = time.time()
-                    store = TokenStore(scratch / f"{k}.bin")
+                    mds_rows = src.kind == "mds"
+                    store = MDSStore(src, args, len(tok)) if mds_rows else tokenizing.TokenStore(scratch / f"{k}.bin")
                     stores.append(store)
-                    counts.append(tokenize_source(src, store, bt, args))
+                    counts.append(store.counts if mds_rows else tokenize_source(src, store, bt, args))
                     dt = time.time() - t0
-                    common.print0(f"  tokenized {src.name}: {counts[-1]['docs_in_shard']} docs, "
-                                  f"{human(counts[-1]['text_tokens_read'])} tokens in {dt:.1f} s "
-                                  f"({human(counts[-1]['text_tokens_read'] / max(dt, 1e-9))} tokens/s)")
+                    n, toks = counts[-1]["docs_in_shard"], counts[-1]["text_tokens_read"]
+                    common.print0(f"  {'read' if mds_rows else 'tokenized'} {src.name}: {n} "
+                                  f"{'rows' if mds_rows else 'docs'}, {human(toks)} tokens in {dt:.1f} s "
+                                  f"({human(toks / max(dt, 1e-9))} tokens/s)")
             t_tok = time.time() - t_start
 
             nb = len(boundary)
+            nbs = [0 if src.kind == "mds" else nb for src in sources]  # ready rows get no boundary tokens
             copies, shaping = shape_lengths(sources, stores, nb, args)
-            available = [int((c * (st.lengths + nb)).sum()) for c, st in zip(copies, stores)]
+            available = [int((c * (st.lengths + n)).sum()) for c, st, n in zip(copies, stores, nbs)]
             budget = None if args.max_tokens is None else -(-args.max_tokens // args.num_shards)
             quotas = mixture_quotas(available, weights, args.seq_len, budget)
             sels, plans, fetches = [], [], []
@@ -1257,7 +1277,7 @@ def main(argv=None) -> None:
                 store.close()
             shutil.rmtree(scratch, ignore_errors=True)
 
-        stats = collect_stats(sources, stores, counts, copies, shaping, quotas, sels, plans, shares, nb, args)
+        stats = collect_stats(sources, stores, counts, copies, shaping, quotas, sels, plans, shares, nbs, args)
         stats.update(seconds_tokenize=t_tok, seconds_total=time.time() - t_start, output_files=written["files"])
         stats["tokens_per_second"] = sum(c["text_tokens_read"] for c in counts) / max(stats["seconds_total"], 1e-9)
         local_inputs = [str(s.path) for s in sources if s.path is not None]
@@ -1265,6 +1285,7 @@ def main(argv=None) -> None:
             tmp, "01_prepare_data", args, inputs=local_inputs, stats=stats,
             seq_len=args.seq_len, boundary=args.boundary, separator=args.separator, packing=args.packing,
             tokenizer=tok_name, vocab_size=len(tok), eos_token_id=eos_id, pad_token_id=pad_id,
+            tokenizer_vocab_sha256=hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest(),
             boundary_token_ids=boundary, num_rows=stats["num_rows"], num_tokens=stats["num_tokens"],
             sources=[{"name": s.name, "spec": s.spec.describe(), "kind": s.kind, "weight": s.spec.weight,
                       "target_share": float(w)} for s, w in zip(sources, shares)],

@@ -26,6 +26,8 @@ Usage:
     # tiny CPU run (random init), 20 steps
     python 03_continued_pretrain.py --init-config tiny-llama --tokenizer TOK --data runs/data --out runs/cpt \\
         --batch-tokens 4096 --max-steps 20 --lr 1e-3
+    # data prepared as shards on several machines (01 --num-shards): the folder holding them, or the shards
+    python 03_continued_pretrain.py ... --data runs/data            # = --data runs/data/shard-0 ... shard-7
     # ProLong stage 1 (64K) on 8 GPUs: 4M tokens per step, 5000 steps, LR 1e-5
     torchrun --nproc_per_node=8 03_continued_pretrain.py --model runs/llama3-8b-theta8e6 \\
         --data runs/data-64k --out runs/prolong-64k --batch-tokens 4194304 --max-steps 5000 --lr 1e-5
@@ -70,7 +72,7 @@ import common
 import context_parallel
 import fsdp_train
 import memory_plan
-import packing
+import packed_data
 import probes
 import rope
 import ruler
@@ -95,7 +97,9 @@ def parse_args(argv=None):
     g.add_argument("--keep-optimizer", action="store_true",
                    help="with --init-from: also keep its optimizer state (ProLong's 64K -> 512K stage)")
     g = p.add_argument_group("data")
-    common.add_common_args(g, "data", required=["data"])
+    common.add_common_args(g, "data", required=["data"], data=dict(nargs="+", help=(
+        "the output directory of 01_prepare_data.py; several (shards prepared with --num-shards), or a directory "
+        "holding them, are read as one dataset")))
     g.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="attend only inside each document (ProLong, default); --no-doc-mask: causal attention "
                         "over the whole packed row (UltraLong), still never across rows")
@@ -273,7 +277,7 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------------------------------------------------
     # Inputs: data made by 01, a config, and the checks that must fail before anything is written
-    data = packing.PackedData.open(args.data)
+    data = packed_data.PackedData.open(args.data)
     seq_len = data.seq_len
     config = common.config_from_init_spec(args.init_config) if args.init_config else common.load_config(args.model)
     longest = args.pose_target_len or seq_len
@@ -445,7 +449,7 @@ def main(argv=None) -> int:
         if tokenizer_dir and not os.path.isdir(os.path.expanduser(str(tokenizer_dir))):
             tokenizer_dir = None
         last = json.loads(metrics_path.read_text().splitlines()[-1]) if rank == 0 and metrics_path.is_file() else {}
-        manifest = {"stage": STAGE, "args": args, "inputs": [p for p in (args.model, args.data) if p and
+        manifest = {"stage": STAGE, "args": args, "inputs": [p for p in (args.model, *args.data) if p and
                                                                os.path.isdir(p)],
                     "stats": {"steps": max_steps, "tokens": max_steps * batch_tokens, "final_loss": last.get("loss"),
                               "attention": backend, "world_size": world, "cp": cp.size},

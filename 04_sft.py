@@ -69,6 +69,7 @@ from tqdm import tqdm
 
 import common
 import fsdp_train
+import packed_data
 import packing
 import probes
 import rope
@@ -105,8 +106,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     common.add_common_args(g, "data", required=["data"], data=dict(nargs="+", help=(
         "chat data: one or more .jsonl/.json/.parquet files, folders of them, `datasets` save_to_disk folders or "
-        "hub datasets (hf:NAME[:CONFIG[:SPLIT]]), each record holding a --messages-field list; or ONE directory "
-        "written by 01_prepare_data.py (plain text, with --teacher: restoration distillation)")))
+        "hub datasets (hf:NAME[:CONFIG[:SPLIT]]), each record holding a --messages-field list; or directories "
+        "written by 01_prepare_data.py (plain text, with --teacher: restoration distillation; several shards, or "
+        "a directory of them, are read as one dataset)")))
     g.add_argument("--messages-field", default="messages",
                    help="the field holding a conversation: a list of {role, content} (default: messages)")
     g.add_argument("--chat-template", default="auto",
@@ -397,7 +399,7 @@ def encode_conversation(tokenizer, messages, template: str, method: str, max_tok
 
 @dataclass
 class ChatRows:
-    """Packed conversations in memory, read like packing.PackedData; rows also carry their `loss_mask`."""
+    """Packed conversations in memory, read like packed_data.PackedData; rows also carry their `loss_mask`."""
     input_ids: np.ndarray  # [rows, seq_len] int32
     loss_mask: np.ndarray  # [rows, seq_len] uint8
     doc_lens: list
@@ -555,15 +557,16 @@ def main(argv=None) -> int:
     # teacher, and every check that must fail before anything is written
     config = common.load_config(args.model)
     first = Path(os.path.expanduser(args.data[0]))
-    plain = len(args.data) == 1 and first.is_dir() and (common.read_manifest(first) or {}).get("stage") == \
-        "01_prepare_data"
+    plain = all(packed_data.packed_dirs(d) for d in args.data)
+    if not plain and any(packed_data.packed_dirs(d) for d in args.data):
+        fail("--data mixes directories written by 01_prepare_data.py with chat data; train on one kind at a time")
     tokenizer_name = args.tokenizer or args.model
     template = template_src = method = None
     if plain:
         if args.teacher is None:
             fail(f"--data {first} is plain text packed by 01_prepare_data.py: pass --teacher for restoration "
                  "distillation, or train on it with 03_continued_pretrain.py")
-        data = packing.PackedData.open(first)
+        data = packed_data.PackedData.open(args.data)
         longest = data.seq_len
         tokenizer = common.load_tokenizer(tokenizer_name) if os.path.isdir(os.path.expanduser(tokenizer_name)) \
             else None

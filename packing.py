@@ -7,14 +7,14 @@ attention segments, so training can mask attention per document (ProLong) or per
   `plan_best_fit`: best-fit decreasing, long documents split or kept whole), so a corpus of any size is planned
   with a few integers per document; rows are then assembled from any token source (`assemble_row`), with
   optional parallel per-token arrays (a loss mask, say); `pack_documents` does both for in-memory documents;
-- the packed-row `datasets` directory (`PackedDatasetWriter`, streamed file by file) and its reader
-  (`PackedData`). The format (docs/data-format.md): every row has exactly `seq_len` `input_ids`; `doc_lens`
+- the packed-row `datasets` directory (`PackedDatasetWriter`, streamed file by file; packed_data.py reads it).
+  The format (docs/data-format.md): every row has exactly `seq_len` `input_ids`; `doc_lens`
   lists its attention segments (whole documents, pieces of split documents, and a last padding segment of
   `num_pad` tokens); `attn_cost` is the sum of squared non-padding segment lengths; `source` names the mixture
   source.
 
-Used by 01_prepare_data.py (plans, assembles, writes), 03_continued_pretrain.py and 04_sft.py (read; 04 also
-packs conversations with their loss masks).
+Used by 01_prepare_data.py (plans, assembles, writes) and 04_sft.py (packs conversations with their loss
+masks).
 
 Outside this repository (copy this file and common.py):
 
@@ -30,11 +30,10 @@ import os
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from common import fail, read_manifest
 
 # -------------------------------------------------------------------------------------------------------------
 # Packing. A RowPlan says which pieces of which documents ("items") fill each row, from lengths alone; rows are
@@ -444,56 +443,3 @@ class PackedDatasetWriter:
         (self.out / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         info = asdict(datasets.DatasetInfo(features=self.features))
         (self.out / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Reading: 01's packed training set, as 03 and 04 read it (rows by index as NumPy arrays).
-
-REQUIRED_COLUMNS = ("input_ids", "doc_lens", "num_pad", "attn_cost")
-
-
-class PackedData:
-    """A packed training set written by 01_prepare_data.py. Rows are read by index as NumPy arrays."""
-
-    def __init__(self, path: Path, ds, manifest: dict):
-        self.path, self.manifest = path, manifest
-        self.seq_len = int(manifest["seq_len"])
-        self.num_rows = len(ds)
-        self._ds = ds.with_format("numpy", columns=["input_ids", "doc_lens", "num_pad"])
-        self.attn_cost = np.asarray(ds.data.column("attn_cost").to_numpy(), dtype=np.int64)
-        self.num_pad = np.asarray(ds.data.column("num_pad").to_numpy(), dtype=np.int64)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike, expected_stage: str = "01_prepare_data") -> "PackedData":
-        path = Path(path)
-        if not path.is_dir():
-            fail(f"--data {path} is not a directory; pass the output directory of 01_prepare_data.py")
-        manifest = read_manifest(path)
-        if manifest is None or manifest.get("stage") != expected_stage:
-            found = "no manifest.json" if manifest is None else f"a manifest of stage {manifest.get('stage')!r}"
-            fail(f"--data {path} was not written by {expected_stage}.py ({found}); prepare it with "
-                 f"{expected_stage}.py first")
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as exc:  # noqa: BLE001 - any reader error means the same to the user
-            fail(f"--data {path} has a manifest but no readable dataset ({type(exc).__name__}: "
-                 f"{str(exc).splitlines()[0] if str(exc) else ''})")
-        missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
-        if missing:
-            fail(f"--data {path} lacks the column(s) {missing} of 01's packed format; re-run 01_prepare_data.py")
-        if len(ds) == 0:
-            fail(f"--data {path} holds no rows")
-        return cls(path, ds, manifest)
-
-    def rows(self, indices: Iterable[int]) -> list[dict]:
-        """Rows as dicts of NumPy arrays: input_ids (int64), doc_lens (int64), num_pad (int)."""
-        return [{"index": int(i), "input_ids": np.asarray(r["input_ids"], dtype=np.int64),
-                 "doc_lens": np.asarray(r["doc_lens"], dtype=np.int64), "num_pad": int(r["num_pad"])}
-                for i, r in ((i, self._ds[int(i)]) for i in indices)]
-
-    def fingerprint(self) -> dict:
-        m = self.manifest
-        return {"path": str(self.path.resolve()), "num_rows": self.num_rows, "seq_len": self.seq_len,
-                "num_tokens": m.get("num_tokens"), "created": m.get("created")}

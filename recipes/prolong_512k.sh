@@ -8,6 +8,7 @@
 #   -> 05 evaluation. Next: prolong_sft.sh.
 #
 #   DRY_RUN=1 bash recipes/prolong_512k.sh
+#   PROLONG_DATA=data/prolong-data-512K bash recipes/prolong_512k.sh   # on ProLong's released 512K rows
 #
 # Sources disagree on the learning rate: the paper (Table 9) says 1e-5 "each stage", the released train_512K.sh
 # uses 5e-6, and which one produced the released checkpoint is not known (docs/recipes.md#open-disagreements).
@@ -16,9 +17,11 @@
 # Hardware: ProLong ran this stage with Ulysses sequence parallelism over each 8-GPU node (--seq_parallel_size 8);
 # here that is 03's --cp 8 (Ulysses all-to-all for document-masked rows, ProLong's local shortcut where no document
 # straddles a slice), so each GPU holds 64K tokens of a 512K row, as in ProLong.
-# Deviations: as in prolong_64k.sh (long sources pre-filtered to >= 64K / >= 512K tokens). ProLong's
-# 64K-class sources in this stage are 64K single-document pieces packed 8 to a row; 01 keeps a long document
-# whole (up to the row length), so "code-64k" and "books-64k" segments here can be longer than 64K.
+# Data as in prolong_64k.sh: raw sources with per-source length filters (512K-class documents >= 512K tokens,
+# 64K-class ones 64K to 512K - 1, kept disjoint as in the paper), or ProLong's released rows (PROLONG_DATA);
+# DATA_SHARDS=N prepares them as N shards. Deviation on raw sources: ProLong's 64K-class sources in this stage
+# are 64K single-document pieces packed 8 to a row; 01 keeps a document whole (up to the row length), so
+# "code-64k" and "books-64k" segments can be longer than 64K. The released rows have ProLong's own pieces.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # --- model --------------------------------------------------------------------------------------------------
@@ -32,11 +35,22 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # --- data: train_512K.sh's mix; code and books split between 512K documents and 64K-class documents ----------
 : "${DATA_ROOT:=data/prolong}"
-: "${DATA_MIX:=code-512k=repo:$DATA_ROOT/thestack-repos-512k@0.15 code-64k=repo:$DATA_ROOT/thestack-repos@0.15 \
-books-512k=$DATA_ROOT/books-512k@0.05 books-64k=$DATA_ROOT/books@0.25 textbooks=$DATA_ROOT/textbooks@0.03 \
+: "${PROLONG_DATA:=}"          # set: ProLong's released prolong-data-512K instead (folder names of train_512K.sh)
+if [[ -n $PROLONG_DATA ]]; then
+  P=$PROLONG_DATA
+  : "${DATA_MIX:=code-512k=mds:$P/thestackv1_concat_by_repo-524288@0.15 \
+code-64k=mds:$P/thestackv1_concat_by_repo-65536@0.15 books-512k=mds:$P/book-524288@0.05 \
+books-64k=mds:$P/book-65536@0.25 textbooks=mds:$P/textbooks@0.03 fineweb-edu=mds:$P/fineweb-edu@0.10 \
+fineweb=mds:$P/fineweb-2023-50@0.10 stackexchange=mds:$P/stackexchange@0.04 wikipedia=mds:$P/dolmawiki@0.04 \
+tulu-v2=mds:$P/tuluv2@0.03 arxiv=mds:$P/arxiv@0.03 openwebmath=mds:$P/openwebmath@0.03}"
+fi
+: "${DATA_MIX:=code-512k=repo:$DATA_ROOT/thestack-repos@0.15:min=524288 \
+code-64k=repo:$DATA_ROOT/thestack-repos@0.15:min=65536,max=524287 books-512k=$DATA_ROOT/books@0.05:min=524288 \
+books-64k=$DATA_ROOT/books@0.25:min=65536,max=524287 textbooks=$DATA_ROOT/textbooks@0.03 \
 fineweb-edu=$DATA_ROOT/fineweb-edu@0.10 fineweb=$DATA_ROOT/fineweb-2023-50@0.10 \
 stackexchange=$DATA_ROOT/stackexchange@0.04 wikipedia=$DATA_ROOT/dolmawiki@0.04 tulu-v2=$DATA_ROOT/tuluv2@0.03 \
 arxiv=$DATA_ROOT/arxiv@0.03 openwebmath=$DATA_ROOT/openwebmath@0.03}"
+: "${DATA_SHARDS:=1}"         # prepare the data as this many shards (one per machine)
 : "${BOUNDARY:=mask}"
 : "${PACKING:=concat}"
 
@@ -69,10 +83,9 @@ plan --title "03 continued pretraining, ProLong 512K" --seq-len "$SEQ_LEN" --bat
   --published-hours 12200 --published-tokens 20e9 --published-source "ProLong Table 9: 20B tokens at 512K, H100"
 
 read -r -a MIX <<< "$DATA_MIX"
-step "$RUN/data/manifest.json" \
+prepare_shards "$RUN/data" "$DATA_SHARDS" \
   "$PY" 01_prepare_data.py --data "${MIX[@]}" --tokenizer "$MODEL" --seq-len "$SEQ_LEN" \
-  --boundary "$BOUNDARY" --packing "$PACKING" --max-tokens "$((BATCH_TOKENS * STEPS))" --seed "$SEED" \
-  --out "$RUN/data"
+  --boundary "$BOUNDARY" --packing "$PACKING" --max-tokens "$((BATCH_TOKENS * STEPS))" --seed "$SEED"
 
 step "$RUN/model-theta/manifest.json" \
   "$PY" 02_rope_scale.py --model "$MODEL" --method theta --theta "$ROPE_THETA" --target-len "$SEQ_LEN" \

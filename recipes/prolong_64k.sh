@@ -10,11 +10,15 @@
 #   DRY_RUN=1 bash recipes/prolong_64k.sh      # the plan and the commands, nothing runs
 #   bash recipes/prolong_64k.sh                # on one node of 8 GPUs (80 GB each, ProLong README)
 #   LR=2e-5 STEPS=100 RUN=runs/try bash recipes/prolong_64k.sh   # any variable below can be overridden
+#   PROLONG_DATA=data/prolong-data-64K bash recipes/prolong_64k.sh   # on ProLong's released rows (below)
 #
+# Data, two ways: your raw sources (DATA_ROOT, tokenized and packed by 01; the long sources keep only documents
+# of >= 64K tokens, App. A.2, through per-source filters `@share:min=65536`), or ProLong's released packed data
+# (PROLONG_DATA: a local copy of the hub dataset princeton-nlp/prolong-data-64K, its MDS domain folders mixed by
+# the same shares, every row kept whole with its document spans). DATA_SHARDS=N prepares the data as N shards
+# (01 --num-shards; run the printed 01 commands on N machines side by side, or let the recipe run them in turn);
+# 03 reads the folder of shards as one dataset and 01 --merge-report combines their statistics.
 # Deviations from ProLong, stated so nobody mistakes this file for a bit-exact replay:
-# - ProLong's long data holds only documents of >= 64K tokens (App. A.2). 01 applies --min-doc-tokens to every
-#   source (it would drop the short mix), so this file does not pass it: point the long sources at documents
-#   already filtered to >= 64K tokens (ProLong's released prolong-data-64K is packed MDS, which 01 does not read).
 # - The loss is the exact global token mean (03); ProLong's default is a per-device mean.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -24,15 +28,25 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${SEQ_LEN:=65536}"                              # 2^16 (Table 9; per_device_max_tokens 65536)
 : "${ROPE_THETA:=8e6}"                             # ABF base 5e5 -> 8e6 (Table 9, T18: 54.6 vs 48.7 at 4e6)
 
-# --- data: 64K mix of train_64K.sh, name=[kind:]location@share (01's SPEC@WEIGHT) -------------------------------
-# long (60%): code repositories of The Stack v1 (one document per repository) and SlimPajama books; short (37%,
-# "ShortMix"): FineWeb-Edu, FineWeb (2023-50), StackExchange, Wikipedia (Dolma), Tulu-v2, ArXiv, OpenWebMath;
-# textbooks (3%, libretexts). Shares: train_64K.sh, which matches paper v4 (the slides swap Tulu and Wikipedia).
+# --- data: 64K mix of train_64K.sh, name=[kind:]location@share[:min=N] (01's SPEC@WEIGHT) ---------------------
+# long (60%): code repositories of The Stack v1 (one document per repository) and SlimPajama books, documents of
+# >= 64K tokens only; short (37%, "ShortMix"): FineWeb-Edu, FineWeb (2023-50), StackExchange, Wikipedia (Dolma),
+# Tulu-v2, ArXiv, OpenWebMath; textbooks (3%, libretexts; no length filter is published for them [I]). Shares:
+# train_64K.sh, which matches paper v4 (the slides swap Tulu and Wikipedia).
 : "${DATA_ROOT:=data/prolong}"
-: "${DATA_MIX:=code=repo:$DATA_ROOT/thestack-repos@0.30 books=$DATA_ROOT/books@0.30 \
+: "${PROLONG_DATA:=}"          # set: ProLong's released prolong-data-64K instead (folder names of train_64K.sh)
+if [[ -n $PROLONG_DATA ]]; then
+  P=$PROLONG_DATA
+  : "${DATA_MIX:=code=mds:$P/thestackv1_concat_by_repo-65536@0.30 books=mds:$P/book-65536@0.30 \
+fineweb-edu=mds:$P/fineweb-edu@0.10 fineweb=mds:$P/fineweb-2023-50@0.10 stackexchange=mds:$P/stackexchange@0.04 \
+wikipedia=mds:$P/dolmawiki@0.04 tulu-v2=mds:$P/tuluv2@0.03 arxiv=mds:$P/arxiv@0.03 \
+openwebmath=mds:$P/openwebmath@0.03 textbooks=mds:$P/textbooks@0.03}"
+fi
+: "${DATA_MIX:=code=repo:$DATA_ROOT/thestack-repos@0.30:min=65536 books=$DATA_ROOT/books@0.30:min=65536 \
 fineweb-edu=$DATA_ROOT/fineweb-edu@0.10 fineweb=$DATA_ROOT/fineweb-2023-50@0.10 \
 stackexchange=$DATA_ROOT/stackexchange@0.04 wikipedia=$DATA_ROOT/dolmawiki@0.04 tulu-v2=$DATA_ROOT/tuluv2@0.03 \
 arxiv=$DATA_ROOT/arxiv@0.03 openwebmath=$DATA_ROOT/openwebmath@0.03 textbooks=$DATA_ROOT/textbooks@0.03}"
+: "${DATA_SHARDS:=1}"         # prepare the data as this many shards (one per machine)
 : "${BOUNDARY:=mask}"       # document masking, FA2 varlen in ProLong (T20: 54.6/65.5 vs 53.6/64.9 unmasked)
 : "${PACKING:=concat}"      # short data: concatenate, cut, carry the remainder to the next row (App. A.2)
 
@@ -65,12 +79,12 @@ plan --title "03 continued pretraining, ProLong 64K" --seq-len "$SEQ_LEN" --batc
   --heads 32 --kv-heads 8 --head-dim 128 --ffn 14336 --vocab 128256 --params 8.03e9 \
   --published-hours 2200 --published-tokens 20e9 --published-source "ProLong Table 9: 20B tokens at 64K, H100"
 
-# 01: tokenize with the model's tokenizer, mix by token share, pack 64K rows; the budget is exactly what 03 reads.
+# 01: tokenize with the model's tokenizer, mix by token share, pack 64K rows; the budget (split over the shards)
+# is exactly what 03 reads. $RUN/data holds the shards; the combined statistics go to $RUN/data-report.
 read -r -a MIX <<< "$DATA_MIX"
-step "$RUN/data/manifest.json" \
+prepare_shards "$RUN/data" "$DATA_SHARDS" \
   "$PY" 01_prepare_data.py --data "${MIX[@]}" --tokenizer "$MODEL" --seq-len "$SEQ_LEN" \
-  --boundary "$BOUNDARY" --packing "$PACKING" --max-tokens "$((BATCH_TOKENS * STEPS))" --seed "$SEED" \
-  --out "$RUN/data"
+  --boundary "$BOUNDARY" --packing "$PACKING" --max-tokens "$((BATCH_TOKENS * STEPS))" --seed "$SEED"
 
 # 02: plain base change (ABF), no temperature; max_position_embeddings -> 64K; both config forms, verified.
 step "$RUN/model-theta/manifest.json" \

@@ -12,8 +12,9 @@ import pytest
 
 from lc_testutil import ROOT
 
-TOPIC_MODULES = ["common", "packing", "rope", "varlen_attention", "context_parallel", "fsdp_train", "ruler",
-                 "tracking", "probes", "memory_plan", "activation_memory", "long_inference"]
+TOPIC_MODULES = ["common", "packing", "packed_data", "tokenizing", "mds", "rope", "varlen_attention",
+                 "context_parallel", "fsdp_train", "ruler", "tracking", "probes", "memory_plan", "activation_memory",
+                 "long_inference"]
 
 
 def run_copied(tmp_path, modules: list[str], code: str) -> str:

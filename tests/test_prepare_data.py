@@ -15,6 +15,7 @@ import pytest
 
 import common
 import packing
+import tokenizing
 from lc_testutil import ROOT, error_lines, load_script
 
 prep = load_script("01_prepare_data")
@@ -87,7 +88,7 @@ def manifest(out: Path) -> dict:
 
 
 def encode(tok, texts):
-    lengths, flat = prep.encode_texts(prep.make_encoder(tok), texts)
+    lengths, flat = tokenizing.encode_texts(tokenizing.make_encoder(tok), texts)
     return [x.tolist() for x in np.split(flat, np.cumsum(lengths)[:-1])] if len(texts) else []
 
 
@@ -248,6 +249,62 @@ def test_mixture_shares_within_two_points_of_targets(tmp_path, tokenizer_dir, pa
     kinds = {n: s["kind"] for n, s in stats["sources"].items()}
     assert kinds == {"bible": "jsonl", "more": "parquet", "code": "files"}
     assert stats["max_share_error"] <= 0.02
+
+
+def test_per_source_filters_keep_exactly_the_documents_they_allow(tmp_path, tokenizer_dir, tokenizer):
+    """Three sources, each with its own length range (SPEC@WEIGHT:min=N,max=M): every document in the output is
+    one its source's range allows, the counts of kept and dropped documents are the ones computed here from the
+    tokenizer, the source that gives all it has gives exactly the allowed documents, and the shares hold."""
+    texts = {"long": kjv_docs(40, (2, 40), seed=11), "mid": kjv_docs(40, (2, 40), seed=12, start=3000),
+             "short": kjv_docs(60, (1, 12), seed=13, start=6000)}
+    ranges = {"long": (150, None), "mid": (60, 300), "short": (None, 80)}
+    specs = []
+    for name, (lo, hi) in ranges.items():
+        f = write_jsonl(tmp_path / f"{name}.jsonl", texts[name])
+        specs.append(f"{f}@1:" + ",".join(f"{k}={v}" for k, v in (("min", lo), ("max", hi)) if v))
+    out, stats = run(tmp_path, "--data", *specs, "--seq-len", 128, tokenizer=tokenizer_dir)
+    streams = source_streams(rows_of(out))
+    for name, (lo, hi) in ranges.items():
+        docs = [tuple(d) for d in encode(tokenizer, texts[name])]
+        allowed = {d for d in docs if (lo or 0) <= len(d) <= (hi or 10**9)}
+        s = stats["sources"][name]
+        assert s["docs_kept"] == len(allowed) and 0 < len(allowed) < len(docs)
+        assert s["docs_too_short"] == sum(len(d) < (lo or 1) for d in docs)
+        assert s["docs_too_long"] == sum(len(d) > (hi or 10**9) for d in docs)
+        whole = {tuple(d) for d in split_on(streams[name], [tokenizer.eos_token_id])[:-1]}  # the last one may be cut
+        assert whole <= allowed
+        if s["epochs"] == pytest.approx(1.0):  # the limiting source: all of its allowed documents
+            assert whole == allowed
+        assert abs(s["achieved_share"] - 1 / 3) <= 0.02
+    assert any(s["epochs"] == pytest.approx(1.0) for s in stats["sources"].values())
+
+
+@pytest.fixture
+def local_hub_repo(tmp_path):
+    """A dataset repository as the hub serves one (README.md whose YAML lists configs and their data files),
+    on disk: `datasets.load_dataset(path, config, split=..., streaming=True)` streams it offline."""
+    repo = tmp_path / "hub-repo"
+    for config, texts in (("verses", kjv_docs(12, (2, 6), seed=21)), ("code", code_docs(6, 2000))):
+        (repo / config).mkdir(parents=True)
+        write_jsonl(repo / config / "train-00000-of-00001.jsonl", texts)
+    (repo / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*.jsonl\n"
+        for c in ("verses", "code")) + "---\n# local fixture\n")
+    return repo
+
+
+def test_hub_sources_stream_a_dataset_repository_offline(tmp_path, tokenizer_dir, tokenizer, local_hub_repo):
+    verses = [json.loads(line)["text"] for line in (local_hub_repo / "verses/train-00000-of-00001.jsonl").open()]
+    src = prep.resolve_source(prep.parse_source_spec(f"hf:{local_hub_repo}:verses:train@2"))
+    assert src.kind == "hub" and src.name == "hub-repo" and list(src.iter_texts()) == verses
+    out, stats = run(tmp_path, "--data", f"verses=hf:{local_hub_repo}:verses", f"code=hf:{local_hub_repo}:code",
+                     "--seq-len", 128, tokenizer=tokenizer_dir)
+    assert {n: s["kind"] for n, s in stats["sources"].items()} == {"verses": "hub", "code": "hub"}
+    assert stats["sources"]["verses"]["docs_in_shard"] == len(verses)
+    whole = split_on(source_streams(rows_of(out))["verses"], [tokenizer.eos_token_id])[:-1]
+    assert {tuple(d) for d in whole} <= {tuple(d) for d in encode(tokenizer, verses)} and whole
+    bad(tmp_path, "--data", f"hf:{local_hub_repo}:nope", "--tokenizer", tokenizer_dir, "--seq-len", 64,
+        match="cannot stream hub dataset .*'nope'")
 
 
 def test_max_tokens_budget_subsamples_and_repeats(tmp_path, tokenizer_dir):
@@ -433,7 +490,10 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, tokenizer_dir, no_eos_tok
     bad(tmp_path, "--data", good, "--tokenizer", tokenizer_dir, "--seq-len", 1, match="--seq-len must be at least 2")
     bad(tmp_path, "--data", good, "--tokenizer", no_eos_tokenizer, "--seq-len", 64, match="has no eos token")
     bad(tmp_path, "--data", "hf:nobody/nothing-here", *tok, match="cannot stream hub dataset")
-    bad(tmp_path, "--data", good, *tok, "--min-doc-tokens", 10**6, match="shorter than --min-doc-tokens")
+    bad(tmp_path, "--data", good, *tok, "--min-doc-tokens", 10**6, match="none of its .* widen --min-doc-tokens")
+    bad(tmp_path, "--data", f"{good}@1:min=5,long=9", *tok, match="unknown filter 'long=9'")
+    bad(tmp_path, "--data", f"{good}@1:min=90,max=10", *tok, match="min=90 is above max=10")
+    bad(tmp_path, "--data", f"{good}@1:max=2", *tok, match="none of its .* widen its min=/max=")
     (tmp_path / "bad-out").mkdir()
     (tmp_path / "bad-out" / "keep.txt").write_text("previous")
     with pytest.raises(common.UserError, match="--overwrite"):
@@ -467,6 +527,8 @@ def test_source_spec_parsing():
             prep.parse_source_spec(spec)
     with pytest.raises(common.UserError, match="both named"):
         prep.parse_source_specs(["x/a.jsonl", "y/a.jsonl"])
+    s = prep.parse_source_spec("books=data/books@0.3:min=65536,max=1M")
+    assert (s.name, s.location, s.weight, s.min_tokens, s.max_tokens) == ("books", "data/books", 0.3, 65536, 10**6)
     assert prep.parse_count("1B") == 10**9 and prep.parse_count("64K") == 64000 and prep.parse_count("65536") == 65536
 
 

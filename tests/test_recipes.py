@@ -72,8 +72,10 @@ def parse(stage: str, argv: list[str]):
 
 # recipe file, environment, and the stages it calls in order
 CASES = {
-    "prolong_64k": ("prolong_64k.sh", {}, ["01", "02", "03", "05"]),
-    "prolong_512k": ("prolong_512k.sh", {}, ["01", "02", "03", "05"]),
+    "prolong_64k": ("prolong_64k.sh", {}, ["01", "01", "02", "03", "05"]),
+    "prolong_64k_released": ("prolong_64k.sh", {"PROLONG_DATA": "data/prolong-data-64K", "DATA_SHARDS": 3},
+                             ["01", "01", "01", "01", "02", "03", "05"]),
+    "prolong_512k": ("prolong_512k.sh", {}, ["01", "01", "02", "03", "05"]),
     "prolong_sft": ("prolong_sft.sh", {}, ["04", "05"]),
     "ultralong_1m": ("ultralong.sh", {"TARGET": "1m"}, ["01", "02", "03", "04", "05"]),
     "ultralong_2m": ("ultralong.sh", {"TARGET": "2m"}, ["01", "02", "03", "04", "05"]),
@@ -120,6 +122,11 @@ def load_plan_flags() -> list[str]:
     return [s for action in plan.build_parser()._actions for s in action.option_strings]
 
 
+PROLONG_64K_SHARES = {"code": .3, "books": .3, "fineweb-edu": .1, "fineweb": .1, "stackexchange": .04,
+                      "wikipedia": .04, "tulu-v2": .03, "arxiv": .03, "openwebmath": .03, "textbooks": .03}
+prep = load_script("01_prepare_data")
+
+
 def stage_args(proc, prefix):
     return [parse(stage, argv) for stage, _, argv in commands(proc.stdout) if stage.startswith(prefix)]
 
@@ -138,11 +145,19 @@ def test_prolong_arithmetic(runs):
     a02, = stage_args(runs["prolong_64k"], "02")
     preset = load_script("02_rope_scale").ROPE_PRESETS["prolong-64k"]
     assert (a02.method, a02.theta, a02.target_len) == (preset["method"], preset["theta"], preset["target_len"])
-    a01, = stage_args(runs["prolong_64k"], "01")
-    shares = {spec.rsplit("@", 1)[0].split("=")[0]: float(spec.rsplit("@", 1)[1]) for spec in a01.data}
-    assert shares == {"code": .3, "books": .3, "fineweb-edu": .1, "fineweb": .1, "stackexchange": .04,
-                      "wikipedia": .04, "tulu-v2": .03, "arxiv": .03, "openwebmath": .03, "textbooks": .03}
+    a01, report = stage_args(runs["prolong_64k"], "01")
+    specs = {s.name: s for s in prep.parse_source_specs(a01.data)}
+    assert {n: s.weight for n, s in specs.items()} == PROLONG_64K_SHARES
+    # long data: documents of >= 64K tokens, code and books only (App. A.2); the short mix unfiltered
+    assert {n for n, s in specs.items() if s.min_tokens} == {"code", "books"} and specs["code"].min_tokens == 65536
     assert a01.max_tokens == p64["total"] and a01.boundary == "mask"
+    assert report.merge_report == [os.path.dirname(a01.out)] == a03.data  # 03 reads the folder of shards
+    # ProLong's released rows: the same shares over its MDS domain folders, prepared as 3 shards
+    *shards, report = stage_args(runs["prolong_64k_released"], "01")
+    assert [(a.num_shards, a.shard_index) for a in shards] == [(3, 0), (3, 1), (3, 2)]
+    specs = {s.name: s for s in prep.parse_source_specs(shards[0].data)}
+    assert {n: s.weight for n, s in specs.items()} == PROLONG_64K_SHARES
+    assert {s.kind for s in specs.values()} == {"mds"} and specs["books"].location.endswith("/book-65536")
 
     # stage 2: bsz 128 x 512K / SP 8 = 8M tokens, 2500 steps, 12.2K H100-hours per 20B; Ulysses over 8 GPUs
     p512, = plans(runs["prolong_512k"].stdout)
@@ -154,6 +169,10 @@ def test_prolong_arithmetic(runs):
     assert a03b.lr == 5e-6  # the released train_512K.sh (the paper says 1e-5): the file says which it uses
     assert "5e-6" in (ROOT / "recipes" / "prolong_512k.sh").read_text() and "1e-5" in \
         (ROOT / "recipes" / "prolong_512k.sh").read_text()
+    a01b, _ = stage_args(runs["prolong_512k"], "01")
+    ranges = {s.name: (s.min_tokens, s.max_tokens) for s in prep.parse_source_specs(a01b.data) if s.min_tokens}
+    assert ranges == {"code-512k": (524288, None), "books-512k": (524288, None), "code-64k": (65536, 524287),
+                      "books-64k": (65536, 524287)}  # the 64K-class documents disjoint from the 512K ones
     a02b, = stage_args(runs["prolong_512k"], "02")
     assert a02b.theta == load_script("02_rope_scale").ROPE_PRESETS["prolong-512k"]["theta"]
     # the 512K stage continues the 64K run's LAST checkpoint, optimizer included, in 03's directory format
@@ -236,7 +255,7 @@ def test_smollm2_32k_plan_is_one_gpu_yarn_x4_from_8k(runs):
     a03, = stage_args(proc, "03")
     a05, = stage_args(proc, "05")
     assert (a02.method, a02.factor, a02.original_len) == ("yarn", 4.0, 8192) and a01.seq_len == 32768
-    assert a03.batch_tokens == p["tokens_per_step"] and a03.max_steps == 200 and a03.data == a01.out
+    assert a03.batch_tokens == p["tokens_per_step"] and a03.max_steps == 200 and a03.data == [a01.out]
     assert a05.models == [a02.model, a02.out, os.path.join(a03.out, "final")]
     assert a05.lengths == "8192,16384,32768" and a05.allow_beyond_context
 

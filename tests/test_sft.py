@@ -212,7 +212,9 @@ def test_restoration_distillation_on_01_plain_text(tiny_llama_dir, tiny_qwen2_di
     weights = load_file(teacher / "model.safetensors")
     weights["lm_head.weight"] *= 30
     save_file(weights, str(teacher / "model.safetensors"), metadata={"format": "pt"})
-    data = make_packed_data(tmp_path / "short", seq_len=64, num_rows=4, vocab=1000)
+    data = str(tmp_path / "short")  # 01's plain text as a directory of two shards, read as one dataset of 4 rows
+    for k in range(2):
+        make_packed_data(tmp_path / "short" / f"shard-{k}", seq_len=64, num_rows=2, vocab=1000, seed=k)
     m = run_ok(base_args(tiny_llama_dir, data, tmp_path / "rd", "--teacher", teacher, "--alpha", "1",
                          "--seq-len", "64", "--batch-tokens", "256", "--max-steps", "6", "--lr", "1e-2",
                          "--min-lr-ratio", "1"))  # every step sees all 4 rows: the KL is measured on the same text

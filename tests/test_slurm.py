@@ -42,7 +42,7 @@ def test_sbatch_renders_torchrun_on_node_2_of_4_that_03_parses():
     assert (launch.master_addr, launch.master_port, launch.rdzv_id) == ("gpu-a01", 29500, "777")
     assert "SIGUSR1" in launch.signals_to_handle.split(",")
     args = load_script("03_continued_pretrain").parse_args(torchrun[i + 1:])  # and 03's
-    assert (args.cp, args.resume, args.data) == (8, "auto", "runs/prolong-512k/data")
+    assert (args.cp, args.resume, args.data) == (8, "auto", ["runs/prolong-512k/data"])
     # 32 GPUs: the plan is made for 4 nodes, and the 16-row step still divides over 4 data-parallel groups
     assert "(DRY_RUN=1, 32 GPUs)" in proc.stdout
 
