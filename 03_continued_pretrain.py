@@ -43,7 +43,8 @@ Usage:
     torchrun --nproc_per_node=8 03_continued_pretrain.py ...same flags... --resume auto
 
 Outputs: OUT/run.json (the run's settings), OUT/metrics.jsonl (one record per step), OUT/checkpoints/step_N/
-(torch.distributed.checkpoint shards + trainer_state.json), OUT/final/ (HF model directory with manifest.json).
+(torch.distributed.checkpoint shards + trainer_state.json + SHA256SUMS, checked before any resume: never resume a
+checkpoint from an untrusted source, its metadata is a pickle), OUT/final/ (HF model directory with manifest.json).
 MFU conventions in the log: "tt" = torchtitan's 6N + 12*L*H*d*S per token (non-causal, masks ignored);
 "doc" = 6N + causal attention over the documents actually attended, 12*L*H*d*sum(len_i^2)/(2*sum(len_i)).
 """

@@ -62,18 +62,19 @@ def same_weights(a: dict, b: dict) -> bool:
 
 
 def kill_at_random(proc, out: Path, rng: random.Random, during_save: bool, sig: int, limit: float) -> str:
-    """Kill `proc` at a random moment (or as soon as a checkpoint is being written); what it was doing."""
-    deadline = time.time() + rng.uniform(1.0, limit)
+    """Kill `proc` at a random moment, or while it writes its 1st to 3rd checkpoint; say where the kill landed."""
+    deadline, saves_to_skip, seen = time.time() + rng.uniform(0.5, limit), rng.randint(0, 2), set()
     ckpts = out / "checkpoints"
     while proc.poll() is None:
-        saving = ckpts.is_dir() and any(p.name.startswith(".tmp-step_") for p in ckpts.iterdir())
-        if (during_save and saving) or (not during_save and time.time() >= deadline):
+        saving = {p.name for p in ckpts.iterdir() if p.name.startswith(".tmp-step_")} if ckpts.is_dir() else set()
+        seen |= saving
+        if (during_save and saving and len(seen) > saves_to_skip) or (not during_save and time.time() >= deadline):
             proc.send_signal(sig)
             proc.wait()
             done = len(trajectory(out)) if (out / "metrics.jsonl").is_file() else 0
-            return f"{'during a save' if saving else 'mid-step'} after step {done}"
+            return f"{'during a save' if saving else 'mid-step' if done else 'during start-up'} after step {done}"
         time.sleep(0.002)
-    return "ended before the kill"
+    return "after the run had ended"
 
 
 def corrupt_latest(out: Path, rng: random.Random) -> str | None:
@@ -129,12 +130,13 @@ def main(argv=None) -> int:
         if proc.returncode:
             sys.exit(f"error: 01 failed: {proc.stderr[-1000:]}")
     ref_out = work / "reference"
-    t0 = time.time()
     if not (ref_out / "final").is_dir():
+        t0 = time.time()
         proc = stage("03_continued_pretrain.py", *train_args(data, ref_out, args.steps))
         if proc.returncode:
             sys.exit(f"error: the uninterrupted run failed: {proc.stderr[-2000:]}")
-    duration = time.time() - t0
+        (work / "reference_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+    duration = float((work / "reference_seconds.txt").read_text())  # kills land anywhere from start-up to the end
     ref = (trajectory(ref_out), weights(ref_out))
     print(f"reference: {args.steps} steps, uninterrupted, {duration:.0f} s; final loss {ref[0][-1][1]:.6f}", flush=True)
     rng = random.Random(args.seed)

@@ -12,8 +12,8 @@ import pytest
 
 from lc_testutil import ROOT
 
-TOPIC_MODULES = ["common", "packing", "rope", "varlen_attention", "context_parallel", "fsdp_train", "ruler", "safe_output",
-                 "hf_export"]
+TOPIC_MODULES = ["common", "packing", "rope", "varlen_attention", "context_parallel", "fsdp_train", "ruler",
+                 "safe_output", "hf_export"]
 # beyond common.py: context parallelism builds on varlen attention; what writes a training run's outputs on safe_output
 ALSO_ALLOWED = {"context_parallel": {"varlen_attention"}, "fsdp_train": {"safe_output"}, "hf_export": {"safe_output"}}
 
@@ -134,6 +134,34 @@ def test_packing_copied_alone_best_fit_reassembles_every_document(tmp_path):
     """packing.py (+ common.py) best-fits a list of token lists into rows; every document's pieces reassemble
     to it exactly."""
     assert run_copied(tmp_path, ["packing", "common"], PACKING_COPY).startswith("ok")
+
+
+SAFE_OUTPUT_COPY = r"""
+from pathlib import Path
+import common, safe_output
+
+Path("model").mkdir()
+try:
+    safe_output.check_output("model/eval", {"--model": "model"})
+except common.UserError as exc:
+    assert "lies inside the input --model" in str(exc), exc
+with safe_output.output_dir("out", inputs={"--model": "model"}) as tmp:
+    (tmp / "a.txt").write_text("first")
+try:
+    with safe_output.output_dir("out", overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("half")
+        common.fail("stop")
+except common.UserError:
+    pass
+assert Path("out/a.txt").read_text() == "first" and not [p for p in Path(".").iterdir() if p.name.startswith(".out")]
+print("ok")
+"""
+
+
+def test_safe_output_copied_alone_protects_inputs_and_the_old_output(tmp_path):
+    """safe_output.py (+ common.py): an output inside an input is refused; a failed --overwrite leaves the old
+    output and nothing beside it."""
+    assert run_copied(tmp_path, ["safe_output", "common"], SAFE_OUTPUT_COPY).strip() == "ok"
 
 
 # ---------------------------------------------------------------------------------------------------------------
