@@ -38,7 +38,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
@@ -56,6 +55,7 @@ import numpy as np
 import common
 import packed_data
 import packing
+import safe_output
 import tokenizing
 
 ROWS_BATCH_BYTES = 16 << 20  # rows are assembled and written in batches of about this many bytes
@@ -85,7 +85,7 @@ def _count(text: str) -> int:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("sources")
     common.add_common_args(g, "data", data=dict(
         nargs="+", metavar="SPEC@WEIGHT", default=None,
@@ -96,6 +96,7 @@ def parse_args(argv=None):
                    help="what one document is in a .txt source: the whole file (default), a line, or a paragraph")
     g.add_argument("--max-docs", type=int, default=None,
                    help="read at most this many documents per source (quick trials)")
+    common.add_common_args(g, "encoding-errors")
     g = parser.add_argument_group("tokenizer")
     common.add_common_args(g, "tokenizer", "model", "trust-remote-code",
                            model=dict(help="model directory or hub name whose tokenizer to use (if no --tokenizer)"))
@@ -111,7 +112,7 @@ def parse_args(argv=None):
     g.add_argument("--packing", choices=["concat", "best-fit"], default="concat",
                    help="concat: concatenate and cut, the remainder starts the next row (default); best-fit: whole "
                         "documents bin-packed, longer ones split into row-sized pieces, rows padded")
-    common.add_common_args(g, "seq-len", seq_len=dict(type=int, help="tokens per packed row, e.g. 65536 (required)"))
+    common.add_common_args(g, "seq-len", seq_len=dict(help="tokens per packed row, e.g. 65536 (required)"))
     g = parser.add_argument_group("length shaping and mixture")
     g.add_argument("--min-doc-tokens", type=int, default=0,
                    help="drop documents shorter than this many tokens (ProLong's long data: 65536)")
@@ -145,9 +146,12 @@ def validate(args) -> None:
         return
     if args.seq_len is None:
         common.fail("--seq-len is required: the tokens per packed row, e.g. 65536")
-    if args.seq_len < 2:
-        common.fail(f"--seq-len must be at least 2 (got {args.seq_len}): a row needs a token to predict and one "
-                    f"to predict it from")
+    import psutil
+
+    row_gib, free_gib = 3 * 4 * args.seq_len / 2**30, psutil.virtual_memory().available / 2**30  # int32 tokens
+    if row_gib > free_gib:  # a row is written with about 3 copies of it
+        common.fail(f"--seq-len {args.seq_len} does not fit: writing one row takes {row_gib:.3g} GiB and this "
+                    f"machine has {free_gib:.3g} GiB available; use a shorter --seq-len")
     if args.num_proc < 1:
         common.fail(f"--num-proc must be at least 1 (got {args.num_proc})")
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
@@ -318,13 +322,14 @@ class Source:
     text_field: str
     txt_unit: str = "file"
     hub: tuple | None = None  # (name, config, split)
+    errors: str = "strict"  # --encoding-errors
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def iter_texts(self) -> Iterator[str]:
-        kind, path, tf = self.kind, self.path, self.text_field
+        kind, path, tf, errors = self.kind, self.path, self.text_field, self.errors
         if kind == "embedded-code":
             return (d["text"] for d in common.code_repo_documents())
         if kind == "embedded-books":
@@ -332,14 +337,14 @@ class Source:
         if kind == "hub":
             return iter_hub(*self.hub, tf)
         if kind == "files":
-            return (text for _, text in iter_text_files(path))
+            return (text for _, text in iter_text_files(path, errors))
         if kind == "repo":
-            return iter_repo_documents(path)
+            return iter_repo_documents(path, errors)
         if kind == "datasets":
             return iter_datasets_dir(path, tf)
         if kind == "data-folder":
-            return _chain(iter_data_file(f, tf, self.txt_unit) for f in data_files_in(path))
-        return iter_data_file(path, tf, self.txt_unit)
+            return _chain(iter_data_file(f, tf, self.txt_unit, errors) for f in data_files_in(path))
+        return iter_data_file(path, tf, self.txt_unit, errors)
 
     def check(self) -> None:
         """Fail early, with one clear line, on an empty source or an unknown text field (reads one document)."""
@@ -358,8 +363,14 @@ def _chain(iterables: Iterable[Iterable[str]]) -> Iterator[str]:
         yield from it
 
 
-def resolve_source(spec: SourceSpec, text_field: str = "text", txt_unit: str = "file") -> Source:
-    """Work out what `spec` points at; fail with one line when it points at nothing."""
+def resolve_source(spec: SourceSpec, text_field: str = "text", txt_unit: str = "file", errors: str = "strict"):
+    """The Source `spec` points at (errors: --encoding-errors); fail with one line when it points at nothing."""
+    source = _resolve_source(spec, text_field, txt_unit)
+    source.errors = errors
+    return source
+
+
+def _resolve_source(spec: SourceSpec, text_field: str, txt_unit: str) -> Source:
     if spec.kind in ("embedded-code", "embedded-books"):
         return Source(spec, spec.kind, None, text_field, txt_unit)
     loc = spec.location
@@ -390,7 +401,7 @@ def resolve_source(spec: SourceSpec, text_field: str = "text", txt_unit: str = "
         if _is_datasets_dir(path):
             return Source(spec, "datasets", path, text_field, txt_unit)
         if (path / "dataset_dict.json").is_file():
-            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+            splits = common.read_json(path / "dataset_dict.json").get("splits", [])
             if "train" in splits and _is_datasets_dir(path / "train"):
                 return Source(spec, "datasets", path / "train", text_field, txt_unit)
             common.fail(f"source {spec.raw!r}: {loc} is a DatasetDict with splits {splits}; point at one split's "
@@ -425,40 +436,41 @@ def data_files_in(root: Path) -> list[Path]:
     return [f for f in _walk_files(root) if f.name.endswith(DATA_SUFFIXES)]
 
 
-def read_text_file(path: Path) -> str | None:
-    """The file as text, or None for a binary file (a NUL byte in its first 8 KB)."""
+def read_text_file(path: Path, errors: str = "strict") -> str | None:
+    """The file as UTF-8 text (common.decode: a bad byte stops with its offset unless errors="replace"), or None
+    for a binary file (a NUL byte in its first 8 KB)."""
     data = path.read_bytes()
     if b"\0" in data[:8192]:
         return None
-    return data.decode("utf-8", errors="replace")
+    return common.decode(data, str(path), errors)
 
 
-def iter_text_files(root: Path) -> Iterator[tuple[str, str]]:
+def iter_text_files(root: Path, errors: str = "strict") -> Iterator[tuple[str, str]]:
     """(relative path, text) of every text file under `root`: one file = one document."""
     for f in _walk_files(root):
-        text = read_text_file(f)
+        text = read_text_file(f, errors)
         if text:
             yield f.relative_to(root).as_posix(), text
 
 
-def repo_document(root: Path, files: Sequence[Path]) -> str:
+def repo_document(root: Path, files: Sequence[Path], errors: str = "strict") -> str:
     """Files concatenated in order, each behind `# ---- file: <path> ----` (as code_repo_documents)."""
     parts = []
     for f in files:
-        text = read_text_file(f)
+        text = read_text_file(f, errors)
         if text is not None:
             parts.append(f"# ---- file: {f.relative_to(root).as_posix()} ----\n{text}")
     return "\n".join(parts)
 
 
-def iter_repo_documents(root: Path) -> Iterator[str]:
+def iter_repo_documents(root: Path, errors: str = "strict") -> Iterator[str]:
     """ProLong's code-repository documents: each sub-folder of `root` is one document (all its files, sorted,
     not dependency-ordered); a loose file directly in `root` is a one-file repository."""
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if entry.name.startswith(".") or entry.name == "__pycache__":
             continue
         files = _walk_files(entry) if entry.is_dir() else [entry] if entry.is_file() else []
-        text = repo_document(root, files)
+        text = repo_document(root, files, errors)
         if text:
             yield text
 
@@ -480,36 +492,28 @@ def _text_of(record: Any, field_name: str, where: str) -> str | None:
                 f"with --text-field")
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def iter_jsonl(path: Path, field_name: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                common.fail(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix the line or the file")
-            text = _text_of(record, field_name, f"{path}:{lineno}")
-            if text:
-                yield text
-
-
-def iter_json(path: Path, field_name: str) -> Iterator[str]:
-    """A JSON array of records (read whole: JSON arrays cannot be streamed), or JSON lines in a .json file."""
-    with _open_text(path) as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith("["):
-        yield from iter_jsonl(path, field_name)
-        return
-    with _open_text(path) as f:
+def iter_jsonl(path: Path, field_name: str, errors: str = "strict") -> Iterator[str]:
+    for lineno, line in common.text_lines(path, errors):
+        if not line.strip():
+            continue
         try:
-            records = json.load(f)
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
-            common.fail(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})")
+            common.fail(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix the line or the file")
+        text = _text_of(record, field_name, f"{path}:{lineno}")
+        if text:
+            yield text
+
+
+def iter_json(path: Path, field_name: str, errors: str = "strict") -> Iterator[str]:
+    """A JSON array of records (read whole: JSON arrays cannot be streamed), or JSON lines in a .json file."""
+    if not next((line for _, line in common.text_lines(path, errors) if line.strip()), "").lstrip().startswith("["):
+        yield from iter_jsonl(path, field_name, errors)
+        return
+    try:
+        records = json.loads(common.read_text(path, errors))
+    except json.JSONDecodeError as exc:
+        common.fail(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})")
     for i, record in enumerate(records):
         text = _text_of(record, field_name, f"{path}[{i}]")
         if text:
@@ -545,47 +549,44 @@ def iter_datasets_dir(path: Path, field_name: str) -> Iterator[str]:
     """A `Dataset.save_to_disk` folder, read shard by shard from its Arrow stream files (no memory map)."""
     import pyarrow as pa
 
-    state = json.loads((path / "state.json").read_text())
+    state = common.read_json(path / "state.json")
     for entry in state.get("_data_files", []):
         with pa.OSFile(str(path / entry["filename"])) as f:
             reader = pa.ipc.open_stream(f)
             yield from _arrow_texts(reader, field_name, str(path))
 
 
-def iter_txt(path: Path, unit: str = "file") -> Iterator[str]:
+def iter_txt(path: Path, unit: str = "file", errors: str = "strict") -> Iterator[str]:
     """A .txt file as one document (`file`), one per line (`line`) or one per blank-line paragraph."""
     if unit == "file":
-        text = read_text_file(path)
+        text = read_text_file(path, errors)
         if text:
             yield text
         return
-    with _open_text(path) as f:
-        if unit == "line":
-            for line in f:
-                line = line.rstrip("\n")
-                if line.strip():
-                    yield line
-            return
-        para: list[str] = []
-        for line in f:
-            if line.strip():
-                para.append(line)
-            elif para:
-                yield "".join(para).rstrip("\n")
-                para = []
-        if para:
+    lines = (line for _, line in common.text_lines(path, errors))
+    if unit == "line":
+        yield from (line.rstrip("\n") for line in lines if line.strip())
+        return
+    para: list[str] = []
+    for line in lines:
+        if line.strip():
+            para.append(line)
+        elif para:
             yield "".join(para).rstrip("\n")
+            para = []
+    if para:
+        yield "".join(para).rstrip("\n")
 
 
-def iter_data_file(path: Path, field_name: str, txt_unit: str = "file") -> Iterator[str]:
+def iter_data_file(path: Path, field_name: str, txt_unit: str = "file", errors: str = "strict") -> Iterator[str]:
     name = path.name
     if name.endswith((".jsonl", ".jsonl.gz")):
-        return iter_jsonl(path, field_name)
+        return iter_jsonl(path, field_name, errors)
     if name.endswith((".json", ".json.gz")):
-        return iter_json(path, field_name)
+        return iter_json(path, field_name, errors)
     if name.endswith(".parquet"):
         return iter_parquet(path, field_name)
-    return iter_txt(path, txt_unit)
+    return iter_txt(path, txt_unit, errors)
 
 
 def iter_hub(name: str, config: str | None, split: str, explicit: bool, field_name: str) -> Iterator[str]:
@@ -1178,7 +1179,7 @@ def merge_report(args) -> None:
         dirs += found
     manifests = [common.read_manifest(d) for d in dirs]
     packed_data.check_shards(dirs, manifests)
-    out = common.check_output_dir(args.out, args.overwrite)
+    out = safe_output.check_output(args.out, {"--merge-report": dirs}, args.overwrite)
     seq_len, per_source = manifests[0]["seq_len"], {}
     for name in dict.fromkeys(n for m in manifests for n in m["stats"]["sources"]):
         shards = [m["stats"]["sources"][name] for m in manifests if name in m["stats"]["sources"]]
@@ -1201,7 +1202,7 @@ def merge_report(args) -> None:
              "max_share_error": max(abs(s["achieved_share"] - s["target_share"]) for s in per_source.values()),
              **{k: sum(s[k] for s in per_source.values()) for k in ("docs_out", "docs_split")},
              "length_histogram": merge_histograms(m["stats"]["length_histogram"] for m in manifests)}
-    with common.atomic_output_dir(out, args.overwrite) as tmp:
+    with safe_output.output_dir(out, args.overwrite, {"--merge-report": dirs}) as tmp:
         common.write_manifest(tmp, "01_merge_report", args, inputs=dirs, stats=stats, seq_len=seq_len,
                               num_rows=rows, num_tokens=total, shards=[str(d) for d in dirs])
     m = manifests[0]
@@ -1218,8 +1219,9 @@ def main(argv=None) -> None:
     if args.merge_report:
         return merge_report(args)
     specs = parse_source_specs(args.data) if args.data else embedded_specs()
-    out = common.check_output_dir(args.out, args.overwrite)
-    sources = [resolve_source(s, args.text_field, args.txt_unit) for s in specs]
+    inputs = {"--data": [s.location for s in specs], "--tokenizer": args.tokenizer, "--model": args.model}
+    out = safe_output.check_output(args.out, inputs, args.overwrite)
+    sources = [resolve_source(s, args.text_field, args.txt_unit, args.encoding_errors) for s in specs]
     tok_name, tok = load_tokenizer(args)
     eos_id = int(tok.eos_token_id)
     pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else eos_id
@@ -1239,7 +1241,7 @@ def main(argv=None) -> None:
                   + f"; tokenizer {tok_name}; {args.num_proc} worker(s)")
 
     t_start = time.time()
-    with common.atomic_output_dir(out, args.overwrite) as tmp:
+    with safe_output.output_dir(out, args.overwrite, inputs) as tmp:
         scratch = tmp / "_scratch"
         scratch.mkdir()
         stores, counts = [], []

@@ -51,6 +51,7 @@ import torch
 
 import common
 import rope
+import safe_output
 
 METHODS = ("yarn", "theta", "linear", "ntk", "dynamic", "llama3")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
@@ -107,39 +108,51 @@ ROPE_PRESETS: dict[str, dict] = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("model")
     common.add_common_args(g, "model", "out", "overwrite", "trust-remote-code")
     g = parser.add_argument_group("what to write")
     g.add_argument("--preset", choices=sorted(ROPE_PRESETS),
                    help="a published setting (printed with its source); explicit flags override its values")
     g.add_argument("--method", choices=METHODS, help="rope method (see above); required unless --preset")
-    g.add_argument("--factor", type=float, help="scale s relative to the ORIGINAL pretraining length (>= 1)")
-    g.add_argument("--target-len", type=int,
+    g.add_argument("--factor", type=common.number(above=0),
+                   help="scale s relative to the ORIGINAL pretraining length (>= 1)")
+    g.add_argument("--target-len", type=common.number(int, min=1),
                    help="context length to address; factor = target / original unless --factor is also given "
                         "(then it is only the new max_position_embeddings, as AFM's factor 20 with 64K)")
-    g.add_argument("--original-len", type=int,
+    g.add_argument("--original-len", type=common.number(int, min=1),
                    help="override the original pretraining length (default: read from the config: "
                         "original_max_position_embeddings of yarn/llama3, else max_position_embeddings)")
-    g.add_argument("--theta", type=float, help="new rope base (required by --method theta; allowed with any method)")
+    g.add_argument("--theta", type=common.number(above=0),
+                   help="new rope base (required by --method theta; allowed with any method)")
     g = parser.add_argument_group("yarn / llama3 knobs (transformers defaults when unset)")
-    g.add_argument("--beta-fast", type=float, help="yarn: rotations above which a pair is kept (default 32)")
-    g.add_argument("--beta-slow", type=float, help="yarn: rotations below which a pair is interpolated (default 1)")
-    g.add_argument("--mscale", type=float, help="yarn: mscale (attention_factor = mscale ratio if both set)")
-    g.add_argument("--mscale-all-dim", type=float, help="yarn: mscale_all_dim (DeepSeek convention)")
-    g.add_argument("--attention-factor", type=float, help="yarn: explicit cos/sin multiplier (overrides mscale)")
+    g.add_argument("--beta-fast", type=common.number(above=0),
+                   help="yarn: rotations above which a pair is kept (default 32)")
+    g.add_argument("--beta-slow", type=common.number(above=0),
+                   help="yarn: rotations below which a pair is interpolated (default 1)")
+    g.add_argument("--mscale", type=common.number(min=0),
+                   help="yarn: mscale (attention_factor = mscale ratio if both set)")
+    g.add_argument("--mscale-all-dim", type=common.number(min=0), help="yarn: mscale_all_dim (DeepSeek convention)")
+    g.add_argument("--attention-factor", type=common.number(above=0),
+                   help="yarn: explicit cos/sin multiplier (overrides mscale)")
     g.add_argument("--no-truncate", dest="truncate", action="store_const", const=False, default=None,
                    help="yarn: do not floor/ceil the ramp edges (truncate false)")
-    g.add_argument("--low-freq-factor", type=float, help="llama3: low_freq_factor (default: kept, else 1)")
-    g.add_argument("--high-freq-factor", type=float, help="llama3: high_freq_factor (default: kept, else 4)")
+    g.add_argument("--low-freq-factor", type=common.number(above=0),
+                   help="llama3: low_freq_factor (default: kept, else 1)")
+    g.add_argument("--high-freq-factor", type=common.number(above=0),
+                   help="llama3: high_freq_factor (default: kept, else 4)")
     g = parser.add_argument_group("output")
     g.add_argument("--copy-weights", action="store_true",
                    help="copy weight files even on the same filesystem (default: hard links, which share the "
                         "bytes with the source: never write into them in place)")
     g.add_argument("--dry-run", action="store_true", help="print the plan and the report, write nothing")
+    g.add_argument("--config-only", action="store_true",
+                   help="write the patched config, tokenizer and report without weights (refused otherwise when "
+                        "--model has no weight files)")
     g.add_argument("--list-presets", action="store_true", help="print the presets with their sources and exit")
     g = parser.add_argument_group("perplexity check (the short-context cost before training)")
     g.add_argument("--ppl-check", metavar="FILE", help="a text file: perplexity before and after the patch")
+    common.add_common_args(g, "encoding-errors")
     g.add_argument("--ppl-lengths", default=None,
                    help="comma-separated token counts (default: min(1024, original) and the original length, "
                         "capped by the document)")
@@ -256,6 +269,10 @@ def plan_rope(args, before: rope.RopeSpec, model_type: str | None, preset: dict 
     if after.rope_type == "yarn" and after.mscale_all_dim and not after.mscale and deepseek_attention:
         warnings.append("mscale_all_dim without mscale: transformers scales cos/sin by 0.1 ln s + 1 AND DeepSeek "
                         "attention scales the softmax again (logits x3.51 at s = 40); set both, as DeepSeek does")
+    if after.rope_type == "yarn" and (after.beta_fast or 32) <= (after.beta_slow or 1):
+        common.fail(f"YaRN needs beta_fast > beta_slow (got {after.beta_fast or 32:g} <= {after.beta_slow or 1:g}): "
+                    "pairs with more than beta_fast rotations are kept, those with fewer than beta_slow interpolated; "
+                    "e.g. --beta-fast 32 --beta-slow 1 (transformers' defaults)")
     if after.rotary_dim != before.rotary_dim:
         common.fail(f"rotary dimension would change {before.rotary_dim} -> {after.rotary_dim}; this is a bug")
     return after, original, notes, warnings
@@ -407,14 +424,16 @@ def link_or_copy(src: Path, dst: Path, copy: bool) -> str:
     return "copied"
 
 
-def write_files(src: Path, out: Path, config: dict, after: rope.RopeSpec, copy_weights: bool) -> dict:
-    """Weights linked / copied untouched, small files copied, the configs rewritten. Returns file statistics."""
+def write_files(src: Path, out: Path, config: dict, after: rope.RopeSpec, copy_weights: bool,
+                config_only: bool = False) -> dict:
+    """Weights linked / copied untouched (none with config_only), small files copied, the configs rewritten.
+    Returns file statistics."""
     stats = {"linked": [], "copied": [], "skipped": [], "weight_bytes": 0}
     for path in sorted(src.iterdir()):
         if path.name in REWRITTEN or path.name.startswith("."):
             continue
-        if path.is_dir():
-            stats["skipped"].append(path.name + "/")  # e.g. Meta's original/ checkpoint with its own rope params
+        if path.is_dir() or (config_only and path.name.endswith(WEIGHT_SUFFIXES)):
+            stats["skipped"].append(path.name + "/" * path.is_dir())  # e.g. Meta's original/ with its own rope
             continue
         if path.name.endswith(WEIGHT_SUFFIXES):
             stats[link_or_copy(path, out / path.name, copy_weights)].append(path.name)
@@ -427,7 +446,7 @@ def write_files(src: Path, out: Path, config: dict, after: rope.RopeSpec, copy_w
     for name, key in (("tokenizer_config.json", "model_max_length"), ("generation_config.json", "max_length")):
         if not (src / name).is_file():
             continue
-        data = json.loads((src / name).read_text())
+        data = common.read_json(src / name)
         if name == "tokenizer_config.json" or key in data:  # generation max_length only when the model sets one
             data[key] = target
         (out / name).write_text(json.dumps(data, indent=2) + "\n")
@@ -569,7 +588,7 @@ def perplexity_check(args, src: Path, out: Path, original: int) -> list[dict]:
     if not path.is_file():
         common.fail(f"--ppl-check {args.ppl_check} is not a file; pass a plain-text document")
     tok = common.load_tokenizer(str(src), args.trust_remote_code)
-    ids = tok(path.read_text(errors="replace"))["input_ids"]
+    ids = tok(common.read_text(path, args.encoding_errors))["input_ids"]
     if len(ids) < 16:
         common.fail(f"--ppl-check {path} has only {len(ids)} tokens; give a longer document")
     lengths = parse_lengths(args.ppl_lengths, original, len(ids))
@@ -617,15 +636,18 @@ def main(argv=None):
         common.fail("--model is required (a Hugging Face model directory or hub name)")
     if not args.out and not args.dry_run:
         common.fail("--out is required (or --dry-run to only print the plan)")
+    inputs = {"--model": args.model, "--ppl-check": args.ppl_check}
     if args.out:
-        common.check_output_dir(args.out, args.overwrite)
+        safe_output.check_output(args.out, inputs, args.overwrite)
+    if args.config_only and args.ppl_check:
+        common.fail("--ppl-check runs the model, which --config-only does not write; drop one of them")
     preset = apply_preset(args)
     src = common.model_dir(args.model, ignore_patterns=["original/*"])  # not Meta's own-format copy
     if not (src / "config.json").is_file():
         common.fail(f"{args.model} has no config.json; pass a Hugging Face model directory")
-    if args.out and Path(args.out).expanduser().resolve() == src.resolve():
-        common.fail("--out must differ from --model: 02 never modifies its input")
-    config = json.loads((src / "config.json").read_text())
+    config = common.read_json(src / "config.json")
+    if not isinstance(config, dict):
+        common.fail(f"{src / 'config.json'} holds no JSON object; pass a Hugging Face model directory")
     model_type = config.get("model_type")
     before = rope.rope_spec_from_config(config)
     after, original, notes, warnings = plan_rope(args, before, model_type, preset)
@@ -643,9 +665,12 @@ def main(argv=None):
     common.print0(format_rope_report(report))
     if args.dry_run:
         return
+    if not args.config_only and not any(p.name.endswith(WEIGHT_SUFFIXES) for p in src.iterdir()):
+        common.fail(f"{args.model} has no weight files ({', '.join(WEIGHT_SUFFIXES)}), so the output would be a "
+                    "model without weights; pass --config-only to write the patched config alone")
 
-    with common.atomic_output_dir(args.out, args.overwrite) as tmp:
-        files = write_files(src, tmp, config, after, args.copy_weights)
+    with safe_output.output_dir(args.out, args.overwrite, inputs) as tmp:
+        files = write_files(src, tmp, config, after, args.copy_weights, args.config_only)
         written = json.loads((tmp / "config.json").read_text())
         report["verification"] = verify_written_config(written, after)
         checked = [v for v, e in report["verification"].items() if "rel_diff" in e]

@@ -51,8 +51,9 @@ Usage:
 
 Outputs: OUT/run.json (the run's settings), OUT/metrics.jsonl (one record per step; with --eval-every the probe
 results as probe/... fields, step 0 before training), OUT/tensorboard or OUT/wandb (--report-to),
-OUT/checkpoints/step_N/ (torch.distributed.checkpoint shards + trainer_state.json), OUT/final/ (HF model directory
-with manifest.json).
+OUT/checkpoints/step_N/ (torch.distributed.checkpoint shards + trainer_state.json + SHA256SUMS, checked before any
+resume: never resume a checkpoint from an untrusted source, its metadata is a pickle), OUT/final/ (HF model
+directory with manifest.json).
 MFU conventions in the log: "tt" = torchtitan's 6N + 12*L*H*d*S per token (non-causal, masks ignored);
 "doc" = 6N + causal attention over the documents actually attended, 12*L*H*d*sum(len_i^2)/(2*sum(len_i)).
 """
@@ -63,7 +64,6 @@ import dataclasses
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -71,6 +71,7 @@ import activation_memory
 import common
 import context_parallel
 import fsdp_train
+import hf_export
 import memory_plan
 import packed_data
 import probes
@@ -84,7 +85,7 @@ STAGE = "03_continued_pretrain"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     common.add_common_args(g, "model", "tokenizer")
     g.add_argument("--init-config", default=None,
@@ -103,7 +104,7 @@ def parse_args(argv=None):
     g.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="attend only inside each document (ProLong, default); --no-doc-mask: causal attention "
                         "over the whole packed row (UltraLong), still never across rows")
-    g.add_argument("--pose-target-len", type=int, default=None,
+    g.add_argument("--pose-target-len", type=common.number(int, min=2), default=None,
                    help="PoSE: skip-wise position ids sampled over this target length (2-chunk official form)")
     g.add_argument("--ignore-max-positions", action="store_true",
                    help="allow rows longer than the config's max_position_embeddings (e.g. a RoPE base change "
@@ -111,20 +112,27 @@ def parse_args(argv=None):
     g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                    help="shuffle rows each epoch (seeded); --no-shuffle keeps the data order")
     g = p.add_argument_group("batch and schedule")
-    g.add_argument("--batch-tokens", type=int, default=None,
+    g.add_argument("--batch-tokens", type=common.number(int, min=1), default=None,
                    help="tokens per optimizer step over all ranks (ProLong 64K: 4194304); a multiple of the rows' "
                         "length (default: one row per rank)")
-    g.add_argument("--micro-batch-tokens", type=int, default=None,
+    g.add_argument("--micro-batch-tokens", type=common.number(int, min=1), default=None,
                    help="tokens per rank per forward/backward (default: one row); accumulation is derived")
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: one pass over the data)")
-    g.add_argument("--num-tokens", type=float, default=None, help="alternatively, tokens to train on (e.g. 20e9)")
-    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (ProLong: 1e-5 at 64K, 5e-6 at 512K)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this (ProLong: 0.1)")
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="warmup fraction of the steps (ProLong: 0.1)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="warmup steps (overrides --warmup-ratio)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    g.add_argument("--max-steps", type=common.number(int, min=1), default=None,
+                   help="optimizer steps (default: one pass over the data)")
+    g.add_argument("--num-tokens", type=common.number(above=0), default=None,
+                   help="alternatively, tokens to train on (e.g. 20e9)")
+    g.add_argument("--lr", type=common.number(above=0), default=1e-5,
+                   help="peak learning rate (ProLong: 1e-5 at 64K, 5e-6 at 512K)")
+    g.add_argument("--min-lr-ratio", type=common.number(min=0, max=1), default=0.1,
+                   help="cosine decays to lr * this (ProLong: 0.1)")
+    g.add_argument("--warmup-ratio", type=common.number(min=0, max=1), default=0.1,
+                   help="warmup fraction of the steps (ProLong: 0.1)")
+    g.add_argument("--warmup-steps", type=common.number(int, min=0), default=None,
+                   help="warmup steps (overrides --warmup-ratio)")
+    g.add_argument("--weight-decay", type=common.number(min=0), default=0.1, help="AdamW weight decay (ProLong: 0.1)")
+    g.add_argument("--betas", type=common.number(min=0, max=1), nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    g.add_argument("--grad-clip", type=common.number(min=0), default=1.0,
+                   help="max global gradient norm (0: no clipping)")
     common.add_common_args(g, "seed")
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -134,14 +142,15 @@ def parse_args(argv=None):
                    help="Liger RoPE/RMSNorm/SwiGLU + fused linear CE (default: on with CUDA for Llama/Qwen2/Mistral)")
     g.add_argument("--loss", choices=["auto", "liger", "chunked"], default="auto",
                    help="cross-entropy implementation (auto: Liger FLCE with --liger, else chunked)")
-    g.add_argument("--loss-chunk", type=int, default=4096, help="tokens per chunk of the chunked CE")
+    g.add_argument("--loss-chunk", type=common.number(int, min=1), default=4096,
+                   help="tokens per chunk of the chunked CE")
     g.add_argument("--attention-backend", choices=["auto", "flash_attn", "torch_varlen", "reference"],
                    default="auto", help="force an attention backend (default: the best available)")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each decoder layer in the backward (default: on)")
     g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and optimizer on CPU")
     g = p.add_argument_group("context parallelism (rows longer than one GPU holds; docs/benchmarks.md)")
-    g.add_argument("--cp", type=int, default=1,
+    g.add_argument("--cp", type=common.number(int, min=1), default=1,
                    help="split every row over N ranks (N divides the world size; ranks r..r+N-1 share a row, so "
                         "keep a cp group inside a node); FSDP2 keeps sharding over all ranks")
     g.add_argument("--cp-attention", choices=context_parallel.CP_ATTENTION, default="auto",
@@ -153,22 +162,30 @@ def parse_args(argv=None):
                         "micro-batch), allgather = exact all-gathered-KV ring (any device, any mask); auto picks "
                         "torch where it applies")
     g = p.add_argument_group("output and checkpoints")
-    common.add_common_args(g, "out", "overwrite", required=["out"])
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0: all)")
+    common.add_common_args(g, "out", "overwrite", required=["out"], overwrite=dict(
+        action="store_true", help="start afresh in an existing --out: the old run is moved aside, deleted once the "
+                                  "new one ends in order and put back if it fails"))
+    g.add_argument("--save-every", type=common.number(int, min=0), default=500,
+                   help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep", type=common.number(int, min=0), default=2, help="checkpoints to keep (0: all)")
     g.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="also save a checkpoint after the last step (for --init-from of a next stage)")
     g.add_argument("--resume", default=None,
                    help="'auto': continue the run in --out from its latest checkpoint (start if there is none, "
-                        "from --init-from when given); or a checkpoint path of this run")
+                        "from --init-from when given); or a checkpoint path of this run. A checkpoint whose files "
+                        "do not match its SHA256SUMS is refused")
+    g.add_argument("--resume-fallback", action="store_true",
+                   help="with --resume auto: when the latest checkpoint does not verify, keep it as corrupt-step_N "
+                        "and resume the latest one that does (it says which)")
     g.add_argument("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="dtype of OUT/final (auto: the input model's dtype)")
     g.add_argument("--no-export", action="store_true", help="skip the final HF export")
-    g.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
+    g.add_argument("--log-every", type=common.number(int, min=1), default=1, help="print a log line every N steps")
     tracking.add_tracking_args(g)
-    g.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow steps down
+    g.add_argument("--debug-sleep", type=common.number(min=0), default=0.0,
+                   help=argparse.SUPPRESS)  # tests: slow steps down
     g = p.add_argument_group("activation memory and the fit planner (activation_memory.py, memory_plan.py)")
-    g.add_argument("--ac-every", type=int, default=1,
+    g.add_argument("--ac-every", type=common.number(int, min=1), default=1,
                    help="checkpoint only every k-th decoder layer (0, k, 2k, ...): less recompute, more memory")
     g.add_argument("--offload-activations", action="store_true",
                    help="keep the checkpointed layer inputs in pinned host memory until the backward (the "
@@ -177,12 +194,10 @@ def parse_args(argv=None):
                    help="print the per-GPU memory of this run's setting and the smallest setting (cp, micro-batch, "
                         "checkpointing, offload) that fits, then stop without writing anything; on CUDA after one "
                         "measured step of this setting, predicted beside measured peak memory")
-    g.add_argument("--plan-gpu-gib", type=float, default=None,
+    g.add_argument("--plan-gpu-gib", type=common.number(above=0), default=None,
                    help="GPU memory for --plan (default: this GPU's, else an 80 GB H100's)")
     probes.add_probe_args(p)
     args = p.parse_args(argv)
-    if args.ac_every < 1:
-        p.error("--ac-every must be at least 1 (--no-activation-checkpointing turns checkpointing off)")
     if not args.activation_checkpointing and (args.ac_every != 1 or args.offload_activations):
         p.error("--ac-every and --offload-activations choose how layers are checkpointed: drop "
                 "--no-activation-checkpointing")
@@ -190,6 +205,10 @@ def parse_args(argv=None):
         p.error("give exactly one of --model (a model directory) and --init-config (random init)")
     if args.keep_optimizer and not args.init_from:
         p.error("--keep-optimizer needs --init-from")
+    if max(args.betas) >= 1:
+        p.error(f"--betas must be below 1 (got {args.betas[0]:g} {args.betas[1]:g})")
+    if args.resume_fallback and args.resume != "auto":
+        p.error("--resume-fallback goes with --resume auto")
     if args.resume not in (None, "auto") and args.init_from:
         p.error("--resume CHECKPOINT continues this run; --init-from starts a new one: give one of them (or "
                 "--resume auto, which resumes --out's latest checkpoint and starts from --init-from when there is "
@@ -267,7 +286,13 @@ def plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro: i
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    inputs = {"--model": args.model, "--tokenizer": args.tokenizer, "--data": args.data, "--init-from": args.init_from,
+              "--init-config": (args.init_config or "").partition(":")[0] or None}
+    with fsdp_train.run_dir(args, inputs) as run:  # --out locked and checked; created only by start_run
+        return train(args, run)
 
+
+def train(args, run) -> int:
     # ---------------------------------------------------------------------------------------------------------
     # Processes and devices
     dinfo, mesh = fsdp_train.setup_distributed(args.device)
@@ -314,16 +339,16 @@ def main(argv=None) -> int:
     if args.plan:  # nothing is written
         return plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro, world, pad_id)
 
-    out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
+    out, ckpt_root = run.out, run.out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
     tokenizer_dir = args.tokenizer or args.model or data.manifest.get("tokenizer")
     monitor = probes.monitor_from_args(args, common.load_tokenizer(tokenizer_dir) if args.eval_every else None,
                                        seq_len // cp.size, device, metrics_path, ruler)  # (probes.py)
-    resume_from = fsdp_train.open_run_dir(args, out, signature, STAGE)
+    resume_from = fsdp_train.open_run_dir(args, run, signature)
 
     # ---------------------------------------------------------------------------------------------------------
     # Model: meta device -> Liger -> activation checkpointing -> FSDP2 -> weights; attention probe
-    source_dtype = fsdp_train.config_dtype(config)
+    source_dtype = hf_export.config_dtype(config)
     model, minfo = build_model(args, config, mesh, opts)  # sets fp32
     backend = varlen_attention.check_attention(model, device, dtype, config.vocab_size, args.seed)
     cp_probe = context_parallel.check_cp_attention(cp, device, dtype, config, args.seed)
@@ -333,9 +358,11 @@ def main(argv=None) -> int:
     if resume_from is not None:
         start_step = fsdp_train.resume_checkpoint(resume_from, model, optimizer, metrics_path)
     elif args.init_from:
-        fsdp_train.load_checkpoint(args.init_from, model, optimizer if args.keep_optimizer else None, restore_rng=False)
+        fsdp_train.load_checkpoint(args.init_from, model, optimizer if args.keep_optimizer else None, restore_rng=False,
+                                   verified=True)
         print0(f"initialised from {args.init_from} (weights{' + optimizer state' if args.keep_optimizer else ''}); "
                "step, schedule and data position start afresh")
+    fsdp_train.start_run(args, run, signature, STAGE, resume_from)  # every check passed: --out now exists
 
     n_params = minfo["params"]
     peak = fsdp_train.peak_flops(device)
@@ -405,13 +432,13 @@ def main(argv=None) -> int:
             loss_sum += loss.detach()
         grad_norm = fsdp_train.clip_grad_norm(model, args.grad_clip)
 
+        if args.debug_sleep:  # tests: a signal sent during the sleep stops this very step
+            time.sleep(args.debug_sleep)
         (loss_total,), stop = fsdp_train.reduce_step(loss_sum, signals)
         loss_val, gnorm_val = loss_total / max(n_valid, 1), grad_norm.item()
         fsdp_train.check_finite(loss_val, gnorm_val, step + 1, ckpt_root, bar)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if args.debug_sleep:
-            time.sleep(args.debug_sleep)
 
         # metrics: tokens processed (padding included), both MFU conventions, memory, ETA
         dt = time.perf_counter() - t0
@@ -444,7 +471,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------------------------------------------------
     # Export: an ordinary HF directory in OUT/final
     if not args.no_export:
-        export_dtype = fsdp_train.export_dtype(args.export_dtype, source_dtype, dtype)
+        export_dtype = hf_export.export_dtype(args.export_dtype, source_dtype, dtype)
         tokenizer_dir = args.tokenizer or args.model or data.manifest.get("tokenizer")
         if tokenizer_dir and not os.path.isdir(os.path.expanduser(str(tokenizer_dir))):
             tokenizer_dir = None
@@ -455,7 +482,7 @@ def main(argv=None) -> int:
                               "attention": backend, "world_size": world, "cp": cp.size},
                     "base_model": args.model or args.init_config, "recipe": {"doc_mask": args.doc_mask,
                                                                            "pose_target_len": args.pose_target_len}}
-        final = fsdp_train.export_hf(model, config, out / "final", export_dtype, args.model, tokenizer_dir, manifest,
+        final = hf_export.export_hf(model, config, out / "final", export_dtype, args.model, tokenizer_dir, manifest,
                     rope.both_forms)
         print0(f"exported {final} ({str(export_dtype)[6:]})")
     return 0

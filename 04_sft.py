@@ -48,11 +48,9 @@ OUT/checkpoints/step_N/, OUT/final/ (HF model directory with manifest.json, stag
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -69,6 +67,7 @@ from tqdm import tqdm
 
 import common
 import fsdp_train
+import hf_export
 import packed_data
 import packing
 import probes
@@ -95,7 +94,7 @@ GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     common.add_common_args(g, "model", "tokenizer", required=["model"],
                            model=dict(help="the (context-extended) model to tune: an HF directory or hub name"))
@@ -109,6 +108,7 @@ def parse_args(argv=None):
         "hub datasets (hf:NAME[:CONFIG[:SPLIT]]), each record holding a --messages-field list; or directories "
         "written by 01_prepare_data.py (plain text, with --teacher: restoration distillation; several shards, or "
         "a directory of them, are read as one dataset)")))
+    common.add_common_args(g, "encoding-errors")
     g.add_argument("--messages-field", default="messages",
                    help="the field holding a conversation: a list of {role, content} (default: messages)")
     g.add_argument("--chat-template", default="auto",
@@ -117,13 +117,13 @@ def parse_args(argv=None):
     g.add_argument("--assistant-mask", choices=["auto", "markers", "prefix"], default="auto",
                    help="how assistant tokens are found: the template's {%% generation %%} markers, or incremental "
                         "rendering of the turns (auto: markers when the template has them)")
-    g.add_argument("--max-tokens", type=int, default=None,
+    g.add_argument("--max-tokens", type=common.number(int, min=2), default=None,
                    help="chat data: drop (and count) conversations longer than this many tokens, never truncate "
                         "them (default: --seq-len, else 8192 as UltraLong)")
     common.add_common_args(g, "seq-len", seq_len=dict(
         help="chat data: tokens per packed row of conversations (default: --max-tokens, else 8192; ProLong: "
              "65536); 01's plain text keeps its own row length"))
-    g.add_argument("--max-conversations", type=int, default=None,
+    g.add_argument("--max-conversations", type=common.number(int, min=1), default=None,
                    help="read at most this many conversations (in order, over all --data sources)")
     g.add_argument("--ignore-max-positions", action="store_true",
                    help="allow rows (or, for the teacher, conversations) longer than the config's "
@@ -134,27 +134,33 @@ def parse_args(argv=None):
     g.add_argument("--teacher", default=None,
                    help="the original short-context model (its own RoPE), same tokenizer and vocabulary: adds "
                         "alpha * T^2 * KL(teacher || student) to (1 - alpha) * CE")
-    g.add_argument("--alpha", type=float, default=None,
+    g.add_argument("--alpha", type=common.number(min=0, max=1), default=None,
                    help="weight of the KL term, in [0, 1] (default with --teacher: 0.5, DistillKit)")
-    g.add_argument("--temperature", type=float, default=None,
+    g.add_argument("--temperature", type=common.number(above=0), default=None,
                    help="softmax temperature T of the KL term, > 0 (default with --teacher: 2.0, DistillKit)")
     g = p.add_argument_group("batch and schedule")
-    g.add_argument("--batch-tokens", type=int, default=None,
+    g.add_argument("--batch-tokens", type=common.number(int, min=1), default=None,
                    help="tokens per optimizer step over all ranks, a multiple of --seq-len (default: one row per "
                         "rank; UltraLong: 128 conversations per step)")
-    g.add_argument("--micro-batch-tokens", type=int, default=None,
+    g.add_argument("--micro-batch-tokens", type=common.number(int, min=1), default=None,
                    help="tokens per rank per forward/backward (default: one row); accumulation is derived")
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
-    g.add_argument("--num-tokens", type=float, default=None, help="alternatively, tokens to train on")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data when neither --max-steps nor "
-                                                            "--num-tokens is given (default: 1)")
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (ProLong SFT: 2e-5; UltraLong: 5e-6)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this (ProLong: 0.1)")
-    g.add_argument("--warmup-ratio", type=float, default=0.05, help="warmup fraction of the steps (ProLong SFT: 5%%)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="warmup steps (overrides --warmup-ratio)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    g.add_argument("--max-steps", type=common.number(int, min=1), default=None,
+                   help="optimizer steps (default: --epochs over the data)")
+    g.add_argument("--num-tokens", type=common.number(above=0), default=None, help="alternatively, tokens to train on")
+    g.add_argument("--epochs", type=common.number(above=0), default=1.0,
+                   help="passes over the data when neither --max-steps nor --num-tokens is given (default: 1)")
+    g.add_argument("--lr", type=common.number(above=0), default=2e-5,
+                   help="peak learning rate (ProLong SFT: 2e-5; UltraLong: 5e-6)")
+    g.add_argument("--min-lr-ratio", type=common.number(min=0, max=1), default=0.1,
+                   help="cosine decays to lr * this (ProLong: 0.1)")
+    g.add_argument("--warmup-ratio", type=common.number(min=0, max=1), default=0.05,
+                   help="warmup fraction of the steps (ProLong SFT: 5%%)")
+    g.add_argument("--warmup-steps", type=common.number(int, min=0), default=None,
+                   help="warmup steps (overrides --warmup-ratio)")
+    g.add_argument("--weight-decay", type=common.number(min=0), default=0.1, help="AdamW weight decay")
+    g.add_argument("--betas", type=common.number(min=0, max=1), nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    g.add_argument("--grad-clip", type=common.number(min=0), default=1.0,
+                   help="max global gradient norm (0: no clipping)")
     common.add_common_args(g, "seed")
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -165,7 +171,7 @@ def parse_args(argv=None):
     g.add_argument("--loss", choices=["auto", "liger", "chunked"], default="auto",
                    help="cross-entropy implementation without a teacher (auto: Liger FLCE with --liger, else "
                         "chunked); with a teacher the loss is always chunked")
-    g.add_argument("--loss-chunk", type=int, default=None,
+    g.add_argument("--loss-chunk", type=common.number(int, min=1), default=None,
                    help="tokens per chunk of the chunked loss (default: 4096; 1024 with a teacher, whose chunks "
                         "hold several [chunk, vocab] fp32 tensors)")
     g.add_argument("--attention-backend", choices=["auto", "flash_attn", "torch_varlen", "reference"],
@@ -174,20 +180,28 @@ def parse_args(argv=None):
                    help="recompute each decoder layer in the backward (default: on)")
     g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and optimizer on CPU")
     g = p.add_argument_group("output and checkpoints")
-    common.add_common_args(g, "out", "overwrite", required=["out"])
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0: all)")
+    common.add_common_args(g, "out", "overwrite", required=["out"], overwrite=dict(
+        action="store_true", help="start afresh in an existing --out: the old run is moved aside, deleted once the "
+                                  "new one ends in order and put back if it fails"))
+    g.add_argument("--save-every", type=common.number(int, min=0), default=500,
+                   help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep", type=common.number(int, min=0), default=2, help="checkpoints to keep (0: all)")
     g.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="also save a checkpoint after the last step")
     g.add_argument("--resume", default=None,
                    help="'auto': continue the run in --out from its latest checkpoint (start if there is none, "
-                        "from --init-from when given); or a checkpoint path of this run")
+                        "from --init-from when given); or a checkpoint path of this run. A checkpoint whose files "
+                        "do not match its SHA256SUMS is refused")
+    g.add_argument("--resume-fallback", action="store_true",
+                   help="with --resume auto: when the latest checkpoint does not verify, keep it as corrupt-step_N "
+                        "and resume the latest one that does (it says which)")
     g.add_argument("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="dtype of OUT/final (auto: the input model's dtype)")
     g.add_argument("--no-export", action="store_true", help="skip the final HF export")
-    g.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
+    g.add_argument("--log-every", type=common.number(int, min=1), default=1, help="print a log line every N steps")
     tracking.add_tracking_args(g)
-    g.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow steps down
+    g.add_argument("--debug-sleep", type=common.number(min=0), default=0.0,
+                   help=argparse.SUPPRESS)  # tests: slow steps down
     probes.add_probe_args(p)
     args = p.parse_args(argv)
     if args.teacher is None and (args.alpha is not None or args.temperature is not None):
@@ -195,12 +209,12 @@ def parse_args(argv=None):
     if args.teacher is not None:
         args.alpha = 0.5 if args.alpha is None else args.alpha
         args.temperature = 2.0 if args.temperature is None else args.temperature
-        if not 0.0 <= args.alpha <= 1.0:
-            p.error(f"--alpha must be in [0, 1] (got {args.alpha:g})")
-        if not (math.isfinite(args.temperature) and args.temperature > 0):
-            p.error(f"--temperature must be > 0 (got {args.temperature:g})")
         if args.loss == "liger":
             p.error("--loss liger fuses the CE only; with --teacher the CE + KL loss is chunked")
+    if max(args.betas) >= 1:
+        p.error(f"--betas must be below 1 (got {args.betas[0]:g} {args.betas[1]:g})")
+    if args.resume_fallback and args.resume != "auto":
+        p.error("--resume-fallback goes with --resume auto")
     if args.resume not in (None, "auto") and args.init_from:
         p.error("--resume CHECKPOINT continues this run; --init-from starts a new one: give one of them (or "
                 "--resume auto, which resumes --out's latest checkpoint and starts from --init-from when there is "
@@ -209,6 +223,10 @@ def parse_args(argv=None):
     args.seq_len = args.seq_len or args.max_tokens
     if args.max_tokens < 2:
         p.error("--max-tokens must be at least 2")
+    import psutil
+
+    if 3 * 5 * args.seq_len > psutil.virtual_memory().available:  # a row: int32 ids + a uint8 mask, ~3 copies
+        p.error(f"--seq-len {args.seq_len} does not fit in this machine's available memory; use a shorter one")
     if args.seq_len < args.max_tokens:
         p.error(f"--seq-len {args.seq_len} is shorter than --max-tokens {args.max_tokens}: a kept conversation "
                 "would not fit a row")
@@ -250,12 +268,8 @@ def resolve_chat_source(spec: str) -> tuple[str, object]:
     return "files", [path]
 
 
-def open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def iter_records(kind: str, loc):
-    """(where, record) for every record of a resolved source, in order."""
+def iter_records(kind: str, loc, errors: str = "strict"):
+    """(where, record) for every record of a resolved source, in order (errors: common.decode's)."""
     if kind == "hub":
         name, config, split = loc
         try:
@@ -287,24 +301,22 @@ def iter_records(kind: str, loc):
                     yield f"{f}[{n}]", record
                     n += 1
             continue
-        with open_text(f) as fh:
-            is_array = fh.read(4096).lstrip().startswith("[")
-        with open_text(f) as fh:
-            if is_array:  # a JSON array (read whole)
+        lines = common.text_lines(f, errors)
+        if next((line for _, line in lines if line.strip()), "").lstrip().startswith("["):  # a JSON array, whole
+            try:
+                records = json.loads(common.read_text(f, errors))
+            except json.JSONDecodeError as exc:
+                fail(f"{f} is not valid JSON ({exc.msg} at line {exc.lineno})")
+            for i, record in enumerate(records):
+                yield f"{f}[{i}]", record
+            continue
+        for lineno, line in common.text_lines(f, errors):
+            if line.strip():
                 try:
-                    records = json.load(fh)
+                    record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    fail(f"{f} is not valid JSON ({exc.msg} at line {exc.lineno})")
-                for i, record in enumerate(records):
-                    yield f"{f}[{i}]", record
-                continue
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        fail(f"{f}:{lineno} is not valid JSON ({exc.msg}); fix the line or the file")
-                    yield f"{f}:{lineno}", record
+                    fail(f"{f}:{lineno} is not valid JSON ({exc.msg}); fix the line or the file")
+                yield f"{f}:{lineno}", record
 
 
 def conversation_of(record, field_name: str, where: str) -> list[dict]:
@@ -331,7 +343,7 @@ def resolve_chat_template(tokenizer, spec: str) -> tuple[str, str]:
         path = Path(spec).expanduser()
         if not path.is_file():
             fail(f"--chat-template {spec} is not a file; give a .jinja file, 'auto' or 'default'")
-        return path.read_text(), str(path)
+        return common.read_text(path), str(path)
     try:
         return tokenizer.get_chat_template(), "the tokenizer's"
     except ValueError:  # no template
@@ -434,7 +446,7 @@ def load_chat_data(args, tokenizer, template: str, method: str) -> ChatRows:
     stats = {"read": 0, "kept": 0, "too_long": 0, "no_assistant": 0, "template_error": 0, "tokens": 0,
              "assistant_tokens": 0, "roles": {}, "first_template_error": None, "longest": 0}
     docs = []
-    records = itertools.chain.from_iterable(iter_records(kind, loc) for kind, loc in sources)
+    records = itertools.chain.from_iterable(iter_records(kind, loc, args.encoding_errors) for kind, loc in sources)
     with tqdm(desc="render", unit=" conv", disable=not common.is_main_process(), leave=False,
               file=sys.stderr) as bar:
         for where, record in itertools.islice(records, args.max_conversations):
@@ -489,7 +501,7 @@ def load_chat_data(args, tokenizer, template: str, method: str) -> ChatRows:
 
 def check_teacher(args, config, tokenizer, longest: int):
     """The teacher's config, after refusing one that does not share the student's vocabulary and tokenizer."""
-    tconfig = common.load_config(args.teacher)
+    tconfig = common.load_config(args.teacher, flag="--teacher")
     if tconfig.vocab_size != config.vocab_size:
         fail(f"--teacher {args.teacher} has a vocabulary of {tconfig.vocab_size} tokens, the student "
              f"{config.vocab_size}; distillation compares token distributions, so both need the same vocabulary")
@@ -544,7 +556,13 @@ def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    inputs = {"--model": args.model, "--tokenizer": args.tokenizer, "--data": args.data, "--teacher": args.teacher,
+              "--init-from": args.init_from, "--chat-template": args.chat_template}
+    with fsdp_train.run_dir(args, inputs) as run:  # --out locked and checked; created only by start_run
+        return train(args, run)
 
+
+def train(args, run) -> int:
     # ---------------------------------------------------------------------------------------------------------
     # Processes and devices
     dinfo, mesh = fsdp_train.setup_distributed(args.device)
@@ -602,10 +620,10 @@ def main(argv=None) -> int:
     max_steps, warmup = fsdp_train.schedule_steps(args, batch_tokens,
                                               max(1, round(args.epochs * data.num_rows / rows_per_step)))
     signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
-    out, ckpt_root = Path(args.out), Path(args.out) / "checkpoints"
+    out, ckpt_root = run.out, run.out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
     monitor = probes.monitor_from_args(args, tokenizer, seq_len, device, metrics_path, ruler)  # (probes.py)
-    resume_from = fsdp_train.open_run_dir(args, out, signature, STAGE)
+    resume_from = fsdp_train.open_run_dir(args, run, signature)
 
     # ---------------------------------------------------------------------------------------------------------
     # Models: the student as in 03; the teacher sharded the same way, without gradients or checkpointing
@@ -619,7 +637,7 @@ def main(argv=None) -> int:
                                    device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
                                activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
                                seed=args.seed)
-    source_dtype = fsdp_train.config_dtype(config)  # before prepare_model, which sets fp32
+    source_dtype = hf_export.config_dtype(config)  # before prepare_model, which sets fp32
     model, minfo = fsdp_train.prepare_model(config, args.model, mesh, opts)
     backend = varlen_attention.check_attention(model, device, dtype, config.vocab_size, args.seed)
     optimizer = fsdp_train.build_optimizer(model, args.lr, args.weight_decay, args.betas)
@@ -638,8 +656,9 @@ def main(argv=None) -> int:
     if resume_from is not None:
         start_step = fsdp_train.resume_checkpoint(resume_from, model, optimizer, metrics_path)
     elif args.init_from:
-        fsdp_train.load_checkpoint(args.init_from, model, None, restore_rng=False)
+        fsdp_train.load_checkpoint(args.init_from, model, None, restore_rng=False, verified=True)
         print0(f"initialised from the weights of {args.init_from}; optimizer, step and schedule start afresh")
+    fsdp_train.start_run(args, run, signature, STAGE, resume_from)  # every check passed: --out now exists
 
     n_params = minfo["params"]
     peak = fsdp_train.peak_flops(device)
@@ -725,6 +744,8 @@ def main(argv=None) -> int:
             parts += torch.stack([ce.detach(), kl.detach()])
         grad_norm = fsdp_train.clip_grad_norm(model, args.grad_clip)
 
+        if args.debug_sleep:  # tests: a signal sent during the sleep stops this very step
+            time.sleep(args.debug_sleep)
         (ce_sum, kl_sum), stop = fsdp_train.reduce_step(parts, signals)
         ce_val, kl_val = ce_sum / max(n_valid, 1), kl_sum / max(n_valid, 1)
         loss_val = ce_val if teacher is None else ((1 - args.alpha) * ce_val
@@ -733,8 +754,6 @@ def main(argv=None) -> int:
         fsdp_train.check_finite(loss_val, gnorm_val, step + 1, ckpt_root, bar)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if args.debug_sleep:
-            time.sleep(args.debug_sleep)
 
         # metrics: tokens processed (padding included), both MFU conventions (a teacher adds its forward, a
         # third of its training FLOPs), memory, ETA
@@ -770,7 +789,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------------------------------------------------
     # Export: an ordinary HF directory in OUT/final, with the tokenizer (and the chat template trained on)
     if not args.no_export:
-        export_dtype = fsdp_train.export_dtype(args.export_dtype, source_dtype, dtype)
+        export_dtype = hf_export.export_dtype(args.export_dtype, source_dtype, dtype)
         tok_dir = tempfile.mkdtemp(prefix="longctx-04-tokenizer-") if rank == 0 and tokenizer is not None else None
         if tok_dir:
             if template is not None:
@@ -789,7 +808,7 @@ def main(argv=None) -> int:
                                                              if p and os.path.isdir(os.path.expanduser(p))],
                     "stats": stats, "base_model": args.model, "recipe": recipe}
         try:
-            final = fsdp_train.export_hf(model, config, out / "final", export_dtype, args.model, tok_dir, manifest,
+            final = hf_export.export_hf(model, config, out / "final", export_dtype, args.model, tok_dir, manifest,
                     rope.both_forms)
         finally:
             if tok_dir:

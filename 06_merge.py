@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import common
 import rope
+import safe_output
 
 # Tensor dtypes as safetensors names them (the on-disk header), and bytes per element.
 SAFETENSORS_DTYPES = {
@@ -47,21 +48,21 @@ ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "max_position_embe
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("ingredients")
     g.add_argument("--models", nargs="+", required=True,
                    help="HF model directories or hub names to average (at least one)")
-    g.add_argument("--weights", nargs="+", type=float, default=None,
+    g.add_argument("--weights", nargs="+", type=common.number(), default=None,
                    help="one weight per model (default: equal); normalised by their sum, which must not be 0")
     g.add_argument("--original", default=None,
                    help="the original short-context model to interpolate with: lam * soup + (1 - lam) * original")
-    g.add_argument("--lam", type=float, default=None,
+    g.add_argument("--lam", type=common.number(), default=None,
                    help="interpolation weight of the soup against --original (e.g. 0.9); requires --original")
     g = parser.add_argument_group("output")
     g.add_argument("--config-from", default=None,
                    help="model whose config (RoPE scaling included) and tokenizer the soup gets "
                         "(default: the first of --models)")
-    g.add_argument("--max-shard-size", type=float, default=5.0,
+    g.add_argument("--max-shard-size", type=common.number(above=0), default=5.0,
                    help="largest output safetensors shard in GB (default: 5)")
     common.add_common_args(g, "out", "overwrite", "trust-remote-code", required=["out"])
     return parser.parse_args(argv)
@@ -81,10 +82,13 @@ class Checkpoint:
 
 
 def read_safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (length,) = __import__("struct").unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
+    try:
+        with open(path, "rb") as f:
+            (length,) = __import__("struct").unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+    except (ValueError, __import__("struct").error, AttributeError) as exc:  # truncated, or not safetensors
+        common.fail(f"{path} is not a readable safetensors file ({type(exc).__name__}); re-save or re-download it")
     return header
 
 
@@ -94,10 +98,10 @@ def open_checkpoint(name: str) -> Checkpoint:
     config_path = path / "config.json"
     if not config_path.is_file():
         common.fail(f"{name} has no config.json; pass Hugging Face model directories to --models")
-    config = json.loads(config_path.read_text())
+    config = common.read_json(config_path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = common.read_json(index).get("weight_map") or common.fail(f"{index} has no weight_map")
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files, weight_map = ["model.safetensors"], None
@@ -237,7 +241,12 @@ def merge_tensor(name: str, ingredients: list[tuple[Checkpoint, float]], handles
     acc = first.to(acc_dtype) * ingredients[0][1]
     for ck, weight in ingredients[1:]:
         acc.add_(load_tensor(name, ck, handles).to(acc_dtype), alpha=weight)
-    return acc.to(out_dtype)
+    merged = acc.to(out_dtype)
+    if not torch.isfinite(merged).all():  # a NaN / inf weight, or one in an input, or an overflow of the dtype
+        bad = [ck.name for ck, _ in ingredients if not torch.isfinite(load_tensor(name, ck, handles)).all()]
+        where = f": it is already in {', '.join(bad)}" if bad else ""
+        common.fail(f"the merged {name} is not finite (NaN or inf{where}); nothing was written")
+    return merged
 
 
 def load_tensor(name: str, ck: Checkpoint, handles: dict) -> torch.Tensor:
@@ -293,7 +302,8 @@ def mergekit_yaml(ingredients: list[tuple[Checkpoint, float]], dtype: str) -> st
 
 def main(argv=None):
     args = parse_args(argv)
-    common.check_output_dir(args.out, args.overwrite)
+    inputs = {"--models": args.models, "--original": args.original, "--config-from": args.config_from}
+    safe_output.check_output(args.out, inputs, args.overwrite)
     if (args.lam is None) != (args.original is None):
         common.fail("--lam and --original go together: lam * soup + (1 - lam) * original")
     if args.lam is not None and not 0.0 <= args.lam <= 1.0:
@@ -320,7 +330,7 @@ def main(argv=None):
     for line in rope_differences(source, everyone):
         common.print0(line)
 
-    with common.atomic_output_dir(args.out, args.overwrite) as tmp:
+    with safe_output.output_dir(args.out, args.overwrite, inputs) as tmp:
         stats = write_soup(tmp, source, ingredients, int(args.max_shard_size * 1e9))
         copy_config_and_tokenizer(source, tmp, args.trust_remote_code)
         dtype = (source.config.get("dtype") or source.config.get("torch_dtype") or "float32")

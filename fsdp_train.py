@@ -10,8 +10,9 @@ Each stage keeps its own loop, readable top to bottom; this module holds what bo
   row (chunked and checkpointed, or Liger's fused linear cross-entropy), inside the root FSDP forward, divided
   by the step's GLOBAL count of valid targets: every token weighs the same, whatever its rank or micro-batch;
 - AdamW (no weight decay on 1-D parameters), warmup then cosine to a minimum LR, clipping of sharded gradients;
-- sharded atomic checkpoints loadable at any world size, the run directory and its resume rules, SIGTERM /
-  SIGUSR1, metrics with two MFU conventions, and the export to an ordinary Hugging Face directory.
+- sharded atomic checkpoints loadable at any world size, verified against their SHA256SUMS before anything in
+  them is read; the run directory and its resume rules (safe_output.RunDir); SIGTERM / SIGUSR1; metrics with two
+  MFU conventions. The export to an ordinary Hugging Face directory: hf_export.py.
 
 A training step (03_continued_pretrain.py shows the whole composition):
 
@@ -24,13 +25,15 @@ A training step (03_continued_pretrain.py shows the whole composition):
         (forward_loss(model, mb, ce_loss_fn(mb.targets, "liger")) / n).backward()
     clip_grad_norm(model, 1.0); optimizer.step(); optimizer.zero_grad()
 
-Outside this repository (copy this file and common.py) the same lines train any Hugging Face causal LM; a
-micro-batch is any object with input_ids, position_ids, targets (-100: no loss) and `attention_kwargs()`
-(varlen_attention.MicroBatch, or yours returning {}). For a distillation term (04), `loss_fn(hidden, lm_head_weight)`
-may add a KL term chunk by chunk with `chunked_token_loss(..., chunk_loss=fn, extra=[teacher_hidden])`.
+Outside this repository (copy this file, safe_output.py and common.py) the same lines train any Hugging Face
+causal LM; a micro-batch is any object with input_ids, position_ids, targets (-100: no loss) and
+`attention_kwargs()` (varlen_attention.MicroBatch, or yours returning {}). For a distillation term (04),
+`loss_fn(hidden, lm_head_weight)` may add a KL term chunk by chunk with `chunked_token_loss(..., chunk_loss=fn,
+extra=[teacher_hidden])`.
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
@@ -53,25 +56,43 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (IGNORE_INDEX, append_jsonl, atomic_output_dir, atomic_write_text, fail, init_distributed, jsonable,
-                    load_tokenizer, print0, versions, write_manifest)
+import safe_output
+from common import IGNORE_INDEX, atomic_write_text, fail, jsonable, print0, read_json, versions
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype / --export-dtype names
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype names
 
 # -------------------------------------------------------------------------------------------------------------
 # Processes (torchrun's group, or a 1-rank group: the same FSDP2 code everywhere) and the order of the rows.
 
 
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str  # nccl on CUDA, gloo on CPU
+
+
 def setup_distributed(device: str | None = None):
-    """Join torchrun's process group, or create a 1-process group for a plain `python script.py` run.
-    Returns (DistInfo, DeviceMesh)."""
+    """Join the process group torchrun set up, or create a 1-process group for a plain `python script.py` run;
+    `device` forces "cpu" or "cuda" (default: CUDA when available). Returns (DistInfo, DeviceMesh)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    info = init_distributed(device)
-    if not dist.is_initialized():
-        backend = "nccl" if info.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        info.backend = backend
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch sees no CUDA device; drop the flag to run on the CPU")
+    env = os.environ
+    rank, world, local_rank = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    info = DistInfo(rank, local_rank, world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+                    "nccl" if use_cuda else "gloo")
+    if not dist.is_initialized() and "RANK" in env and "WORLD_SIZE" in env:  # torchrun (even with one process)
+        dist.init_process_group(backend=info.backend, timeout=datetime.timedelta(minutes=30),
+                                device_id=info.device if use_cuda else None)
+    elif not dist.is_initialized():
+        dist.init_process_group(info.backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     return info, mesh
 
@@ -318,7 +339,7 @@ class SafetensorsSource:
             with safe_open(str(self.dir / "model.safetensors"), "pt") as f:
                 self.files = {k: self.dir / "model.safetensors" for k in f.keys()}
         else:
-            fail(f"--model {directory} has no model.safetensors (nor an index); save the model with safetensors")
+            fail(f"{directory} has no model.safetensors (nor an index); save the model with safetensors")
         self._open: dict[Path, Any] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -466,17 +487,19 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------------------------
 # Checkpoints: torch.distributed.checkpoint (sharded, loadable at any world size), renamed into place once
-# every rank has finished: a checkpoint directory is either complete or absent.
+# every rank has finished and SHA256SUMS (written last) covers every file: a checkpoint is complete or absent,
+# and verified before anything in it is read (DCP's .metadata is a pickle: docs/training.md#checkpoints-and-outputs).
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints under root (with their SHA256SUMS), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / TRAINER_STATE).is_file()]
+    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / safe_output.CHECKSUMS).is_file()]
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
 
 
@@ -484,8 +507,32 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not (path / TRAINER_STATE).is_file() or not (path / ".metadata").is_file():
         fail(f"{path} is not a complete longctx checkpoint (no {TRAINER_STATE} or DCP .metadata)")
-    with open(path / TRAINER_STATE) as f:
-        return json.load(f)
+    return read_json(path / TRAINER_STATE)
+
+
+def _gather(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint's files against its SHA256SUMS (naming the file), or None. Collective:
+    each rank hashes a share of the files."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    share = sorted(safe_output.read_checksums(Path(path)) or {})[rank::world]
+    return next((p for p in _gather([safe_output.verify_checksums(Path(path), share)]) if p), None)
+
+
+def verified_checkpoint(path: str | os.PathLike, flag: str) -> Path:
+    """`path`, after refusing a checkpoint that is incomplete or whose files do not match its SHA256SUMS."""
+    problem = checkpoint_problem(path) if Path(path).is_dir() else "it is not a directory"
+    if problem:
+        fail(f"{flag} {path} cannot be used: {problem}; choose another checkpoint")
+    return Path(path)
 
 
 def _rng_state() -> dict:
@@ -498,10 +545,16 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
+def _set_rng_state(path: Path) -> None:
+    """Restore the generators from rng_rank{N}.pt, read with weights_only=True: tensors and plain values only,
+    nothing in the file can run code."""
+    try:
+        state = torch.load(path, weights_only=True)
+        version, internal, gauss = state["python"]
+        name, keys, pos, has_gauss, cached = state["numpy"]
+    except Exception as exc:  # noqa: BLE001 - any refusal of the unpickler or odd content means the same
+        fail(f"{path} is not a longctx RNG state ({type(exc).__name__}); it was not loaded")
     random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -520,55 +573,63 @@ def _state_dicts(model, optimizer):
 def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
                     keep: int = 2) -> Path:
     """Sharded checkpoint at root/step_XXXXXXXX (model, optimizer, per-rank RNG, trainer_state.json with step,
-    data position and schedule). Atomic: written under a temporary name, renamed once all ranks are done.
-    Keeps the last `keep` checkpoints (0 = keep all). Collective: every rank calls it."""
+    data position and schedule, SHA256SUMS last). Atomic: written under a temporary name (removed if the save
+    fails), renamed once all ranks are done. Keeps the last `keep` checkpoints (0 = keep all). Collective."""
     import torch.distributed.checkpoint as dcp
 
     root = Path(root)
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-    barrier()
-    if rank == 0:
-        state = dict(trainer_state, step=step, world_size=dist.get_world_size() if dist.is_initialized() else 1,
-                     saved=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        atomic_write_text(tmp / TRAINER_STATE, json.dumps(jsonable(state), indent=2) + "\n")
-        old = root / f".old-step_{step:08d}"  # the same step saved again (a signal right after a periodic save)
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        if keep and keep > 0:
-            for old in list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            state = dict(trainer_state, step=step, world_size=world, saved=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            atomic_write_text(tmp / TRAINER_STATE, json.dumps(jsonable(state), indent=2) + "\n")
+        barrier()
+        lines = _gather(safe_output.checksum_lines(tmp, safe_output.checksum_files(tmp)[rank::world]))
+        if rank == 0:
+            safe_output.write_checksums(tmp, lines)
+            old = root / f".old-step_{step:08d}"  # the same step saved again (a signal right after a periodic save)
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if rank == 0:  # a save that failed (a full disk) must not leave a half-written copy filling it further
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0 and keep and keep > 0:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng: bool = True) -> dict:
+def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng: bool = True,
+                    verified: bool = False) -> dict:
     """Load model (and optimizer, when given) state from a checkpoint written by save_checkpoint, resharding to
-    the current world size. Returns its trainer_state."""
+    the current world size, after checking its SHA256SUMS (unless `verified` already). Returns its
+    trainer_state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    path = Path(path)
+    path = Path(path) if verified else verified_checkpoint(path, "checkpoint")
     state = read_trainer_state(path)
     sd = _state_dicts(model, optimizer)
     dcp.load(sd, checkpoint_id=str(path))
     set_model_state_dict(model, sd["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, sd["optim"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng = path / f"rng_rank{rank}.pt"
+    rng = path / f"rng_rank{dist.get_rank() if dist.is_initialized() else 0}.pt"
     if restore_rng and rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=True))
+        _set_rng_state(rng)
     return state
 
 
@@ -612,12 +673,20 @@ def signature_diff(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def open_run_dir(args, out: Path, signature: dict, stage: str) -> Path | None:
-    """Check --out against --resume / --overwrite / --init-from on every rank before anything is written, then
-    create it with run.json. Returns the checkpoint to resume from, or None. `--resume auto` resumes OUT's latest
-    checkpoint or starts afresh: one command line serves the first launch and every relaunch."""
+def run_dir(args, inputs: dict) -> safe_output.RunDir:
+    """03/04's --out (safe_output.RunDir): locked, checked against `inputs` (flag: path); a failed fresh start is
+    removed unless it saved a checkpoint, a failed --overwrite puts the old run back."""
+    return safe_output.RunDir(args.out, inputs, args.overwrite,
+                              keep_if=lambda out: bool(list_checkpoints(out / "checkpoints")))
+
+
+def open_run_dir(args, run: safe_output.RunDir, signature: dict) -> Path | None:
+    """Check --out against --resume / --overwrite / --init-from on every rank, and verify the checkpoint to
+    start from (SHA256SUMS, before DCP reads its pickled metadata). Writes nothing (`start_run` does, once the
+    model is built). Returns the checkpoint to resume from, or None. `--resume auto` resumes OUT's latest
+    verified checkpoint or starts afresh: one command line serves the first launch and every relaunch."""
+    out, resume_from = run.out, None
     ckpt_root, run_file = out / "checkpoints", out / "run.json"
-    resume_from = None
     holds_run = out.is_dir() and any(out.iterdir())
     if holds_run and not args.overwrite:
         if not args.resume:
@@ -625,46 +694,68 @@ def open_run_dir(args, out: Path, signature: dict, stage: str) -> Path | None:
                  "--resume auto to continue it, --overwrite to replace it, or choose another --out")
         if not run_file.is_file():
             fail(f"--out {out} is not empty and holds no longctx run (no run.json); choose another --out")
-        with open(run_file) as f:
-            diff = signature_diff(json.load(f)["signature"], signature)
+        diff = signature_diff(read_json(run_file).get("signature", {}), signature)
         if diff:
             fail(f"cannot resume the run in {out}: its settings differ ({'; '.join(diff)}); start a new stage "
                  "with --init-from CHECKPOINT and another --out")
     if args.resume == "auto":
-        found = list_checkpoints(ckpt_root) if holds_run and not args.overwrite else []
-        resume_from = found[-1] if found else None
+        resume_from = latest_verified(ckpt_root, args.resume_fallback) if holds_run and not args.overwrite else None
         if args.init_from:
             print0(f"--resume auto: resuming {resume_from} (--init-from is not loaded)" if resume_from else
                    f"--resume auto: no checkpoint in {out} yet; starting from --init-from {args.init_from}")
     elif args.resume:
-        resume_from = Path(args.resume)
+        resume_from = verified_checkpoint(args.resume, "--resume")
         diff = signature_diff(read_trainer_state(resume_from).get("signature", {}), signature)
         if diff:
             fail(f"checkpoint {resume_from} is incompatible with this run ({'; '.join(diff)})")
     if args.init_from and resume_from is None:
-        diff = signature_diff(read_trainer_state(args.init_from).get("signature", {}).get("model", {}),
-                              signature["model"])
+        diff = signature_diff(read_trainer_state(verified_checkpoint(args.init_from, "--init-from"))
+                              .get("signature", {}).get("model", {}), signature["model"])
         if diff:
             fail(f"--init-from {args.init_from} holds another model shape ({'; '.join(diff)})")
-    barrier()  # every rank has checked before rank 0 touches --out
-    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-        if args.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if resume_from is None and (out / "metrics.jsonl").is_file():  # a start before any checkpoint: redo
-            (out / "metrics.jsonl").unlink()
-        if not run_file.is_file():
-            atomic_write_text(run_file, json.dumps(jsonable(
-                {"stage": stage, "signature": signature, "args": vars(args), "versions": versions()}),
-                indent=2) + "\n")
-    barrier()
     return resume_from
 
 
+def latest_verified(ckpt_root: Path, fallback: bool) -> Path | None:
+    """--resume auto's checkpoint: the latest one, refused when its files do not match its SHA256SUMS; with
+    `fallback` (--resume-fallback) such a one is renamed corrupt-step_N (kept, never resumed) and the one
+    before it is tried."""
+    found = list_checkpoints(ckpt_root)
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if not fallback:
+            fail(f"--resume auto: the latest checkpoint {path} cannot be used: {problem}; pass --resume-fallback "
+                 "to continue from the latest checkpoint that verifies")
+        print0(f"--resume auto: skipping {path} ({problem}); it is kept as corrupt-{path.name}")
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            os.rename(path, path.parent / f"corrupt-{path.name}")
+        barrier()
+    if found:
+        fail(f"--resume auto: none of the {len(found)} checkpoint(s) in {ckpt_root} verifies; start afresh with "
+             "--overwrite")
+    return None
+
+
+def start_run(args, run: safe_output.RunDir, signature: dict, stage: str, resume_from: Path | None) -> None:
+    """Create --out with run.json once every check passed (the model built, the checkpoint loaded); a fresh
+    start drops the records of an earlier start that saved no checkpoint. Collective."""
+    barrier()
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        run.create({"run.json": json.dumps(jsonable({"stage": stage, "signature": signature, "args": vars(args),
+                                                     "versions": versions()}), indent=2) + "\n"})
+        if resume_from is None and (run.out / "metrics.jsonl").is_file():
+            (run.out / "metrics.jsonl").unlink()
+        for leftover in (run.out / "checkpoints").glob(".*-step_*"):  # a save a killed process left half done
+            shutil.rmtree(leftover, ignore_errors=True)
+    barrier()
+
+
 def resume_checkpoint(path: Path, model, optimizer, metrics_path: Path) -> int:
-    """Load a checkpoint of this run (model, optimizer, RNG) and return its step. Records of later steps (a hard
-    kill leaves them) are dropped from metrics.jsonl: the resumed run writes them again."""
-    step = int(load_checkpoint(path, model, optimizer)["step"])
+    """Load a (verified) checkpoint of this run (model, optimizer, RNG) and return its step. Records of later
+    steps (a hard kill leaves them) are dropped from metrics.jsonl: the resumed run writes them again."""
+    step = int(load_checkpoint(path, model, optimizer, verified=True)["step"])
     if (dist.get_rank() if dist.is_initialized() else 0) == 0 and metrics_path.is_file():
         kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
@@ -778,7 +869,8 @@ def write_step(metrics_path: Path, record: dict, max_steps: int, log_every: int,
     one-line log through tqdm (which keeps the bar intact); a distillation record's ce and kl follow its loss."""
     if (dist.get_rank() if dist.is_initialized() else 0) != 0:
         return
-    append_jsonl(metrics_path, record)
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(jsonable(record)) + "\n")
     done = record["step"]
     if done % log_every and done != max_steps:
         return
@@ -800,101 +892,3 @@ def format_duration(seconds: float) -> str:
         return "?"
     h, m, s = int(seconds) // 3600, int(seconds) % 3600 // 60, int(seconds) % 60
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Export: an ordinary Hugging Face directory (safetensors, config.json, tokenizer).
-
-
-def config_dtype(config) -> torch.dtype | None:
-    """The dtype the input model's config declares (None for a random init or an unusual one). Read it before
-    prepare_model, which turns the model into fp32 master weights."""
-    name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "").replace("torch.", "")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)
-
-
-def export_dtype(flag: str, source: torch.dtype | None, compute: torch.dtype) -> torch.dtype:
-    """OUT/final's dtype: --export-dtype, or for "auto" the input model's own dtype (a fine-tuned model ships as
-    it came), else the compute dtype."""
-    return DTYPES[flag] if flag != "auto" else (source or compute)
-
-
-def export_config_dict(config, model_dir: str | None, dtype: torch.dtype) -> dict:
-    """config.json for the export: the model directory's own config.json (rope parameters exactly as 02 wrote
-    them) when there is one, else the config's own dict; the dtype set to the export's."""
-    dtype_name = str(dtype).replace("torch.", "")
-    src = Path(model_dir) / "config.json" if model_dir else None
-    if src is not None and src.is_file():
-        with open(src) as f:
-            d = json.load(f)
-    else:
-        d = config.to_dict()
-        d.pop("_attn_implementation", None)
-    d.pop("attn_implementation", None)
-    d.pop("_attn_implementation_autoset", None)
-    d["dtype"] = dtype_name
-    if "torch_dtype" in d:
-        d["torch_dtype"] = dtype_name
-    return d
-
-
-def gather_full_state_dict(model, dtype: torch.dtype) -> dict:
-    """Full tensors on rank 0 (CPU, `dtype`), gathered one parameter at a time (collective; other ranks get {})."""
-    from torch.distributed.tensor import DTensor
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    out = {}
-    for name, t in model.state_dict().items():
-        full = t.full_tensor() if isinstance(t, DTensor) else t
-        if rank == 0:
-            out[name] = full.detach().to("cpu", dtype=dtype if full.is_floating_point() else full.dtype).clone()
-    return out
-
-
-def save_safetensors(state: dict, out: Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    from safetensors.torch import save_file
-
-    shards, cur, size = [], {}, 0
-    for name in sorted(state):
-        t = state[name].contiguous()
-        nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[name], size = t, size + nbytes
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    atomic_write_text(out / "model.safetensors.index.json", json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-
-
-def export_hf(model, config, out: str | os.PathLike, dtype: torch.dtype, model_dir: str | None,
-              tokenizer_dir: str | None, manifest: dict, rewrite_config: Callable[[dict], dict] = dict) -> Path:
-    """Write `out` as an HF model directory that transformers, 04, 05 and vLLM load as is. Collective.
-    `rewrite_config` edits config.json on its way out (03/04: rope.both_forms, for transformers 4.x readers)."""
-    state = gather_full_state_dict(model, dtype)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    out = Path(out)
-    if rank == 0:
-        if getattr(config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        with atomic_output_dir(out, overwrite=True) as tmp:
-            save_safetensors(state, tmp)
-            atomic_write_text(tmp / "config.json", json.dumps(
-                rewrite_config(export_config_dict(config, model_dir, dtype)), indent=2, sort_keys=True) + "\n")
-            if model_dir and (Path(model_dir) / "generation_config.json").is_file():
-                shutil.copy(Path(model_dir) / "generation_config.json", tmp / "generation_config.json")
-            if tokenizer_dir:
-                tok = load_tokenizer(tokenizer_dir)
-                tok.save_pretrained(str(tmp))
-            write_manifest(tmp, manifest.pop("stage"), manifest.pop("args"), **manifest)
-    barrier()
-    return out

@@ -321,7 +321,8 @@ class ProbeMonitor:
         """The probe before the first step: its results as the step-0 record of metrics.jsonl (and the tracker)."""
         record = {"step": 0, **self.run(0, model)}
         if common.is_main_process():
-            common.append_jsonl(metrics_path, record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(common.jsonable(record)) + "\n")
         if tracker is not None:
             tracker.log(record)
         return record

@@ -181,8 +181,8 @@ def split_sentences(text: str, max_chars: int = 600) -> list[str]:
     return out
 
 
-def load_haystack_text(spec: str) -> tuple[str, str]:
-    """(name, text) of the real-text haystack: books, pydocs, code, or a file path."""
+def load_haystack_text(spec: str, errors: str = "strict") -> tuple[str, str]:
+    """(name, text) of the real-text haystack: books, pydocs, code, or a UTF-8 file (errors: common.decode's)."""
     if spec == "books":
         books = [d["text"] for d in common.book_documents()]
         if books:
@@ -198,7 +198,7 @@ def load_haystack_text(spec: str) -> tuple[str, str]:
     path = Path(spec).expanduser()
     if not path.is_file():
         common.fail(f"--haystack {spec} is neither books, pydocs, code, noise, needles nor an existing text file")
-    text = path.read_text(errors="replace")
+    text = common.read_text(path, errors)
     if not text.strip():
         common.fail(f"--haystack {spec} is empty; give a file with text to hide the needles in")
     return str(path), text

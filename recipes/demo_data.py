@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 import ruler  # noqa: E402
+import safe_output  # noqa: E402
 import fsdp_train  # noqa: E402
 from common import fail  # noqa: E402
 
@@ -76,7 +77,7 @@ def write_corpus(out: Path, max_chars: int | None = None) -> dict:
     """code.jsonl and books.jsonl: whole documents in the corpus order, at most `max_chars` characters per file
     (at least one document)."""
     counts = {}
-    with common.atomic_output_dir(out, overwrite=True) as tmp:
+    with safe_output.output_dir(out, overwrite=True) as tmp:
         for name, docs in (("code", common.code_repo_documents()), ("books", common.book_documents())):
             n, chars = 0, 0
             with open(tmp / f"{name}.jsonl", "w") as f:
@@ -133,7 +134,7 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int, max_chars: int, se
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
                                    bos_token="<s>", unk_token=None, model_max_length=256)
-    with common.atomic_output_dir(out, overwrite=True) as tmp:
+    with safe_output.output_dir(out, overwrite=True) as tmp:
         fast.save_pretrained(str(tmp))
     return str(out)
 
@@ -361,7 +362,8 @@ def run_probe(args) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
-            common.append_jsonl(args.out, row)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
     return rows
 
 

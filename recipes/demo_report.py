@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+import safe_output  # noqa: E402
 from common import fail  # noqa: E402
 from demo_data import eval_module  # noqa: E402  (05_eval.py as a module)
 
@@ -362,7 +363,7 @@ def write_base_card(args) -> Path:
     with open(final / "config.json") as f:
         config = json.load(f)
     out = Path(args.out)
-    with common.atomic_output_dir(out, overwrite=True) as tmp:
+    with safe_output.output_dir(out, overwrite=True) as tmp:
         for name in BASE_FILES:
             if (final / name).is_file():
                 shutil.copy(final / name, tmp / name)

@@ -1,4 +1,4 @@
-"""What every stage shares (common.py): atomic outputs, manifests, clear failures, loading by path."""
+"""What every stage shares (common.py): manifests, clear failures, loading by path (outputs: test_safe_output.py)."""
 import json
 import subprocess
 import sys
@@ -6,33 +6,6 @@ import sys
 import pytest
 
 import common
-
-
-def test_atomic_output_dir_success_and_failure(tmp_path):
-    out = tmp_path / "out"
-    with common.atomic_output_dir(out) as tmp:
-        (tmp / "a.txt").write_text("first")
-        assert not out.exists()  # nothing visible until complete
-    assert (out / "a.txt").read_text() == "first"
-
-    with pytest.raises(common.UserError):
-        with common.atomic_output_dir(out, overwrite=True) as tmp:
-            (tmp / "a.txt").write_text("half-written")
-            common.fail("boom")
-    assert (out / "a.txt").read_text() == "first"  # the previous output survives a failed overwrite
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
-
-    with common.atomic_output_dir(out, overwrite=True) as tmp:
-        (tmp / "b.txt").write_text("second")
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-
-
-def test_existing_output_refused_without_overwrite(tmp_path):
-    (tmp_path / "out").mkdir()
-    with pytest.raises(common.UserError, match="--overwrite"):
-        with common.atomic_output_dir(tmp_path / "out"):
-            pass
 
 
 def test_run_main_gives_one_error_line_and_exit_2(tmp_path):

@@ -118,7 +118,7 @@ def test_bad_cp_inputs_fail_with_one_line(data30, tmp_path, capsys):
     assert "does not divide the world size 1" in run_error(capsys, stage_args(data30, out, "--cp", "2"))
     assert "runs on CUDA only" in run_error(capsys, stage_args(data30, out, "--cp", "2", "--no-doc-mask",
                                                                "--cp-ring-impl", "torch"))
-    assert "at least 1" in run_error(capsys, stage_args(data30, out, "--cp", "0"))
+    assert "argument --cp: '0' is not an integer >= 1" in run_error(capsys, stage_args(data30, out, "--cp", "0"))
     assert not out.exists()
 
 

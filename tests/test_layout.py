@@ -14,7 +14,9 @@ from lc_testutil import ROOT
 
 TOPIC_MODULES = ["common", "packing", "packed_data", "tokenizing", "mds", "rope", "varlen_attention",
                  "context_parallel", "fsdp_train", "ruler", "tracking", "probes", "memory_plan", "activation_memory",
-                 "long_inference"]
+                 "long_inference", "safe_output", "hf_export"]
+# beyond common.py: context parallelism builds on varlen attention; what writes a training run's outputs on safe_output
+ALSO_ALLOWED = {"context_parallel": {"varlen_attention"}, "fsdp_train": {"safe_output"}, "hf_export": {"safe_output"}}
 
 
 def run_copied(tmp_path, modules: list[str], code: str) -> str:
@@ -35,8 +37,8 @@ def run_copied(tmp_path, modules: list[str], code: str) -> str:
 @pytest.mark.parametrize("module", TOPIC_MODULES)
 def test_topic_module_imports_at_most_common(module):
     """A topic module imports the standard library, torch / transformers / numpy and at most common.py (context
-    parallelism may build on varlen_attention.py); never a stage script."""
-    allowed = {"common"} | ({"varlen_attention"} if module == "context_parallel" else set())
+    parallelism may build on varlen_attention.py, training and its export on safe_output.py); never a stage."""
+    allowed = {"common"} | ALSO_ALLOWED.get(module, set())
     tree = ast.parse((ROOT / f"{module}.py").read_text())
     local = {p.stem for p in ROOT.glob("*.py")}
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -133,6 +135,34 @@ def test_packing_copied_alone_best_fit_reassembles_every_document(tmp_path):
     """packing.py (+ common.py) best-fits a list of token lists into rows; every document's pieces reassemble
     to it exactly."""
     assert run_copied(tmp_path, ["packing", "common"], PACKING_COPY).startswith("ok")
+
+
+SAFE_OUTPUT_COPY = r"""
+from pathlib import Path
+import common, safe_output
+
+Path("model").mkdir()
+try:
+    safe_output.check_output("model/eval", {"--model": "model"})
+except common.UserError as exc:
+    assert "lies inside the input --model" in str(exc), exc
+with safe_output.output_dir("out", inputs={"--model": "model"}) as tmp:
+    (tmp / "a.txt").write_text("first")
+try:
+    with safe_output.output_dir("out", overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("half")
+        common.fail("stop")
+except common.UserError:
+    pass
+assert Path("out/a.txt").read_text() == "first" and not [p for p in Path(".").iterdir() if p.name.startswith(".out")]
+print("ok")
+"""
+
+
+def test_safe_output_copied_alone_protects_inputs_and_the_old_output(tmp_path):
+    """safe_output.py (+ common.py): an output inside an input is refused; a failed --overwrite leaves the old
+    output and nothing beside it."""
+    assert run_copied(tmp_path, ["safe_output", "common"], SAFE_OUTPUT_COPY).strip() == "ok"
 
 
 # ---------------------------------------------------------------------------------------------------------------

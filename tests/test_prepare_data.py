@@ -487,7 +487,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, tokenizer_dir, no_eos_tok
     assert "text, id" in msg  # names the fields that are there
     bad(tmp_path, "--data", f"{good}@0", *tok, match="weight must be")
     bad(tmp_path, "--data", f"{good}@-0.5", *tok, match="weight must be")
-    bad(tmp_path, "--data", good, "--tokenizer", tokenizer_dir, "--seq-len", 1, match="--seq-len must be at least 2")
+    bad(tmp_path, "--data", good, "--tokenizer", tokenizer_dir, "--seq-len", 1, match="argument --seq-len: '1' is not an integer >= 2")
     bad(tmp_path, "--data", good, "--tokenizer", no_eos_tokenizer, "--seq-len", 64, match="has no eos token")
     bad(tmp_path, "--data", "hf:nobody/nothing-here", *tok, match="cannot stream hub dataset")
     bad(tmp_path, "--data", good, *tok, "--min-doc-tokens", 10**6, match="none of its .* widen --min-doc-tokens")

@@ -109,10 +109,11 @@ def test_mismatched_incomplete_or_repeated_shards_are_refused(corpus, tokenizer_
     other_len = prepare(tmp_path / "len", corpus["sources"], tokenizer_dir, "--seq-len", 32)
     other_tok = prepare(tmp_path / "tok", corpus["sources"], assets.build_bpe_tokenizer(tmp_path / "t2", 700))
     out = tmp_path / "run"
+    (tmp_path / "mixed" / "sub").mkdir(parents=True)
     for data, match in (([s0, s1, s2, other_len], "differ in row length"), ([s0, s1, s2, other_tok], "tokenizer"),
                         ([s0, s2], "shard(s) [1] missing"), ([s0, s1, s2, s1], f"names {s1} twice"),
                         ([s0, tmp_path / "missing", s2], "is not a directory"),
-                        ([tmp_path], "nor sub-folders that are all its shards")):
+                        ([tmp_path / "mixed"], "nor sub-folders that are all its shards")):
         assert match in one_error_line(capsys, cpt.main, train_args(data, tokenizer_dir, out))
         assert not out.exists()
     # the same shard of the same preparation twice (a copy of it under another name)

@@ -153,7 +153,8 @@ def test_bad_inputs_fail_with_one_line_and_harm_no_checkpoint(data32, tokenizer_
     # a data directory not made by 01
     other = make_packed_data(tmp_path / "other", seq_len=32, num_rows=4, stage="02_rope_scale")
     assert "not written by 01_prepare_data" in run_error(capsys, base_args(other, tokenizer_dir, tmp_path / "b"))
-    assert "not written by 01_prepare_data" in run_error(capsys, base_args(str(tmp_path), tokenizer_dir,
+    (tmp_path / "plain").mkdir()
+    assert "not written by 01_prepare_data" in run_error(capsys, base_args(str(tmp_path / "plain"), tokenizer_dir,
                                                                            tmp_path / "b"))
     # a batch that does not divide across ranks x micro-batches
     assert "does not divide" in run_error(capsys, base_args(data32, tokenizer_dir, tmp_path / "c",
