@@ -78,6 +78,7 @@ import probes
 import rope
 import ruler
 import tracking
+import train_flags
 import varlen_attention
 from common import fail, print0
 
@@ -121,34 +122,10 @@ def parse_args(argv=None):
                    help="optimizer steps (default: one pass over the data)")
     g.add_argument("--num-tokens", type=common.number(above=0), default=None,
                    help="alternatively, tokens to train on (e.g. 20e9)")
-    g.add_argument("--lr", type=common.number(above=0), default=1e-5,
-                   help="peak learning rate (ProLong: 1e-5 at 64K, 5e-6 at 512K)")
-    g.add_argument("--min-lr-ratio", type=common.number(min=0, max=1), default=0.1,
-                   help="cosine decays to lr * this (ProLong: 0.1)")
-    g.add_argument("--warmup-ratio", type=common.number(min=0, max=1), default=0.1,
-                   help="warmup fraction of the steps (ProLong: 0.1)")
-    g.add_argument("--warmup-steps", type=common.number(int, min=0), default=None,
-                   help="warmup steps (overrides --warmup-ratio)")
-    g.add_argument("--weight-decay", type=common.number(min=0), default=0.1, help="AdamW weight decay (ProLong: 0.1)")
-    g.add_argument("--betas", type=common.number(min=0, max=1), nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    g.add_argument("--grad-clip", type=common.number(min=0), default=1.0,
-                   help="max global gradient norm (0: no clipping)")
+    train_flags.add_optimizer_args(g, 1e-5, "ProLong: 1e-5 at 64K, 5e-6 at 512K", 0.1, "ProLong: 0.1")
     common.add_common_args(g, "seed")
-    g = p.add_argument_group("system")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="compute dtype (default: bf16 on CUDA, fp32 on CPU); master weights stay fp32")
-    g.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
-                   help="Liger RoPE/RMSNorm/SwiGLU + fused linear CE (default: on with CUDA for Llama/Qwen2/Mistral)")
-    g.add_argument("--loss", choices=["auto", "liger", "chunked"], default="auto",
-                   help="cross-entropy implementation (auto: Liger FLCE with --liger, else chunked)")
-    g.add_argument("--loss-chunk", type=common.number(int, min=1), default=4096,
-                   help="tokens per chunk of the chunked CE")
-    g.add_argument("--attention-backend", choices=["auto", "flash_attn", "torch_varlen", "reference"],
-                   default="auto", help="force an attention backend (default: the best available)")
-    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute each decoder layer in the backward (default: on)")
-    g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and optimizer on CPU")
+    train_flags.add_system_args(p, "cross-entropy implementation (auto: Liger FLCE with --liger, else chunked)",
+                                4096, "tokens per chunk of the chunked CE")
     g = p.add_argument_group("context parallelism (rows longer than one GPU holds; docs/benchmarks.md)")
     g.add_argument("--cp", type=common.number(int, min=1), default=1,
                    help="split every row over N ranks (N divides the world size; ranks r..r+N-1 share a row, so "
@@ -161,29 +138,8 @@ def parse_args(argv=None):
                    help="ring attention: torch = PyTorch's context_parallel (CUDA, unmasked rows, one row per "
                         "micro-batch), allgather = exact all-gathered-KV ring (any device, any mask); auto picks "
                         "torch where it applies")
-    g = p.add_argument_group("output and checkpoints")
-    common.add_common_args(g, "out", "overwrite", required=["out"], overwrite=dict(
-        action="store_true", help="start afresh in an existing --out: the old run is moved aside, deleted once the "
-                                  "new one ends in order and put back if it fails"))
-    g.add_argument("--save-every", type=common.number(int, min=0), default=500,
-                   help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--keep", type=common.number(int, min=0), default=2, help="checkpoints to keep (0: all)")
-    g.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=True,
-                   help="also save a checkpoint after the last step (for --init-from of a next stage)")
-    g.add_argument("--resume", default=None,
-                   help="'auto': continue the run in --out from its latest checkpoint (start if there is none, "
-                        "from --init-from when given); or a checkpoint path of this run. A checkpoint whose files "
-                        "do not match its SHA256SUMS is refused")
-    g.add_argument("--resume-fallback", action="store_true",
-                   help="with --resume auto: when the latest checkpoint does not verify, keep it as corrupt-step_N "
-                        "and resume the latest one that does (it says which)")
-    g.add_argument("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="dtype of OUT/final (auto: the input model's dtype)")
-    g.add_argument("--no-export", action="store_true", help="skip the final HF export")
-    g.add_argument("--log-every", type=common.number(int, min=1), default=1, help="print a log line every N steps")
+    g = train_flags.add_output_args(p, " (for --init-from of a next stage)")
     tracking.add_tracking_args(g)
-    g.add_argument("--debug-sleep", type=common.number(min=0), default=0.0,
-                   help=argparse.SUPPRESS)  # tests: slow steps down
     g = p.add_argument_group("activation memory and the fit planner (activation_memory.py, memory_plan.py)")
     g.add_argument("--ac-every", type=common.number(int, min=1), default=1,
                    help="checkpoint only every k-th decoder layer (0, k, 2k, ...): less recompute, more memory")
@@ -205,8 +161,6 @@ def parse_args(argv=None):
         p.error("give exactly one of --model (a model directory) and --init-config (random init)")
     if args.keep_optimizer and not args.init_from:
         p.error("--keep-optimizer needs --init-from")
-    if max(args.betas) >= 1:
-        p.error(f"--betas must be below 1 (got {args.betas[0]:g} {args.betas[1]:g})")
     if args.resume_fallback and args.resume != "auto":
         p.error("--resume-fallback goes with --resume auto")
     if args.resume not in (None, "auto") and args.init_from:

@@ -74,6 +74,7 @@ import probes
 import rope
 import ruler
 import tracking
+import train_flags
 import varlen_attention
 from common import fail, print0
 
@@ -149,59 +150,14 @@ def parse_args(argv=None):
     g.add_argument("--num-tokens", type=common.number(above=0), default=None, help="alternatively, tokens to train on")
     g.add_argument("--epochs", type=common.number(above=0), default=1.0,
                    help="passes over the data when neither --max-steps nor --num-tokens is given (default: 1)")
-    g.add_argument("--lr", type=common.number(above=0), default=2e-5,
-                   help="peak learning rate (ProLong SFT: 2e-5; UltraLong: 5e-6)")
-    g.add_argument("--min-lr-ratio", type=common.number(min=0, max=1), default=0.1,
-                   help="cosine decays to lr * this (ProLong: 0.1)")
-    g.add_argument("--warmup-ratio", type=common.number(min=0, max=1), default=0.05,
-                   help="warmup fraction of the steps (ProLong SFT: 5%%)")
-    g.add_argument("--warmup-steps", type=common.number(int, min=0), default=None,
-                   help="warmup steps (overrides --warmup-ratio)")
-    g.add_argument("--weight-decay", type=common.number(min=0), default=0.1, help="AdamW weight decay")
-    g.add_argument("--betas", type=common.number(min=0, max=1), nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    g.add_argument("--grad-clip", type=common.number(min=0), default=1.0,
-                   help="max global gradient norm (0: no clipping)")
+    train_flags.add_optimizer_args(g, 2e-5, "ProLong SFT: 2e-5; UltraLong: 5e-6", 0.05, "ProLong SFT: 5%%")
     common.add_common_args(g, "seed")
-    g = p.add_argument_group("system")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                   help="compute dtype (default: bf16 on CUDA, fp32 on CPU); master weights stay fp32")
-    g.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
-                   help="Liger RoPE/RMSNorm/SwiGLU + fused linear CE (default: on with CUDA for Llama/Qwen2/Mistral)")
-    g.add_argument("--loss", choices=["auto", "liger", "chunked"], default="auto",
-                   help="cross-entropy implementation without a teacher (auto: Liger FLCE with --liger, else "
-                        "chunked); with a teacher the loss is always chunked")
-    g.add_argument("--loss-chunk", type=common.number(int, min=1), default=None,
-                   help="tokens per chunk of the chunked loss (default: 4096; 1024 with a teacher, whose chunks "
-                        "hold several [chunk, vocab] fp32 tensors)")
-    g.add_argument("--attention-backend", choices=["auto", "flash_attn", "torch_varlen", "reference"],
-                   default="auto", help="force an attention backend (default: the best available)")
-    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute each decoder layer in the backward (default: on)")
-    g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and optimizer on CPU")
-    g = p.add_argument_group("output and checkpoints")
-    common.add_common_args(g, "out", "overwrite", required=["out"], overwrite=dict(
-        action="store_true", help="start afresh in an existing --out: the old run is moved aside, deleted once the "
-                                  "new one ends in order and put back if it fails"))
-    g.add_argument("--save-every", type=common.number(int, min=0), default=500,
-                   help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--keep", type=common.number(int, min=0), default=2, help="checkpoints to keep (0: all)")
-    g.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=True,
-                   help="also save a checkpoint after the last step")
-    g.add_argument("--resume", default=None,
-                   help="'auto': continue the run in --out from its latest checkpoint (start if there is none, "
-                        "from --init-from when given); or a checkpoint path of this run. A checkpoint whose files "
-                        "do not match its SHA256SUMS is refused")
-    g.add_argument("--resume-fallback", action="store_true",
-                   help="with --resume auto: when the latest checkpoint does not verify, keep it as corrupt-step_N "
-                        "and resume the latest one that does (it says which)")
-    g.add_argument("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="dtype of OUT/final (auto: the input model's dtype)")
-    g.add_argument("--no-export", action="store_true", help="skip the final HF export")
-    g.add_argument("--log-every", type=common.number(int, min=1), default=1, help="print a log line every N steps")
+    train_flags.add_system_args(p, "cross-entropy implementation without a teacher (auto: Liger FLCE with --liger, "
+                                "else chunked); with a teacher the loss is always chunked", None,
+                                "tokens per chunk of the chunked loss (default: 4096; 1024 with a teacher, whose "
+                                "chunks hold several [chunk, vocab] fp32 tensors)")
+    g = train_flags.add_output_args(p, "")
     tracking.add_tracking_args(g)
-    g.add_argument("--debug-sleep", type=common.number(min=0), default=0.0,
-                   help=argparse.SUPPRESS)  # tests: slow steps down
     probes.add_probe_args(p)
     args = p.parse_args(argv)
     if args.teacher is None and (args.alpha is not None or args.temperature is not None):
@@ -211,8 +167,6 @@ def parse_args(argv=None):
         args.temperature = 2.0 if args.temperature is None else args.temperature
         if args.loss == "liger":
             p.error("--loss liger fuses the CE only; with --teacher the CE + KL loss is chunked")
-    if max(args.betas) >= 1:
-        p.error(f"--betas must be below 1 (got {args.betas[0]:g} {args.betas[1]:g})")
     if args.resume_fallback and args.resume != "auto":
         p.error("--resume-fallback goes with --resume auto")
     if args.resume not in (None, "auto") and args.init_from:

@@ -434,8 +434,7 @@ def summarize_niah(records: list[dict]) -> dict:
     return {
         "score": sum(c["score"] for c in by_length.values()) / len(lengths),
         "string_match_part": sum(r["string_match_part"] for r in records) / len(records),
-        "by_length": {L: c["score"] for L, c in by_length.items()},
-        "by_length_cells": by_length, "cells": cells,
+        "by_length": {L: c["score"] for L, c in by_length.items()}, "by_length_cells": by_length, "cells": cells,
         "by_task": {t: sum(c["score"] for c in cells[t].values()) / len(lengths) for t in tasks},
         "grid": {t: {str(L): {str(d): score_cell(scores(task=t, length=L, depth=d))["score"] for d in depths}
                      for L in lengths} for t in niah_tasks},
@@ -1461,8 +1460,7 @@ def main(argv=None):
     settings = {
         "tasks": args.tasks + (",lm-eval:" + ",".join(plan.lm_eval_tasks) if plan.lm_eval_tasks else ""),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "attn": attn, "seed": args.seed,
-        "seq_len": args.seq_len,
-    }
+        "seq_len": args.seq_len}
     if "niah" in plan.tasks:
         settings.update({
             "niah tasks": ",".join(plan.niah_tasks), "lengths": ",".join(str(L) for L in plan.lengths),

