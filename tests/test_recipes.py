@@ -260,13 +260,13 @@ def test_smollm2_32k_plan_is_one_gpu_yarn_x4_from_8k(runs):
     assert a05.lengths == "8192,16384,32768" and a05.allow_beyond_context
 
 
-@pytest.mark.slow
-def test_smollm2_32k_runs_end_to_end_at_tiny_sizes_on_cpu(tmp_path, smollm2_dir):
-    """The student recipe itself, every stage for real on the real SmolLM2-135M at 256 tokens (CPU smoke)."""
+def test_smollm2_32k_runs_end_to_end_at_tiny_sizes_on_cpu(tmp_path, tiny_llama_dir):
+    """The student recipe itself, every stage for real, at tiny sizes: a 2-layer Llama with a 64-token window
+    extended 4x to 256 tokens (CPU smoke; the real model's DRY_RUN plan is checked above)."""
     run = tmp_path / "run"
-    proc = run_recipe("smollm2_32k.sh", MODEL=smollm2_dir, RUN=run, SEQ_LEN=256, STEPS=1, ROWS_PER_STEP=1,
+    proc = run_recipe("smollm2_32k.sh", MODEL=tiny_llama_dir, RUN=run, ORIGINAL=64, STEPS=1, ROWS_PER_STEP=1,
                       SAVE_EVERY=0, DATA_EXTRA="--max-docs 4", EVAL_LENGTHS=256, EVAL_SAMPLES=1, DEPTHS=50,
-                      EVAL_EXTRA="--tasks niah", HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, OMP_NUM_THREADS=2,
+                      EVAL_EXTRA="--tasks niah --max-new-tokens 8", HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, OMP_NUM_THREADS=2,
                       PY=sys.executable, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for stage in ("data", "model-yarn", "cpt/final", "eval"):
