@@ -46,25 +46,31 @@ import common
 IGNORE = -100
 
 
+def numbers(kind=float, **bounds):
+    """An argparse `type`: comma-separated finite numbers, each within `bounds` (common.number's)."""
+    one = common.number(kind, **bounds)
+    return lambda text: [one(x) for x in text.split(",")]
+
+
 def add_probe_args(parser) -> None:
     g = parser.add_argument_group("probes while training (the long/short trade-off; probes.py)")
-    g.add_argument("--eval-every", type=int, default=0,
+    g.add_argument("--eval-every", type=common.number(int, min=0), default=0,
                    help="run the probe set before the first step and every N steps (0: never)")
-    g.add_argument("--short-ppl-alarm", type=float, default=0.05,
+    g.add_argument("--short-ppl-alarm", type=common.number(above=0), default=0.05,
                    help="warn when the short-context perplexity rises more than this fraction above the first "
                         "probe's (default 0.05: 5%%)")
     g.add_argument("--probe-niah-task", default="niah_single_2",
                    help="RULER NIAH task of the needle probe (ruler.py; niah_single_kv for tiny models)")
-    g.add_argument("--probe-lengths", default=None,
+    g.add_argument("--probe-lengths", type=numbers(int, min=2), default=None,
                    help="needle prompt lengths, comma-separated (default: 1/4, 1/2 and all of the training row)")
-    g.add_argument("--probe-depths", default="10,50,90", help="needle depths in percent, comma-separated")
+    g.add_argument("--probe-depths", type=numbers(min=0, max=100), default="10,50,90", help="needle depths in percent, comma-separated")
     g.add_argument("--probe-data", default=None,
                    help="held-out text: a text file, a .jsonl with a 'text' field or a directory of them (default: "
                         "the embedded corpus's books, read from the last)")
-    g.add_argument("--probe-docs", type=int, default=2, help="held-out long documents for the loss by position")
-    g.add_argument("--probe-short-len", type=int, default=None,
+    g.add_argument("--probe-docs", type=common.number(int, min=1), default=2, help="held-out long documents for the loss by position")
+    g.add_argument("--probe-short-len", type=common.number(int, min=2), default=None,
                    help="tokens of each short-context document (default: 1/4 of the row, at most 4096)")
-    g.add_argument("--probe-short-docs", type=int, default=8, help="held-out short documents")
+    g.add_argument("--probe-short-docs", type=common.number(int, min=1), default=8, help="held-out short documents")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -105,7 +111,12 @@ def held_out_documents(spec: str | None) -> list[str]:
     texts = []
     for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
         if f.suffix == ".jsonl":
-            texts += [json.loads(line).get("text") or "" for line in f.read_text().splitlines() if line.strip()]
+            for lineno, line in common.text_lines(f):
+                try:
+                    texts.append((json.loads(line).get("text") or "") if line.strip() else "")
+                except (ValueError, AttributeError):
+                    common.fail(f"{f}:{lineno} is not a JSON object; --probe-data needs one {{\"text\": ...}} "
+                                "per line")
         else:
             texts.append(f.read_text(errors="replace"))
     return [t for t in texts if t.strip()]
@@ -358,10 +369,8 @@ def monitor_from_args(args, tokenizer, row_len: int, device, metrics_path: Path,
         return None
     if tokenizer is None:
         common.fail("--eval-every needs a tokenizer to build its probes; pass --tokenizer")
-    lengths = [int(x) for x in args.probe_lengths.split(",")] if args.probe_lengths else None
-    depths = [float(x) for x in args.probe_depths.split(",")]
-    probe_set = build_probe_set(tokenizer, row_len, ruler, args.probe_niah_task, lengths, depths, args.probe_data,
-                                args.probe_docs, args.probe_short_len, args.probe_short_docs)
+    probe_set = build_probe_set(tokenizer, row_len, ruler, args.probe_niah_task, args.probe_lengths, args.probe_depths,
+                                args.probe_data, args.probe_docs, args.probe_short_len, args.probe_short_docs)
     common.print0(f"probes every {args.eval_every} steps: {probe_set.description}; {len(probe_set.rows)} row(s) "
                   "of forward passes over all ranks")
     return ProbeMonitor(probe_set, args.eval_every, args.short_ppl_alarm, device, metrics_path)

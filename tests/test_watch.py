@@ -196,9 +196,14 @@ def test_sft_probes_and_tracks_the_same_way(tiny_llama_dir, tmp_path, capsys):
 
 def test_probe_that_cannot_be_built_fails_with_one_line_before_any_output(data256, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "bad"
-    code = common.call_main(script.main, probe_args(data256, tokenizer_dir, out, "--probe-lengths", "16"))
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
-    assert code == 2 and len(errors) == 1 and "--probe-lengths" in errors[0] and not out.exists()
+    broken = tmp_path / "held_out.jsonl"
+    broken.write_text('{"text": "a held-out document"}\n{"text": \n')
+    for extra, names in ((["--probe-lengths", "16"], "--probe-lengths"), (["--eval-every", "-1"], "--eval-every"),
+                         (["--probe-depths", "50,x"], "--probe-depths: 'x'"), (["--short-ppl-alarm", "nan"], "nan"),
+                         (["--probe-data", str(broken)], f"{broken}:2 is not a JSON object")):
+        code = common.call_main(script.main, probe_args(data256, tokenizer_dir, out, *extra))
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and names in errors[0] and not out.exists(), (extra, errors)
 
 
 @pytest.mark.gpu
