@@ -242,11 +242,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     inputs = {"--model": args.model, "--tokenizer": args.tokenizer, "--data": args.data, "--init-from": args.init_from,
               "--init-config": (args.init_config or "").partition(":")[0] or None}
-    with fsdp_train.run_dir(args, inputs) as run:  # --out locked and checked; created only by start_run
-        return train(args, run)
+    with fsdp_train.run_dir(args, inputs) as run, fsdp_train.StopSignals() as signals:  # --out created by start_run
+        return train(args, run, signals)
 
 
-def train(args, run) -> int:
+def train(args, run, signals: fsdp_train.StopSignals) -> int:
     # ---------------------------------------------------------------------------------------------------------
     # Processes and devices
     dinfo, mesh = fsdp_train.setup_distributed(args.device)
@@ -346,7 +346,7 @@ def train(args, run) -> int:
     # ---------------------------------------------------------------------------------------------------------
     # Training loop
     order = fsdp_train.DataOrder(data.num_rows, args.seed, args.shuffle)
-    signals = fsdp_train.StopSignals()
+    signals.install()
     def trainer_state(step):  # what a checkpoint records besides model, optimizer and RNG
         return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
                 "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
@@ -420,7 +420,6 @@ def train(args, run) -> int:
             return fsdp_train.stop_on_signal(signals, bar, step + 1)
     bar.close()
     tracker.close()
-    signals.restore()
 
     # ---------------------------------------------------------------------------------------------------------
     # Export: an ordinary HF directory in OUT/final

@@ -498,9 +498,8 @@ TRAINER_STATE = "trainer_state.json"
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     """The complete checkpoints under root (with their SHA256SUMS), oldest first."""
     root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / safe_output.CHECKSUMS).is_file()]
+    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / safe_output.CHECKSUMS).is_file()] \
+        if root.is_dir() else []
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
 
 
@@ -565,10 +564,8 @@ def _set_rng_state(path: Path) -> None:
 def _state_dicts(model, optimizer):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    sd = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        sd["optim"] = get_optimizer_state_dict(model, optimizer)
-    return sd
+    optim = {"optim": get_optimizer_state_dict(model, optimizer)} if optimizer is not None else {}
+    return {"model": get_model_state_dict(model), **optim}
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
@@ -635,23 +632,34 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng:
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 (cluster preemption) set a flag; the loop saves a checkpoint at the end of the step."""
+    """Once `install()`ed (as the loop starts), SIGTERM / SIGUSR1 (preemption) set a flag: the loop saves a checkpoint
+    at the end of the step. As a context manager it puts the previous handlers back however the run ends."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.received: int | None = None
+        self.signals = signals
         self._previous = {}
-        for s in signals:
+
+    def install(self) -> "StopSignals":
+        for s in self.signals:
             try:
                 self._previous[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread (e.g. under some test runners): no handler
                 pass
+        return self
 
     def _handle(self, signum, frame):
         self.received = signum
 
-    def restore(self):
+    def restore(self, *exc):
         for s, h in self._previous.items():
             signal.signal(s, h)
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        return self
+
+    __exit__ = restore
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -783,7 +791,7 @@ def check_finite(loss: float, grad_norm: float, done: int, ckpt_root: Path, bar=
     (which is left as it is) to resume from."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
-    if bar is not None:
+    if bar is not None:  # the error line on a line of its own
         bar.close()
     last = list_checkpoints(ckpt_root)
     fail(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} ({loss:g}, grad norm {grad_norm:g}) "
@@ -801,12 +809,11 @@ def save_if_due(ckpt_root: Path, done: int, max_steps: int, stop: bool, args, mo
 
 
 def stop_on_signal(signals: StopSignals, bar, done: int) -> int:
-    """End a run stopped by SIGTERM / SIGUSR1 once its checkpoint is saved: close the bar, restore the handlers,
-    and return 128 + signum, the exit code of death by that signal, so a scheduler sees a preemption."""
+    """End a run stopped by SIGTERM / SIGUSR1 once its checkpoint is saved: close the bar and return 128 + signum,
+    the exit code of death by that signal, so a scheduler sees a preemption."""
     bar.close()
     signum = signals.received or 15
     print0(f"stopped by signal {signum} after step {done}; checkpoint saved, continue with --resume auto")
-    signals.restore()
     return 128 + signum
 
 
@@ -829,10 +836,8 @@ def step_flops(params: dict, config, n_tokens: int, seq_len: int, attn_sq: int) 
     """Model FLOPs of one step's tokens in two conventions (no recomputation counted):
     - torchtitan: (6 N + 12 L H d S) per token, non-causal attention over the whole row S, masks ignored;
     - causal_doc: 6 N per token + 12 L H d * sum(len_i^2) / 2 over the documents actually attended."""
-    L = config.num_hidden_layers
-    H = config.num_attention_heads
+    L, H, n = config.num_hidden_layers, config.num_attention_heads, params["non_embedding"]
     d = getattr(config, "head_dim", None) or config.hidden_size // H
-    n = params["non_embedding"]
     return {"torchtitan": n_tokens * (6 * n + 12 * L * H * d * seq_len),
             "causal_doc": 6 * n * n_tokens + 12 * L * H * d * attn_sq / 2}
 

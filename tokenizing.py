@@ -26,6 +26,7 @@ Outside this repository (copy this file and common.py):
 from __future__ import annotations
 
 import os
+import signal
 from array import array
 from collections import deque
 from pathlib import Path
@@ -67,6 +68,10 @@ def encode_texts(encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]
 def _worker_init(encoder) -> None:
     global _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside each
+    # a forked worker inherits its parent's Python signal handlers; Pool.terminate() stops workers with SIGTERM,
+    # so one that caught it (a training loop's handler in the same process) would never exit
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _WORKER_ENCODER = encoder
 
 

@@ -700,3 +700,27 @@ def test_writer_splits_large_outputs_into_shards(tmp_path, monkeypatch):
     assert w.num_shards > 5 and len(list((tmp_path / "o").glob("data-*.arrow"))) == w.num_shards
     ds = datasets.load_from_disk(str(tmp_path / "o"))
     assert ds["input_ids"] == [r["input_ids"].tolist() for r in rows]
+
+
+TOKENIZE_UNDER_A_SIGTERM_HANDLER = r"""
+import signal, sys
+sys.path.insert(0, {root!r})
+import tokenizing
+from transformers import AutoTokenizer
+
+signal.signal(signal.SIGTERM, lambda *a: None)  # what a training loop run earlier in this process may have left
+tok = AutoTokenizer.from_pretrained({tok!r})
+with tokenizing.BatchTokenizer(tok, num_proc=2) as bt:
+    lengths = [int(n) for lengths, _ in bt.map([["a short text"] * 4] * 8) for n in lengths]
+    in_workers = [bt.pool.apply(signal.getsignal, (signal.SIGTERM,)) for _ in range(4)]
+print(len(lengths), all(h == signal.SIG_DFL for h in in_workers))
+"""
+
+
+def test_tokenizer_workers_stop_even_when_the_parent_catches_sigterm(tokenizer_dir):
+    """Pool.terminate() stops the forked workers with SIGTERM: a handler inherited from the parent that catches it
+    (03's, when 01 runs later in the same process) once made the close wait forever. The workers run with
+    SIGTERM's default action whatever the parent's."""
+    code = TOKENIZE_UNDER_A_SIGTERM_HANDLER.format(root=str(ROOT), tok=str(tokenizer_dir))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["32", "True"], proc.stdout + proc.stderr[-2000:]

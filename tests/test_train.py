@@ -370,3 +370,16 @@ def test_gpu_test_code_names_what_it_uses():
     for child in top.get_children():  # comprehensions and lambdas read module names too
         used |= {s.get_name() for s in child.get_symbols() if s.is_global() or s.is_free()}
     assert used - defined - set(dir(builtins)) == set()
+
+
+def test_stop_signals_put_the_previous_handlers_back_however_the_run_ends():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError), fsdp_train.StopSignals() as signals:
+        assert signal.getsignal(signal.SIGTERM) is before  # nothing caught until the loop starts
+        signals.install()
+        os.kill(os.getpid(), signal.SIGTERM)  # caught: the run goes on to save its checkpoint
+        assert signals.received == signal.SIGTERM
+        raise RuntimeError("the run fails after the handler was installed")
+    assert signal.getsignal(signal.SIGTERM) is before
