@@ -63,11 +63,13 @@ def add_probe_args(parser) -> None:
                    help="RULER NIAH task of the needle probe (ruler.py; niah_single_kv for tiny models)")
     g.add_argument("--probe-lengths", type=numbers(int, min=2), default=None,
                    help="needle prompt lengths, comma-separated (default: 1/4, 1/2 and all of the training row)")
-    g.add_argument("--probe-depths", type=numbers(min=0, max=100), default="10,50,90", help="needle depths in percent, comma-separated")
+    g.add_argument("--probe-depths", type=numbers(min=0, max=100), default="10,50,90",
+                   help="needle depths in percent, comma-separated")
     g.add_argument("--probe-data", default=None,
                    help="held-out text: a text file, a .jsonl with a 'text' field or a directory of them (default: "
                         "the embedded corpus's books, read from the last)")
-    g.add_argument("--probe-docs", type=common.number(int, min=1), default=2, help="held-out long documents for the loss by position")
+    g.add_argument("--probe-docs", type=common.number(int, min=1), default=2,
+                   help="held-out long documents for the loss by position")
     g.add_argument("--probe-short-len", type=common.number(int, min=2), default=None,
                    help="tokens of each short-context document (default: 1/4 of the row, at most 4096)")
     g.add_argument("--probe-short-docs", type=common.number(int, min=1), default=8, help="held-out short documents")

@@ -266,8 +266,8 @@ def test_smollm2_32k_runs_end_to_end_at_tiny_sizes_on_cpu(tmp_path, tiny_llama_d
     run = tmp_path / "run"
     proc = run_recipe("smollm2_32k.sh", MODEL=tiny_llama_dir, RUN=run, ORIGINAL=64, STEPS=1, ROWS_PER_STEP=1,
                       SAVE_EVERY=0, DATA_EXTRA="--max-docs 4", EVAL_LENGTHS=256, EVAL_SAMPLES=1, DEPTHS=50,
-                      EVAL_EXTRA="--tasks niah --max-new-tokens 8", HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, OMP_NUM_THREADS=2,
-                      PY=sys.executable, timeout=600)
+                      EVAL_EXTRA="--tasks niah --max-new-tokens 8", HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1,
+                      OMP_NUM_THREADS=2, PY=sys.executable, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for stage in ("data", "model-yarn", "cpt/final", "eval"):
         assert (run / stage / "manifest.json").is_file(), stage
