@@ -117,6 +117,12 @@ class OutputLock:
                 self._remove_made()
                 fail(f"--out {self.out} is being written by {owner} (lock {self.path}); wait for it to end or "
                      "choose another --out")
+            except OSError as exc:  # a filesystem without flock (Lustre mounted without -o flock: ENOSYS)
+                os.close(fd)
+                os.unlink(self.path)  # no lock can be held there, so no one else's is removed
+                self._remove_made()
+                fail(f"cannot lock {self.path}: {exc.strerror}; put --out on a filesystem with flock(2) locks "
+                     "(Lustre: mount with -o flock)")
             with contextlib.suppress(FileNotFoundError):
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:  # else its last holder removed it: retry
                     self.fd = fd

@@ -152,6 +152,18 @@ def test_a_refused_write_is_one_line_naming_the_path_and_what_is_missing(tmp_pat
     assert safe_output.write_failure(common.UserError("No space left on device"), tmp_path) is None
 
 
+def test_a_filesystem_without_flock_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(safe_output.fcntl, "flock", no_flock)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(common.UserError, match=r"cannot lock .*\.out\.lock: Function not implemented; .*-o flock"):
+        with safe_output.output_dir(out):
+            pass
+    assert not (tmp_path / "new").exists()
+
+
 def test_checksums_match_coreutils_and_name_the_changed_file(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.bin").write_bytes(os.urandom(5000))
