@@ -7,12 +7,17 @@ span is repeated once; every token of the repeat after its first is predictable 
 (argmax == the copied token) on held-out rows, at several row lengths, every --eval-every steps.
 
 A schedule `32:800,128:600` trains 800 steps on 32-token rows, then 600 on 128-token rows (a length
-curriculum); the tokens per step stay --batch-tokens. Chance is 1/--vocab.
+curriculum); `16+32+64:2000` alternates the three lengths step after step; the tokens per step stay
+--batch-tokens. Chance is 1/--vocab. --init-std and --set change the shape's init scale and sizes.
 
 Usage:
     OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 32:600          # rows of 32 tokens
     OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 128:600 --vocab 1500
     OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 32:800,128:600 --vocab 200
+    OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 16+32+64:2000 --vocab 200
+    OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 64:400 --vocab 200 --init-std 0.08
+    OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 32:400 --vocab 200 \
+        --set num_attention_heads=2 --set num_key_value_heads=2 --set head_dim=64
 """
 from __future__ import annotations
 
@@ -29,6 +34,25 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def shape_override(text: str) -> tuple[str, int]:
+    key, _, value = text.partition("=")
+    if not key or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=INT, e.g. hidden_size=256")
+    return key, int(value)
+
+
+def schedule(text: str) -> list[tuple[list[int], int]]:
+    """LEN:STEPS[,...]; a LEN may be LEN+LEN+... for rows of those lengths in turn, step after step."""
+    try:
+        phases = [([int(v) for v in lens.split("+")], int(steps))
+                  for lens, _, steps in (p.partition(":") for p in text.split(","))]
+    except ValueError:
+        phases = []
+    if not phases or any(n < 1 or min(lens) < 2 for lens, n in phases):
+        raise argparse.ArgumentTypeError(f"{text!r} is not LEN:STEPS[,LEN:STEPS...], e.g. 32:600 or 16+32:600")
+    return phases
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
@@ -38,8 +62,13 @@ def parse_args(argv=None):
                    help="llama (no biases) or qwen2 (the same shape with q/k/v biases)")
     g.add_argument("--layers", type=int, default=None, help="override the number of layers")
     g.add_argument("--tie", action="store_true", help="tie the input and output embeddings")
+    g.add_argument("--init-std", type=float, default=None,
+                   help="initializer_range of the weights (default: the shape's, 0.02 for Llama)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=INT", type=shape_override,
+                   help="override one integer of the shape, e.g. hidden_size=256 (repeatable)")
     g = p.add_argument_group("task")
-    g.add_argument("--schedule", default="32:600", help="LEN:STEPS[,LEN:STEPS...] row length per phase")
+    g.add_argument("--schedule", default="32:600", type=schedule,
+                   help="LEN:STEPS[,LEN:STEPS...] row length per phase; LEN+LEN:STEPS alternates lengths")
     g.add_argument("--vocab", type=int, default=100, help="distinct random tokens (default: 100)")
     g.add_argument("--copies-only", action="store_true", help="loss on the copied tokens only")
     g = p.add_argument_group("optimisation")
@@ -62,6 +91,9 @@ def build_model(args):
     kw.update(max_position_embeddings=max(512, shape.get("max_position_embeddings", 0)), tie_word_embeddings=args.tie)
     if args.layers:
         kw["num_hidden_layers"] = args.layers
+    if args.init_std:
+        kw["initializer_range"] = args.init_std
+    kw.update(args.set)
     config = AutoConfig.for_model(args.arch, **kw)
     torch.manual_seed(args.seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), config.vocab_size
@@ -82,7 +114,7 @@ def repeat_rows(n: int, seq: int, vocab: int, gen: torch.Generator):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    phases = [tuple(int(v) for v in p.split(":")) for p in args.schedule.split(",")]
+    phases = args.schedule
     model, vocab_size = build_model(args)
     if args.vocab + 3 > vocab_size:
         sys.exit(f"error: --vocab {args.vocab} needs a vocabulary of {args.vocab + 3}; the shape has {vocab_size}")
@@ -92,11 +124,12 @@ def main(argv=None) -> int:
                 for L in map(int, args.eval_lens.split(","))}
     ends = list(itertools.accumulate(n for _, n in phases))
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.arch}, schedule "
-          f"{args.schedule}, vocab {args.vocab}, {args.batch_tokens} tokens/step, lr {args.lr}, torch "
+          f"{','.join('+'.join(map(str, lens)) + f':{n}' for lens, n in phases)}, vocab {args.vocab}, {args.batch_tokens} tokens/step, lr {args.lr}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
     rows, t0 = [], time.perf_counter()
     for step in range(1, ends[-1] + 1):
-        seq = next(L for (L, _), end in zip(phases, ends) if step <= end)
+        lens = next(lens for (lens, _), end in zip(phases, ends) if step <= end)
+        seq = lens[step % len(lens)]
         x, mask = repeat_rows(max(1, args.batch_tokens // seq), seq, args.vocab, gen)
         targets = x[:, 1:].clone()
         if args.copies_only:

@@ -108,7 +108,8 @@ def needle_lines(n: int, seed: int) -> list[str]:
             for _ in range(n)]
 
 
-def train_tokenizer(corpus: Path, out: Path, vocab_size: int, max_chars: int, seed: int) -> str:
+def train_tokenizer(corpus: Path, out: Path, vocab_size: int, max_chars: int, seed: int,
+                    model_max_length: int = 256) -> str:
     """A byte-level BPE tokenizer trained on a fixed slice of the corpus plus needle lines. Deterministic: the
     same inputs give the same tokenizer.json (checked by recipes/train_demo_base.sh)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -133,7 +134,8 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int, max_chars: int, se
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
-                                   bos_token="<s>", unk_token=None, model_max_length=256)
+                                   bos_token="<s>", unk_token=None,
+                                   model_max_length=model_max_length)
     with safe_output.output_dir(out, overwrite=True) as tmp:
         fast.save_pretrained(str(tmp))
     return str(out)
@@ -190,12 +192,9 @@ class FillerPool:
         return out
 
 
-def kv_document(rng: random.Random, pool: FillerPool, tokenizer, doc_tokens: int, pairs: tuple[int, int],
-                queries: tuple[float, float]) -> dict:
-    """One key-value document of at most `doc_tokens` tokens: P needles and Q questions in random order (a
-    question only after its needle, the last event always a question) with real-text fillers between them."""
-    n_pairs = rng.randint(*pairs)
-    n_queries = max(1, round(n_pairs * rng.uniform(*queries)))
+def kv_events(rng: random.Random, tokenizer, doc_tokens: int, n_pairs: int, n_queries: int):
+    """The needles and questions of one document in order, their token counts, the tokens left for fillers and
+    the number of questions; None when they alone exceed `doc_tokens`."""
     keys, nouns = [], set()
     while len(keys) < n_pairs:  # distinct nouns: the key's last word alone tells the pairs apart
         k = ruler.random_value(rng, "words")
@@ -217,9 +216,25 @@ def kv_document(rng: random.Random, pool: FillerPool, tokenizer, doc_tokens: int
     event_tokens = [len(x) for x in tokenizer([e[1] for e in events], add_special_tokens=False,
                                                verbose=False)["input_ids"]]
     free = doc_tokens - sum(event_tokens)
-    if free < 0:
-        fail(f"{n_pairs} pairs and {n_queries} questions need {sum(event_tokens)} tokens, more than "
-             f"--doc-tokens {doc_tokens}; lower --pairs / --queries")
+    return None if free < 0 else (events, event_tokens, free, n_queries)
+
+
+def kv_document(rng: random.Random, pool: FillerPool, tokenizer, doc_tokens: int, pairs: tuple[int, int],
+                queries: tuple[float, float], shrink: bool = False) -> dict:
+    """One key-value document of at most `doc_tokens` tokens: P needles and Q questions in random order (a
+    question only after its needle, the last event always a question) with real-text fillers between them.
+    With `shrink`, a document too short for the pairs drawn gets fewer pairs (down to one) instead of an error."""
+    n_pairs = rng.randint(*pairs)
+    ratio = rng.uniform(*queries)
+    while True:
+        doc = kv_events(rng, tokenizer, doc_tokens, n_pairs, max(1, round(n_pairs * ratio)))
+        if doc is not None:
+            break
+        if not shrink or (n_pairs == 1 and ratio == 1):
+            fail(f"{n_pairs} pairs and their questions need more than --doc-tokens {doc_tokens} tokens; lower "
+                 f"--pairs / --queries, or raise --doc-tokens")
+        n_pairs, ratio = (n_pairs - 1, ratio) if n_pairs > 1 else (1, 1)
+    events, event_tokens, free, n_queries = doc
     cuts = [0.0] + sorted(rng.random() for _ in events[1:]) + [1.0]  # a filler before each event, none after
     gaps = [round(free * (b - a)) for a, b in zip(cuts[:-1], cuts[1:])]
     fillers = pool.fillers(rng, gaps)
@@ -242,6 +257,7 @@ def write_kv(args) -> dict:
         queries = (float(q[0]), float(q[2] or q[0]))
     except ValueError:
         fail(f"cannot read --queries {args.queries!r}; write a ratio of questions to pairs such as 1-2x")
+    lengths = parse_range(args.doc_tokens)
     rng = random.Random(f"kv:{args.seed}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +265,8 @@ def write_kv(args) -> dict:
     tokens, answers = 0, 0
     with open(tmp, "w") as f:
         for _ in range(args.num_docs):
-            d = kv_document(rng, pool, tokenizer, args.doc_tokens, pairs, queries)
+            doc_tokens = rng.randint(*lengths) if lengths[0] < lengths[1] else lengths[0]
+            d = kv_document(rng, pool, tokenizer, doc_tokens, pairs, queries, shrink=lengths[0] < lengths[1])
             f.write(json.dumps({"text": d["text"]}) + "\n")
             tokens += d["tokens"]
             answers += d["queries"]
@@ -261,25 +278,43 @@ def write_kv(args) -> dict:
 # repeats: a random sequence of keys and values, then the same sequence again (induction drill)
 
 
-def repeat_document(rng: random.Random, tokenizer, doc_tokens: int) -> dict:
-    """A line of random keys and 7-digit values from 05's generator, of 16 to (doc_tokens - 2) / 2 tokens, then
-    the same line again. Every token of the second copy is predictable only by finding its predecessor in the
-    first copy and taking the token after it: exactly the induction head that retrieval from a needle needs,
-    with a dense signal (half the document) that forms it in far fewer steps than needles alone."""
-    target = rng.randint(16, (doc_tokens - 2) // 2)
+def word_tokens(tokenizer) -> list[str]:
+    """The vocabulary's whole words with their leading space (" river"): each is one token, and a line of them
+    tokenizes into exactly those tokens, whatever their order."""
+    words = []
+    for i in range(len(tokenizer)):
+        w = tokenizer.decode([i])
+        if w[:1] == " " and w[1:].isascii() and w[1:].isalpha() and tokenizer.encode(w) == [i]:
+            words.append(w[1:])
+    return sorted(words)
+
+
+def repeat_document(rng: random.Random, tokenizer, doc_tokens: int, min_tokens: int = 34,
+                    words: list[str] | None = None) -> dict:
+    """A line of random keys and 7-digit values from 05's generator (or, with `words`, of words drawn uniformly
+    from that list), of (min_tokens - 2) / 2 to (doc_tokens - 2) / 2 tokens, then the same line again. Every
+    token of the second copy is predictable only by finding its predecessor in the first copy and taking the
+    token after it: exactly the induction head that retrieval from a needle needs, with a dense signal (half the
+    document). Words make it denser still: no token of the line follows from its neighbours."""
+    target = rng.randint(max(2, (min_tokens - 2) // 2), (doc_tokens - 2) // 2)
     items, n = [], 0
     while n < target:
-        items.append(ruler.random_value(rng, "numbers" if rng.random() < 0.3 else "words"))
+        if words:
+            items.append(rng.choice(words))
+        else:
+            items.append(ruler.random_value(rng, "numbers" if rng.random() < 0.3 else "words"))
         n = len(tokenizer(" ".join(items), add_special_tokens=False)["input_ids"])
     while len(items) > 1 and 2 * n + 2 > doc_tokens:
         items.pop()
         n = len(tokenizer(" ".join(items), add_special_tokens=False)["input_ids"])
-    line = " ".join(items) + "\n"
+    line = (" " if words else "") + " ".join(items) + "\n"  # words: every one its own token, the first too
     return {"text": line + line, "tokens": len(tokenizer(line + line, add_special_tokens=False)["input_ids"])}
 
 
 def write_repeats(args) -> dict:
     tokenizer = common.load_tokenizer(args.tokenizer)
+    lengths = parse_range(args.doc_tokens)
+    words = word_tokens(tokenizer) if args.items == "words" else None
     rng = random.Random(f"repeats:{args.seed}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +322,7 @@ def write_repeats(args) -> dict:
     tokens = 0
     with open(tmp, "w") as f:
         for _ in range(args.num_docs):
-            d = repeat_document(rng, tokenizer, args.doc_tokens)
+            d = repeat_document(rng, tokenizer, lengths[1], lengths[0] if lengths[0] < lengths[1] else 34, words)
             f.write(json.dumps({"text": d["text"]}) + "\n")
             tokens += d["tokens"]
     os.replace(tmp, out)
@@ -331,8 +366,10 @@ def probe_prompts(tokenizer, length: int, tasks: list[str], depths: int, samples
 
 
 def probe_accuracy(model, recs: list[dict]) -> dict:
-    """Share of prompts whose value tokens are all the model's argmax given the prompt and the previous value
-    tokens: exactly the prompts that greedy decoding answers with this tokenization of the value."""
+    """Per task, the share of prompts whose value tokens are all the model's argmax given the prompt and the
+    previous value tokens: exactly the prompts that greedy decoding answers with this tokenization of the value;
+    and ("first/TASK") the share whose first value token alone is right (the key found, before copying the rest
+    is learnt)."""
     import torch
 
     hits = {}
@@ -340,8 +377,9 @@ def probe_accuracy(model, recs: list[dict]) -> dict:
         for r in recs:
             ids = torch.tensor([r["input_ids"] + r["answer_ids"]])
             logits = model(input_ids=ids).logits[0, len(r["input_ids"]) - 1:-1]
-            ok = bool((logits.argmax(-1) == torch.tensor(r["answer_ids"])).all())
-            hits.setdefault(r["task"], []).append(ok)
+            right = logits.argmax(-1) == torch.tensor(r["answer_ids"])
+            hits.setdefault(r["task"], []).append(bool(right.all()))
+            hits.setdefault(f"first/{r['task']}", []).append(bool(right[0]))
     return {t: 100.0 * sum(v) / len(v) for t, v in hits.items()}
 
 
@@ -382,6 +420,8 @@ def parse_args(argv=None):
     s.add_argument("--corpus", required=True, help="directory written by `corpus`")
     s.add_argument("--out", required=True, help="tokenizer directory (replaced)")
     s.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (default: 2048)")
+    s.add_argument("--model-max-length", type=int, default=256,
+                   help="the context the tokenizer's config states (the model's; default: 256)")
     s.add_argument("--max-chars", type=int, default=2_000_000,
                    help="characters of training text: half code, half books, plus needle lines (default: 2M)")
     common.add_common_args(s, "seed")
@@ -390,8 +430,9 @@ def parse_args(argv=None):
     s.add_argument("--corpus", required=True, help="directory written by `corpus` (the fillers' real text)")
     s.add_argument("--out", required=True, help="output .jsonl file (replaced)")
     s.add_argument("--num-docs", type=int, required=True, help="documents to write")
-    s.add_argument("--doc-tokens", type=int, required=True,
-                   help="at most this many tokens per document (01 adds one eos: use the row length - 1)")
+    s.add_argument("--doc-tokens", required=True,
+                   help="tokens per document: N fills each to at most N (01 adds one eos: use the row length - 1); "
+                        "LO-HI draws each document's length from that range (fewer pairs where they do not fit)")
     s.add_argument("--pairs", default="1-6", help="key-value pairs per document, N or LO-HI (default: 1-6)")
     s.add_argument("--queries", default="1-2x",
                    help="questions per document as a ratio to its pairs, R or LO-HIx (default: 1-2x)")
@@ -400,7 +441,11 @@ def parse_args(argv=None):
     common.add_common_args(s, "tokenizer", required=["tokenizer"])
     s.add_argument("--out", required=True, help="output .jsonl file (replaced)")
     s.add_argument("--num-docs", type=int, required=True, help="documents to write")
-    s.add_argument("--doc-tokens", type=int, required=True, help="at most this many tokens per document")
+    s.add_argument("--doc-tokens", required=True,
+                   help="N: at most N tokens per document (34 or more); LO-HI: from about LO to HI tokens")
+    s.add_argument("--items", choices=["keys", "words"], default="keys",
+                   help="what the repeated line is made of: keys: 05's keys and values (default); words: whole-word "
+                        "tokens of the vocabulary, drawn uniformly")
     common.add_common_args(s, "seed")
     s = sub.add_parser("probe", help="retrieval accuracy of models or 03 checkpoints")
     s.add_argument("--models", nargs="+", required=True, help="HF model directories or 03 checkpoints (step_N)")
@@ -423,7 +468,8 @@ def main(argv=None) -> int:
         counts = write_corpus(Path(args.out), args.max_chars)
         print(f"corpus: {counts} documents -> {args.out}")
     elif args.command == "tokenizer":
-        train_tokenizer(Path(args.corpus), Path(args.out), args.vocab_size, args.max_chars, args.seed)
+        train_tokenizer(Path(args.corpus), Path(args.out), args.vocab_size, args.max_chars, args.seed,
+                        args.model_max_length)
         print(f"tokenizer: vocabulary {args.vocab_size} -> {args.out}")
     elif args.command == "kv":
         stats = write_kv(args)

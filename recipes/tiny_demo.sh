@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The embedded demo (`make demo`): the whole longctx pipeline on a tiny model, offline, on a CPU, about 10
-# minutes on 2 cores. It extends a 256-token Llama to 1024 tokens (4x) the way AFM-4.5B / UltraLong did it and
+# The embedded demo (`make demo`): the whole longctx pipeline on a tiny model, offline, on a CPU, about 5
+# minutes on 2 cores. It extends a 128-token Llama to 512 tokens (4x) the way AFM-4.5B / UltraLong did it and
 # measures, for every model, loss by position at 4x, needle retrieval at 1x, 2x and 4x, and short-context
 # perplexity, in runs/demo/report.md (with every target of the demo and whether it was met).
 #
 #   assets/demo_base ----------------------------------------------------------------------> base
 #     |-- 02 YaRN x4 ------------------------------------------------------------------------> patched
-#     |     `-- 03 continued pretraining at 1024 (corpus + key-value documents) ----------------> trained
-#     |           `-- 04 distillation from the base at 256 (short text) ------------------------> distilled
+#     |     `-- 03 continued pretraining at 512 (corpus + key-value documents) -----------------> trained
+#     |           `-- 04 distillation from the base at 128 (short text) ------------------------> distilled
 #     |                 `-- 06 soup (trained + distilled) ---------------------------------------> final
 #     `-- 03 the same continued pretraining WITHOUT 02 (plain RoPE past its window) --------------> control
 #   05 evaluates base, patched, trained, distilled, final and control side by side; recipes/demo_report.py
@@ -15,7 +15,7 @@
 #
 # The base model (assets/demo_base/, committed) was trained from scratch by recipes/train_demo_base.sh on the
 # embedded corpus (Python standard-library packages, KJV books) plus key-value retrieval documents in the form
-# of 05's `kv` NIAH prompts (recipes/demo_data.py), so that it retrieves needles inside its 256-token window.
+# of 05's `kv` NIAH prompts (recipes/demo_data.py), so that it retrieves needles inside its 128-token window.
 #
 #   bash recipes/tiny_demo.sh                     # the demo (DEMO_SCALE=full)
 #   DEMO_SCALE=ci OUT=/tmp/demo bash recipes/tiny_demo.sh    # the same pipeline, tiny sizes (tests, < 3 min)
@@ -27,22 +27,25 @@ export MPLBACKEND=Agg
 # ---- settings (each overridable from the environment) ----------------------------------------------------------
 : "${DEMO_SCALE:=full}"              # full: the demo; ci: every stage with tiny sizes, to prove the pipeline
 : "${OUT:=runs/demo}"
-: "${BASE:=assets/demo_base}"        # tiny Llama, 256-token context, + its tokenizer (recipes/train_demo_base.sh)
-: "${SEQ:=256}"                      # the base's native context
-: "${FACTOR:=4}"                     # YaRN factor: 256 -> 1024
+: "${BASE:=assets/demo_base}"        # tiny Llama, 128-token context, + its tokenizer (recipes/train_demo_base.sh)
+if [[ -z ${SEQ:-} ]]; then             # the base's native context: its config's max_position_embeddings
+  SEQ=$(sed -n 's/.*"max_position_embeddings": *\([0-9]*\).*/\1/p' "$BASE/config.json" 2>/dev/null || true)
+  : "${SEQ:=128}"
+fi
+: "${FACTOR:=4}"                     # YaRN factor: 128 -> 512
 : "${SEED:=0}"
 LONG=$((SEQ * FACTOR))
 if [[ $DEMO_SCALE == full ]]; then
-  : "${CPT_STEPS:=150}"              # 03: steps of 4 rows x 1024 tokens (614K tokens)
-  : "${CPT_ROWS:=4}"
+  : "${CPT_STEPS:=150}"              # 03: steps of 4,096 tokens (614K tokens)
+  : "${CPT_ROWS:=$((4096 / LONG))}"   # 4,096 tokens per step
   : "${CPT_LR:=1e-3}"                # the base was trained at 2e-3 peak; tiny models take large rates
-  : "${KD_STEPS:=40}"                # 04: steps of 16 rows x 256 tokens (164K tokens)
-  : "${KD_ROWS:=16}"
+  : "${KD_STEPS:=40}"                # 04: steps of 4,096 tokens (164K tokens)
+  : "${KD_ROWS:=$((4096 / SEQ))}"
   : "${KD_LR:=5e-4}"
   : "${CORPUS_CHARS:=2000000}"       # real text read per source (code, books)
-  : "${DEPTHS:=0:100:5}"             # 05: needle depths x samples x lengths 256, 512, 1024
+  : "${DEPTHS:=0:100:5}"             # 05: needle depths x samples x lengths 1x, 2x, 4x
   : "${SAMPLES:=4}"
-  : "${PPL_DOCS:=16}"                # 05: documents of 1024 tokens for loss by position
+  : "${PPL_DOCS:=16}"                # 05: documents of 4x tokens for loss by position
 elif [[ $DEMO_SCALE == ci ]]; then
   : "${CPT_STEPS:=3}"
   : "${CPT_ROWS:=2}"
@@ -131,9 +134,9 @@ kv_and_pack() {
     --num-proc 1 --seq-len "$1" --packing best-fit --max-tokens "$4" --seed "$SEED" --out "$OUT/data_$5" \
     --overwrite
 }
-data_long() { kv_and_pack "$LONG" "$KV_LONG_DOCS" 1-8 "$CPT_TOKENS" long; }
+data_long() { kv_and_pack "$LONG" "$KV_LONG_DOCS" "1-$((LONG / 128))" "$CPT_TOKENS" long; }
 data_short_and_yarn() {
-  kv_and_pack "$SEQ" "$KV_SHORT_DOCS" 1-4 "$KD_TOKENS" short
+  kv_and_pack "$SEQ" "$KV_SHORT_DOCS" "1-$((SEQ / 64))" "$KD_TOKENS" short
   # 02: YaRN x4 on the base, no training
   timed "02 YaRN x$FACTOR" $PY 02_rope_scale.py --model "$BASE" --method yarn --factor "$FACTOR" \
     --out "$OUT/patched" --overwrite
@@ -143,8 +146,8 @@ data_short_and_yarn() {
 CPT_FLAGS=(--data "$OUT/data_long" --batch-tokens $((CPT_ROWS * LONG)) --max-steps "$CPT_STEPS" --lr "$CPT_LR"
            --warmup-steps $((CPT_STEPS / 10)) --seed "$SEED" --no-activation-checkpointing --save-every 0
            --no-final-checkpoint --log-every 25 --overwrite)
-# 03 (YaRN) watches the long/short trade-off as it trains (probes.py): kv needles at 256/512/1024 tokens, loss by
-# position on held-out books, perplexity on 256-token text, before the first step and every EVAL_EVERY steps
+# 03 (YaRN) watches the long/short trade-off as it trains (probes.py): kv needles at 1x/2x/4x tokens, loss by
+# position on held-out books, perplexity on 1x-token text, before the first step and every EVAL_EVERY steps
 : "${EVAL_EVERY:=25}"
 PROBE_FLAGS=(--eval-every "$EVAL_EVERY" --probe-niah-task niah_single_kv)
 EVAL_FLAGS=(--tasks niah,ppl --niah-tasks niah_single_kv,niah_multikey_kv --lengths "$SEQ,$((2 * SEQ)),$LONG"
@@ -153,7 +156,7 @@ EVAL_FLAGS=(--tasks niah,ppl --niah-tasks niah_single_kv,niah_multikey_kv --leng
 yarn_chain() {
   timed "03 continued pretraining at $LONG (YaRN)" $PY 03_continued_pretrain.py --model "$OUT/patched" \
     --out "$OUT/trained" "${CPT_FLAGS[@]}" "${PROBE_FLAGS[@]}"
-  # 04: short-context distillation from the base (Arcee's restoration step), on 256-token text
+  # 04: short-context distillation from the base (Arcee's restoration step), on native-length text
   timed "04 distillation at $SEQ" $PY 04_sft.py --model "$OUT/trained/final" --teacher "$BASE" \
     --data "$OUT/data_short" --alpha 0.5 --temperature 2 --batch-tokens $((KD_ROWS * SEQ)) \
     --max-steps "$KD_STEPS" --lr "$KD_LR" --warmup-steps $((KD_STEPS / 10)) --seed "$SEED" \

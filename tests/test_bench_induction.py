@@ -28,3 +28,26 @@ def test_short_run_prints_the_table(capsys):
     assert "| step | training rows | loss | copy acc @32 | time |" in out
     assert "| 2 | 16 |" in out and "| 4 | 32 |" in out
     assert "(chance 5.0%)" in out
+
+
+def test_alternating_schedule_and_shape_overrides(capsys):
+    bench = load_script("bench/induction_plateau")
+    assert bench.main(["--schedule", "16+32:4", "--batch-tokens", "64", "--eval-every", "1", "--eval-lens", "32",
+                       "--vocab", "20", "--set", "num_hidden_layers=2", "--init-std", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "schedule 16+32:4" in out
+    # steps 1..4 take the lengths in turn (step % 2 indexes them)
+    assert all(f"| {step} | {seq} |" in out for step, seq in ((1, 32), (2, 16), (3, 32), (4, 16)))
+    assert bench.build_model(bench.parse_args(["--set", "num_hidden_layers=2"]))[0].config.num_hidden_layers == 2
+
+
+def test_bad_schedule_or_override_is_an_argparse_error(capsys):
+    bench = load_script("bench/induction_plateau")
+    for argv in (["--schedule", "32"], ["--schedule", "a:5"], ["--set", "hidden_size"], ["--set", "=4"]):
+        try:
+            bench.parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"{argv} was accepted")
+    assert "is not" in capsys.readouterr().err

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lc_testutil import ROOT
+from lc_testutil import ROOT, load_script
 
 BASE = ROOT / "assets" / "demo_base"
+NATIVE = 128  # the committed base's context (recipes/train_demo_base.sh SEQ); the demo extends it 4x
 STAGES = ["data_long", "data_short", "patched", "trained", "distilled", "final", "control",
           "eval_base", "eval_yarn"]
 
@@ -47,7 +48,7 @@ def test_base_model_is_small_and_checksummed():
     for name, digest in sums.items():
         assert hashlib.sha256((BASE / name).read_bytes()).hexdigest() == digest, name
     config = json.loads((BASE / "config.json").read_text())
-    assert config["max_position_embeddings"] == 256
+    assert config["max_position_embeddings"] == NATIVE
 
 
 @pytest.mark.slow
@@ -75,7 +76,7 @@ def test_ci_demo_soup_is_the_mean_and_yarn_is_patched(ci_demo):
     config = json.loads((out / "patched" / "config.json").read_text())
     rope = config.get("rope_parameters") or config["rope_scaling"]
     assert rope["rope_type"] == "yarn" and rope["factor"] == 4
-    assert rope.get("original_max_position_embeddings", 256) == 256
+    assert rope.get("original_max_position_embeddings", NATIVE) == NATIVE
     for model in ("trained", "distilled"):  # the YaRN settings travel through training and distillation
         cfg = json.loads((out / model / "final" / "config.json").read_text())
         assert (cfg.get("rope_parameters") or cfg["rope_scaling"])["rope_type"] == "yarn"
@@ -97,12 +98,28 @@ def test_ci_demo_report_numbers_come_from_the_results(ci_demo):
         cells = [v for t in m["niah"]["grid"].values() for v in t[str(length)].values()]
         return sum(cells) / len(cells)
 
-    base_acc = mean_acc(models["base"], 256)
-    row = re.search(r"\| base retrieves >= 90% inside its window \(NIAH at 256\) \| ([\d.]+)%", report)
+    base_acc = mean_acc(models["base"], NATIVE)
+    row = re.search(rf"\| base retrieves >= 90% inside its window \(NIAH at {NATIVE}\) \| ([\d.]+)%", report)
     assert row and abs(float(row.group(1)) - base_acc) < 0.051
 
+    # retrieval by length with its 95% Wilson interval, the formula written out here
+    z = 1.959964
+    section = report[report.index("## Needle retrieval"):]
+    for name, m in models.items():
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{name}` |"))
+        cells = re.findall(r"([\d.]+) \[(\d+), (\d+)\] n=(\d+)", row)
+        lengths = m["niah"]["lengths"]
+        assert len(cells) == len(lengths), row
+        for (score, lo, hi, n), length in zip(cells, lengths):
+            p, n = mean_acc(m, length) / 100, int(n)
+            assert n == m["niah"]["prompts"] // len(lengths)
+            centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+            want = [100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)]
+            assert abs(float(score) - 100 * p) < 0.051, (name, length)
+            assert abs(int(lo) - max(0.0, want[0])) <= 0.5 + 1e-9 and abs(int(hi) - min(100.0, want[1])) <= 0.5 + 1e-9
+
     def short_ppl(m):  # token-weighted mean loss over the buckets inside the window
-        inside = [b for b in m["ppl"]["buckets"] if b["end"] <= 256]
+        inside = [b for b in m["ppl"]["buckets"] if b["end"] <= NATIVE]
         return math.exp(sum(b["loss"] * b["tokens"] for b in inside) / sum(b["tokens"] for b in inside))
 
     row = re.search(r"within 10% of the base \| ([\d.]+) vs ([\d.]+)", report)
@@ -125,3 +142,43 @@ def test_unknown_scale_is_one_error_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: DEMO_SCALE=huge is neither full nor ci"]
     assert not (tmp_path / "bad").exists()
+
+
+def test_kv_documents_drawn_from_a_length_range_fit_and_ask_what_they_hold(tmp_path):
+    demo_data = load_script("recipes/demo_data")
+    corpus, out = tmp_path / "corpus", tmp_path / "kv.jsonl"
+    demo_data.write_corpus(corpus, max_chars=200_000)
+    assert demo_data.main(["kv", "--tokenizer", str(BASE), "--corpus", str(corpus), "--out", str(out),
+                           "--num-docs", "60", "--doc-tokens", "40-127", "--pairs", "1-4", "--seed", "3"]) == 0
+    tok = demo_data.common.load_tokenizer(str(BASE))
+    lengths, pairs = [], []
+    for line in out.read_text().splitlines():
+        text = json.loads(line)["text"]
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        assert n <= 127
+        lengths.append(n)
+        needles = re.findall(r"The special magic number for (\S+) (\d{7})\.", text)
+        first = {}
+        for key, value in needles:  # a key's later lines repeat its first: the value is the same
+            assert first.setdefault(key, value) == value
+        assert needles[-1] in needles[:-1]  # the document ends on a question about an earlier needle
+        pairs.append(len(first))
+    assert min(lengths) < 70 and max(lengths) > 110  # lengths spread over the range
+    assert min(pairs) == 1 and max(pairs) >= 3  # short documents hold fewer pairs
+
+
+def test_word_drills_repeat_a_line_of_whole_word_tokens():
+    demo_data = load_script("recipes/demo_data")
+    tok = demo_data.common.load_tokenizer(str(BASE))
+    words = demo_data.word_tokens(tok)
+    assert len(words) > 200
+    ids_of_words = {tok.encode(" " + w)[0] for w in words}
+    rng = demo_data.random.Random(0)
+    for _ in range(20):
+        d = demo_data.repeat_document(rng, tok, 64, 8, words)
+        line = d["text"][:len(d["text"]) // 2]
+        assert d["text"] == line + line and line.endswith("\n")
+        ids = tok(line, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(line.split()) + 1 <= 32  # one token per word, then the newline
+        assert set(ids[:-1]) <= ids_of_words
+        assert d["tokens"] == len(tok(d["text"], add_special_tokens=False)["input_ids"]) <= 64

@@ -211,8 +211,9 @@ def test_every_cited_file_and_heading_exists():
     """Markdown links, paths into this repository's own folders (docs/, recipes/, bench/, tests/, assets/) and
     bare `NAME.md` mentions must exist; an `#anchor` must be a heading of its page. A path named right after
     another repository ("pytorch/torchtitan `docs/fsdp.md`") is a source, not a link, and is not checked."""
-    own_dirs = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    md_names = {p.name for p in ROOT.rglob("*.md") if not {".venv", ".cache", ".git"} & set(p.parts)}
+    outputs = {"runs", "__pycache__"}  # git-ignored folders that runs create; what they hold is not the repository
+    own_dirs = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")} - outputs
+    md_names = {p.name for p in ROOT.rglob("*.md") if not {".venv", ".cache", ".git", *outputs} & set(p.parts)}
     other_repo = re.compile(r"\b([\w-]+)/[\w.-]+[`,:]?\s*`?$")
     missing = []
     for path, text in cited_texts():
