@@ -166,6 +166,14 @@ def statements(r: dict[str, dict], native: int, factor: int) -> list[str]:
                    f"{acc['control']:.0f}% vs {acc['trained']:.0f}% retrieval at {long} tokens, loss at "
                    f"{fmt_bucket(w['trained']['last'])} {d_loss:+.1%} against the YaRN model; the {better} "
                    f"is ahead.")
+    if acc["patched"] >= 80 and acc["base"] <= 20:
+        out.append(f"At this scale 02 alone brings retrieval back ({acc['base']:.0f}% -> {acc['patched']:.0f}% at "
+                   f"{long} tokens, before any training): YaRN maps the longer window onto rotations the base was "
+                   f"trained on, and its copying carries over. What 03 adds is the loss past the window "
+                   f"({w['patched']['last']['loss']:.3f} -> {w['trained']['last']['loss']:.3f} at "
+                   f"{fmt_bucket(w['trained']['last'])}) and the short-context perplexity YaRN cost "
+                   f"({w['patched']['short_ppl']:.2f} -> {w['trained']['short_ppl']:.2f}; the base: "
+                   f"{w['base']['short_ppl']:.2f}).")
     p, b = w["patched"]["last"]["loss"], w["base"]["last"]["loss"]
     out.append(f"02 alone (no training) changes the loss at {fmt_bucket(w['base']['last'])} from "
                f"{b:.3f} (base) to {p:.3f}, retrieval at {long} from {acc['base']:.0f}% to {acc['patched']:.0f}%, "
