@@ -123,9 +123,10 @@ def main(argv=None) -> int:
     held_out = {L: repeat_rows(32, L, args.vocab, torch.Generator().manual_seed(10_000 + L))
                 for L in map(int, args.eval_lens.split(","))}
     ends = list(itertools.accumulate(n for _, n in phases))
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.arch}, schedule "
-          f"{','.join('+'.join(map(str, lens)) + f':{n}' for lens, n in phases)}, vocab {args.vocab}, {args.batch_tokens} tokens/step, lr {args.lr}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
+    plan = ",".join("+".join(map(str, lens)) + f":{n}" for lens, n in phases)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.arch}, schedule {plan}, vocab "
+          f"{args.vocab}, {args.batch_tokens} tokens/step, lr {args.lr}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s)", flush=True)
     rows, t0 = [], time.perf_counter()
     for step in range(1, ends[-1] + 1):
         lens = next(lens for (lens, _), end in zip(phases, ends) if step <= end)

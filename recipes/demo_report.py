@@ -169,11 +169,12 @@ def statements(r: dict[str, dict], native: int, factor: int) -> list[str]:
     if acc["patched"] >= 80 and acc["base"] <= 20:
         out.append(f"At this scale 02 alone brings retrieval back ({acc['base']:.0f}% -> {acc['patched']:.0f}% at "
                    f"{long} tokens, before any training): YaRN maps the longer window onto rotations the base was "
-                   f"trained on, and its copying carries over. What 03 adds is the loss past the window "
-                   f"({w['patched']['last']['loss']:.3f} -> {w['trained']['last']['loss']:.3f} at "
-                   f"{fmt_bucket(w['trained']['last'])}) and the short-context perplexity YaRN cost "
-                   f"({w['patched']['short_ppl']:.2f} -> {w['trained']['short_ppl']:.2f}; the base: "
-                   f"{w['base']['short_ppl']:.2f}).")
+                   f"trained on, and its copying carries over. After it, 03 moves the loss at "
+                   f"{fmt_bucket(w['trained']['last'])} from {w['patched']['last']['loss']:.3f} to "
+                   f"{w['trained']['last']['loss']:.3f} and the short-context perplexity from "
+                   f"{w['patched']['short_ppl']:.2f} to {w['trained']['short_ppl']:.2f} (the base: "
+                   f"{w['base']['short_ppl']:.2f}); 04 and the soup bring the latter to "
+                   f"{w['distilled']['short_ppl']:.2f} and {w['final']['short_ppl']:.2f}.")
     p, b = w["patched"]["last"]["loss"], w["base"]["last"]["loss"]
     out.append(f"02 alone (no training) changes the loss at {fmt_bucket(w['base']['last'])} from "
                f"{b:.3f} (base) to {p:.3f}, retrieval at {long} from {acc['base']:.0f}% to {acc['patched']:.0f}%, "
@@ -192,7 +193,7 @@ def statements(r: dict[str, dict], native: int, factor: int) -> list[str]:
 
 def plot_loss(path: Path, r: dict[str, dict], native: int) -> None:
     eval_module().plot_ppl(path, {k: m["ppl"] for k, m in r.items()}, spacing_log=True, window=native,
-                           dashed=("control",), title="loss by position on real text (stdlib code, KJV books)")
+                           dashed=("control",), title="loss by position on held-out code (stdlib single-file modules)")
 
 
 def plot_niah(path: Path, r: dict[str, dict]) -> None:
@@ -302,7 +303,7 @@ def write_report(args) -> Path:
                            for k in MODELS]), "",
               "Both tasks pooled: mean accuracy (%), 95% Wilson interval, prompts. Per task:", ""]
     header = ["model"] + [f"{t} @{L}" for t in tasks for L in lengths]
-    lines.append(eval_module().md_table(header, [[f"`{k}`"] + [f"{niah_cell(r[k], t, L):.0f}" for t in tasks for L in lengths]
+    lines.append(em.md_table(header, [[f"`{k}`"] + [f"{niah_cell(r[k], t, L):.0f}" for t in tasks for L in lengths]
                                    for k in MODELS]))
     lines += ["", "![needle heatmaps](niah_heatmaps.png)", ""]
 
@@ -325,10 +326,11 @@ def write_report(args) -> Path:
     if curve:
         keys = [k for k in curve[0] if k.startswith("niah_")]
         lines += ["## The base model's retrieval while it was trained", "",
-                  f"From `{os.path.relpath(args.base, ROOT)}/curve.json` (recipes/train_demo_base.sh: each checkpoint on 05's kv prompts at "
+                  f"From `{os.path.relpath(args.base, ROOT)}/curve.json` (recipes/train_demo_base.sh: each "
+                  f"checkpoint on 05's kv prompts at "
                   f"{native} tokens, teacher-forced exact match of the value, which is what greedy decoding "
                   f"answers).", "",
-                  eval_module().md_table(["step"] + keys, [[c["step"]] + [f"{c[k]:.0f}" for k in keys] for c in curve]), ""]
+                  em.md_table(["step"] + keys, [[c["step"]] + [f"{c[k]:.0f}" for k in keys] for c in curve]), ""]
 
     if timings:
         lines += ["## Wall time per stage", "", eval_module().md_table(["stage", "seconds"],
@@ -412,8 +414,9 @@ def write_base_card(args) -> Path:
         firsts = [k for k in curve[0] if k.startswith("first/")] if curve else []
         card = [
             "# demo_base: the embedded demo's tiny base model", "",
-            f"A {config['num_hidden_layers']}-layer Llama (hidden {config['hidden_size']}, {config['num_attention_heads']}"
-            f" heads, {config['num_key_value_heads']} KV heads, vocabulary {config['vocab_size']}, {n_params / 1e6:.2f}M "
+            f"A {config['num_hidden_layers']}-layer Llama (hidden {config['hidden_size']}, "
+            f"{config['num_attention_heads']} heads, {config['num_key_value_heads']} KV heads, vocabulary "
+            f"{config['vocab_size']}, {n_params / 1e6:.2f}M "
             f"parameters, fp32) with a native context of {config['max_position_embeddings']} tokens, trained from a "
             f"random init by 03_continued_pretrain.py on the embedded corpus (Python standard-library packages, KJV "
             f"books) and key-value retrieval documents (recipes/demo_data.py). `make demo` extends it to 4x.", "",
