@@ -150,9 +150,10 @@ CPT_FLAGS=(--data "$OUT/data_long" --batch-tokens $((CPT_ROWS * LONG)) --max-ste
 # library's single-file modules (corpus/heldout.jsonl; the corpus holds its packages). Text held out from 03 alone
 # would not do: the base was trained on the whole corpus, so that would measure forgetting of what it memorised.
 # 03 (YaRN) watches the long/short trade-off as it trains (probes.py): kv needles at 1x/2x/4x tokens, loss by
-# position on held-out books, perplexity on 1x-token text, before the first step and every EVAL_EVERY steps
+# position and perplexity on 1x-token text of the same held-out modules, before the first step and every
+# EVAL_EVERY steps
 : "${EVAL_EVERY:=25}"
-PROBE_FLAGS=(--eval-every "$EVAL_EVERY" --probe-niah-task niah_single_kv)
+PROBE_FLAGS=(--eval-every "$EVAL_EVERY" --probe-niah-task niah_single_kv --probe-data "$OUT/corpus/heldout.jsonl")
 EVAL_FLAGS=(--tasks niah,ppl --niah-tasks niah_single_kv,niah_multikey_kv --lengths "$SEQ,$((2 * SEQ)),$LONG"
             --seq-len "$LONG" --depths "$DEPTHS" --samples "$SAMPLES" --max-new-tokens 8 --ppl-docs "$PPL_DOCS"
             --ppl-data "$OUT/corpus/heldout.jsonl"
