@@ -3,8 +3,9 @@
 Needle retrieval is induction: find the earlier occurrence of the current token and copy the token after it.
 A first demo base (256-token rows) never learnt it in 2,500 steps; the committed one (assets/demo_base) learnt it
 after ~3,250 steps of short documents (docs/benchmarks.md). This measures the skill in its purest form, on the
-same model shape, before a long training is spent: rows of random tokens in which a random span is repeated once; every token of the repeat after its first is predictable only by copying. Copy accuracy
-(argmax == the copied token) on held-out rows, at several row lengths, every --eval-every steps.
+same model shape, before a long training is spent: rows of random tokens in which a random span is repeated
+once; every token of the repeat after its first is predictable only by copying. Copy accuracy (argmax == the
+copied token) on held-out rows, at several row lengths, every --eval-every steps.
 
 A schedule `32:800,128:600` trains 800 steps on 32-token rows, then 600 on 128-token rows (a length
 curriculum); `16+32+64:2000` alternates the three lengths step after step; the tokens per step stay

@@ -78,12 +78,13 @@ def write_corpus(out: Path, max_chars: int | None = None) -> dict:
     (at least one document); heldout.jsonl: text that no model here trains on (held_out_documents)."""
     counts = {}
     with safe_output.output_dir(out, overwrite=True) as tmp:
-        for name, docs in (("code", common.code_repo_documents()), ("books", common.book_documents()),
-                           ("heldout", held_out_documents())):
+        sources = (("code", common.code_repo_documents(), max_chars), ("books", common.book_documents(), max_chars),
+                   ("heldout", held_out_documents(), None))
+        for name, docs, limit in sources:
             n, chars = 0, 0
             with open(tmp / f"{name}.jsonl", "w") as f:
                 for d in docs:
-                    if n and max_chars and name != "heldout" and chars + len(d["text"]) > max_chars:
+                    if n and limit and chars + len(d["text"]) > limit:
                         break
                     f.write(json.dumps({"id": d["id"], "text": d["text"]}) + "\n")
                     n, chars = n + 1, chars + len(d["text"])
@@ -204,8 +205,8 @@ class FillerPool:
 
 
 def kv_events(rng: random.Random, tokenizer, doc_tokens: int, n_pairs: int, n_queries: int):
-    """The needles and questions of one document in order, their token counts, the tokens left for fillers and
-    the number of questions; None when they alone exceed `doc_tokens`."""
+    """The needles and questions of one document in order, the tokens left for fillers and the number of
+    questions; None when they alone exceed `doc_tokens`."""
     keys, nouns = [], set()
     while len(keys) < n_pairs:  # distinct nouns: the key's last word alone tells the pairs apart
         k = ruler.random_value(rng, "words")
@@ -227,7 +228,7 @@ def kv_events(rng: random.Random, tokenizer, doc_tokens: int, n_pairs: int, n_qu
     event_tokens = [len(x) for x in tokenizer([e[1] for e in events], add_special_tokens=False,
                                                verbose=False)["input_ids"]]
     free = doc_tokens - sum(event_tokens)
-    return None if free < 0 else (events, event_tokens, free, n_queries)
+    return None if free < 0 else (events, free, n_queries)
 
 
 def kv_document(rng: random.Random, pool: FillerPool, tokenizer, doc_tokens: int, pairs: tuple[int, int],
@@ -245,7 +246,7 @@ def kv_document(rng: random.Random, pool: FillerPool, tokenizer, doc_tokens: int
             fail(f"{n_pairs} pairs and their questions need more than --doc-tokens {doc_tokens} tokens; lower "
                  f"--pairs / --queries, or raise --doc-tokens")
         n_pairs, ratio = (n_pairs - 1, ratio) if n_pairs > 1 else (1, 1)
-    events, event_tokens, free, n_queries = doc
+    events, free, n_queries = doc
     cuts = [0.0] + sorted(rng.random() for _ in events[1:]) + [1.0]  # a filler before each event, none after
     gaps = [round(free * (b - a)) for a, b in zip(cuts[:-1], cuts[1:])]
     fillers = pool.fillers(rng, gaps)
@@ -269,6 +270,7 @@ def write_kv(args) -> dict:
     except ValueError:
         fail(f"cannot read --queries {args.queries!r}; write a ratio of questions to pairs such as 1-2x")
     lengths = parse_range(args.doc_tokens)
+    ranged = lengths[0] < lengths[1]  # LO-HI: a length per document, fewer pairs where they do not fit
     rng = random.Random(f"kv:{args.seed}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -276,8 +278,8 @@ def write_kv(args) -> dict:
     tokens, answers = 0, 0
     with open(tmp, "w") as f:
         for _ in range(args.num_docs):
-            doc_tokens = rng.randint(*lengths) if lengths[0] < lengths[1] else lengths[0]
-            d = kv_document(rng, pool, tokenizer, doc_tokens, pairs, queries, shrink=lengths[0] < lengths[1])
+            doc_tokens = rng.randint(*lengths) if ranged else lengths[0]
+            d = kv_document(rng, pool, tokenizer, doc_tokens, pairs, queries, shrink=ranged)
             f.write(json.dumps({"text": d["text"]}) + "\n")
             tokens += d["tokens"]
             answers += d["queries"]
@@ -300,13 +302,14 @@ def word_tokens(tokenizer) -> list[str]:
     return sorted(words)
 
 
-def repeat_document(rng: random.Random, tokenizer, doc_tokens: int, min_tokens: int = 34,
-                    words: list[str] | None = None) -> dict:
+def repeat_document(rng: random.Random, tokenizer, lengths: tuple[int, int], words: list[str] | None = None) -> dict:
     """A line of random keys and 7-digit values from 05's generator (or, with `words`, of words drawn uniformly
-    from that list), of (min_tokens - 2) / 2 to (doc_tokens - 2) / 2 tokens, then the same line again. Every
+    from that list), then the same line again, the document LO to HI tokens long (`lengths`; a single N, given as
+    (N, N), means 34 to N). Every
     token of the second copy is predictable only by finding its predecessor in the first copy and taking the
     token after it: exactly the induction head that retrieval from a needle needs, with a dense signal (half the
     document). Words make it denser still: no token of the line follows from its neighbours."""
+    min_tokens, doc_tokens = (lengths[0] if lengths[0] < lengths[1] else 34), lengths[1]
     target = rng.randint(max(2, (min_tokens - 2) // 2), (doc_tokens - 2) // 2)
     items, n = [], 0
     while n < target:
@@ -333,7 +336,7 @@ def write_repeats(args) -> dict:
     tokens = 0
     with open(tmp, "w") as f:
         for _ in range(args.num_docs):
-            d = repeat_document(rng, tokenizer, lengths[1], lengths[0] if lengths[0] < lengths[1] else 34, words)
+            d = repeat_document(rng, tokenizer, lengths, words)
             f.write(json.dumps({"text": d["text"]}) + "\n")
             tokens += d["tokens"]
     os.replace(tmp, out)

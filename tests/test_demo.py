@@ -182,7 +182,7 @@ def test_word_drills_repeat_a_line_of_whole_word_tokens():
     ids_of_words = {tok.encode(" " + w)[0] for w in words}
     rng = demo_data.random.Random(0)
     for _ in range(20):
-        d = demo_data.repeat_document(rng, tok, 64, 8, words)
+        d = demo_data.repeat_document(rng, tok, (8, 64), words)
         line = d["text"][:len(d["text"]) // 2]
         assert d["text"] == line + line and line.endswith("\n")
         ids = tok(line, add_special_tokens=False)["input_ids"]
