@@ -89,11 +89,12 @@ def trainer_and_export_logits(run, checkpoint, mesh, device: torch.device, dtype
     n = ids.shape[1]
     row = {"index": 0, "input_ids": ids[0].numpy(), "doc_lens": [n], "num_pad": 0}
     mb = varlen_attention.build_micro_batch([row], n).to(device)
+    exported = AutoModelForCausalLM.from_pretrained(final, dtype=dtype).to(device)
     with torch.no_grad():
-        trainer = fsdp_train.forward_loss(model, mb, lambda hidden, weight: F.linear(hidden, weight).float())[0]
-        exported = AutoModelForCausalLM.from_pretrained(final).to(device)(ids.to(device)).logits[0].float()
+        ours = fsdp_train.forward_loss(model, mb, lambda hidden, weight: F.linear(hidden, weight))[0].float()
+        theirs = exported(ids.to(device)).logits[0].float()
     fsdp_train.reshard(model)
-    return trainer, exported
+    return ours, theirs
 
 
 @pytest.fixture(scope="module")
@@ -340,8 +341,8 @@ def test_dense_path_equals_per_document_reference_outputs_and_grads(cpu_mesh, ti
 
 
 def test_mixed_micro_batch_takes_varlen_and_equals_its_rows_alone(cpu_mesh):
-    """A row of one document beside a row of three must take varlen; its hidden states equal each row run alone
-    (the first on the dense path), so a mixed micro-batch loses nothing by it."""
+    """A row of one document beside a row of three must take varlen; its hidden states, loss and gradients equal
+    those of each row run alone (the first on the dense path), so a mixed micro-batch loses nothing by it."""
     model = tiny_model(cpu_mesh)
     rows = rows_of([([32], 0), ([7, 9, 10], 6)], 32, seed=6)
     mixed = varlen_attention.build_micro_batch(rows, 32)
@@ -352,6 +353,12 @@ def test_mixed_micro_batch_takes_varlen_and_equals_its_rows_alone(cpu_mesh):
         apart = torch.cat([varlen_attention.forward_hidden(model, mb)[0] for mb in alone])
     keep = real_tokens(rows, 32)
     assert rel_error(together[keep], apart[keep]) < 1e-5
+    fsdp_train.reshard(model)
+    loss, grads = grads_after(model, [mixed])
+    loss_apart, grads_apart = grads_after(model, alone)  # accumulated, divided by the same global count
+    assert loss == pytest.approx(loss_apart, rel=1e-6)
+    for name, g in grads.items():
+        assert rel_error(g, grads_apart[name]) < 1e-5, name
 
 
 def test_startup_probe_names_both_paths_and_refuses_a_broken_one(cpu_mesh, monkeypatch):
