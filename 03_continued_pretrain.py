@@ -6,8 +6,10 @@ with the next-token loss:
 - each micro-batch is flattened to ONE row [1, tokens] with explicit document boundaries (cu_seqlens); attention
   stays inside each document (--doc-mask, ProLong) or inside each packed row (--no-doc-mask, UltraLong), never
   across rows, never onto padding; the first token of a document is never predicted from the previous one;
-- one attention function registered with transformers: flash-attn varlen when installed, PyTorch's varlen on
-  CUDA otherwise, an exact per-document reference on CPU; a start-up probe proves it (and names the backend);
+- one attention function registered with transformers: a micro-batch whose rows are each one causal span (one
+  document, or any row with --no-doc-mask) runs PyTorch's SDPA causal per row (cuDNN or flash on a GPU); rows of
+  several documents run flash-attn varlen when installed, PyTorch's varlen on CUDA otherwise, an exact
+  per-document reference on CPU; a start-up probe proves both paths (and names them), metrics.jsonl counts them;
 - the loss of a step is the sum of token cross-entropies over all micro-batches on all ranks divided by their
   global count (torchtitan's rule); logits for a whole row never exist (Liger fused linear CE on CUDA, chunked
   and checkpointed CE elsewhere);
@@ -404,6 +406,7 @@ def train(args, run, signals: fsdp_train.StopSignals) -> int:
         record = fsdp_train.step_record(step + 1, max_steps, loss=loss_val, grad_norm=gnorm_val, lr=lr,
                                     valid_tokens=n_valid, tokens=tokens, flops=flops, dt=dt, step_times=step_times,
                                     world=world, peak=peak, device=device)
+        record["attn_paths"] = varlen_attention.count_attention_paths(micro_batches)  # this rank's, by path
         if cp.size > 1:  # how this rank's micro-batches attended (ProLong's shortcut shows up as "local")
             record["cp_methods"] = {m: sum(mb.cp.method == m for mb in micro_batches)
                                     for m in sorted({mb.cp.method for mb in micro_batches})}

@@ -723,6 +723,7 @@ def train(args, run, signals: fsdp_train.StopSignals) -> int:
         record = fsdp_train.step_record(step + 1, max_steps, loss=loss_val, grad_norm=gnorm_val, lr=lr,
                                     valid_tokens=n_valid, tokens=tokens, flops=flops, dt=dt, step_times=step_times,
                                     world=world, peak=peak, device=device)
+        record["attn_paths"] = varlen_attention.count_attention_paths(micro_batches)  # this rank's, by path
         if teacher is not None:
             record.update(ce=ce_val, kl=kl_val)  # write_step shows them after the loss
         if monitor is not None and monitor.due(step + 1):

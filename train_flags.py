@@ -48,7 +48,8 @@ def add_system_args(p, loss_help: str, loss_chunk: int | None, loss_chunk_help: 
     g.add_argument("--loss", choices=["auto", "liger", "chunked"], default="auto", help=loss_help)
     g.add_argument("--loss-chunk", type=number(int, min=1), default=loss_chunk, help=loss_chunk_help)
     g.add_argument("--attention-backend", choices=["auto", "flash_attn", "torch_varlen", "reference"],
-                   default="auto", help="force an attention backend (default: the best available)")
+                   default="auto", help="force the varlen kernel of rows of several documents (default: the best "
+                                        "available); rows of one causal span always run PyTorch's SDPA")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each decoder layer in the backward (default: on)")
     g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and optimizer on CPU")

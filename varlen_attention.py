@@ -2,15 +2,22 @@
 
 Packing documents into rows keeps every token useful, but plain causal attention then lets a document read the
 documents packed before it. Here a micro-batch is flattened to ONE row [1, T] with explicit document boundaries
-(cu_seqlens) and one attention function, registered with transformers, attends inside those boundaries only:
-flash-attn's varlen kernel when installed, PyTorch's `varlen_attn` on CUDA otherwise, an exact per-document
-reference on CPU. No dense [T, T] mask is ever built. Targets never cross a boundary (the first token of a
-document is never predicted from the one before it) and padding is never a target. A start-up probe
-(`check_attention`) proves that the model really attends through this function and that nothing leaks.
+(cu_seqlens) and one attention function, registered with transformers, attends inside those boundaries only.
+It takes one of two paths per micro-batch:
+- dense causal: when every row of the micro-batch is one causal span (a single document, or any row under
+  --no-doc-mask), followed at most by padding at its end, the rows need no boundaries at all: PyTorch's
+  `scaled_dot_product_attention(is_causal=True)` runs on them as a batch [rows, heads, seq, dim] (cuDNN or flash
+  on a GPU, the flash or math kernel on a CPU). Exact for every real token: causal attention never reaches the
+  padding after it, and padding is never a target;
+- varlen: rows of several documents: flash-attn's varlen kernel when installed, PyTorch's `varlen_attn` on CUDA
+  otherwise, an exact per-document reference on CPU.
+No dense [T, T] mask is ever built. Targets never cross a boundary (the first token of a document is never
+predicted from the one before it) and padding is never a target. A start-up probe (`check_attention`) proves
+that the model really attends through this function, on both paths, and that nothing leaks.
 
 Used by 03_continued_pretrain.py and 04_sft.py (training), 05_eval.py (the attention name) and
 context_parallel.py, which plugs in through one hook: a micro-batch's `cp` plan, whose `attention()` runs instead
-of the local kernel when a row is split over several GPUs.
+of the local kernel when a row is split over several GPUs (a split row never takes the dense path here).
 
 Outside this repository (copy this file and common.py), in your own Hugging Face training loop:
 
@@ -21,17 +28,20 @@ Outside this repository (copy this file and common.py), in your own Hugging Face
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=va.register_attention())
     va.check_attention(model, device, dtype, model.config.vocab_size)    # once: raises if anything leaks
     row = {"index": 0, "input_ids": ids, "doc_lens": [300, 200, 524], "num_pad": 0}   # 3 documents, 1024 tokens
-    mb = va.build_micro_batch([row], seq_len=1024).to(device)
+    mb = va.build_micro_batch([row], seq_len=1024).to(device)             # mb.attn_path: "varlen" here
     hidden = va.forward_hidden(model, mb)                                  # [1, 1024, hidden]
     loss = F.cross_entropy(model.lm_head(hidden)[0], mb.targets[0], ignore_index=-100)
+    va.count_attention_paths([mb])                                         # {"dense": 0, "varlen": 1}
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common import IGNORE_INDEX, fail
 
@@ -80,6 +90,15 @@ class MicroBatch:
     attn_sq: int  # sum of squared lengths of non-padding segments (document-aware attention FLOPs)
     row_ids: list[int] = field(default_factory=list)
     cp: object | None = None  # context_parallel.CPAttention: this rank's share of a row split over a cp group
+    dense_rows: int = 0  # > 0: T is this many equal rows, each one causal span (then padding): dense causal path
+
+    @property
+    def attn_path(self) -> str:
+        """Which attention this micro-batch takes: "dense" (SDPA, causal over each row), "varlen" (document
+        boundaries), or "cp" (a row split over a context-parallel group: its plan's method)."""
+        if self.cp is not None:
+            return "cp"
+        return "dense" if self.dense_rows else "varlen"
 
     def to(self, device, non_blocking: bool = True) -> "MicroBatch":
         if torch.device(device).type == "cuda":
@@ -88,7 +107,7 @@ class MicroBatch:
             mv = lambda t: t.to(device)  # noqa: E731
         return MicroBatch(mv(self.input_ids), mv(self.position_ids), mv(self.targets), mv(self.cu_seqlens),
                           self.max_len, self.seg_lens, self.n_tokens, self.n_valid, self.attn_sq, self.row_ids,
-                          self.cp.to(device, mv) if self.cp is not None else None)
+                          self.cp.to(device, mv) if self.cp is not None else None, self.dense_rows)
 
     def attention_kwargs(self) -> dict:
         """The forward kwargs our registered attention reads (transformers' flash-attention names)."""
@@ -96,6 +115,8 @@ class MicroBatch:
                   "max_length_q": self.max_len, "max_length_k": self.max_len, "longctx_seg_lens": self.seg_lens}
         if self.cp is not None:
             kwargs["longctx_cp"] = self.cp
+        elif self.dense_rows:
+            kwargs["longctx_dense_rows"] = self.dense_rows
         return kwargs
 
 
@@ -106,9 +127,10 @@ def build_micro_batch(rows: list[dict], seq_len: int, doc_mask: bool = True, pos
     Targets: targets[t] = input_ids[t + 1] inside a segment; the last token of every segment has no target (so
     the first token of a document is never predicted from the previous one) and padding is never a target.
     `loss_masks` (SFT): per row, 1 where the token may be a target (assistant tokens), 0 elsewhere.
-    Position ids: 0..seq_len-1 per row (not reset per document; RoPE is relative), or PoSE skip-wise ids."""
+    Position ids: 0..seq_len-1 per row (not reset per document; RoPE is relative), or PoSE skip-wise ids.
+    Attention path: dense causal when every row is one causal span (`dense_rows`), varlen otherwise."""
     ids, pos, tgt, segs = [], [], [], []
-    n_valid, attn_sq = 0, 0
+    n_valid, attn_sq, one_span = 0, 0, True
     for k, row in enumerate(rows):
         x = row["input_ids"]
         if len(x) != seq_len:
@@ -124,6 +146,7 @@ def build_micro_batch(rows: list[dict], seq_len: int, doc_mask: bool = True, pos
             m = np.asarray(loss_masks[k], dtype=bool)
             t[:-1][~m[1:]] = IGNORE_INDEX
         real = row_segs[:-1] if has_pad else row_segs
+        one_span = one_span and len(real) <= 1  # padding sits at the end: causal attention never reaches it
         attn_sq += int(sum(s * s for s in real))
         n_valid += int((t != IGNORE_INDEX).sum())
         if pose_target_len:
@@ -138,7 +161,17 @@ def build_micro_batch(rows: list[dict], seq_len: int, doc_mask: bool = True, pos
         position_ids=torch.from_numpy(np.concatenate(pos)).view(1, -1),
         targets=torch.from_numpy(np.concatenate(tgt)).view(1, -1),
         cu_seqlens=torch.from_numpy(cu), max_len=int(max(segs)), seg_lens=segs,
-        n_tokens=seq_len * len(rows), n_valid=n_valid, attn_sq=attn_sq, row_ids=[r["index"] for r in rows])
+        n_tokens=seq_len * len(rows), n_valid=n_valid, attn_sq=attn_sq, row_ids=[r["index"] for r in rows],
+        dense_rows=len(rows) if one_span else 0)
+
+
+def count_attention_paths(micro_batches) -> dict[str, int]:
+    """How many of these micro-batches take each attention path: {"dense": n, "varlen": m}, and "cp": k when rows
+    are split over a context-parallel group (their methods are counted by the stage). A step's metrics record it."""
+    counts = {"dense": 0, "varlen": 0}
+    for mb in micro_batches:
+        counts[mb.attn_path] = counts.get(mb.attn_path, 0) + 1
+    return counts
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -147,7 +180,10 @@ def build_micro_batch(rows: list[dict], seq_len: int, doc_mask: bool = True, pos
 # never attends across them. Transformers builds no mask for an implementation its mask interface does not know
 # (masking_utils._preprocess_mask_arguments returns None early), so no dense 4-D mask is ever created.
 
-_ATTN = {"backend": None, "calls": 0}  # the forced backend; calls counted for the start-up probe
+_ATTN = {"backend": None, "calls": {"dense": 0, "varlen": 0, "cp": 0}}  # the forced backend; calls per path
+BACKEND_NAMES = {"flash_attn": "flash-attn varlen (flash_attn_varlen_func)",
+                 "torch_varlen": "PyTorch varlen (torch.nn.attention.varlen.varlen_attn)",
+                 "reference": "exact per-document reference (causal softmax attention per segment)"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,8 +311,35 @@ def varlen_attention(q, k, v, cu_seqlens, max_len: int, seg_lens: list[int] | No
     return reference_varlen_attention(q, k, v, seg_lens, scale, seg_lens_k)
 
 
+def dense_causal_attention(q, k, v, rows: int, scale: float | None) -> torch.Tensor:
+    """Causal attention over each of `rows` equal rows of a flattened micro-batch, as one batched SDPA call.
+    q [T, Hq, D], k/v [T, Hkv, D], T = rows * S -> [T, Hq, D]. Exact where every row is one causal span followed
+    at most by padding (its real tokens never attend the padding after them); no copies of q, k, v."""
+    total, hq, d = q.shape
+    if total % rows:
+        raise RuntimeError(f"dense causal attention: {total} tokens do not split into {rows} equal rows")
+    qb, kb, vb = (t.view(rows, total // rows, t.shape[1], d).transpose(1, 2) for t in (q, k, v))  # [rows, H, S, D]
+    out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=hq != k.shape[1])
+    return out.transpose(1, 2).reshape(total, hq, d)
+
+
+def sdpa_kernel_name(q, k, v, scale: float | None) -> str:
+    """The kernel PyTorch's SDPA dispatcher picks for causal attention on these [rows, H, S, D] inputs (e.g.
+    "cudnn_attention", "flash_attention"), through torch's own choice function; "chosen by PyTorch" where that
+    private function is missing or has another signature."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return SDPBackend(choice).name.lower()
+    except Exception:  # noqa: BLE001 - a private API: only the name in a log line depends on it
+        return "chosen by PyTorch"
+
+
 def longctx_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None).
+    The micro-batch's kwargs choose the path: `longctx_cp` (a split row), `longctx_dense_rows` (dense causal), or
+    the varlen kernel over cu_seq_lens_q.
 
     Refuses to run without boundaries: a call without cu_seq_lens_q would silently attend across documents."""
     cu = kwargs.get("cu_seq_lens_q")
@@ -289,10 +352,14 @@ def longctx_attention(module, query, key, value, attention_mask, scaling=None, d
         raise RuntimeError(f"{ATTN_NAME} got a dense attention mask; it must not be built (pass no attention_mask)")
     if dropout:
         raise RuntimeError(f"{ATTN_NAME} does not implement attention dropout ({dropout})")
-    _ATTN["calls"] += 1
+    path = ("cp" if kwargs.get("longctx_cp") is not None else
+            "dense" if kwargs.get("longctx_dense_rows") else "varlen")
+    _ATTN["calls"][path] += 1
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
-    if kwargs.get("longctx_cp") is not None:  # the hook: a row split over a context-parallel group
+    if path == "cp":  # the hook: a row split over a context-parallel group
         return kwargs["longctx_cp"].attention(q, k, v, scaling).unsqueeze(0), None
+    if path == "dense":  # every row one causal span: no boundaries needed
+        return dense_causal_attention(q, k, v, kwargs["longctx_dense_rows"], scaling).unsqueeze(0), None
     out = varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, kwargs.get("max_length_q"),
                            kwargs.get("longctx_seg_lens"), scaling)
     return out.unsqueeze(0), None
@@ -306,54 +373,98 @@ def register_attention() -> str:
     return ATTN_NAME
 
 
-def check_attention(model, device: torch.device, dtype: torch.dtype, vocab_size: int, seed: int = 0) -> str:
-    """Start-up probe; returns the backend description. Fails loudly if
+def _probe_tol(dtype: torch.dtype, fp32: float, low: float) -> float:
+    return fp32 if dtype == torch.float32 else low
 
-    1. the kernel disagrees with the exact per-segment reference on random q/k/v (GQA, 3 segments), or
-    2. the model's forward does not reach our attention with boundaries in every layer, or
-    3. a document's hidden states change when another document is packed before it (cross-document leakage).
-    Every rank runs it (the forward is collective under FSDP)."""
-    backend = _ATTN["backend"] or available_backend(device, dtype)
-    g = torch.Generator(device="cpu").manual_seed(seed)
+
+def _check_kernels(config, device: torch.device, dtype: torch.dtype, backend: str, g: torch.Generator) -> str:
+    """Probe parts 1 and 2 on random q/k/v with the model's head layout: the varlen kernel over 3 documents, and
+    the dense path over 2 rows of 8 tokens (the second ending in 3 padding tokens, whose outputs are not used),
+    each against the per-document reference. Returns the SDPA kernel the dense path runs on."""
+    hq = config.num_attention_heads
+    hkv = getattr(config, "num_key_value_heads", None) or hq
+    d = getattr(config, "head_dim", None) or config.hidden_size // hq
+    q, k, v = (torch.randn(16, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv))
+    ref = lambda segs: reference_varlen_attention(q.float(), k.float(), v.float(), segs, 0.25)  # noqa: E731
+    tol = _probe_tol(dtype, 1e-5, 3e-2)
     seg = [5, 9, 2]
-    q = torch.randn(sum(seg), 4, 16, generator=g).to(device, dtype)
-    k = torch.randn(sum(seg), 2, 16, generator=g).to(device, dtype)
-    v = torch.randn(sum(seg), 2, 16, generator=g).to(device, dtype)
     cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32, device=device)
-    got = varlen_attention(q, k, v, cu, max(seg), seg, 0.25, backend=backend).float()
-    ref = reference_varlen_attention(q.float(), k.float(), v.float(), seg, 0.25)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    err = (got - ref).abs().max().item()
+    err = (varlen_attention(q, k, v, cu, max(seg), seg, 0.25, backend=backend).float() - ref(seg)).abs().max().item()
     if not err <= tol:
-        raise RuntimeError(f"attention backend {backend} disagrees with the per-document reference (max error "
-                           f"{err:.2e} > {tol}); refusing to train")
-    # 2 + 3: a 2-document packed row against the second document alone.
+        raise RuntimeError(f"varlen attention ({BACKEND_NAMES[backend]}) disagrees with the per-document reference "
+                           f"(max error {err:.2e} > {tol}); refusing to train")
+    rows = [t.view(2, 8, t.shape[1], d).transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]  # as trained
+    kernel = sdpa_kernel_name(*rows, 0.25)
+    err = (dense_causal_attention(q, k, v, 2, 0.25).float() - ref([8, 5, 3]))[:13].abs().max().item()
+    if not err <= tol:
+        raise RuntimeError(f"dense causal attention (PyTorch SDPA, {kernel}) disagrees with the per-document "
+                           f"reference on rows of one document (max error {err:.2e} > {tol}); refusing to train")
+    return kernel
+
+
+def _hidden_and_calls(model, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
+    """Last hidden states [T, hidden] (float) of a probe micro-batch and the attention calls per path it made."""
+    before = dict(_ATTN["calls"])
+    hidden = forward_hidden(model, mb)[0].float()
+    return hidden, {p: n - before[p] for p, n in _ATTN["calls"].items() if n != before[p]}
+
+
+def _relative_change(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm().clamp_min(1e-6)).item()
+
+
+def _check_model(model, device: torch.device, dtype: torch.dtype, vocab_size: int, g: torch.Generator) -> None:
+    """Probe parts 3 to 5, through the model: every layer reaches our attention on the path the micro-batch
+    names; a document's hidden states do not change when another is packed before it (varlen); rows of one
+    document, one of them padded, give the same hidden states on the dense path as on the varlen path."""
+    n_layers = model.config.num_hidden_layers
     n_a, n_b = 7, 11
     ids = torch.randint(3, vocab_size, (1, n_a + n_b), generator=g).to(device)
     packed = MicroBatch(ids, torch.arange(n_a + n_b).view(1, -1).to(device), ids, torch.tensor(
         [0, n_a, n_a + n_b], dtype=torch.int32, device=device), n_b, [n_a, n_b], n_a + n_b, 0, 0)
     alone = MicroBatch(ids[:, n_a:], torch.arange(n_b).view(1, -1).to(device), ids[:, n_a:], torch.tensor(
         [0, n_b], dtype=torch.int32, device=device), n_b, [n_b], n_b, 0, 0)
-    n_layers = model.config.num_hidden_layers
+    rows = [{"index": i, "input_ids": ids[0, start:start + n_b].cpu().numpy(), "doc_lens": lens, "num_pad": pad}
+            for i, (start, lens, pad) in enumerate([(0, [n_b], 0), (n_a, [n_b - 3, 3], 3)])]
+    dense = build_micro_batch(rows, n_b).to(device)
     with torch.no_grad():
-        before = _ATTN["calls"]
-        h_packed = forward_hidden(model, packed)[0, n_a:].float()
-        calls = _ATTN["calls"] - before
-        h_alone = forward_hidden(model, alone)[0].float()
-    if calls != n_layers:
-        raise RuntimeError(f"the model ran {ATTN_NAME} attention in {calls} of {n_layers} layers; some layers "
-                           "use another attention that ignores document boundaries")
+        h_packed, calls_packed = _hidden_and_calls(model, packed)
+        h_alone, _ = _hidden_and_calls(model, alone)
+        h_dense, calls_dense = _hidden_and_calls(model, dense)
+        h_varlen, _ = _hidden_and_calls(model, dataclasses.replace(dense, dense_rows=0))
     for m in model.modules():  # FSDP2 leaves the root unsharded after a forward without backward; an optimizer
         if type(m).__name__.startswith("FSDP") and hasattr(m, "reshard"):  # built next needs sharded params
             m.reshard()
-    rel = ((h_packed - h_alone).norm() / h_alone.norm().clamp_min(1e-6)).item()
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for path, calls in (("varlen", calls_packed), ("dense", calls_dense)):
+        if calls != {path: n_layers}:
+            raise RuntimeError(f"a {path} micro-batch ran {ATTN_NAME} attention as {calls} in a model of {n_layers} "
+                               "layers; some layers use another attention that ignores document boundaries")
+    tol = _probe_tol(dtype, 1e-4, 5e-2)
+    rel = _relative_change(h_packed[n_a:], h_alone)
     if not rel <= tol:
         raise RuntimeError(f"a document's hidden states change by {rel:.2e} (relative) when another document is "
                            f"packed before it: attention crosses document boundaries; refusing to train")
-    return {"flash_attn": "flash-attn varlen (flash_attn_varlen_func)",
-            "torch_varlen": "PyTorch varlen (torch.nn.attention.varlen.varlen_attn)",
-            "reference": "exact per-document reference (causal softmax attention per segment)"}[backend]
+    rel = _relative_change(h_dense[:-3], h_varlen[:-3])  # the padding's own outputs are not used
+    if not rel <= tol:
+        raise RuntimeError(f"rows of one document change by {rel:.2e} (relative) between the dense causal and the "
+                           "varlen attention path; refusing to train")
+
+
+def check_attention(model, device: torch.device, dtype: torch.dtype, vocab_size: int, seed: int = 0) -> str:
+    """Start-up probe; returns both paths' description ("dense causal: ...; varlen: ..."). Fails loudly if
+
+    1. the varlen kernel disagrees with the exact per-segment reference on random q/k/v (3 segments), or
+    2. the dense path (SDPA, causal per row) does on rows of one document, one of them ending in padding, or
+    3. the model's forward does not reach our attention on the micro-batch's path in every layer, or
+    4. a document's hidden states change when another document is packed before it (cross-document leakage), or
+    5. the dense and varlen paths give a model different hidden states for the same rows.
+    Every rank runs it (the forward is collective under FSDP)."""
+    backend = _ATTN["backend"] or available_backend(device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    kernel = _check_kernels(model.config, device, dtype, backend, g)
+    _check_model(model, device, dtype, vocab_size, g)
+    return (f"dense causal: PyTorch SDPA is_causal=True ({kernel}) for rows of one causal span; "
+            f"varlen: {BACKEND_NAMES[backend]}")
 
 
 def forward_hidden(model, mb: MicroBatch) -> torch.Tensor:

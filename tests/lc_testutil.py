@@ -1,4 +1,5 @@
-"""Helpers for tests: import a numbered stage script as a module, or run it as a command."""
+"""Helpers for tests: import a numbered stage script as a module, or run it as a command; compare tensors by
+relative-norm error."""
 import importlib.util
 import os
 import subprocess
@@ -42,3 +43,15 @@ def run_script(name: str, *args, env: dict | None = None, timeout: float = 600, 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     """The `error: ...` lines a failed stage printed on stderr."""
     return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def rel_error(got, want) -> float:
+    """||got - want|| / ||want||, in float64 on the CPU: a tolerance that scales with the values compared (an
+    absolute one means nothing for outputs whose spread is itself a few hundredths). 0 when both are zero."""
+    import torch
+
+    got, want = (torch.as_tensor(t).detach().to("cpu", torch.float64) for t in (got, want))
+    diff, scale = (got - want).norm().item(), want.norm().item()
+    if diff == 0:
+        return 0.0
+    return diff / scale if scale else float("inf")

@@ -2,8 +2,11 @@
 PoSE, schedule, weights loading. In-process, tiny models, fp32 on the CPU.
 
 `make_packed_data` writes a dataset in 01's format (docs/data-format.md) directly, so these tests do not depend on
-01_prepare_data.py; the script-level tests in test_train_runs.py use it too."""
+01_prepare_data.py; the script-level tests in test_train_runs.py use it too, and the GPU tests its comparisons of
+a resumed run and of an exported model with the trainer."""
+import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import torch
 import common
 import fsdp_train
 import varlen_attention
+from lc_testutil import rel_error
 
 
 def make_packed_data(out, seq_len=32, num_rows=8, vocab=1000, seed=0, pad_id=1, max_docs=4, pad_rows=True,
@@ -57,6 +61,40 @@ def make_packed_data(out, seq_len=32, num_rows=8, vocab=1000, seed=0, pad_id=1, 
                           tokenizer="synthetic", vocab_size=vocab, eos_token_id=0, pad_token_id=pad_id,
                           num_rows=num_rows, num_tokens=num_rows * seq_len)
     return str(out)
+
+
+def resumed_loss_error(first: list[dict], resumed: list[dict], resume_step: int) -> float:
+    """A run's metrics records against the same run resumed from its checkpoint at `resume_step`: the same steps,
+    the records up to the checkpoint kept as they were written; returns the largest relative difference of the
+    recomputed steps' losses (0.0 where the resume is bitwise)."""
+    assert [r["step"] for r in resumed] == [r["step"] for r in first]
+    assert resumed[:resume_step] == first[:resume_step]
+    later = list(zip(first[resume_step:], resumed[resume_step:]))
+    assert later, f"no step after {resume_step} was recomputed"
+    return max(abs(b["loss"] - a["loss"]) / abs(a["loss"]) for a, b in later)
+
+
+def trainer_and_export_logits(run, checkpoint, mesh, device: torch.device, dtype: torch.dtype, ids: torch.Tensor):
+    """Logits [T, vocab] (fp32) of `ids` [1, T] two ways: the trainer's (`checkpoint` loaded into fsdp_train's
+    sharded model, run through its own forward: longctx attention, the head inside the root FSDP forward) and the
+    export's (RUN/final loaded by transformers, with its own attention)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    final = Path(run) / "final"
+    model, _ = fsdp_train.prepare_model(common.load_config(final), None, mesh, fsdp_train.ModelOptions(
+        device=device, compute_dtype=dtype, activation_checkpointing=False,
+        attn_implementation=varlen_attention.register_attention()))
+    fsdp_train.load_checkpoint(checkpoint, model, restore_rng=False)
+    n = ids.shape[1]
+    row = {"index": 0, "input_ids": ids[0].numpy(), "doc_lens": [n], "num_pad": 0}
+    mb = varlen_attention.build_micro_batch([row], n).to(device)
+    exported = AutoModelForCausalLM.from_pretrained(final, dtype=dtype).to(device)
+    with torch.no_grad():
+        ours = fsdp_train.forward_loss(model, mb, lambda hidden, weight: F.linear(hidden, weight))[0].float()
+        theirs = exported(ids.to(device)).logits[0].float()
+    fsdp_train.reshard(model)
+    return ours, theirs
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +252,131 @@ def test_startup_probe_names_backend_and_catches_leaks(cpu_mesh, monkeypatch):
     leaky = lambda q, k, v, seg_lens, scale, seg_lens_k=None: exact(q, k, v, [q.shape[0]], scale)  # noqa: E731
     monkeypatch.setattr(varlen_attention, "reference_varlen_attention", leaky)
     with pytest.raises(RuntimeError, match="reference|crosses document boundaries"):
+        varlen_attention.check_attention(model, torch.device("cpu"), torch.float32, 1000)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dense causal attention for rows of one causal span
+
+
+def test_rel_error_is_the_relative_norm_of_the_difference():
+    torch.manual_seed(0)
+    want, noise = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    got = want + 1e-3 * noise
+    assert rel_error(got, want) == pytest.approx(1e-3 * noise.norm().item() / want.norm().item(), rel=1e-9)
+    assert rel_error(want, want) == 0.0 and rel_error(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert rel_error(torch.ones(3), torch.zeros(3)) == float("inf")
+    # outputs within +-0.03: a 30% error passes atol=2e-2, not a relative-norm bound
+    small = 0.03 * want / want.abs().max()
+    assert torch.allclose(1.3 * small, small, atol=2e-2) and rel_error(1.3 * small, small) == pytest.approx(0.3)
+
+
+def test_micro_batch_takes_dense_path_only_where_every_row_is_one_causal_span():
+    one_doc = rows_of([([16], 0), ([12], 4)], 16)  # one document per row, the second padded at its end
+    several = rows_of([([16], 0), ([5, 11], 0)], 16)
+    mb = varlen_attention.build_micro_batch(one_doc, 16)
+    assert mb.attn_path == "dense" and mb.dense_rows == 2 and mb.to("cpu").dense_rows == 2
+    assert mb.attention_kwargs()["longctx_dense_rows"] == 2
+    mixed = varlen_attention.build_micro_batch(several, 16)
+    assert mixed.attn_path == "varlen" and "longctx_dense_rows" not in mixed.attention_kwargs()
+    unmasked = varlen_attention.build_micro_batch(several, 16, doc_mask=False)  # UltraLong: one span per row
+    assert unmasked.attn_path == "dense" and unmasked.dense_rows == 2
+    assert varlen_attention.count_attention_paths([mb, mixed, unmasked]) == {"dense": 2, "varlen": 1}
+    split = dataclasses.replace(mb, cp=object())  # a row split over a cp group keeps the cp path
+    assert varlen_attention.count_attention_paths([split, mixed]) == {"dense": 0, "varlen": 1, "cp": 1}
+
+
+def test_dense_kernel_equals_hand_written_reference_outputs_and_grads_fp32():
+    """Two rows of 24 tokens, the second ending in 5 padding tokens, GQA 4:2, fp32: the dense path's outputs on
+    real tokens and its q/k/v gradients (the loss never reads padding) equal a dense document mask written here."""
+    torch.manual_seed(0)
+    segs = [24, 19, 5]  # row 1, then row 2's document and its padding
+    q = torch.randn(48, 4, 8, requires_grad=True)
+    k, v = (torch.randn(48, 2, 8, requires_grad=True) for _ in range(2))
+    go = torch.randn(48, 4, 8)
+    go[43:] = 0  # padding has no target: no gradient reaches its outputs
+    out = varlen_attention.dense_causal_attention(q, k, v, 2, 0.3)
+    ref = dense_doc_reference(q, k, v, segs, 0.3)
+    assert rel_error(out[:43], ref[:43]) < 1e-5
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        assert rel_error(g, r) < 1e-5
+
+
+def real_tokens(rows, seq_len) -> torch.Tensor:
+    """[rows * seq_len] bool: False on each row's end padding."""
+    return torch.cat([torch.arange(seq_len) < seq_len - r["num_pad"] for r in rows])
+
+
+def dense_equals_varlen(model, mb, rows, seq_len):
+    """The dense path against the per-document reference (the same micro-batch on the varlen path, the exact
+    per-segment attention on the CPU): hidden states of real tokens, loss and every gradient, fp32, 1e-5."""
+    assert mb.attn_path == "dense"
+    reference = dataclasses.replace(mb, dense_rows=0)
+    before = varlen_attention._ATTN["calls"]["dense"]
+    with torch.no_grad():
+        hidden = varlen_attention.forward_hidden(model, mb)[0]
+        assert varlen_attention._ATTN["calls"]["dense"] - before == model.config.num_hidden_layers
+        keep = real_tokens(rows, seq_len)
+        assert rel_error(hidden[keep], varlen_attention.forward_hidden(model, reference)[0][keep]) < 1e-5
+    fsdp_train.reshard(model)  # a forward without backward leaves FSDP2's root unsharded
+    loss, grads = grads_after(model, [mb])
+    ref_loss, ref_grads = grads_after(model, [reference])
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for name, g in grads.items():
+        assert rel_error(g, ref_grads[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dense_path_equals_per_document_reference_outputs_and_grads(cpu_mesh, tiny_qwen2_dir, family):
+    """Llama (GQA 4:2) and Qwen2 (q/k/v bias, GQA): rows of one document, rows with end padding, and --no-doc-mask
+    rows of several documents take the dense path and equal the per-document reference."""
+    model = tiny_model(cpu_mesh) if family == "llama" else tiny_model(cpu_mesh, weights=tiny_qwen2_dir)
+    vocab = model.config.vocab_size
+    cases = [(rows_of([([32], 0), ([32], 0)], 32, vocab, seed=3), True),
+             (rows_of([([32], 0), ([25], 7), ([20], 12)], 32, vocab, seed=4), True),
+             (rows_of([([5, 11, 16], 0), ([9, 13], 10)], 32, vocab, seed=5), False)]
+    for rows, doc_mask in cases:
+        mb = varlen_attention.build_micro_batch(rows, 32, doc_mask=doc_mask)
+        dense_equals_varlen(model, mb, rows, 32)
+
+
+def test_mixed_micro_batch_takes_varlen_and_equals_its_rows_alone(cpu_mesh):
+    """A row of one document beside a row of three must take varlen; its hidden states, loss and gradients equal
+    those of each row run alone (the first on the dense path), so a mixed micro-batch loses nothing by it."""
+    model = tiny_model(cpu_mesh)
+    rows = rows_of([([32], 0), ([7, 9, 10], 6)], 32, seed=6)
+    mixed = varlen_attention.build_micro_batch(rows, 32)
+    alone = [varlen_attention.build_micro_batch([r], 32) for r in rows]
+    assert mixed.attn_path == "varlen" and [mb.attn_path for mb in alone] == ["dense", "varlen"]
+    with torch.no_grad():
+        together = varlen_attention.forward_hidden(model, mixed)[0]
+        apart = torch.cat([varlen_attention.forward_hidden(model, mb)[0] for mb in alone])
+    keep = real_tokens(rows, 32)
+    assert rel_error(together[keep], apart[keep]) < 1e-5
+    fsdp_train.reshard(model)
+    loss, grads = grads_after(model, [mixed])
+    loss_apart, grads_apart = grads_after(model, alone)  # accumulated, divided by the same global count
+    assert loss == pytest.approx(loss_apart, rel=1e-6)
+    for name, g in grads.items():
+        assert rel_error(g, grads_apart[name]) < 1e-5, name
+
+
+def test_startup_probe_names_both_paths_and_refuses_a_broken_one(cpu_mesh, monkeypatch):
+    model = tiny_model(cpu_mesh)
+    desc = varlen_attention.check_attention(model, torch.device("cpu"), torch.float32, 1000)
+    assert desc.startswith("dense causal: PyTorch SDPA is_causal=True (") and "; varlen: exact per-document" in desc
+    # a dense kernel that lets row 2 read row 1 (causal over the whole flattened micro-batch)
+    exact = varlen_attention.dense_causal_attention
+    leaky = lambda q, k, v, rows, scale: exact(q, k, v, 1, scale)  # noqa: E731
+    monkeypatch.setattr(varlen_attention, "dense_causal_attention", leaky)
+    with pytest.raises(RuntimeError, match="dense causal attention .* disagrees with the per-document reference"):
+        varlen_attention.check_attention(model, torch.device("cpu"), torch.float32, 1000)
+    monkeypatch.undo()
+    # a dispatch that never takes the dense path: the probe sees the layers run varlen for a dense micro-batch
+    plain = varlen_attention.MicroBatch.attention_kwargs
+    monkeypatch.setattr(varlen_attention.MicroBatch, "attention_kwargs",
+                        lambda self: {k: v for k, v in plain(self).items() if k != "longctx_dense_rows"})
+    with pytest.raises(RuntimeError, match="a dense micro-batch ran .* as {'varlen': 2}"):
         varlen_attention.check_attention(model, torch.device("cpu"), torch.float32, 1000)
 
 

@@ -16,8 +16,8 @@ import torch
 
 import common
 import fsdp_train
-from lc_testutil import ROOT, load_script, run_script
-from test_train import make_packed_data
+from lc_testutil import ROOT, load_script, rel_error, run_script
+from test_train import make_packed_data, resumed_loss_error, trainer_and_export_logits
 
 script = load_script("03_continued_pretrain")
 
@@ -216,6 +216,36 @@ def test_resume_auto_with_init_from_resumes_instead_of_reinitialising(data32, to
     assert "initialised from" not in second
     assert [ln.split(" |")[0] for ln in second.splitlines() if ln.startswith("step ")] == ["step 3/4", "step 4/4"]
     assert trajectory(out) == full  # steps 3-4 continue its own step 2 bitwise, not --init-from's weights
+
+
+def test_resumed_losses_and_exported_logits_agree_with_the_trainer(data32, tokenizer_dir, reference_run, tmp_path):
+    """The GPU test's comparisons, run here in fp32: a copy of the reference run resumed from its step-4
+    checkpoint recomputes steps 5-6 bitwise; the exported model's logits (transformers' attention) equal the
+    trainer's forward of the last checkpoint."""
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    args = base_args(data32, tokenizer_dir, out, "--resume", out / "checkpoints" / "step_00000004", "--no-export")
+    assert common.call_main(script.main, args) == 0
+    assert resumed_loss_error(metrics(reference_run), metrics(out), 4) == 0.0
+    _, mesh = fsdp_train.setup_distributed("cpu")
+    try:
+        ids = torch.randint(5, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+        trainer, exported = trainer_and_export_logits(reference_run, reference_run / "checkpoints" / "step_00000006",
+                                                      mesh, torch.device("cpu"), torch.float32, ids)
+    finally:
+        common.destroy_distributed()
+    assert rel_error(exported, trainer) < 1e-5
+
+
+def test_metrics_count_micro_batches_by_attention_path(data32, tokenizer_dir, reference_run, tmp_path):
+    """Every step records its micro-batches by attention path: with --doc-mask rows of several documents take
+    varlen; with --no-doc-mask every row is one causal span, so every micro-batch is dense."""
+    assert all(sum(r["attn_paths"].values()) == 2 for r in metrics(reference_run))  # 2 micro-batches per step
+    assert sum(r["attn_paths"]["varlen"] for r in metrics(reference_run)) > 0
+    out = tmp_path / "unmasked"
+    assert common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--no-doc-mask", "--max-steps", "2",
+                                                   "--save-every", "0", "--no-final-checkpoint", "--no-export")) == 0
+    assert [r["attn_paths"] for r in metrics(out)] == [{"dense": 2, "varlen": 0}] * 2
 
 
 def test_liger_rope_patch_matches_in_subprocess(tiny_llama_dir):
