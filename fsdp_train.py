@@ -10,9 +10,11 @@ Each stage keeps its own loop, readable top to bottom; this module holds what bo
   row (chunked and checkpointed, or Liger's fused linear cross-entropy), inside the root FSDP forward, divided
   by the step's GLOBAL count of valid targets: every token weighs the same, whatever its rank or micro-batch;
 - AdamW (no weight decay on 1-D parameters), warmup then cosine to a minimum LR, clipping of sharded gradients;
-- sharded atomic checkpoints loadable at any world size, verified against their SHA256SUMS before anything in
-  them is read; the run directory and its resume rules (safe_output.RunDir); SIGTERM / SIGUSR1; metrics with two
-  MFU conventions. The export to an ordinary Hugging Face directory: hf_export.py.
+- sharded atomic checkpoints loadable at any world size, verified against their SHA256SUMS (which lists every
+  file) before anything in them is read, and read without unpickling anything but plain data (DCP's metadata
+  through a restricted unpickler, every value with weights_only=True); the run directory and its resume rules
+  (safe_output.RunDir); SIGTERM / SIGUSR1; metrics with two MFU conventions. The export to an ordinary Hugging
+  Face directory: hf_export.py.
 
 A training step (03_continued_pretrain.py shows the whole composition):
 

@@ -397,13 +397,15 @@ def coverage_problem(directory: Path) -> str | None:
     """None when SHA256SUMS lists every file in `directory` and only regular files inside it; else what is wrong:
     SHA256SUMS missing or malformed, a listed name that leaves the directory (absolute, `..`) or is missing, a
     file it does not list (never read unverified), a link or special file (nothing outside is ever reached)."""
-    listed = read_checksums(directory)
-    if listed is None or os.path.islink(directory / CHECKSUMS):
-        return f"{directory / CHECKSUMS} is missing or unreadable, so nothing in {directory} is verified"
+    sums = directory / CHECKSUMS
+    listed = read_checksums(directory) if sums.is_file() and not sums.is_symlink() else None  # never a FIFO's open
+    if listed is None:
+        return f"{sums} is missing or unreadable, so nothing in {directory} is verified"
     for name in sorted(listed):
         parts = name.split("/")
         if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in parts):
-            return f"{directory / CHECKSUMS} names {name!r}, a path that leaves {directory}"
+            return f"{sums} names {name!r}, a path that leaves {directory}"
+    known = {*listed, CHECKSUMS}
     for root, dirs, files in os.walk(directory):  # links are never followed: they are refused below
         for entry in sorted(dirs + files):
             path = Path(root) / entry
@@ -411,8 +413,8 @@ def coverage_problem(directory: Path) -> str | None:
             if stat.S_ISDIR(mode):
                 continue
             if not stat.S_ISREG(mode):
-                return f"{path} is a link or a special file, not a file the checkpoint wrote"
-            if path.relative_to(directory).as_posix() not in {*listed, CHECKSUMS}:
+                return f"{path} is a link or a special file, not a file written into {directory}"
+            if path.relative_to(directory).as_posix() not in known:
                 return f"{path} is not listed in {CHECKSUMS}, so it cannot be verified"
     missing = next((name for name in sorted(listed) if not (directory / name).is_file()), None)
     return f"{directory / missing} is missing" if missing else None

@@ -21,7 +21,7 @@ import fsdp_train
 import mds
 import safe_output
 from lc_testutil import ROOT, load_script
-from test_bad_input import args03, refused, tree
+from test_bad_input import args03, one_thread, refused, tree  # noqa: F401 (one_thread: its autouse fixture)
 from test_mds import prolong_rows, write_prolong_folder
 from test_slurm import FAKE_JOB, bash
 from test_train import make_packed_data
@@ -38,14 +38,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +182,14 @@ def list_extra(name: str):
     return change
 
 
+def fifo_sums(ckpt: Path) -> None:  # opening it to read would wait for a writer for ever
+    (ckpt / "SHA256SUMS").unlink()
+    os.mkfifo(ckpt / "SHA256SUMS")
+
+
 @pytest.mark.parametrize("change, expect", [
     (unlisted, "__0_0.distcp is not listed in SHA256SUMS, so it cannot be verified"),
+    (fifo_sums, "SHA256SUMS is missing or unreadable"),
     (lambda c: (c / "extra.bin").write_bytes(b"x"), "extra.bin is not listed in SHA256SUMS"),
     (list_extra("../step_00000002/__0_0.distcp"), "a path that leaves"),
     (list_extra("/etc/passwd"), "a path that leaves"),
