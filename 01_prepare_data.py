@@ -73,7 +73,7 @@ def parse_count(text: str) -> int:
         if t and t[-1] in scale:
             return int(float(t[:-1]) * scale[t[-1]])
         return int(float(t))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 1e400 and inf
         raise ValueError(f"not a count: {text!r} (examples: 1B, 500M, 65536)") from None
 
 
@@ -384,6 +384,8 @@ def _resolve_source(spec: SourceSpec, text_field: str, txt_unit: str) -> Source:
     path = Path(loc).expanduser()
     if not path.exists():
         common.fail(f"source {spec.raw!r}: path {loc} does not exist (for a hub dataset write hf:NAME)")
+    if not path.is_dir():
+        common.check_regular_file(path, f"source {spec.raw!r}: path")  # a FIFO would block 01 for ever
     if spec.kind == "repo":
         if not path.is_dir():
             common.fail(f"source {spec.raw!r}: repo: needs a folder whose sub-folders are repositories")

@@ -53,9 +53,9 @@ Usage:
 
 Outputs: OUT/run.json (the run's settings), OUT/metrics.jsonl (one record per step; with --eval-every the probe
 results as probe/... fields, step 0 before training), OUT/tensorboard or OUT/wandb (--report-to),
-OUT/checkpoints/step_N/ (torch.distributed.checkpoint shards + trainer_state.json + SHA256SUMS, checked before any
-resume: never resume a checkpoint from an untrusted source, its metadata is a pickle), OUT/final/ (HF model
-directory with manifest.json).
+OUT/checkpoints/step_N/ (torch.distributed.checkpoint shards + trainer_state.json + SHA256SUMS of every file,
+checked before any resume; nothing in them is unpickled but plain data), OUT/final/ (HF model directory with
+manifest.json).
 MFU conventions in the log: "tt" = torchtitan's 6N + 12*L*H*d*S per token (non-causal, masks ignored);
 "doc" = 6N + causal attention over the documents actually attended, 12*L*H*d*sum(len_i^2)/(2*sum(len_i)).
 """

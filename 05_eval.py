@@ -196,9 +196,10 @@ def parse_length(text: str) -> int:
     try:
         value = float(t[:-1] if mult > 1 else t) * mult
     except ValueError:
-        common.fail(f"cannot read the length {text!r}; write tokens as 4096, 4k or 1m")
-    if value < 1 or value != int(value):
-        common.fail(f"length {text!r} must be a positive whole number of tokens")
+        common.fail(f"--lengths: cannot read the length {text!r}; write tokens as 4096, 4k or 1m")
+    if not 1 <= value < 2**31 or value != int(value):  # NaN and 1e400 (inf) fail the range
+        common.fail(f"--lengths: {text!r} is not a whole number of tokens from 1 to 2^31 - 1; write e.g. 4096, 4k "
+                    "or 1m")
     return int(value)
 
 
@@ -207,14 +208,14 @@ def parse_depths(text: str) -> list[float]:
         if ":" in text:
             start, stop, count = text.split(":")
             start, stop, count = float(start), float(stop), int(count)
-            if count < 1:
+            if not 1 <= count <= 1000:
                 raise ValueError
             depths = [start + (stop - start) * i / max(count - 1, 1) for i in range(count)]
         else:
             depths = [float(d) for d in text.split(",") if d.strip()]
     except ValueError:
         common.fail(f"cannot read --depths {text!r}; give percents as 0,25,50 or start:stop:count like 0:100:11")
-    if not depths or any(d < 0 or d > 100 for d in depths):
+    if not depths or not all(0 <= d <= 100 for d in depths):  # NaN included
         common.fail(f"--depths {text!r} must be percents between 0 and 100")
     return [round(d, 4) for d in depths]
 
@@ -1059,9 +1060,52 @@ def mmlu_cell(r: dict) -> dict:
     return {"score": 100 * m["micro"], "n": m["questions"], "lo": 100 * lo, "hi": 100 * hi}
 
 
+def _measured_as_ok(how) -> bool:
+    """null, or {"metric": NAME} with RULER / NIAH's `lengths` (a list of token counts) or `up_to` (one)."""
+    if how is None:
+        return True
+    if not isinstance(how, dict) or not isinstance(how.get("metric"), str) or set(how) - {"metric", "lengths", "up_to"}:
+        return False
+    lengths_ok = "lengths" not in how or (isinstance(how["lengths"], list) and how["lengths"]
+                                         and all(common.is_count(L, 1) for L in how["lengths"]))
+    scope = "lengths" in how or "up_to" in how or how["metric"] not in ("RULER", "NIAH")
+    return bool(lengths_ok and scope and ("up_to" not in how or common.is_count(how["up_to"], 1)))
+
+
+# recipes/published_results.json: {"recipes": {NAME: {"paper": TEXT, "results": [RESULT, ...]}}}, a RESULT's fields
+PUBLISHED_FIELDS = {
+    **{key: lambda v: isinstance(v, str) for key in ("benchmark", "model", "tag", "source", "protocol")},
+    "score": common.is_finite_number,
+    "length": lambda v: v is None or common.is_count(v, 1),
+    "measured_as": _measured_as_ok,
+}
+
+
+def published_problem(data) -> str | None:
+    """What in the published results breaks their schema (PUBLISHED_FIELDS), or None."""
+    recipes = data.get("recipes") if isinstance(data, dict) else None
+    if not isinstance(recipes, dict) or not recipes:
+        return 'it has no "recipes" object'
+    for name, entry in recipes.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("paper"), str) or not isinstance(
+                entry.get("results"), list):
+            return f'recipe {name!r} needs a "paper" text and a "results" list'
+        for i, result in enumerate(entry["results"]):
+            bad = [k for k, ok in PUBLISHED_FIELDS.items() if not isinstance(result, dict) or not ok(result.get(k))
+                   or k not in result]
+            if bad:
+                return f"result {i} of recipe {name!r} has a missing or malformed {', '.join(bad)}"
+    return None
+
+
 def published_results(recipe: str) -> dict:
-    """One recipe's entry of recipes/published_results.json."""
-    recipes = json.loads(PUBLISHED.read_text())["recipes"]
+    """One recipe's entry of recipes/published_results.json, the file checked against its schema first."""
+    data = common.read_json(PUBLISHED)
+    problem = published_problem(data)
+    if problem:
+        common.fail(f"{PUBLISHED} does not follow its schema: {problem}; restore it (git checkout "
+                    "recipes/published_results.json) or fix that entry")
+    recipes = data["recipes"]
     if recipe not in recipes:
         common.fail(f"--compare-published {recipe!r} has no published results; choose among {', '.join(recipes)}")
     return dict(recipes[recipe], recipe=recipe)

@@ -25,6 +25,7 @@ import os
 import platform
 import random
 import secrets
+import stat
 import sys
 import sysconfig
 from pathlib import Path
@@ -140,9 +141,26 @@ def decode(data: bytes, where: str, errors: str = "strict", offset: int = 0) -> 
              "be decoded; convert the file to UTF-8, or pass --encoding-errors replace to read such bytes as U+FFFD")
 
 
+SPECIAL_FILES = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+                 stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "the input") -> None:
+    """Refuse, before it is opened, an input that is not a regular file: reading a FIFO waits for a writer for
+    ever, a device never ends. A path that does not exist is left to the caller's own message."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not stat.S_ISREG(mode):
+        fail(f"{what} {path} is {SPECIAL_FILES.get(stat.S_IFMT(mode), 'a special file')}, not a regular file; "
+             "pass a file (or a folder where one is asked for)")
+
+
 def text_lines(path: str | os.PathLike, errors: str = "strict") -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 text file (gzip-compressed if it ends in .gz), streamed, each line through
-    `decode`; "\\r\\n" ends a line as "\\n" (as Python's text mode reads it)."""
+    `decode`; "\\r\\n" ends a line as "\\n" (as Python's text mode reads it). A FIFO or device is refused."""
+    check_regular_file(path)
     offset = 0
     with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -349,9 +367,25 @@ def config_from_init_spec(spec: str, overrides: dict | None = None):
     if model_type is None:
         fail(f"--init-config {name}: the config has no model_type")
     try:
-        return AutoConfig.for_model(model_type, **d)
+        config, default = AutoConfig.for_model(model_type, **d), AutoConfig.for_model(model_type)
     except Exception as exc:  # noqa: BLE001 - an unknown model type, a value of the wrong kind (hub's dataclasses)
         fail(f"--init-config {spec} is not a valid config: {str(exc).strip().splitlines()[-1].strip()[:200]}")
+    check_config_keys(spec, kv, config, default)
+    return config
+
+
+def check_config_keys(spec: str, overrides: dict, config, default) -> None:
+    """Refuse an override the config class does not know (a typo such as num_hiden_layers=24 would be stored as an
+    extra field while the default shape trains), naming the closest real key. A key the class takes and converts
+    (rope_theta into rope_parameters) is known: it does not stay behind as an extra field."""
+    import difflib
+
+    known, stored = default.to_dict(), config.to_dict()
+    for key in sorted(overrides):
+        if key in stored and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            fail(f"--init-config {spec}: {type(config).__name__} has no key {key!r}"
+                 + (f"; did you mean {close[0]!r}?" if close else "; give one of its fields, e.g. num_hidden_layers"))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -363,6 +397,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)")
+
+
+def is_count(value, minimum: int = 0) -> bool:
+    """True for an int >= minimum, and not a bool: a count read from a file someone else wrote (JSON also gives
+    floats, NaN, true/false and strings where a count belongs)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_finite_number(value) -> bool:
+    """True for a finite int or float that is not a bool (NaN and Infinity parse as JSON numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def number(kind=float, min=None, above=None, max=None, below=None):
@@ -389,7 +434,8 @@ _COMMON_FLAGS = {
     "data": dict(help="input data: a directory written by an earlier longctx stage, or a path as the script says"),
     "out": dict(help="output directory; refused if it exists, unless --overwrite"),
     "seq-len": dict(type=number(int, min=2, max=2**31 - 1), help="tokens per packed row / evaluation length"),
-    "seed": dict(type=int, default=0, help="random seed; the same seed gives the same output (default: 0)"),
+    "seed": dict(type=number(int, min=0, max=2**63 - 1), default=0,
+                 help="random seed; the same seed gives the same output (default: 0)"),
     "overwrite": dict(action="store_true", help="replace an existing --out (only once the new output is complete)"),
     "encoding-errors": dict(choices=["strict", "replace"], default="strict", help="text that is not UTF-8: strict "
                             "stops naming the file and byte offset (default); replace reads bad bytes as U+FFFD"),

@@ -10,9 +10,11 @@ Each stage keeps its own loop, readable top to bottom; this module holds what bo
   row (chunked and checkpointed, or Liger's fused linear cross-entropy), inside the root FSDP forward, divided
   by the step's GLOBAL count of valid targets: every token weighs the same, whatever its rank or micro-batch;
 - AdamW (no weight decay on 1-D parameters), warmup then cosine to a minimum LR, clipping of sharded gradients;
-- sharded atomic checkpoints loadable at any world size, verified against their SHA256SUMS before anything in
-  them is read; the run directory and its resume rules (safe_output.RunDir); SIGTERM / SIGUSR1; metrics with two
-  MFU conventions. The export to an ordinary Hugging Face directory: hf_export.py.
+- sharded atomic checkpoints loadable at any world size, verified against their SHA256SUMS (which lists every
+  file) before anything in them is read, and read without unpickling anything but plain data (DCP's metadata
+  through a restricted unpickler, every value with weights_only=True); the run directory and its resume rules
+  (safe_output.RunDir); SIGTERM / SIGUSR1; metrics with two MFU conventions. The export to an ordinary Hugging
+  Face directory: hf_export.py.
 
 A training step (03_continued_pretrain.py shows the whole composition):
 
@@ -38,6 +40,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import random
 import re
 import resource
@@ -48,7 +51,7 @@ import time
 import types
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -57,7 +60,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import safe_output
-from common import IGNORE_INDEX, atomic_write_text, fail, jsonable, print0, read_json, versions
+from common import (IGNORE_INDEX, UserError, atomic_write_text, fail, is_count, is_finite_number, jsonable,
+                    print0, read_json, versions)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype names
 
@@ -488,26 +492,165 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------------------------
 # Checkpoints: torch.distributed.checkpoint (sharded, loadable at any world size), renamed into place once
-# every rank has finished and SHA256SUMS (written last) covers every file: a checkpoint is complete or absent,
-# and verified before anything in it is read (DCP's .metadata is a pickle: docs/training.md#checkpoints-and-outputs).
+# every rank has finished and SHA256SUMS (written last) covers every file: a checkpoint is complete or absent.
+# Before anything in one is used, SHA256SUMS must list every file of it and only files inside it, and each must
+# match; trainer_state.json must pass its schema. Nothing in a checkpoint can run code when read: DCP's .metadata
+# is a pickle, read here by an unpickler that admits only the classes DCP metadata consists of; tensors, the
+# optimizer's plain values and the RNG state are read with torch.load(weights_only=True) (docs/training.md).
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
+DCP_METADATA = ".metadata"
+DCP_SHARD_RE = re.compile(r"^__\d+_\d+\.distcp$")  # the files DCP's FileSystemWriter stores items in
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """The complete checkpoints under root (with their SHA256SUMS), oldest first."""
+    """The checkpoints under root (step_N), oldest first, complete or not: one that lacks its SHA256SUMS (only
+    damage does that: a save renames it into place after writing it) is refused by name, never passed over."""
     root = Path(root)
-    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / safe_output.CHECKSUMS).is_file()] \
-        if root.is_dir() else []
+    found = [p for p in root.iterdir() if CKPT_RE.match(p.name)] if root.is_dir() else []
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
 
 
+# trainer_state.json's fields: (required, check). save_checkpoint writes step and world_size, 03/04 the rest.
+TRAINER_STATE_FIELDS = {
+    "step": (True, is_count), "world_size": (True, lambda v: is_count(v, 1)),
+    "signature": (True, lambda v: isinstance(v, dict)), "rows_consumed": (False, is_count),
+    "max_steps": (False, lambda v: is_count(v, 1)), "warmup_steps": (False, is_count),
+    "lr": (False, is_finite_number),
+}
+
+
 def read_trainer_state(path: str | os.PathLike) -> dict:
+    """A checkpoint's trainer_state.json, checked against TRAINER_STATE_FIELDS and its folder's step: a damaged
+    or forged one (a step of 10^15, NaN, a negative count) is one error line, never trusted."""
     path = Path(path)
-    if not (path / TRAINER_STATE).is_file() or not (path / ".metadata").is_file():
-        fail(f"{path} is not a complete longctx checkpoint (no {TRAINER_STATE} or DCP .metadata)")
-    return read_json(path / TRAINER_STATE)
+    file = path / TRAINER_STATE
+    if not file.is_file() or not (path / DCP_METADATA).is_file():
+        fail(f"{path} is not a complete longctx checkpoint (no {TRAINER_STATE} or DCP {DCP_METADATA})")
+    state = read_json(file)
+    if not isinstance(state, dict):
+        fail(f"{file} is not a JSON object, so it is not a longctx trainer state")
+    bad = [k for k, (required, ok) in TRAINER_STATE_FIELDS.items() if (k in state and not ok(state[k]))
+           or (required and k not in state)]
+    if bad:
+        fail(f"{file} is not a valid trainer state (missing or malformed: {', '.join(bad)})")
+    folder = CKPT_RE.match(path.name)
+    if folder and int(folder.group(1)) != state["step"]:
+        fail(f"{file} says step {state['step']}, but its folder is {path.name}")
+    if state["step"] > state.get("max_steps", state["step"]):
+        fail(f"{file} says step {state['step']}, past its max_steps {state['max_steps']}")
+    return state
+
+
+# -------------------------------------------------------------------------------------------------------------
+# DCP metadata without pickle's reach: a restricted unpickler, then a check of what it built.
+
+
+def _layout_named(name: str) -> torch.layout:
+    """torch.serialization._get_layout's job (a layout from its name) without its cache of torch's namespace."""
+    layouts = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
+    if not isinstance(name, str) or name not in layouts:
+        raise pickle.UnpicklingError(f"unknown tensor layout {name!r}")
+    return layouts[name]
+
+
+@functools.lru_cache(maxsize=1)
+def _dcp_metadata_globals() -> dict[tuple[str, str], Any]:
+    """Everything a DCP .metadata pickle may name (torch 2.x's FileSystemWriter): DCP's metadata classes,
+    torch.Size, dtypes, layouts and memory formats, and the checkpoint's path, read as a pure path (nothing on
+    disk is touched). Calling any of these with any arguments only builds a value."""
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed = {("torch.distributed.checkpoint.metadata", name): getattr(metadata, name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed.update({("torch", name): value for name, value in vars(torch).items()
+                    if isinstance(value, (torch.dtype, torch.memory_format))})
+    allowed[("torch.serialization", "_get_layout")] = _layout_named
+    allowed.update({("pathlib", name): PurePosixPath for name in ("Path", "PosixPath", "PurePosixPath")})
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only _dcp_metadata_globals(): any other class or function a pickle names
+    (os.system, builtins.eval, ...) is refused before it is looked up, so nothing in the file can run."""
+
+    def find_class(self, module: str, name: str):
+        found = _dcp_metadata_globals().get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP metadata never holds")
+        return found
+
+
+def _tensor_entry_ok(entry) -> bool:
+    """A tensor's entry as DCP writes it: its properties, a shape, and chunks of that many dimensions."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties, TensorStorageMetadata
+
+    if type(entry) is not TensorStorageMetadata or type(entry.properties) is not TensorProperties:
+        return False
+    ndim = len(entry.size) if type(entry.size) is torch.Size else -1
+
+    def shape_ok(s) -> bool:
+        return type(s) is torch.Size and len(s) == ndim and all(n >= 0 for n in s)
+
+    return (isinstance(entry.properties.dtype, torch.dtype) and shape_ok(entry.size)
+            and isinstance(entry.chunks, list)
+            and all(type(c) is ChunkStorageMetadata and shape_ok(c.offsets) and shape_ok(c.sizes)
+                    for c in entry.chunks))
+
+
+def _metadata_problem(md, directory: Path) -> str | None:
+    """What in unpickled DCP metadata is not what DCP writes, or None: every entry of DCP's classes, every stored
+    item inside one of the checkpoint's own shard files (a name SHA256SUMS lists, within its size), no stream
+    transforms (longctx writes none)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex, StorageMeta
+
+    if type(md) is not Metadata:
+        return "does not hold DCP checkpoint metadata"
+    if not isinstance(md.state_dict_metadata, dict) or not isinstance(md.storage_data, dict):
+        return "does not hold DCP checkpoint metadata (its tables are not dictionaries)"
+    if md.storage_meta is not None and type(md.storage_meta) is not StorageMeta:
+        return "does not hold DCP checkpoint metadata (storage_meta)"
+    for fqn, entry in md.state_dict_metadata.items():
+        if not isinstance(fqn, str) or not (type(entry) is BytesStorageMetadata or _tensor_entry_ok(entry)):
+            return f"describes {fqn!r} in a form DCP does not write"
+    shards = {name: (directory / name).stat().st_size for name in safe_output.read_checksums(directory) or {}
+              if DCP_SHARD_RE.match(name)}
+    for key, info in md.storage_data.items():
+        if type(key) is not MetadataIndex or not isinstance(key.fqn, str) or type(info) is not _StorageInfo:
+            return "holds a storage entry DCP does not write"
+        where = f"stores {key.fqn!r} in {info.relative_path!r}"
+        if info.relative_path not in shards:
+            return f"{where}, which is not one of the checkpoint's own shard files"
+        size = shards[info.relative_path]
+        if not (is_count(info.offset) and is_count(info.length) and info.offset + info.length <= size):
+            return f"{where} at bytes {info.offset}..+{info.length}, outside that file"
+        if info.transform_descriptors:
+            return f"{where} through stream transforms ({info.transform_descriptors}), which longctx never writes"
+    return None
+
+
+def dcp_metadata(path: str | os.PathLike):
+    """A checkpoint's DCP metadata (torch.distributed.checkpoint.metadata.Metadata), read with _MetadataUnpickler and
+    checked by _metadata_problem: a crafted or damaged file is one error line and runs nothing."""
+    file = Path(path) / DCP_METADATA
+    try:
+        with open(file, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed pickle raises means the same here
+        fail(f"{file} is not DCP metadata longctx reads ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+             "nothing in it was run")
+    try:
+        problem = _metadata_problem(md, Path(path))
+    except (AttributeError, TypeError, ValueError) as exc:  # an object of the right class built with odd fields
+        problem = f"does not hold DCP checkpoint metadata ({type(exc).__name__})"
+    if problem:
+        fail(f"{file} {problem}")
+    return md
 
 
 def _gather(items: list) -> list:
@@ -519,17 +662,37 @@ def _gather(items: list) -> list:
     return [x for part in parts for x in part]
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """What is wrong with a checkpoint's files against its SHA256SUMS (naming the file), or None. Collective:
-    each rank hashes a share of the files."""
+def checkpoint_problem(path: str | os.PathLike, signature: dict | None = None) -> str | None:
+    """What makes a checkpoint unusable, naming the file, or None. SHA256SUMS must list every file in it and only
+    files inside it, each matching (each rank hashes a share: collective); trainer_state.json must pass its
+    schema; the DCP metadata must read with the restricted unpickler and point only into the checkpoint's shard
+    files. With a run's `signature` (resuming), the checkpoint must be of that run and not past its last step."""
+    path = Path(path)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    share = sorted(safe_output.read_checksums(Path(path)) or {})[rank::world]
-    return next((p for p in _gather([safe_output.verify_checksums(Path(path), share)]) if p), None)
+    problem = f"{path} is not a directory" if not path.is_dir() else (
+        safe_output.coverage_problem(path)
+        or safe_output.verify_checksums(path, sorted(safe_output.read_checksums(path))[rank::world]))
+    problem = next((p for p in _gather([problem]) if p), None)
+    if problem:
+        return problem
+    try:
+        state = read_trainer_state(path)
+        dcp_metadata(path)
+    except UserError as exc:
+        return str(exc)
+    if signature is None:
+        return None
+    diff = signature_diff(state["signature"], signature)
+    if diff:
+        return f"it is incompatible with this run ({'; '.join(diff)})"
+    if state["step"] > signature.get("max_steps", state["step"]):
+        return f"{path / TRAINER_STATE} says step {state['step']}, past this run's last step {signature['max_steps']}"
+    return None
 
 
-def verified_checkpoint(path: str | os.PathLike, flag: str) -> Path:
-    """`path`, after refusing a checkpoint that is incomplete or whose files do not match its SHA256SUMS."""
-    problem = checkpoint_problem(path) if Path(path).is_dir() else "it is not a directory"
+def verified_checkpoint(path: str | os.PathLike, flag: str, signature: dict | None = None) -> Path:
+    """`path`, after refusing (one line) a checkpoint that checkpoint_problem finds fault with."""
+    problem = checkpoint_problem(path, signature)
     if problem:
         fail(f"{flag} {path} cannot be used: {problem}; choose another checkpoint")
     return Path(path)
@@ -552,13 +715,13 @@ def _set_rng_state(path: Path) -> None:
         state = torch.load(path, weights_only=True)
         version, internal, gauss = state["python"]
         name, keys, pos, has_gauss, cached = state["numpy"]
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
     except Exception as exc:  # noqa: BLE001 - any refusal of the unpickler or odd content means the same
         fail(f"{path} is not a longctx RNG state ({type(exc).__name__}); it was not loaded")
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _state_dicts(model, optimizer):
@@ -605,23 +768,61 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, traine
         raise
     if rank == 0 and keep and keep > 0:
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            trash = root / f".old-{old.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(old, trash)  # never a half-deleted step_N, should a kill land while deleting
+            shutil.rmtree(trash, ignore_errors=True)
     barrier()
     return final
+
+
+def dcp_load(state_dict: dict, path: str | os.PathLike) -> None:
+    """dcp.load(state_dict) from `path` with nothing unpickled but plain data: the metadata is dcp_metadata's
+    (restricted unpickler, checked), and the stored non-tensor values (the optimizer's param_groups) are read with
+    weights_only=True, where DCP's own planner uses weights_only=False. What DCP refuses is one error line."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    metadata = dcp_metadata(path)
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - the unpickler's refusal, or a damaged value
+                raise ValueError(f"the stored value {read_item.dest_index.fqn!r} is not plain data (a tensor, number, "
+                                 "string or list); nothing in it was run") from exc
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    try:
+        dcp.load(state_dict, storage_reader=Reader(str(path)), planner=Planner())
+    except (CheckpointException, Exception) as exc:  # CheckpointException is a BaseException
+        cause = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) else exc
+        fail(f"{path} cannot be loaded: {type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}")
 
 
 def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng: bool = True,
                     verified: bool = False) -> dict:
     """Load model (and optimizer, when given) state from a checkpoint written by save_checkpoint, resharding to
-    the current world size, after checking its SHA256SUMS (unless `verified` already). Returns its
+    the current world size, after checkpoint_problem found nothing wrong (unless `verified` already). Returns its
     trainer_state."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path) if verified else verified_checkpoint(path, "checkpoint")
     state = read_trainer_state(path)
     sd = _state_dicts(model, optimizer)
-    dcp.load(sd, checkpoint_id=str(path))
+    dcp_load(sd, path)
     set_model_state_dict(model, sd["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, sd["optim"])
@@ -691,7 +892,7 @@ def run_dir(args, inputs: dict) -> safe_output.RunDir:
 
 def open_run_dir(args, run: safe_output.RunDir, signature: dict) -> Path | None:
     """Check --out against --resume / --overwrite / --init-from on every rank, and verify the checkpoint to
-    start from (SHA256SUMS, before DCP reads its pickled metadata). Writes nothing (`start_run` does, once the
+    start from (checkpoint_problem: before anything in it is loaded). Writes nothing (`start_run` does, once the
     model is built). Returns the checkpoint to resume from, or None. `--resume auto` resumes OUT's latest
     verified checkpoint or starts afresh: one command line serves the first launch and every relaunch."""
     out, resume_from = run.out, None
@@ -703,47 +904,48 @@ def open_run_dir(args, run: safe_output.RunDir, signature: dict) -> Path | None:
                  "--resume auto to continue it, --overwrite to replace it, or choose another --out")
         if not run_file.is_file():
             fail(f"--out {out} is not empty and holds no longctx run (no run.json); choose another --out")
-        diff = signature_diff(read_json(run_file).get("signature", {}), signature)
+        recorded = read_json(run_file)
+        diff = signature_diff(recorded.get("signature", {}) if isinstance(recorded, dict) else {}, signature)
         if diff:
             fail(f"cannot resume the run in {out}: its settings differ ({'; '.join(diff)}); start a new stage "
                  "with --init-from CHECKPOINT and another --out")
     if args.resume == "auto":
-        resume_from = latest_verified(ckpt_root, args.resume_fallback) if holds_run and not args.overwrite else None
+        resume_from = (latest_verified(ckpt_root, args.resume_fallback, signature) if holds_run and not args.overwrite
+                       else None)
         if args.init_from:
             print0(f"--resume auto: resuming {resume_from} (--init-from is not loaded)" if resume_from else
                    f"--resume auto: no checkpoint in {out} yet; starting from --init-from {args.init_from}")
     elif args.resume:
-        resume_from = verified_checkpoint(args.resume, "--resume")
-        diff = signature_diff(read_trainer_state(resume_from).get("signature", {}), signature)
-        if diff:
-            fail(f"checkpoint {resume_from} is incompatible with this run ({'; '.join(diff)})")
+        resume_from = verified_checkpoint(args.resume, "--resume", signature)
     if args.init_from and resume_from is None:
-        diff = signature_diff(read_trainer_state(verified_checkpoint(args.init_from, "--init-from"))
-                              .get("signature", {}).get("model", {}), signature["model"])
+        shape = read_trainer_state(verified_checkpoint(args.init_from, "--init-from"))["signature"].get("model")
+        diff = signature_diff(shape if isinstance(shape, dict) else {}, signature["model"])
         if diff:
             fail(f"--init-from {args.init_from} holds another model shape ({'; '.join(diff)})")
     return resume_from
 
 
-def latest_verified(ckpt_root: Path, fallback: bool) -> Path | None:
-    """--resume auto's checkpoint: the latest one, refused when its files do not match its SHA256SUMS; with
-    `fallback` (--resume-fallback) such a one is renamed corrupt-step_N (kept, never resumed) and the one
-    before it is tried."""
+def latest_verified(ckpt_root: Path, fallback: bool, signature: dict | None = None) -> Path | None:
+    """--resume auto's checkpoint: the latest one, refused when checkpoint_problem finds fault with it (a missing
+    SHA256SUMS included: a run's progress is never passed over); with `fallback` (--resume-fallback) such a one
+    is renamed corrupt-step_N (kept, never resumed) and the one before it is tried. None only when the run never
+    saved a checkpoint."""
     found = list_checkpoints(ckpt_root)
     for path in reversed(found):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, signature)
         if problem is None:
             return path
         if not fallback:
             fail(f"--resume auto: the latest checkpoint {path} cannot be used: {problem}; pass --resume-fallback "
-                 "to continue from the latest checkpoint that verifies")
+                 "to continue from the latest checkpoint that verifies, or choose another --out")
         print0(f"--resume auto: skipping {path} ({problem}); it is kept as corrupt-{path.name}")
         if (dist.get_rank() if dist.is_initialized() else 0) == 0:
             os.rename(path, path.parent / f"corrupt-{path.name}")
         barrier()
-    if found:
-        fail(f"--resume auto: none of the {len(found)} checkpoint(s) in {ckpt_root} verifies; start afresh with "
-             "--overwrite")
+    refused = sorted(ckpt_root.glob("corrupt-step_*")) if ckpt_root.is_dir() else []
+    if found or refused:
+        fail(f"--resume auto: none of the {len(refused)} checkpoint(s) in {ckpt_root} verifies (kept as "
+             "corrupt-step_N); start afresh with --overwrite or choose another --out")
     return None
 
 
@@ -761,12 +963,22 @@ def start_run(args, run: safe_output.RunDir, signature: dict, stage: str, resume
     barrier()
 
 
+def _record_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or None for a line a hard kill cut short (it is written again)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step") if isinstance(record, dict) and is_count(record.get("step")) else None
+
+
 def resume_checkpoint(path: Path, model, optimizer, metrics_path: Path) -> int:
     """Load a (verified) checkpoint of this run (model, optimizer, RNG) and return its step. Records of later
     steps (a hard kill leaves them) are dropped from metrics.jsonl: the resumed run writes them again."""
-    step = int(load_checkpoint(path, model, optimizer, verified=True)["step"])
+    step = load_checkpoint(path, model, optimizer, verified=True)["step"]
     if (dist.get_rank() if dist.is_initialized() else 0) == 0 and metrics_path.is_file():
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        lines = metrics_path.read_bytes().decode(errors="replace").splitlines()
+        kept = [ln for ln in lines if _record_step(ln) is not None and _record_step(ln) <= step]
         atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
     print0(f"resumed from {path} at step {step}")
     return step

@@ -5,7 +5,10 @@ per domain such as book-65536 or fineweb-edu) as MDS folders. Each sample is one
 row's uint32 token ids) and `indices`, the [start, end) token spans of the documents in it, which ProLong's
 collator turns into attention segments (a document attends and is predicted only inside its span). This module
 reads such a folder: its `index.json` (one entry per shard file; datatools' merged indexes point into
-sub-folders) and the uncompressed shard files, in the layout of docs/data-format.md#mds-shards. The
+sub-folders) and the uncompressed shard files, in the layout of docs/data-format.md#mds-shards. A folder from
+someone else is read only inside itself: every shard name must resolve inside the folder (no absolute path, no
+`..`, no link out), every shard must hold the first one's columns, and sample counts are checked against the
+file sizes before anything is read; a malformed index or shard is one error line. The
 `mosaicml-streaming` package itself is not needed: its declared pins (transformers < 5, numpy < 2.2) conflict with
 this toolkit's and importing it needs torchvision; tests/test_mds.py checks this reader against streaming's own
 MDSWriter.
@@ -25,11 +28,12 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
-from common import fail
+from common import fail, is_count, read_json
 
 # MDS value encodings (streaming's format/mds/encodings.py): fixed-size scalars, and NumPy arrays whose dtype and
 # shape are written in the encoding name or, when absent there, in a small header in front of the values.
@@ -58,7 +62,21 @@ def array_header(encoding: str, data: bytes) -> tuple[np.dtype, tuple, int]:
 
 
 def decode(encoding: str, data: bytes, where: str):
-    """One column's value. Pickled and image columns are refused, never decoded."""
+    """One column's value. Pickled and image columns are refused, never decoded; a damaged value is one line."""
+    return _valid(where, encoding, _decode, encoding, data, where)
+
+
+def _valid(where: str, encoding: str, read, *args):
+    """read(*args), with a value the shard's bytes do not make (a short value, an unknown dtype code, text that is
+    not UTF-8) as one error line."""
+    try:
+        return read(*args)
+    except (ValueError, IndexError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSON errors included
+        fail(f"{where} is not a valid {encoding!r} value ({type(exc).__name__}); the shard is damaged, download it "
+             "again")
+
+
+def _decode(encoding: str, data: bytes, where: str):
     if encoding == "str":
         return data.decode("utf-8")
     if encoding == "bytes":
@@ -74,36 +92,98 @@ def decode(encoding: str, data: bytes, where: str):
          f"loaded); read only the token columns")
 
 
+def _columns_ok(names, encodings, sizes) -> bool:
+    """One name, encoding and size (a byte count, or null for a variable-size column) per column."""
+    return (isinstance(names, list) and isinstance(encodings, list) and isinstance(sizes, list)
+            and len(names) == len(encodings) == len(sizes) > 0 and len(set(map(str, names))) == len(names)
+            and all(isinstance(x, str) for x in names + encodings) and all(s is None or is_count(s) for s in sizes))
+
+
+def _array_encoding_ok(encoding: str) -> bool:
+    """`ndarray`, `ndarray:DTYPE` or `ndarray:DTYPE:SHAPE` with a dtype streaming writes and a shape of counts."""
+    _, *rest = encoding.split(":")
+    dtype, shape = (rest + [None, None])[:2]
+    return (len(rest) <= 2 and (not rest or dtype in ARRAY_DTYPES.values())
+            and (shape is None or all(x.isdigit() for x in shape.split(","))))
+
+
+def shard_file(folder: Path, name, where: str) -> Path:
+    """The shard file `name` names, refused unless it is a regular file inside `folder`: no absolute path, no
+    `..`, no link that leads out (a folder from someone else must not make 01 read elsewhere)."""
+    if not isinstance(name, str) or not name or "\0" in name or Path(name).is_absolute() or ".." in Path(name).parts:
+        fail(f"{where}: the shard name {name!r} leaves the folder (absolute or ..); an MDS index names its shard "
+             "files relative to its folder")
+    file = folder / name
+    real, root = os.path.realpath(file), os.path.realpath(folder)
+    if os.path.commonpath([real, root]) != root:
+        fail(f"{where}: {file} leads to {real}, outside {folder}; copy the shard into the folder")
+    if not file.exists():
+        fail(f"{where}: the file {file} is missing; download the whole folder")
+    if not stat.S_ISREG(os.stat(file).st_mode):
+        fail(f"{where}: {file} is not a regular file; download the whole folder")
+    return file
+
+
+def shard_entry(folder: Path, index: Path, k: int, entry) -> dict:
+    """Index entry k, checked before its shard is read: format, columns, the file, and its sample count against the
+    file's size and header (a huge, negative or non-numeric count is refused before anything is allocated)."""
+    raw = entry.get("raw_data") if isinstance(entry, dict) else None
+    if not isinstance(raw, dict) or "basename" not in raw:
+        fail(f"{index}: shard {k} has no raw_data.basename, so this is not an MDS index; download the folder again")
+    where = f"{index}: shard {raw['basename']}"
+    if (entry.get("format"), entry.get("version")) != ("mds", 2):
+        fail(f"{where} is format {entry.get('format')} version {entry.get('version')}; only MDS version 2 is read")
+    if entry.get("compression"):
+        fail(f"{where} is compressed ({entry['compression']}); decompress its shards first (ProLong released "
+             f"uncompressed shards)")
+    names, encodings, sizes = (entry.get(f"column_{x}") for x in ("names", "encodings", "sizes"))
+    if not _columns_ok(names, encodings, sizes):
+        fail(f"{where}: column_names, column_encodings and column_sizes must be lists with one entry per column "
+             "(unique names; a size is a byte count or null); the index is malformed, download the folder again")
+    bad = next((x for x in encodings if x.split(":")[0] == "ndarray" and not _array_encoding_ok(x)), None)
+    if bad:
+        fail(f"{where}: the array encoding {bad!r} is unknown (dtypes: {', '.join(ARRAY_DTYPES.values())})")
+    file = shard_file(folder, raw["basename"], where)
+    samples, size = entry.get("samples"), file.stat().st_size
+    if not is_count(samples) or 4 * (samples + 2) > size:
+        fail(f"{where} says it holds {samples!r} samples; a file of {size} bytes holds at most {max(size // 4 - 2, 0)}"
+             f" (the index or the file is damaged: download the folder again)")
+    with open(file, "rb") as f:
+        written = int.from_bytes(f.read(4), "little")
+    if written != samples or raw.get("bytes", size) != size:
+        fail(f"{where}: {file} ({size} bytes, {written} samples) is not the file the index describes "
+             f"({raw.get('bytes', size)} bytes, {samples} samples); download it again")
+    return {"file": file, "samples": samples, "names": names, "encodings": encodings, "sizes": sizes, "bytes": size,
+            "where": where}
+
+
+def read_index(folder: Path) -> list[dict]:
+    """The shards of an MDS folder's index.json, each checked by shard_entry, all with the first one's columns."""
+    index = folder / "index.json"
+    if not index.is_file():
+        fail(f"{folder} has no index.json, so it is not an MDS dataset folder (streaming's MDSWriter writes one "
+             f"beside the shard files; ProLong's data has one per domain folder, e.g. prolong-data-64K/book-65536)")
+    entries = read_json(index)
+    entries = entries.get("shards") if isinstance(entries, dict) else None
+    if not isinstance(entries, list) or not entries:
+        fail(f"{index} has no list of shards, so it is not an MDS index; download the folder again")
+    shards = [shard_entry(folder, index, k, e) for k, e in enumerate(entries)]
+    for s in shards[1:]:
+        if [s[k] for k in ("names", "encodings", "sizes")] != [shards[0][k] for k in ("names", "encodings", "sizes")]:
+            fail(f"{s['where']} holds columns {dict(zip(s['names'], s['encodings']))}, the first shard "
+                 f"{dict(zip(shards[0]['names'], shards[0]['encodings']))}; one folder holds one dataset's shards")
+    if not sum(s["samples"] for s in shards):
+        fail(f"{index} lists no samples; download the whole folder")
+    return shards
+
+
 class MDSDataset:
     """An MDS folder's samples by index, read from its shard files with positioned reads (nothing is loaded up
     front but the index)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser()
-        index = self.path / "index.json"
-        if not index.is_file():
-            fail(f"{self.path} has no index.json, so it is not an MDS dataset folder (streaming's MDSWriter "
-                 f"writes one beside the shard files; ProLong's data has one per domain folder, e.g. "
-                 f"prolong-data-64K/book-65536)")
-        try:
-            entries = json.loads(index.read_text())["shards"]
-        except (ValueError, KeyError, TypeError) as exc:
-            fail(f"{index} is not an MDS index ({type(exc).__name__}: {exc}); download the folder again")
-        self.shards = []
-        for e in entries:
-            where = f"{index}: shard {e.get('raw_data', {}).get('basename')}"
-            if (e.get("format"), e.get("version")) != ("mds", 2):
-                fail(f"{where} is format {e.get('format')} version {e.get('version')}; only MDS version 2 is read")
-            if e.get("compression"):
-                fail(f"{where} is compressed ({e['compression']}); decompress its shards first (ProLong released "
-                     f"uncompressed shards)")
-            file = self.path / e["raw_data"]["basename"]
-            if not file.is_file():
-                fail(f"{where}: the file {file} is missing; download the whole folder")
-            self.shards.append({"file": file, "samples": int(e["samples"]), "names": e["column_names"],
-                                "encodings": e["column_encodings"], "sizes": e["column_sizes"]})
-        if not self.shards or not sum(s["samples"] for s in self.shards):
-            fail(f"{index} lists no samples; download the whole folder")
+        self.shards = read_index(self.path)
         self.columns = dict(zip(self.shards[0]["names"], self.shards[0]["encodings"]))
         self._ends = np.cumsum([s["samples"] for s in self.shards])
         self._fds: dict[int, int] = {}
@@ -116,7 +196,7 @@ class MDSDataset:
     def _read(self, k: int, offset: int, size: int) -> bytes:
         if k not in self._fds:
             self._fds[k] = os.open(self.shards[k]["file"], os.O_RDONLY)
-        data = os.pread(self._fds[k], size, offset)
+        data = os.pread(self._fds[k], size, offset) if offset + size <= self.shards[k]["bytes"] else b""
         if len(data) != size:
             fail(f"{self.shards[k]['file']} is shorter than its index says; download it again")
         return data
@@ -161,7 +241,7 @@ class MDSDataset:
         encoding, head, where = self._column(i, "input_ids", head=64)
         if encoding.split(":")[0] != "ndarray":
             fail(f"{where} is encoded as {encoding!r}, not as a NumPy array of token ids")
-        return int(np.prod(array_header(encoding, head)[1]))
+        return int(np.prod(_valid(where, encoding, array_header, encoding, head)[1]))
 
     def doc_lens(self, i: int) -> list[int]:
         """The lengths of row i's documents, from its `indices` spans (the whole row when it has none). The spans
@@ -170,7 +250,11 @@ class MDSDataset:
         k = int(np.searchsorted(self._ends, i, side="right"))
         if "indices" not in self.shards[k]["names"]:
             return [n]
-        spans = np.asarray(self.value(i, "indices"), dtype=np.int64).reshape(-1, 2)
+        spans = self.value(i, "indices")
+        if not isinstance(spans, np.ndarray) or spans.dtype.kind not in "iu" or spans.size % 2:
+            fail(f"the indices of sample {i} of {self.path} are not [start, end) pairs of token positions; it is "
+                 "not ProLong's packed format")
+        spans = spans.astype(np.int64).reshape(-1, 2)
         lens = (spans[:, 1] - spans[:, 0]).tolist()
         if len(spans) == 0 or spans[0, 0] != 0 or spans[-1, 1] != n or (spans[1:, 0] != spans[:-1, 1]).any() \
                 or min(lens) <= 0:

@@ -16,9 +16,10 @@
 - Directories honour the umask (tempfile would make them private to their owner).
 - The filesystem refusing a write (no space, quota, read-only, permission) becomes one error line naming the
   path and what is missing, instead of a traceback (`write_failure`).
-- `write_checksums` / `verify_checksums`: a SHA256SUMS file (the format `sha256sum -c` checks), written last and
-  verified before a directory is trusted (03/04's checkpoints). It catches corruption, not forgery: whoever can
-  write a checkpoint can rewrite its SHA256SUMS too, so never load a checkpoint from an untrusted source.
+- `write_checksums` / `verify_checksums` / `coverage_problem`: a SHA256SUMS file (the format `sha256sum -c`
+  checks), written last and verified before a directory is trusted (03/04's checkpoints): it lists every file of
+  the directory and only files inside it. It catches corruption, not forgery (whoever can write a checkpoint can
+  rewrite its SHA256SUMS too): what keeps a forged checkpoint from running code is how it is read (fsdp_train.py).
 
 Outside this repository (copy this file and common.py):
 
@@ -39,6 +40,7 @@ import re
 import shutil
 import secrets
 import socket
+import stat
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -389,6 +391,33 @@ def read_checksums(directory: Path) -> dict[str, str] | None:
         return None
     ok = all(len(line) > 66 and line[64:66] == "  " and re.fullmatch(r"[0-9a-f]{64}", line[:64]) for line in lines)
     return listed if ok and listed else None
+
+
+def coverage_problem(directory: Path) -> str | None:
+    """None when SHA256SUMS lists every file in `directory` and only regular files inside it; else what is wrong:
+    SHA256SUMS missing or malformed, a listed name that leaves the directory (absolute, `..`) or is missing, a
+    file it does not list (never read unverified), a link or special file (nothing outside is ever reached)."""
+    sums = directory / CHECKSUMS
+    listed = read_checksums(directory) if sums.is_file() and not sums.is_symlink() else None  # never a FIFO's open
+    if listed is None:
+        return f"{sums} is missing or unreadable, so nothing in {directory} is verified"
+    for name in sorted(listed):
+        parts = name.split("/")
+        if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in parts):
+            return f"{sums} names {name!r}, a path that leaves {directory}"
+    known = {*listed, CHECKSUMS}
+    for root, dirs, files in os.walk(directory):  # links are never followed: they are refused below
+        for entry in sorted(dirs + files):
+            path = Path(root) / entry
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                return f"{path} is a link or a special file, not a file written into {directory}"
+            if path.relative_to(directory).as_posix() not in known:
+                return f"{path} is not listed in {CHECKSUMS}, so it cannot be verified"
+    missing = next((name for name in sorted(listed) if not (directory / name).is_file()), None)
+    return f"{directory / missing} is missing" if missing else None
 
 
 def verify_checksums(directory: Path, names: Iterable[str] | None = None) -> str | None:

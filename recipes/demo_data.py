@@ -358,13 +358,12 @@ def load_for_probe(path: str, init_config: str | None):
         fail(f"{path} is neither a model directory nor a 03 checkpoint")
     if not init_config:
         fail(f"{path} is a checkpoint: give --init-config (the shape it was trained with)")
-    import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(common.config_from_init_spec(init_config), dtype=torch.float32,
                                              attn_implementation="sdpa")
     sd = {"model": model.state_dict()}
-    dcp.load(sd, checkpoint_id=str(p))
+    fsdp_train.dcp_load(sd, fsdp_train.verified_checkpoint(p, "--models"))  # nothing in it unpickled but data
     model.load_state_dict(sd["model"])
     return model.eval()
 
