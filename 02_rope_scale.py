@@ -355,7 +355,7 @@ def rope_compat_notes(spec: rope.RopeSpec) -> list[str]:
         if abs(implicit - spec.scale) > 1e-9:
             notes.append(f"factor {spec.scale:g} != max_position_embeddings / original = {implicit:g}: "
                          f"transformers 5 warns and uses {spec.scale:g}; transformers 4.51-4.55 silently used "
-                         f"{implicit:g} (issue #38224); vLLM sizes its context as original x factor = "
+                         f"{implicit:g} (transformers issue #38224); vLLM sizes its context as original x factor = "
                          f"{int(spec.original_max_position_embeddings * spec.scale)}")
         notes.append("transformers <= 4.50 computed the YaRN ramp from max_position_embeddings instead of "
                      "original_max_position_embeddings (different band edges); use >= 4.56 or 5.x")

@@ -436,8 +436,9 @@ def load_chat_data(args, tokenizer, template: str, method: str) -> ChatRows:
              f"--max-tokens {args.max_tokens}, {stats['no_assistant']} have no assistant tokens, "
              f"{stats['template_error']} were rejected by the chat template")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rng = np.random.default_rng(args.seed)
     rows = list(packing.pack_documents(docs, args.seq_len, "best-fit", pad_values={"loss_mask": 0}, pad_id=pad_id,
-                                      rng=np.random.default_rng(args.seed)))
+                                       rng=rng))
     data = ChatRows(input_ids=np.stack([r["input_ids"] for r in rows]).astype(np.int32),
                     loss_mask=np.stack([r["loss_mask"] for r in rows]).astype(np.uint8),
                     doc_lens=[list(r["doc_lens"]) for r in rows],
@@ -489,7 +490,9 @@ def load_data(args, config) -> SftData:
         tokenizer = common.load_tokenizer(tokenizer_name)
         template, template_src = resolve_chat_template(tokenizer, args.chat_template)
         has_markers = GENERATION_TAG.search(template) is not None
-        method = args.assistant_mask if args.assistant_mask != "auto" else ("markers" if has_markers else "prefix")
+        method = args.assistant_mask
+        if method == "auto":
+            method = "markers" if has_markers else "prefix"
         if method == "markers" and not has_markers:
             fail("--assistant-mask markers: the chat template has no {% generation %} markers; use "
                  "--assistant-mask prefix or a template with markers (--chat-template FILE)")
@@ -508,7 +511,8 @@ def data_lines(args, sft: SftData) -> list[str]:
     """What the data holds, for the lines printed before the first step."""
     data = sft.data
     if sft.plain:
-        return [f"data: {data.num_rows} rows x {data.seq_len:,} tokens of plain text from {args.data[0]} "
+        first = Path(os.path.expanduser(args.data[0]))
+        return [f"data: {data.num_rows} rows x {data.seq_len:,} tokens of plain text from {first} "
                 "(01_prepare_data); every token is trained"]
     st = data.stats
     first_error = f" (first: {st['first_template_error']})" if st["template_error"] else ""
@@ -532,8 +536,8 @@ def check_teacher(args, config, tokenizer, longest: int):
         fail(f"--teacher {args.teacher} has a vocabulary of {tconfig.vocab_size} tokens, the student "
              f"{config.vocab_size}; distillation compares token distributions, so both need the same vocabulary")
     tdir = Path(os.path.expanduser(args.teacher))
-    has_tok = tdir.is_dir() and any((tdir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                      "tokenizer.model", "vocab.json"))
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    has_tok = tdir.is_dir() and any((tdir / f).is_file() for f in tokenizer_files)
     if not has_tok and tdir.is_dir():
         print0(f"note: --teacher {args.teacher} holds no tokenizer; its vocabulary size matches the student's")
     elif tokenizer is not None:
@@ -563,8 +567,11 @@ def kd_loss_fn(targets, teacher_hidden, teacher_weight, temperature: float, chun
         kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
         return torch.stack([ce, kl])
 
-    return lambda hidden, weight: fsdp_train.chunked_token_loss(hidden, weight, targets, chunk_size, chunk_loss=chunk,
-                                                            extra=[teacher_hidden])
+    def loss_fn(hidden, weight):
+        return fsdp_train.chunked_token_loss(hidden, weight, targets, chunk_size, chunk_loss=chunk,
+                                             extra=[teacher_hidden])
+
+    return loss_fn
 
 
 @dataclass

@@ -90,7 +90,9 @@ def setup_distributed(device: str | None = None):
     if use_cuda and not torch.cuda.is_available():
         fail("--device cuda was asked for but torch sees no CUDA device; drop the flag to run on the CPU")
     env = os.environ
-    rank, world, local_rank = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    rank = int(env.get("RANK", 0))
+    world = int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
     info = DistInfo(rank, local_rank, world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),

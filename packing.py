@@ -61,8 +61,9 @@ class RowPlan:
     def row_tokens(self) -> np.ndarray:
         """Real (non-padding) tokens per row."""
         per_piece = self.end - self.start
-        return np.add.reduceat(per_piece, self.row_ptr[:-1]) if len(per_piece) else np.zeros(self.num_rows,
-                                                                                              np.int64)
+        if not len(per_piece):
+            return np.zeros(self.num_rows, np.int64)
+        return np.add.reduceat(per_piece, self.row_ptr[:-1])
 
     def num_pad(self) -> np.ndarray:
         return self.seq_len - self.row_tokens()

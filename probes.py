@@ -235,7 +235,9 @@ def _nll_and_argmax(hidden, weight, targets, chunk: int = 2048):
 
 
 def _forward(model, ids, pos, targets, kwargs):
-    fn = lambda hidden, weight: _nll_and_argmax(hidden, weight, targets)  # noqa: E731
+    def fn(hidden, weight):
+        return _nll_and_argmax(hidden, weight, targets)
+
     if hasattr(model, "longctx_forward"):  # fsdp_train's root forward: FSDP gathers the lm_head too
         return model.longctx_forward(ids, pos, loss_fn=fn, **kwargs)
     hidden = model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False, **kwargs).last_hidden_state
@@ -313,7 +315,10 @@ class ProbeMonitor:
     short-context perplexity rises more than `alarm` above the first probe's."""
 
     def __init__(self, probe_set: ProbeSet, every: int, alarm: float, device, metrics_path: Path | None = None):
-        self.probe_set, self.every, self.alarm, self.device = probe_set, every, alarm, device
+        self.probe_set = probe_set
+        self.every = every
+        self.alarm = alarm
+        self.device = device
         self.metrics_path = metrics_path  # a resumed run's first probe is the alarm's reference
         self.first_short_ppl = None
 
@@ -323,7 +328,8 @@ class ProbeMonitor:
         if not Path(metrics_path).is_file():
             return None
         for line in Path(metrics_path).read_text().splitlines():
-            if line.strip() and key in (record := json.loads(line)):
+            record = json.loads(line) if line.strip() else {}
+            if key in record:
                 return record[key]
         return None
 

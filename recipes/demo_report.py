@@ -114,11 +114,10 @@ def targets(r: dict[str, dict], native: int, factor: int) -> list[dict]:
                  "pass": all(p < b for p, b, _ in pairs)})
 
     worst = max(b["loss"] / trained["inside"]["loss"] for b in trained["beyond"])
+    beyond = "; ".join(f"{fmt_bucket(b)}: {b['loss']:.3f}" for b in trained["beyond"])
     rows.append({"target": f"after 03 (trained): every bucket beyond the window <= 1.05x the inside one "
                            f"({fmt_bucket(trained['inside'])})",
-                 "measured": f"worst {worst:.3f}x (" + "; ".join(f"{fmt_bucket(b)}: {b['loss']:.3f}"
-                                                                for b in trained["beyond"])
-                             + f"; inside {trained['inside']['loss']:.3f})",
+                 "measured": f"worst {worst:.3f}x ({beyond}; inside {trained['inside']['loss']:.3f})",
                  "pass": worst <= 1.05})
 
     acc = niah_mean(r["base"], native)
@@ -437,14 +436,15 @@ def write_base_card(args) -> Path:
         for name in BASE_FILES:
             if (final / name).is_file():
                 shutil.copy(final / name, tmp / name)
-        common.atomic_write_text(tmp / "curve.json", json.dumps(
-            {"what": "retrieval accuracy (%) of each checkpoint on 05's kv NIAH prompts at the native length, "
-                     "teacher-forced exact match of the value", "checkpoints": curve}, indent=1) + "\n")
+        what = ("retrieval accuracy (%) of each checkpoint on 05's kv NIAH prompts at the native length, "
+                "teacher-forced exact match of the value")
+        common.atomic_write_text(tmp / "curve.json", json.dumps({"what": what, "checkpoints": curve}, indent=1) + "\n")
         n_params = sum(int(math.prod(v)) for v in param_shapes(tmp / "model.safetensors").values())
         every = max(1, len(metrics) // 20)
         loss_rows = [[m["step"], f"{m['loss']:.3f}"] for m in metrics[every - 1::every]]
         keys = [k for k in curve[0] if k.startswith("niah_")] if curve else []
         firsts = [k for k in curve[0] if k.startswith("first/")] if curve else []
+        curve_rows = [[c["step"]] + [f"{c[k]:.0f}" for k in keys + firsts] for c in curve]
         card = [
             "# demo_base: the embedded demo's tiny base model", "",
             f"A {config['num_hidden_layers']}-layer Llama (hidden {config['hidden_size']}, "
@@ -468,8 +468,7 @@ def write_base_card(args) -> Path:
             "## Retrieval accuracy vs training steps", "",
             "Each checkpoint on 05's `kv` NIAH prompts at the native length (11 depths x 4 samples per task), "
             "teacher-forced exact match of the 7-digit value (= greedy decoding success):", "",
-            eval_module().md_table(["step"] + keys + firsts, [[c["step"]] + [f"{c[k]:.0f}" for k in keys + firsts]
-                                                             for c in curve]), "",
+            eval_module().md_table(["step"] + keys + firsts, curve_rows), "",
             "(first/TASK: the value's first token alone right, i.e. the key was found.)", "",
             "## Training loss", "", eval_module().md_table(["step", "loss"], loss_rows), "",
         ]
