@@ -218,8 +218,9 @@ def forward_backward(model, micro_batches, args, loss_impl: str, device) -> tupl
     micro-batch or its document's length. The count is all-reduced before the first backward; each micro-batch
     back-propagates its summed CE divided by it, the gradients add up over the micro-batches, and FSDP2 SUMS them
     over the ranks (fsdp_train.shard_model sets its divide factor to 1: its default mean would divide by the
-    world size a second time). ProLong's default, HF Trainer's per-device mean, weighs a token by 1 / its
-    micro-batch's count instead."""
+    world size a second time). ProLong's continued pretraining keeps HF Trainer's per-device mean instead, which
+    weighs a token by 1 / its micro-batch's count; on 01's full packed rows the counts, and so the two, differ
+    little."""
     n_valid = fsdp_train.global_count(sum(mb.n_valid for mb in micro_batches), device)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for mb in micro_batches:
