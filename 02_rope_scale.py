@@ -182,7 +182,26 @@ def apply_preset(args) -> dict | None:
 
 def plan_rope(args, before: rope.RopeSpec, model_type: str | None, preset: dict | None):
     """(after spec, original length, notes, warnings). Refuses bad input with one clear line."""
-    notes, warnings = [], []
+    original, factor, target_len, notes = scaling_request(args, before)
+    method = args.method
+    if preset is not None:
+        notes += preset_notes(args, preset, original, factor)
+    options = {k: getattr(args, k) for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                                             "attention_factor", "truncate", "low_freq_factor", "high_freq_factor")}
+    if method != "yarn" and any(options[k] is not None for k in ("beta_fast", "beta_slow", "mscale",
+                                                                 "mscale_all_dim", "attention_factor", "truncate")):
+        common.fail(f"--beta-fast / --beta-slow / --mscale / --mscale-all-dim / --attention-factor / --no-truncate "
+                    f"are yarn settings; they do nothing with --method {method}")
+    after = rope.scaled_rope_spec(before, method, original=original, factor=factor, target_len=target_len,
+                                  theta=args.theta, **options)
+    changes, warnings = explain_change(args, before, after, original, factor, target_len, model_type)
+    return after, original, notes + changes, warnings
+
+
+def scaling_request(args, before: rope.RopeSpec):
+    """(original length, factor, target length, notes) of the flags, after refusing those that cannot mean
+    anything for this model."""
+    notes = []
     if args.original_len is not None:
         if args.original_len <= 0:
             common.fail(f"--original-len {args.original_len} must be positive")
@@ -216,27 +235,28 @@ def plan_rope(args, before: rope.RopeSpec, model_type: str | None, preset: dict 
         common.fail(f"--method {method} needs --factor or --target-len (relative to the original length {original})")
     if method == "llama3" and before.rope_type != "llama3":
         notes.append("no llama3 scaling to keep: low_freq_factor / high_freq_factor default to Meta's 1 / 4")
+    return original, factor, target_len, notes
 
-    if preset is not None:
-        if preset.get("expected_original") and preset["expected_original"] != original:
-            notes.append(f"preset {args.preset} was published for an original length of {preset['expected_original']}; "
-                         f"this model's is {original}")
-        if preset.get("published_factor") and factor is None and args.target_len:
-            derived = args.target_len / original
-            if abs(derived - preset["published_factor"]) > 1e-9:
-                notes.append(f"published factor {preset['published_factor']:g} assumed an 8K original; for this "
-                             f"model {args.target_len} / {original} = factor {derived:g}")
 
-    options = {k: getattr(args, k) for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-                                             "attention_factor", "truncate", "low_freq_factor", "high_freq_factor")}
-    if method != "yarn" and any(options[k] is not None for k in ("beta_fast", "beta_slow", "mscale",
-                                                                 "mscale_all_dim", "attention_factor", "truncate")):
-        common.fail(f"--beta-fast / --beta-slow / --mscale / --mscale-all-dim / --attention-factor / --no-truncate "
-                    f"are yarn settings; they do nothing with --method {method}")
-    after = rope.scaled_rope_spec(before, method, original=original, factor=factor, target_len=target_len,
-                             theta=args.theta, **options)
+def preset_notes(args, preset: dict, original: int, factor: float | None) -> list[str]:
+    """Where this model differs from the one a preset was published for."""
+    notes = []
+    if preset.get("expected_original") and preset["expected_original"] != original:
+        notes.append(f"preset {args.preset} was published for an original length of {preset['expected_original']}; "
+                     f"this model's is {original}")
+    if preset.get("published_factor") and factor is None and args.target_len:
+        derived = args.target_len / original
+        if abs(derived - preset["published_factor"]) > 1e-9:
+            notes.append(f"published factor {preset['published_factor']:g} assumed an 8K original; for this "
+                         f"model {args.target_len} / {original} = factor {derived:g}")
+    return notes
 
-    # What happened to an existing scaling, and the traps worth a line each.
+
+def explain_change(args, before, after, original: int, factor, target_len, model_type: str | None):
+    """(notes, warnings): what happened to an existing scaling, and the traps worth a line each; refuses a
+    YaRN setting that cannot work."""
+    method = args.method
+    notes, warnings = [], []
     if before.rope_type != "default" and not (method == "llama3" and before.rope_type == "llama3"):
         notes.append(f"the model is already scaled: {before.describe()}, addressing "
                      f"{rope.addressable_length(before)} tokens; the new setting REPLACES it and is relative to "
@@ -259,8 +279,8 @@ def plan_rope(args, before: rope.RopeSpec, model_type: str | None, preset: dict 
             warnings.append(f"factor {after.scale:g} != max_position_embeddings / original = {target_len} / "
                             f"{original} = {implicit:g}; written as given (AFM ships factor 20 with 64K on purpose)")
     deepseek_attention = model_type in rope.MSCALE_ALL_DIM_IN_ATTENTION
-    if after.rope_type == "yarn" and after.mscale_all_dim and not deepseek_attention \
-            and after.attention_factor is None:
+    unmatched_mscale = after.mscale_all_dim and not deepseek_attention and after.attention_factor is None
+    if after.rope_type == "yarn" and unmatched_mscale:
         deepseek = rope.yarn_get_mscale(after.scale, after.mscale_all_dim) ** 2
         warnings.append(f"mscale_all_dim is a DeepSeek convention: DeepSeek's attention multiplies its softmax by "
                         f"{deepseek:.4f}, but a model of type {model_type} does not, so here q.k logits scale by "
@@ -275,7 +295,7 @@ def plan_rope(args, before: rope.RopeSpec, model_type: str | None, preset: dict 
                     "e.g. --beta-fast 32 --beta-slow 1 (transformers' defaults)")
     if after.rotary_dim != before.rotary_dim:
         common.fail(f"rotary dimension would change {before.rotary_dim} -> {after.rotary_dim}; this is a bug")
-    return after, original, notes, warnings
+    return notes, warnings
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -335,7 +355,7 @@ def rope_compat_notes(spec: rope.RopeSpec) -> list[str]:
         if abs(implicit - spec.scale) > 1e-9:
             notes.append(f"factor {spec.scale:g} != max_position_embeddings / original = {implicit:g}: "
                          f"transformers 5 warns and uses {spec.scale:g}; transformers 4.51-4.55 silently used "
-                         f"{implicit:g} (issue #38224); vLLM sizes its context as original x factor = "
+                         f"{implicit:g} (transformers issue #38224); vLLM sizes its context as original x factor = "
                          f"{int(spec.original_max_position_embeddings * spec.scale)}")
         notes.append("transformers <= 4.50 computed the YaRN ramp from max_position_embeddings instead of "
                      "original_max_position_embeddings (different band edges); use >= 4.56 or 5.x")

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import os
 import time
 
@@ -77,8 +77,6 @@ import hf_export
 import memory_plan
 import packed_data
 import probes
-import rope
-import ruler
 import tracking
 import train_flags
 import varlen_attention
@@ -128,6 +126,24 @@ def parse_args(argv=None):
     common.add_common_args(g, "seed")
     train_flags.add_system_args(p, "cross-entropy implementation (auto: Liger FLCE with --liger, else chunked)",
                                 4096, "tokens per chunk of the chunked CE")
+    g = train_flags.add_output_args(p, " (for --init-from of a next stage)")
+    tracking.add_tracking_args(g)
+    add_parallel_and_memory_args(p)
+    probes.add_probe_args(p)
+    args = p.parse_args(argv)
+    if not args.activation_checkpointing and (args.ac_every != 1 or args.offload_activations):
+        p.error("--ac-every and --offload-activations choose how layers are checkpointed: drop "
+                "--no-activation-checkpointing")
+    if (args.model is None) == (args.init_config is None):
+        p.error("give exactly one of --model (a model directory) and --init-config (random init)")
+    if args.keep_optimizer and not args.init_from:
+        p.error("--keep-optimizer needs --init-from")
+    train_flags.check_resume_args(p, args)
+    return args
+
+
+def add_parallel_and_memory_args(p) -> None:
+    """Context parallelism, activation memory and the fit planner: the flags for rows one GPU cannot hold."""
     g = p.add_argument_group("context parallelism (rows longer than one GPU holds; docs/benchmarks.md)")
     g.add_argument("--cp", type=common.number(int, min=1), default=1,
                    help="split every row over N ranks (N divides the world size; ranks r..r+N-1 share a row, so "
@@ -140,8 +156,6 @@ def parse_args(argv=None):
                    help="ring attention: torch = PyTorch's context_parallel (CUDA, unmasked rows, one row per "
                         "micro-batch), allgather = exact all-gathered-KV ring (any device, any mask); auto picks "
                         "torch where it applies")
-    g = train_flags.add_output_args(p, " (for --init-from of a next stage)")
-    tracking.add_tracking_args(g)
     g = p.add_argument_group("activation memory and the fit planner (activation_memory.py, memory_plan.py)")
     g.add_argument("--ac-every", type=common.number(int, min=1), default=1,
                    help="checkpoint only every k-th decoder layer (0, k, 2k, ...): less recompute, more memory")
@@ -154,22 +168,6 @@ def parse_args(argv=None):
                         "measured step of this setting, predicted beside measured peak memory")
     g.add_argument("--plan-gpu-gib", type=common.number(above=0), default=None,
                    help="GPU memory for --plan (default: this GPU's, else an 80 GB H100's)")
-    probes.add_probe_args(p)
-    args = p.parse_args(argv)
-    if not args.activation_checkpointing and (args.ac_every != 1 or args.offload_activations):
-        p.error("--ac-every and --offload-activations choose how layers are checkpointed: drop "
-                "--no-activation-checkpointing")
-    if (args.model is None) == (args.init_config is None):
-        p.error("give exactly one of --model (a model directory) and --init-config (random init)")
-    if args.keep_optimizer and not args.init_from:
-        p.error("--keep-optimizer needs --init-from")
-    if args.resume_fallback and args.resume != "auto":
-        p.error("--resume-fallback goes with --resume auto")
-    if args.resume not in (None, "auto") and args.init_from:
-        p.error("--resume CHECKPOINT continues this run; --init-from starts a new one: give one of them (or "
-                "--resume auto, which resumes --out's latest checkpoint and starts from --init-from when there is "
-                "none)")
-    return args
 
 
 def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup: int) -> dict:
@@ -181,17 +179,86 @@ def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup
             "grad_clip": args.grad_clip, "init": args.model or args.init_config, "init_from": args.init_from}
 
 
-def model_options(args, config, device, dtype):
-    """(ModelOptions, loss implementation): Liger and the fused CE on CUDA for the families it patches."""
-    liger = args.liger if args.liger is not None else (device.type == "cuda"
-                                                       and config.model_type in fsdp_train.LIGER_FAMILIES)
-    loss_impl = args.loss if args.loss != "auto" else ("liger" if liger and device.type == "cuda" else "chunked")
-    varlen_attention.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
-    opts = fsdp_train.ModelOptions(attn_implementation=varlen_attention.register_attention(),
-                                   device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
-                           activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
-                           seed=args.seed)
-    return opts, loss_impl
+# =============================================================================================================
+# The recipe's choices: schedule, optimizer, loss normalisation (published values: docs/recipes.md).
+
+
+def learning_rate(step: int, args, max_steps: int, warmup: int) -> float:
+    """The learning rate of `step` (from 0 within this stage): a linear warmup to --lr (step 1 of the warmup gets
+    1/warmup of it), then a cosine from --lr down to --lr x --min-lr-ratio at the last step.
+
+    ProLong, both stages: peak 1e-5 (its released 512K script: 5e-6), 10% warmup, cosine to 0.1 x the peak (HF's
+    cosine schedule under ProLong's min_lr_bound: mult = min + (1 - min) * cos_mult), the schedule restarted for
+    stage 2 while the optimizer state carries over (--init-from --keep-optimizer). UltraLong: 3e-5; its schedule
+    is not published."""
+    if warmup > 0 and step < warmup:
+        multiplier = (step + 1) / warmup
+    else:
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup - 1))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        multiplier = args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine
+    return args.lr * multiplier
+
+
+def build_optimizer(model, args) -> torch.optim.AdamW:
+    """AdamW as ProLong trained (HF Trainer's adamw_torch): weight decay 0.1 (--weight-decay) on the weight
+    matrices and embeddings, none on the 1-D parameters (RMSNorm weights, biases), betas 0.9 / 0.95, eps 1e-8;
+    the loop clips the global gradient norm to 1.0 (--grad-clip; ProLong's scripts, not its paper)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in trained if p.dim() >= 2]
+    vectors = [p for p in trained if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": args.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return fsdp_train.adamw(groups, args.lr, args.betas)
+
+
+def forward_backward(model, micro_batches, args, loss_impl: str, device) -> tuple[torch.Tensor, int]:
+    """Forward and backward of this rank's micro-batches; returns (their summed token cross-entropy, the step's
+    global count of valid targets).
+
+    The loss of a step is torchtitan's: the sum of token cross-entropies over all micro-batches on all ranks
+    divided by the global count of valid targets, so every token weighs the same whatever its rank, its
+    micro-batch or its document's length. The count is all-reduced before the first backward; each micro-batch
+    back-propagates its summed CE divided by it, the gradients add up over the micro-batches, and FSDP2 SUMS them
+    over the ranks (fsdp_train.shard_model sets its divide factor to 1: its default mean would divide by the
+    world size a second time). ProLong's continued pretraining keeps HF Trainer's per-device mean instead, which
+    weighs a token by 1 / its micro-batch's count; on 01's full packed rows the counts, and so the two, differ
+    little."""
+    n_valid = fsdp_train.global_count(sum(mb.n_valid for mb in micro_batches), device)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for mb in micro_batches:
+        mb = mb.to(device)
+        with context_parallel.cp_context(mb):  # PyTorch's context_parallel around forward and backward (torch ring)
+            loss_fn = fsdp_train.ce_loss_fn(mb.targets, loss_impl, args.loss_chunk)
+            loss = fsdp_train.forward_loss(model, mb, loss_fn)
+            (loss / max(n_valid, 1)).backward()
+        loss_sum += loss.detach()
+    return loss_sum, n_valid
+
+
+# =============================================================================================================
+# Inputs, the model, the plan, the log lines.
+
+
+def open_inputs(args):
+    """(data, config): 01's packed rows and the model's config, after the checks that must fail before anything
+    is written."""
+    data = packed_data.PackedData.open(args.data)
+    seq_len = data.seq_len
+    if args.init_config:
+        config = common.config_from_init_spec(args.init_config)
+    else:
+        config = common.load_config(args.model)
+    longest = args.pose_target_len or seq_len
+    if args.pose_target_len and args.pose_target_len < seq_len:
+        fail(f"--pose-target-len {args.pose_target_len} is shorter than the data rows ({seq_len} tokens)")
+    if longest > config.max_position_embeddings and not args.ignore_max_positions:
+        fail(f"rows need positions up to {longest} but the model's max_position_embeddings is "
+             f"{config.max_position_embeddings}; patch its RoPE for that length with 02_rope_scale.py first "
+             "(or pass --ignore-max-positions)")
+    if (data.manifest.get("vocab_size") or 0) > config.vocab_size:
+        fail(f"the data was tokenized with a vocabulary of {data.manifest['vocab_size']} tokens, the model has "
+             f"{config.vocab_size}; use the model's tokenizer in 01_prepare_data.py")
+    return data, config
 
 
 def build_model(args, config, mesh, opts):
@@ -212,8 +279,12 @@ def plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro: i
         ac_every=args.ac_every if args.activation_checkpointing else 0, offload=args.offload_activations,
         cpu_offload=args.cpu_offload, compute_bytes=2 if opts.compute_dtype != torch.float32 else 4,
         liger=opts.liger, attention="flash" if cuda else "reference", loss_chunk=args.loss_chunk)
-    gpu_gib = args.plan_gpu_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda
-                                    else memory_plan.H100_GIB)
+    if args.plan_gpu_gib:
+        gpu_gib = args.plan_gpu_gib
+    elif cuda:
+        gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    else:
+        gpu_gib = memory_plan.H100_GIB
     shape = memory_plan.Shape.from_config(config)
     best, table = memory_plan.choose(shape, gpu_gib=gpu_gib, base=dataclasses.replace(setting, cp=1))
     predicted = memory_plan.estimate(shape, setting)["total"] / 2**30
@@ -224,20 +295,51 @@ def plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro: i
         return 0
     torch.cuda.reset_peak_memory_stats(device)
     model, _ = build_model(args, config, mesh, opts)
-    optimizer = fsdp_train.build_optimizer(model, args.lr, args.weight_decay, args.betas)
+    optimizer = build_optimizer(model, args)
     rows = data.rows(list(range(rows_per_micro)))
     mb = varlen_attention.build_micro_batch(rows, data.seq_len, args.doc_mask, args.pose_target_len, args.seed)
-    mb = context_parallel.shard_micro_batch(mb, cp, pad_id).to(device)
+    mb = context_parallel.shard_micro_batch(mb, cp, pad_id)
     for _ in range(2):  # the second step holds AdamW's moments, as every later one
-        with context_parallel.cp_context(mb):
-            loss = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, loss_impl, args.loss_chunk))
-            (loss / max(mb.n_valid, 1)).backward()
+        forward_backward(model, [mb], args, loss_impl, device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     measured = fsdp_train.peak_memory_gib(device)
     print0(f"plan: one step of this setting on {torch.cuda.get_device_name(device)}: predicted {predicted:.2f} GiB, "
            f"measured peak {measured:.2f} GiB ({predicted / measured - 1:+.1%})")
     return 0
+
+
+def run_lines(args, backend: str, minfo: dict, loss_impl: str, cp, cp_probe: str, micro_tokens: int) -> list[str]:
+    """The stage's own lines for fsdp_train.describe_run: attention, kernels, context parallelism."""
+    mask = "document-masked" if args.doc_mask else "full causal per row (no doc mask)"
+    pose = f", PoSE positions over {args.pose_target_len}" if args.pose_target_len else ""
+    every = f" (every {args.ac_every} layers)" if args.ac_every > 1 else ""
+    offloaded = ", inputs offloaded to host memory" if args.offload_activations else ""
+    lines = [f"attention: {backend}, {mask}{pose}",
+             f"kernels: liger {'+'.join(minfo['liger']) or 'off'}, loss {loss_impl} cross-entropy, "
+             f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}{every}{offloaded}, "
+             f"cpu offload {'on' if args.cpu_offload else 'off'}"]
+    if cp.size > 1:
+        tokens_per_rank = -(-micro_tokens // cp.multiple) * cp.multiple // cp.size
+        padded = tokens_per_rank * cp.size - micro_tokens
+        pad_note = f"; micro-batches padded by {padded} token(s) to split evenly" if padded else ""
+        lines.append(f"context parallel: {cp.describe()}; {tokens_per_rank:,} tokens per rank per micro-batch"
+                     f"{pad_note}; {cp_probe}")
+    return lines
+
+
+def export(args, model, config, data, out, source_dtype, compute_dtype, stats: dict) -> None:
+    """OUT/final: an ordinary HF directory (hf_export.py) with the tokenizer and a manifest of the run."""
+    export_dtype = hf_export.export_dtype(args.export_dtype, source_dtype, compute_dtype)
+    tokenizer_dir = args.tokenizer or args.model or data.manifest.get("tokenizer")
+    if tokenizer_dir and not os.path.isdir(os.path.expanduser(str(tokenizer_dir))):
+        tokenizer_dir = None
+    manifest = {"stage": STAGE, "args": args,
+                "inputs": [p for p in (args.model, *args.data) if p and os.path.isdir(p)],
+                "stats": stats, "base_model": args.model or args.init_config,
+                "recipe": {"doc_mask": args.doc_mask, "pose_target_len": args.pose_target_len}}
+    final = hf_export.export_hf(model, config, out / "final", export_dtype, args.model, tokenizer_dir, manifest)
+    print0(f"exported {final} ({str(export_dtype)[6:]})")
 
 
 def main(argv=None) -> int:
@@ -250,197 +352,90 @@ def main(argv=None) -> int:
 
 def train(args, run, signals: fsdp_train.StopSignals) -> int:
     # ---------------------------------------------------------------------------------------------------------
-    # Processes and devices
-    dinfo, mesh = fsdp_train.setup_distributed(args.device)
-    device, world, rank = dinfo.device, dinfo.world_size, dinfo.rank
-    dtype = fsdp_train.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    common.seed_everything(args.seed)
-
-    # ---------------------------------------------------------------------------------------------------------
-    # Inputs: data made by 01, a config, and the checks that must fail before anything is written
-    data = packed_data.PackedData.open(args.data)
+    # Processes, inputs, how a step's rows are dealt, and every check that must fail before anything is written
+    dinfo, mesh, dtype = fsdp_train.start_processes(args)
+    device, world = dinfo.device, dinfo.world_size
+    data, config = open_inputs(args)
     seq_len = data.seq_len
-    config = common.config_from_init_spec(args.init_config) if args.init_config else common.load_config(args.model)
-    longest = args.pose_target_len or seq_len
-    if args.pose_target_len and args.pose_target_len < seq_len:
-        fail(f"--pose-target-len {args.pose_target_len} is shorter than the data rows ({seq_len} tokens)")
-    if longest > config.max_position_embeddings and not args.ignore_max_positions:
-        fail(f"rows need positions up to {longest} but the model's max_position_embeddings is "
-             f"{config.max_position_embeddings}; patch its RoPE for that length with 02_rope_scale.py first "
-             "(or pass --ignore-max-positions)")
-    if (data.manifest.get("vocab_size") or 0) > config.vocab_size:
-        fail(f"the data was tokenized with a vocabulary of {data.manifest['vocab_size']} tokens, the model has "
-             f"{config.vocab_size}; use the model's tokenizer in 01_prepare_data.py")
-    micro_tokens = args.micro_batch_tokens or seq_len
-    if micro_tokens % seq_len:
-        fail(f"--micro-batch-tokens {micro_tokens} must be a multiple of the rows' length {seq_len}")
-    rows_per_micro = micro_tokens // seq_len
+    rows_per_micro = fsdp_train.micro_batch_rows(args.micro_batch_tokens, seq_len)
     # the ("dp", "cp") mesh: a row is split over the cp ranks; data-parallel groups read different rows
     cp = context_parallel.setup_context_parallel(args.cp, config, device, doc_mask=args.doc_mask,
                                                  attention=args.cp_attention, ring_impl=args.cp_ring_impl,
                                                  rows_per_micro=rows_per_micro)
-    dp = cp.dp_size
-    batch_tokens = args.batch_tokens or seq_len * dp
-    if batch_tokens % seq_len:
-        fail(f"--batch-tokens {batch_tokens} must be a multiple of the rows' length {seq_len}")
-    rows_per_step = batch_tokens // seq_len
-    if rows_per_step % (dp * rows_per_micro):
-        fail(f"a step of {rows_per_step} rows does not divide across {dp} data-parallel group(s) x {rows_per_micro} "
-             f"row(s) per micro-batch; choose --batch-tokens as a multiple of {dp * rows_per_micro * seq_len}")
-    grad_accum = rows_per_step // (dp * rows_per_micro)
+    batch = fsdp_train.step_batch(args.batch_tokens, seq_len, rows_per_micro, cp.dp_size, cp.dp_rank)
+    one_pass = max(1, data.num_rows // batch.rows_per_step)
+    max_steps, warmup = fsdp_train.schedule_steps(args, batch.tokens, one_pass)
+    signature = run_signature(args, config, data, batch.rows_per_step, max_steps, warmup)
     pad_id = int(data.manifest.get("pad_token_id") or 0)  # fills a micro-batch up to a multiple of the cp split
-    max_steps, warmup = fsdp_train.schedule_steps(args, batch_tokens, max(1, data.num_rows // rows_per_step))
-    signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
-    opts, loss_impl = model_options(args, config, device, dtype)
+    varlen_attention.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
+    opts, loss_impl = fsdp_train.model_options(args, config, device, dtype, varlen_attention.register_attention())
     if args.plan:  # nothing is written
         return plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro, world, pad_id)
-
-    out, ckpt_root = run.out, run.out / "checkpoints"
-    metrics_path = out / "metrics.jsonl"
     tokenizer_dir = args.tokenizer or args.model or data.manifest.get("tokenizer")
-    monitor = probes.monitor_from_args(args, common.load_tokenizer(tokenizer_dir) if args.eval_every else None,
-                                       seq_len // cp.size, device, metrics_path, ruler)  # (probes.py)
+    tokenizer = common.load_tokenizer(tokenizer_dir) if args.eval_every else None
+    monitor = probes.monitor_from_args(args, tokenizer, seq_len // cp.size, device, run.out / "metrics.jsonl")
     resume_from = fsdp_train.open_run_dir(args, run, signature)
 
     # ---------------------------------------------------------------------------------------------------------
-    # Model: meta device -> Liger -> activation checkpointing -> FSDP2 -> weights; attention probe
-    source_dtype = hf_export.config_dtype(config)
-    model, minfo = build_model(args, config, mesh, opts)  # sets fp32
+    # Model: meta device -> Liger -> activation checkpointing -> FSDP2 -> weights; attention probes
+    source_dtype = hf_export.config_dtype(config)  # before build_model, which sets fp32
+    model, minfo = build_model(args, config, mesh, opts)
     backend = varlen_attention.check_attention(model, device, dtype, config.vocab_size, args.seed)
     cp_probe = context_parallel.check_cp_attention(cp, device, dtype, config, args.seed)
-    optimizer = fsdp_train.build_optimizer(model, args.lr, args.weight_decay, args.betas)
-
-    start_step = 0
-    if resume_from is not None:
-        start_step = fsdp_train.resume_checkpoint(resume_from, model, optimizer, metrics_path)
-    elif args.init_from:
-        fsdp_train.load_checkpoint(args.init_from, model, optimizer if args.keep_optimizer else None, restore_rng=False,
-                                   verified=True)
-        print0(f"initialised from {args.init_from} (weights{' + optimizer state' if args.keep_optimizer else ''}); "
-               "step, schedule and data position start afresh")
+    optimizer = build_optimizer(model, args)
+    start_step = fsdp_train.starting_step(args, resume_from, model, optimizer, run.out / "metrics.jsonl",
+                                          keep_optimizer=args.keep_optimizer)
     fsdp_train.start_run(args, run, signature, STAGE, resume_from)  # every check passed: --out now exists
-
-    n_params = minfo["params"]
-    peak = fsdp_train.peak_flops(device)
-    print0(f"{STAGE}: {world} rank(s) on {device.type} ({dinfo.backend}), compute {str(dtype)[6:]}, "
-           f"{n_params['total'] / 1e6:.1f}M parameters ({config.model_type}, {config.num_hidden_layers} layers)")
-    print0(f"attention: {backend}, {'document-masked' if args.doc_mask else 'full causal per row (no doc mask)'}"
-           f"{f', PoSE positions over {args.pose_target_len}' if args.pose_target_len else ''}")
-    print0(f"kernels: liger {'+'.join(minfo['liger']) or 'off'}, loss {loss_impl} cross-entropy, "
-           f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}"
-           f"{f' (every {args.ac_every} layers)' if args.ac_every > 1 else ''}"
-           f"{', inputs offloaded to host memory' if args.offload_activations else ''}, "
-           f"cpu offload {'on' if args.cpu_offload else 'off'}")
-    print0(f"batch: {batch_tokens:,} tokens/step = {rows_per_step} rows x {seq_len:,} tokens; "
-           f"{rows_per_micro} row(s)/micro-batch x {dp} data-parallel group(s) x {grad_accum} accumulation step(s)")
-    if cp.size > 1:
-        tokens_per_rank = -(-micro_tokens // cp.multiple) * cp.multiple // cp.size
-        pad_note = (f"; micro-batches padded by {tokens_per_rank * cp.size - micro_tokens} token(s) to split evenly"
-                    if tokens_per_rank * cp.size != micro_tokens else "")
-        print0(f"context parallel: {cp.describe()}; {tokens_per_rank:,} tokens per rank per micro-batch{pad_note}; "
-               f"{cp_probe}")
-    print0(f"schedule: {max_steps} steps ({max_steps * batch_tokens / 1e9:.3g}B tokens), lr {args.lr:g}, warmup "
-           f"{warmup}, cosine to {args.min_lr_ratio:g}x; data: {data.num_rows} rows "
-           f"({max_steps * rows_per_step / data.num_rows:.2f} epochs)")
-    if peak is None:
-        print0("MFU: n/a (no peak FLOP/s known for this device)")
+    lines = run_lines(args, backend, minfo, loss_impl, cp, cp_probe, rows_per_micro * seq_len)
+    fsdp_train.describe_run(STAGE, dinfo, dtype, config, minfo["params"], lines, batch, max_steps, warmup, args,
+                            data.num_rows)
 
     # ---------------------------------------------------------------------------------------------------------
     # Training loop
     order = fsdp_train.DataOrder(data.num_rows, args.seed, args.shuffle)
-    signals.install()
-    def trainer_state(step):  # what a checkpoint records besides model, optimizer and RNG
-        return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
-                "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
-
-    # tracking; the first probe (the alarm's reference) runs before the first step of a fresh run
-    tracker = tracking.open_tracker(args.report_to, out, common.jsonable(vars(args)), start_step)
-    if monitor is not None and start_step == 0:
-        monitor.run_first(model, metrics_path, tracker)
-
-    step_times = []
-    bar = fsdp_train.progress_bar(max_steps, start_step)
+    cost = data.attn_cost if args.doc_mask else (seq_len - data.num_pad) ** 2  # a row's attention work
+    tracker = tracking.open_tracker(args.report_to, run.out, common.jsonable(vars(args)), start_step)
+    bookkeeping = fsdp_train.Bookkeeping(args, run.out, model, optimizer, signature, signals, tracker, monitor,
+                                         start_step, device, world)
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
-        lr = args.lr * fsdp_train.lr_multiplier(step, max_steps, warmup, args.min_lr_ratio)
+        lr = learning_rate(step, args, max_steps, warmup)
         fsdp_train.set_lr(optimizer, lr)
 
-        # the step's rows: the same for every rank; this rank's micro-batches balanced by attention cost
-        stream = order.take(step * rows_per_step, rows_per_step)
-        cost = data.attn_cost if args.doc_mask else (seq_len - data.num_pad) ** 2
-        # (plan[dp group]: every rank of a cp group builds the same micro-batches, then keeps its own tokens)
-        plan = fsdp_train.plan_step(list(range(rows_per_step)), [int(cost[r]) for _, r in stream], dp, rows_per_micro)
+        # the step's rows: the same for every rank; this data-parallel group's micro-batches balanced by attention
+        # cost; every rank of a cp group builds the same micro-batches, then keeps its own slice of the tokens
+        stream = order.take(step * batch.rows_per_step, batch.rows_per_step)
         micro_batches = []
-        for positions in plan[cp.dp_rank]:
-            rows = data.rows([stream[i][1] for i in positions])
-            for i, row in zip(positions, rows):
-                row["epoch"] = stream[i][0]
+        for rows in fsdp_train.step_micro_rows(data, stream, cost, batch):
             mb = varlen_attention.build_micro_batch(rows, seq_len, args.doc_mask, args.pose_target_len, args.seed)
             micro_batches.append(context_parallel.shard_micro_batch(mb, cp, pad_id))
-        n_valid = fsdp_train.global_count(sum(mb.n_valid for mb in micro_batches), device)
 
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        for mb in micro_batches:
-            mb = mb.to(device)
-            with context_parallel.cp_context(mb):  # PyTorch's context_parallel around forward and backward (torch ring)
-                loss = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, loss_impl, args.loss_chunk))
-                (loss / max(n_valid, 1)).backward()
-            loss_sum += loss.detach()
-        grad_norm = fsdp_train.clip_grad_norm(model, args.grad_clip)
-
-        if args.debug_sleep:  # tests: a signal sent during the sleep stops this very step
-            time.sleep(args.debug_sleep)
-        (loss_total,), stop = fsdp_train.reduce_step(loss_sum, signals)
-        loss_val, gnorm_val = loss_total / max(n_valid, 1), grad_norm.item()
-        fsdp_train.check_finite(loss_val, gnorm_val, step + 1, ckpt_root, bar)
+        loss_sum, n_valid = forward_backward(model, micro_batches, args, loss_impl, device)
+        grad_norm = fsdp_train.clip_grad_norm(model, args.grad_clip).item()
+        (loss_total,), stop = bookkeeping.all_reduce(loss_sum)  # one collective: the loss and any stop signal
+        loss = loss_total / max(n_valid, 1)
+        bookkeeping.check_finite(loss, grad_norm, step + 1)  # before the update, never after it
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # metrics: tokens processed (padding included), both MFU conventions, memory, ETA
-        dt = time.perf_counter() - t0
-        if step > start_step:
-            step_times.append(dt)
-        tokens = rows_per_step * seq_len
+        # metrics (tokens processed, padding included; both MFU conventions), probes, checkpoints, signals
         attn_sq = int(sum(int(cost[r]) for _, r in stream))
-        flops = fsdp_train.step_flops(n_params, config, tokens, seq_len, attn_sq)
-        record = fsdp_train.step_record(step + 1, max_steps, loss=loss_val, grad_norm=gnorm_val, lr=lr,
-                                    valid_tokens=n_valid, tokens=tokens, flops=flops, dt=dt, step_times=step_times,
-                                    world=world, peak=peak, device=device)
-        record["attn_paths"] = varlen_attention.count_attention_paths(micro_batches)  # this rank's, by path
+        flops = fsdp_train.step_flops(minfo["params"], config, batch.tokens, seq_len, attn_sq)
+        extra = {"attn_paths": varlen_attention.count_attention_paths(micro_batches)}  # this rank's, by path
         if cp.size > 1:  # how this rank's micro-batches attended (ProLong's shortcut shows up as "local")
-            record["cp_methods"] = {m: sum(mb.cp.method == m for mb in micro_batches)
-                                    for m in sorted({mb.cp.method for mb in micro_batches})}
-        if monitor is not None and monitor.due(step + 1):
-            record.update(monitor.run(step + 1, model))
-        fsdp_train.write_step(metrics_path, record, max_steps, args.log_every, device)
-        tracker.log(record)
-        bar.update(1)
+            methods = [mb.cp.method for mb in micro_batches]
+            extra["cp_methods"] = {m: methods.count(m) for m in sorted(set(methods))}
+        exit_code = bookkeeping.after_step(step + 1, t0, stop, loss=loss, grad_norm=grad_norm, lr=lr,
+                                           valid_tokens=n_valid, tokens=batch.tokens, flops=flops, **extra)
+        if exit_code is not None:  # stopped by a signal, its checkpoint saved
+            return exit_code
+    bookkeeping.close()
 
-        # checkpoints: periodic, at the end, and when a stop signal arrived on any rank
-        fsdp_train.save_if_due(ckpt_root, step + 1, max_steps, stop, args, model, optimizer, trainer_state)
-        if stop:
-            tracker.close()
-            return fsdp_train.stop_on_signal(signals, bar, step + 1)
-    bar.close()
-    tracker.close()
-
-    # ---------------------------------------------------------------------------------------------------------
-    # Export: an ordinary HF directory in OUT/final
     if not args.no_export:
-        export_dtype = hf_export.export_dtype(args.export_dtype, source_dtype, dtype)
-        tokenizer_dir = args.tokenizer or args.model or data.manifest.get("tokenizer")
-        if tokenizer_dir and not os.path.isdir(os.path.expanduser(str(tokenizer_dir))):
-            tokenizer_dir = None
-        last = json.loads(metrics_path.read_text().splitlines()[-1]) if rank == 0 and metrics_path.is_file() else {}
-        manifest = {"stage": STAGE, "args": args, "inputs": [p for p in (args.model, *args.data) if p and
-                                                               os.path.isdir(p)],
-                    "stats": {"steps": max_steps, "tokens": max_steps * batch_tokens, "final_loss": last.get("loss"),
-                              "attention": backend, "world_size": world, "cp": cp.size},
-                    "base_model": args.model or args.init_config, "recipe": {"doc_mask": args.doc_mask,
-                                                                           "pose_target_len": args.pose_target_len}}
-        final = hf_export.export_hf(model, config, out / "final", export_dtype, args.model, tokenizer_dir, manifest,
-                    rope.both_forms)
-        print0(f"exported {final} ({str(export_dtype)[6:]})")
+        stats = {"steps": max_steps, "tokens": max_steps * batch.tokens,
+                 "final_loss": fsdp_train.final_loss(run.out / "metrics.jsonl"), "attention": backend,
+                 "world_size": world, "cp": cp.size}
+        export(args, model, config, data, run.out, source_dtype, dtype, stats)
     return 0
 
 

@@ -48,9 +48,11 @@ OUT/checkpoints/step_N/, OUT/final/ (HF model directory with manifest.json, stag
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -71,8 +73,6 @@ import hf_export
 import packed_data
 import packing
 import probes
-import rope
-import ruler
 import tracking
 import train_flags
 import varlen_attention
@@ -103,34 +103,7 @@ def parse_args(argv=None):
                    help="start from the weights of a training checkpoint (OUT/checkpoints/step_N of 03 or 04) "
                         "instead of --model's (whose config is kept); optimizer, step and schedule start afresh; "
                         "with --resume auto, only while --out holds no checkpoint yet")
-    g = p.add_argument_group("data")
-    common.add_common_args(g, "data", required=["data"], data=dict(nargs="+", help=(
-        "chat data: one or more .jsonl/.json/.parquet files, folders of them, `datasets` save_to_disk folders or "
-        "hub datasets (hf:NAME[:CONFIG[:SPLIT]]), each record holding a --messages-field list; or directories "
-        "written by 01_prepare_data.py (plain text, with --teacher: restoration distillation; several shards, or "
-        "a directory of them, are read as one dataset)")))
-    common.add_common_args(g, "encoding-errors")
-    g.add_argument("--messages-field", default="messages",
-                   help="the field holding a conversation: a list of {role, content} (default: messages)")
-    g.add_argument("--chat-template", default="auto",
-                   help="'auto': the tokenizer's template, or the built-in ChatML one when it has none; 'default': "
-                        "the built-in ChatML template; or a path to a .jinja file")
-    g.add_argument("--assistant-mask", choices=["auto", "markers", "prefix"], default="auto",
-                   help="how assistant tokens are found: the template's {%% generation %%} markers, or incremental "
-                        "rendering of the turns (auto: markers when the template has them)")
-    g.add_argument("--max-tokens", type=common.number(int, min=2), default=None,
-                   help="chat data: drop (and count) conversations longer than this many tokens, never truncate "
-                        "them (default: --seq-len, else 8192 as UltraLong)")
-    common.add_common_args(g, "seq-len", seq_len=dict(
-        help="chat data: tokens per packed row of conversations (default: --max-tokens, else 8192; ProLong: "
-             "65536); 01's plain text keeps its own row length"))
-    g.add_argument("--max-conversations", type=common.number(int, min=1), default=None,
-                   help="read at most this many conversations (in order, over all --data sources)")
-    g.add_argument("--ignore-max-positions", action="store_true",
-                   help="allow rows (or, for the teacher, conversations) longer than the config's "
-                        "max_position_embeddings")
-    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
-                   help="shuffle rows each epoch (seeded); --no-shuffle keeps the packed order")
+    add_data_args(p)
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default=None,
                    help="the original short-context model (its own RoPE), same tokenizer and vocabulary: adds "
@@ -167,12 +140,7 @@ def parse_args(argv=None):
         args.temperature = 2.0 if args.temperature is None else args.temperature
         if args.loss == "liger":
             p.error("--loss liger fuses the CE only; with --teacher the CE + KL loss is chunked")
-    if args.resume_fallback and args.resume != "auto":
-        p.error("--resume-fallback goes with --resume auto")
-    if args.resume not in (None, "auto") and args.init_from:
-        p.error("--resume CHECKPOINT continues this run; --init-from starts a new one: give one of them (or "
-                "--resume auto, which resumes --out's latest checkpoint and starts from --init-from when there is "
-                "none)")
+    train_flags.check_resume_args(p, args)
     args.max_tokens = args.max_tokens or args.seq_len or 8192
     args.seq_len = args.seq_len or args.max_tokens
     if args.max_tokens < 2:
@@ -187,6 +155,38 @@ def parse_args(argv=None):
     return args
 
 
+def add_data_args(p) -> None:
+    """The data group: chat data (or 01's plain text), its template and masks, the row length."""
+    g = p.add_argument_group("data")
+    common.add_common_args(g, "data", required=["data"], data=dict(nargs="+", help=(
+        "chat data: one or more .jsonl/.json/.parquet files, folders of them, `datasets` save_to_disk folders or "
+        "hub datasets (hf:NAME[:CONFIG[:SPLIT]]), each record holding a --messages-field list; or directories "
+        "written by 01_prepare_data.py (plain text, with --teacher: restoration distillation; several shards, or "
+        "a directory of them, are read as one dataset)")))
+    common.add_common_args(g, "encoding-errors")
+    g.add_argument("--messages-field", default="messages",
+                   help="the field holding a conversation: a list of {role, content} (default: messages)")
+    g.add_argument("--chat-template", default="auto",
+                   help="'auto': the tokenizer's template, or the built-in ChatML one when it has none; 'default': "
+                        "the built-in ChatML template; or a path to a .jinja file")
+    g.add_argument("--assistant-mask", choices=["auto", "markers", "prefix"], default="auto",
+                   help="how assistant tokens are found: the template's {%% generation %%} markers, or incremental "
+                        "rendering of the turns (auto: markers when the template has them)")
+    g.add_argument("--max-tokens", type=common.number(int, min=2), default=None,
+                   help="chat data: drop (and count) conversations longer than this many tokens, never truncate "
+                        "them (default: --seq-len, else 8192 as UltraLong)")
+    common.add_common_args(g, "seq-len", seq_len=dict(
+        help="chat data: tokens per packed row of conversations (default: --max-tokens, else 8192; ProLong: "
+             "65536); 01's plain text keeps its own row length"))
+    g.add_argument("--max-conversations", type=common.number(int, min=1), default=None,
+                   help="read at most this many conversations (in order, over all --data sources)")
+    g.add_argument("--ignore-max-positions", action="store_true",
+                   help="allow rows (or, for the teacher, conversations) longer than the config's "
+                        "max_position_embeddings")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="shuffle rows each epoch (seeded); --no-shuffle keeps the packed order")
+
+
 # =============================================================================================================
 # Chat data: reading `messages` records, rendering with an assistant-token mask, packing into rows.
 
@@ -196,14 +196,16 @@ CHAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 def resolve_chat_source(spec: str) -> tuple[str, object]:
     """("hub", (name, config, split)), ("datasets", path) or ("files", [paths]) for one --data entry."""
-    if spec.startswith("hf:") or (not os.path.exists(os.path.expanduser(spec)) and not spec.startswith((".", "/", "~"))
-                                  and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)
-                                  and not spec.endswith(CHAT_SUFFIXES)):
+    local = os.path.exists(os.path.expanduser(spec)) or spec.startswith((".", "/", "~"))
+    hub_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) and not spec.endswith(CHAT_SUFFIXES)
+    if spec.startswith("hf:") or (not local and hub_name):
         parts = spec.removeprefix("hf:").split(":")
         if len(parts) > 3 or not parts[0]:
             fail(f"--data {spec!r}: write a hub dataset as hf:NAME[:CONFIG[:SPLIT]]")
-        return "hub", (parts[0], parts[1] if len(parts) > 1 and parts[1] else None,
-                       parts[2] if len(parts) > 2 and parts[2] else "train")
+        name = parts[0]
+        config = parts[1] if len(parts) > 1 and parts[1] else None
+        split = parts[2] if len(parts) > 2 and parts[2] else "train"
+        return "hub", (name, config, split)
     path = Path(spec).expanduser()
     if not path.exists():
         fail(f"--data {spec} does not exist (for a hub dataset write hf:NAME[:CONFIG[:SPLIT]])")
@@ -434,8 +436,9 @@ def load_chat_data(args, tokenizer, template: str, method: str) -> ChatRows:
              f"--max-tokens {args.max_tokens}, {stats['no_assistant']} have no assistant tokens, "
              f"{stats['template_error']} were rejected by the chat template")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rng = np.random.default_rng(args.seed)
     rows = list(packing.pack_documents(docs, args.seq_len, "best-fit", pad_values={"loss_mask": 0}, pad_id=pad_id,
-                                      rng=np.random.default_rng(args.seed)))
+                                       rng=rng))
     data = ChatRows(input_ids=np.stack([r["input_ids"] for r in rows]).astype(np.int32),
                     loss_mask=np.stack([r["loss_mask"] for r in rows]).astype(np.uint8),
                     doc_lens=[list(r["doc_lens"]) for r in rows],
@@ -450,7 +453,80 @@ def load_chat_data(args, tokenizer, template: str, method: str) -> ChatRows:
 
 
 # =============================================================================================================
-# Distillation: the teacher's checks and the chunked CE + KL loss.
+# The data part: chat conversations, or 01's plain text for restoration distillation.
+
+
+@dataclass
+class SftData:
+    """What 04 trains on: packed rows (ChatRows, or 01's packed_data.PackedData when `plain`), the tokenizer
+    (None for plain text without one), the chat template and how assistant tokens are found, and the longest
+    sequence (a conversation, or 01's row) the teacher must hold."""
+    data: object
+    plain: bool
+    tokenizer: object
+    template: str | None
+    template_src: str | None
+    method: str | None
+    longest: int
+
+
+def load_data(args, config) -> SftData:
+    """Read --data (every rank the same) and refuse what cannot train, before anything is written."""
+    first = Path(os.path.expanduser(args.data[0]))
+    plain = all(packed_data.packed_dirs(d) for d in args.data)
+    if not plain and any(packed_data.packed_dirs(d) for d in args.data):
+        fail("--data mixes directories written by 01_prepare_data.py with chat data; train on one kind at a time")
+    tokenizer_name = args.tokenizer or args.model
+    if plain:
+        if args.teacher is None:
+            fail(f"--data {first} is plain text packed by 01_prepare_data.py: pass --teacher for restoration "
+                 "distillation, or train on it with 03_continued_pretrain.py")
+        data = packed_data.PackedData.open(args.data)
+        tokenizer = None
+        if os.path.isdir(os.path.expanduser(tokenizer_name)):
+            tokenizer = common.load_tokenizer(tokenizer_name)
+        sft = SftData(data, True, tokenizer, None, None, None, longest=data.seq_len)
+    else:
+        tokenizer = common.load_tokenizer(tokenizer_name)
+        template, template_src = resolve_chat_template(tokenizer, args.chat_template)
+        has_markers = GENERATION_TAG.search(template) is not None
+        method = args.assistant_mask
+        if method == "auto":
+            method = "markers" if has_markers else "prefix"
+        if method == "markers" and not has_markers:
+            fail("--assistant-mask markers: the chat template has no {% generation %} markers; use "
+                 "--assistant-mask prefix or a template with markers (--chat-template FILE)")
+        data = load_chat_data(args, tokenizer, template, method)
+        sft = SftData(data, False, tokenizer, template, template_src, method, longest=data.stats["longest"])
+    if data.seq_len > config.max_position_embeddings and not args.ignore_max_positions:
+        fail(f"rows of {data.seq_len} tokens need positions beyond the model's max_position_embeddings "
+             f"{config.max_position_embeddings}; use a shorter --seq-len (or pass --ignore-max-positions)")
+    if (data.manifest.get("vocab_size") or 0) > config.vocab_size:
+        fail(f"the data was tokenized with a vocabulary of {data.manifest['vocab_size']} tokens, the model has "
+             f"{config.vocab_size}; use the model's tokenizer")
+    return sft
+
+
+def data_lines(args, sft: SftData) -> list[str]:
+    """What the data holds, for the lines printed before the first step."""
+    data = sft.data
+    if sft.plain:
+        first = Path(os.path.expanduser(args.data[0]))
+        return [f"data: {data.num_rows} rows x {data.seq_len:,} tokens of plain text from {first} "
+                "(01_prepare_data); every token is trained"]
+    st = data.stats
+    first_error = f" (first: {st['first_template_error']})" if st["template_error"] else ""
+    masking = "generation markers" if sft.method == "markers" else "prefix rendering"
+    return [f"data: {st['read']} conversation(s) read, {st['kept']} kept, {st['too_long']} dropped as longer than "
+            f"{args.max_tokens} tokens, {st['no_assistant']} without assistant tokens, {st['template_error']} "
+            f"rejected by the template{first_error}",
+            f"chat: template {sft.template_src}, assistant mask by {masking}; {st['tokens']:,} tokens, "
+            f"{st['assistant_tokens']:,} trained ({st['assistant_tokens'] / st['tokens']:.1%}); packed best-fit "
+            f"into {data.num_rows} rows of {data.seq_len:,} ({st['padding_fraction']:.1%} padding)"]
+
+
+# =============================================================================================================
+# The teacher part: its checks, the model, the chunked CE + KL loss.
 
 
 def check_teacher(args, config, tokenizer, longest: int):
@@ -460,8 +536,8 @@ def check_teacher(args, config, tokenizer, longest: int):
         fail(f"--teacher {args.teacher} has a vocabulary of {tconfig.vocab_size} tokens, the student "
              f"{config.vocab_size}; distillation compares token distributions, so both need the same vocabulary")
     tdir = Path(os.path.expanduser(args.teacher))
-    has_tok = tdir.is_dir() and any((tdir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                      "tokenizer.model", "vocab.json"))
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    has_tok = tdir.is_dir() and any((tdir / f).is_file() for f in tokenizer_files)
     if not has_tok and tdir.is_dir():
         print0(f"note: --teacher {args.teacher} holds no tokenizer; its vocabulary size matches the student's")
     elif tokenizer is not None:
@@ -491,12 +567,104 @@ def kd_loss_fn(targets, teacher_hidden, teacher_weight, temperature: float, chun
         kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
         return torch.stack([ce, kl])
 
-    return lambda hidden, weight: fsdp_train.chunked_token_loss(hidden, weight, targets, chunk_size, chunk_loss=chunk,
-                                                            extra=[teacher_hidden])
+    def loss_fn(hidden, weight):
+        return fsdp_train.chunked_token_loss(hidden, weight, targets, chunk_size, chunk_loss=chunk,
+                                             extra=[teacher_hidden])
+
+    return loss_fn
+
+
+@dataclass
+class Teacher:
+    """The original short-context model, sharded like the student, without gradients or checkpointing."""
+    model: object
+    weight: torch.Tensor  # its lm_head, gathered once (constant)
+    config: object
+    info: dict  # prepare_model's: parameter counts (for the FLOPs), Liger kernels
+
+
+def build_teacher(args, tconfig, mesh, opts: fsdp_train.ModelOptions) -> Teacher:
+    """--teacher's model, built as the student's options say (Liger where its family has it), never trained."""
+    liger = opts.liger and tconfig.model_type in fsdp_train.LIGER_FAMILIES
+    topts = dataclasses.replace(opts, liger=liger, activation_checkpointing=False)
+    model, info = fsdp_train.prepare_model(tconfig, args.teacher, mesh, topts)
+    model.requires_grad_(False)
+    model.eval()
+    varlen_attention.check_attention(model, opts.device, opts.compute_dtype, tconfig.vocab_size, args.seed)
+    weight = fsdp_train.full_weight(model).to(opts.device, opts.compute_dtype)
+    return Teacher(model, weight, tconfig, info)
+
+
+def distillation_loss(ce, kl, args):
+    """DistillKit's mix (docs/training.md#distillkit-logit-distillation): (1 - alpha) * CE + alpha * T^2 * KL,
+    with alpha 0.5 and T = 2 by default; T^2 keeps the KL's gradient on the CE's scale as T grows."""
+    return (1 - args.alpha) * ce + args.alpha * args.temperature ** 2 * kl
 
 
 # =============================================================================================================
-# The run's signature: what --resume must match (the run directory itself is handled as in 03, by common).
+# The recipe's choices: schedule, optimizer, loss normalisation (published values: docs/recipes.md).
+
+
+def learning_rate(step: int, args, max_steps: int, warmup: int) -> float:
+    """The learning rate of `step` (from 0): a linear warmup to --lr (step 1 of the warmup gets 1/warmup of it),
+    then a cosine from --lr down to --lr x --min-lr-ratio at the last step.
+
+    ProLong's SFT: peak 2e-5, 5% warmup, cosine down to 2e-6 (0.1 x the peak), 250 steps of 4M tokens.
+    UltraLong's SFT: 5e-6, 128 conversations per step, 480 / 140 / 150 steps for its 1M / 2M / 4M models (its
+    schedule's shape is not published)."""
+    if warmup > 0 and step < warmup:
+        multiplier = (step + 1) / warmup
+    else:
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup - 1))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        multiplier = args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine
+    return args.lr * multiplier
+
+
+def build_optimizer(model, args) -> torch.optim.AdamW:
+    """AdamW as ProLong's SFT ("AdamW same" as its pretraining: HF Trainer's adamw_torch): weight decay 0.1
+    (--weight-decay) on the weight matrices and embeddings, none on the 1-D parameters (RMSNorm weights,
+    biases), betas 0.9 / 0.95, eps 1e-8, the global gradient norm clipped to 1.0 (--grad-clip)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in trained if p.dim() >= 2]
+    vectors = [p for p in trained if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": args.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return fsdp_train.adamw(groups, args.lr, args.betas)
+
+
+def forward_backward(model, micro_batches, args, loss_impl: str, loss_chunk: int, teacher: Teacher | None,
+                     device) -> tuple[torch.Tensor, int]:
+    """Forward and backward of this rank's micro-batches; returns ([summed CE, summed KL] of its trained
+    tokens, the step's global count of trained tokens).
+
+    The loss of a step is the sum of token losses over all micro-batches on all ranks divided by their global
+    count of trained tokens (torchtitan's rule, as in 03): the count is all-reduced before the first backward,
+    each micro-batch back-propagates its sum divided by it, and FSDP2 SUMS the gradients over the ranks
+    (fsdp_train.shard_model sets its divide factor to 1). ProLong's SFT reason for a global count: instruction
+    masks make the per-device counts of assistant tokens very uneven, and a per-device mean would weigh a token
+    by 1 / its device's count (its --token_scaled_loss approximates the global count with a running mean). With
+    a teacher, each token's loss is distillation_loss(CE, KL)."""
+    n_valid = fsdp_train.global_count(sum(mb.n_valid for mb in micro_batches), device)
+    parts = torch.zeros(2, dtype=torch.float32, device=device)  # summed CE and KL of this rank's tokens
+    for mb in micro_batches:
+        mb = mb.to(device)
+        if teacher is None:
+            ce = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, loss_impl, loss_chunk))
+            loss, kl = ce, torch.zeros_like(ce)
+        else:
+            with torch.no_grad():
+                teacher_hidden = varlen_attention.forward_hidden(teacher.model, mb)
+            fsdp_train.reshard(teacher.model)
+            loss_fn = kd_loss_fn(mb.targets, teacher_hidden, teacher.weight, args.temperature, loss_chunk)
+            ce, kl = fsdp_train.forward_loss(model, mb, loss_fn).unbind()
+            loss = distillation_loss(ce, kl, args)
+        (loss / max(n_valid, 1)).backward()
+        parts += torch.stack([ce.detach(), kl.detach()])
+    return parts, n_valid
+
+
+# =============================================================================================================
+# The run: its signature (what --resume must match), the lines it prints, the export, the loop.
 
 
 def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup: int) -> dict:
@@ -506,6 +674,54 @@ def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup
             "seed": args.seed, "shuffle": args.shuffle, "weight_decay": args.weight_decay, "betas": list(args.betas),
             "grad_clip": args.grad_clip, "init": args.model, "init_from": args.init_from, "teacher": args.teacher,
             "alpha": args.alpha, "temperature": args.temperature}
+
+
+def run_lines(args, sft: SftData, teacher: Teacher | None, backend: str, minfo: dict, loss_impl: str,
+              loss_chunk: int) -> list[str]:
+    """The stage's own lines for fsdp_train.describe_run: data, distillation, attention, kernels."""
+    lines = data_lines(args, sft)
+    if teacher is not None:
+        trained = "every token" if sft.plain else "the assistant tokens"
+        lines.append(f"distillation: teacher {args.teacher} ({teacher.config.model_type}, "
+                     f"{teacher.info['params']['total'] / 1e6:.1f}M parameters), loss = {1 - args.alpha:g} * CE + "
+                     f"{args.alpha:g} * {args.temperature:g}^2 * KL(teacher || student) at T = {args.temperature:g}, "
+                     f"on {trained}")
+    lines.append(f"attention: {backend}, document-masked")
+    lines.append(f"kernels: liger {'+'.join(minfo['liger']) or 'off'}, loss {loss_impl} "
+                 f"{'CE + KL' if teacher is not None else 'cross-entropy'} ({loss_chunk} tokens per chunk), "
+                 f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
+                 f"cpu offload {'on' if args.cpu_offload else 'off'}")
+    return lines
+
+
+def export(args, model, config, sft: SftData, out, source_dtype, compute_dtype, stats: dict) -> None:
+    """OUT/final: an ordinary HF directory (hf_export.py) with the tokenizer, the chat template trained on, and
+    a manifest of the run."""
+    export_dtype = hf_export.export_dtype(args.export_dtype, source_dtype, compute_dtype)
+    tok_dir = None
+    if common.is_main_process() and sft.tokenizer is not None:
+        tok_dir = tempfile.mkdtemp(prefix="longctx-04-tokenizer-")
+        if sft.template is not None:
+            sft.tokenizer.chat_template = sft.template
+        sft.tokenizer.save_pretrained(tok_dir)
+    if not sft.plain:
+        stats["conversations"] = {k: v for k, v in sft.data.stats.items() if k != "first_template_error"}
+    if sft.plain:
+        mode = "restoration-distillation"
+    else:
+        mode = "distillation" if args.teacher else "sft"
+    recipe = {"mode": mode, "teacher": args.teacher, "alpha": args.alpha, "temperature": args.temperature,
+              "max_tokens": None if sft.plain else args.max_tokens, "seq_len": sft.data.seq_len,
+              "chat_template": sft.template_src, "assistant_mask": sft.method}
+    inputs = [p for p in (args.model, *args.data, args.teacher) if p and os.path.isdir(os.path.expanduser(p))]
+    manifest = {"stage": STAGE, "args": args, "inputs": inputs, "stats": stats, "base_model": args.model,
+                "recipe": recipe}
+    try:
+        final = hf_export.export_hf(model, config, out / "final", export_dtype, args.model, tok_dir, manifest)
+    finally:
+        if tok_dir:
+            shutil.rmtree(tok_dir, ignore_errors=True)
+    print0(f"exported {final} ({str(export_dtype)[6:]})")
 
 
 def main(argv=None) -> int:
@@ -518,256 +734,90 @@ def main(argv=None) -> int:
 
 def train(args, run, signals: fsdp_train.StopSignals) -> int:
     # ---------------------------------------------------------------------------------------------------------
-    # Processes and devices
-    dinfo, mesh = fsdp_train.setup_distributed(args.device)
-    device, world, rank = dinfo.device, dinfo.world_size, dinfo.rank
-    dtype = fsdp_train.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    common.seed_everything(args.seed)
-
-    # ---------------------------------------------------------------------------------------------------------
-    # Inputs: the model's config, the data (chat conversations, or 01's plain text for distillation), the
-    # teacher, and every check that must fail before anything is written
+    # Processes, inputs (the model's config, the data, the teacher's config), how a step's rows are dealt, and
+    # every check that must fail before anything is written
+    dinfo, mesh, dtype = fsdp_train.start_processes(args)
+    device, world = dinfo.device, dinfo.world_size
     config = common.load_config(args.model)
-    first = Path(os.path.expanduser(args.data[0]))
-    plain = all(packed_data.packed_dirs(d) for d in args.data)
-    if not plain and any(packed_data.packed_dirs(d) for d in args.data):
-        fail("--data mixes directories written by 01_prepare_data.py with chat data; train on one kind at a time")
-    tokenizer_name = args.tokenizer or args.model
-    template = template_src = method = None
-    if plain:
-        if args.teacher is None:
-            fail(f"--data {first} is plain text packed by 01_prepare_data.py: pass --teacher for restoration "
-                 "distillation, or train on it with 03_continued_pretrain.py")
-        data = packed_data.PackedData.open(args.data)
-        longest = data.seq_len
-        tokenizer = common.load_tokenizer(tokenizer_name) if os.path.isdir(os.path.expanduser(tokenizer_name)) \
-            else None
-    else:
-        tokenizer = common.load_tokenizer(tokenizer_name)
-        template, template_src = resolve_chat_template(tokenizer, args.chat_template)
-        has_markers = GENERATION_TAG.search(template) is not None
-        method = args.assistant_mask if args.assistant_mask != "auto" else ("markers" if has_markers else "prefix")
-        if method == "markers" and not has_markers:
-            fail("--assistant-mask markers: the chat template has no {% generation %} markers; use "
-                 "--assistant-mask prefix or a template with markers (--chat-template FILE)")
-        data = load_chat_data(args, tokenizer, template, method)
-        longest = data.stats["longest"]
-    seq_len = data.seq_len
-    if seq_len > config.max_position_embeddings and not args.ignore_max_positions:
-        fail(f"rows of {seq_len} tokens need positions beyond the model's max_position_embeddings "
-             f"{config.max_position_embeddings}; use a shorter --seq-len (or pass --ignore-max-positions)")
-    if (data.manifest.get("vocab_size") or 0) > config.vocab_size:
-        fail(f"the data was tokenized with a vocabulary of {data.manifest['vocab_size']} tokens, the model has "
-             f"{config.vocab_size}; use the model's tokenizer")
-    tconfig = check_teacher(args, config, tokenizer, longest) if args.teacher else None
-
-    batch_tokens = args.batch_tokens or seq_len * world
-    micro_tokens = args.micro_batch_tokens or seq_len
-    if batch_tokens % seq_len or micro_tokens % seq_len:
-        fail(f"--batch-tokens {batch_tokens} and --micro-batch-tokens {micro_tokens} must be multiples of the "
-             f"rows' length {seq_len}")
-    rows_per_step, rows_per_micro = batch_tokens // seq_len, micro_tokens // seq_len
-    if rows_per_step % (world * rows_per_micro):
-        fail(f"a step of {rows_per_step} rows does not divide across {world} ranks x {rows_per_micro} row(s) per "
-             f"micro-batch; choose --batch-tokens as a multiple of {world * rows_per_micro * seq_len}")
-    grad_accum = rows_per_step // (world * rows_per_micro)
-    max_steps, warmup = fsdp_train.schedule_steps(args, batch_tokens,
-                                              max(1, round(args.epochs * data.num_rows / rows_per_step)))
-    signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
-    out, ckpt_root = run.out, run.out / "checkpoints"
-    metrics_path = out / "metrics.jsonl"
-    monitor = probes.monitor_from_args(args, tokenizer, seq_len, device, metrics_path, ruler)  # (probes.py)
+    sft = load_data(args, config)
+    data, seq_len = sft.data, sft.data.seq_len
+    tconfig = check_teacher(args, config, sft.tokenizer, sft.longest) if args.teacher else None
+    rows_per_micro = fsdp_train.micro_batch_rows(args.micro_batch_tokens, seq_len)
+    batch = fsdp_train.step_batch(args.batch_tokens, seq_len, rows_per_micro, world, dinfo.rank)
+    epochs = max(1, round(args.epochs * data.num_rows / batch.rows_per_step))
+    max_steps, warmup = fsdp_train.schedule_steps(args, batch.tokens, epochs)
+    signature = run_signature(args, config, data, batch.rows_per_step, max_steps, warmup)
+    monitor = probes.monitor_from_args(args, sft.tokenizer, seq_len, device, run.out / "metrics.jsonl")
     resume_from = fsdp_train.open_run_dir(args, run, signature)
 
     # ---------------------------------------------------------------------------------------------------------
     # Models: the student as in 03; the teacher sharded the same way, without gradients or checkpointing
-    liger = args.liger if args.liger is not None else (device.type == "cuda"
-                                                        and config.model_type in fsdp_train.LIGER_FAMILIES)
-    loss_impl = "chunked" if args.teacher else (
-        args.loss if args.loss != "auto" else ("liger" if liger and device.type == "cuda" else "chunked"))
-    loss_chunk = args.loss_chunk or (1024 if args.teacher else 4096)
     varlen_attention.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
-    opts = fsdp_train.ModelOptions(attn_implementation=varlen_attention.register_attention(),
-                                   device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
-                               activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
-                               seed=args.seed)
+    opts, loss_impl = fsdp_train.model_options(args, config, device, dtype, varlen_attention.register_attention())
+    if args.teacher:
+        loss_impl = "chunked"  # Liger fuses the CE only: the CE + KL loss is computed chunk by chunk
+    loss_chunk = args.loss_chunk or (1024 if args.teacher else 4096)
     source_dtype = hf_export.config_dtype(config)  # before prepare_model, which sets fp32
     model, minfo = fsdp_train.prepare_model(config, args.model, mesh, opts)
     backend = varlen_attention.check_attention(model, device, dtype, config.vocab_size, args.seed)
-    optimizer = fsdp_train.build_optimizer(model, args.lr, args.weight_decay, args.betas)
-    teacher = teacher_weight = tinfo = None
-    if args.teacher:
-        teacher, tinfo = fsdp_train.prepare_model(tconfig, args.teacher, mesh, fsdp_train.ModelOptions(
-            attn_implementation=varlen_attention.register_attention(),
-            device=device, compute_dtype=dtype, liger=opts.liger and tconfig.model_type in fsdp_train.LIGER_FAMILIES,
-            activation_checkpointing=False, cpu_offload=args.cpu_offload, seed=args.seed))
-        teacher.requires_grad_(False)
-        teacher.eval()
-        varlen_attention.check_attention(teacher, device, dtype, tconfig.vocab_size, args.seed)
-        teacher_weight = fsdp_train.full_weight(teacher).to(device, dtype)  # constant: gathered once
-
-    start_step = 0
-    if resume_from is not None:
-        start_step = fsdp_train.resume_checkpoint(resume_from, model, optimizer, metrics_path)
-    elif args.init_from:
-        fsdp_train.load_checkpoint(args.init_from, model, None, restore_rng=False, verified=True)
-        print0(f"initialised from the weights of {args.init_from}; optimizer, step and schedule start afresh")
+    optimizer = build_optimizer(model, args)
+    teacher = build_teacher(args, tconfig, mesh, opts) if args.teacher else None
+    start_step = fsdp_train.starting_step(args, resume_from, model, optimizer, run.out / "metrics.jsonl")
     fsdp_train.start_run(args, run, signature, STAGE, resume_from)  # every check passed: --out now exists
-
-    n_params = minfo["params"]
-    peak = fsdp_train.peak_flops(device)
-    print0(f"{STAGE}: {world} rank(s) on {device.type} ({dinfo.backend}), compute {str(dtype)[6:]}, "
-           f"{n_params['total'] / 1e6:.1f}M parameters ({config.model_type}, {config.num_hidden_layers} layers)")
-    if plain:
-        print0(f"data: {data.num_rows} rows x {seq_len:,} tokens of plain text from {first} (01_prepare_data); "
-               "every token is trained")
-    else:
-        st = data.stats
-        first_error = f" (first: {st['first_template_error']})" if st["template_error"] else ""
-        print0(f"data: {st['read']} conversation(s) read, {st['kept']} kept, {st['too_long']} dropped as longer than "
-               f"{args.max_tokens} tokens, {st['no_assistant']} without assistant tokens, {st['template_error']} "
-               f"rejected by the template{first_error}")
-        masking = "generation markers" if method == "markers" else "prefix rendering"
-        print0(f"chat: template {template_src}, assistant mask by {masking}; {st['tokens']:,} tokens, "
-               f"{st['assistant_tokens']:,} trained ({st['assistant_tokens'] / st['tokens']:.1%}); packed best-fit "
-               f"into {data.num_rows} rows of {seq_len:,} ({st['padding_fraction']:.1%} padding)")
-    if teacher is not None:
-        print0(f"distillation: teacher {args.teacher} ({tconfig.model_type}, {tinfo['params']['total'] / 1e6:.1f}M "
-               f"parameters), loss = {1 - args.alpha:g} * CE + {args.alpha:g} * {args.temperature:g}^2 * "
-               f"KL(teacher || student) at T = {args.temperature:g}, on "
-               f"{'every token' if plain else 'the assistant tokens'}")
-    print0(f"attention: {backend}, document-masked")
-    print0(f"kernels: liger {'+'.join(minfo['liger']) or 'off'}, loss {loss_impl} "
-           f"{'CE + KL' if teacher is not None else 'cross-entropy'} ({loss_chunk} tokens per chunk), "
-           f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
-           f"cpu offload {'on' if args.cpu_offload else 'off'}")
-    print0(f"batch: {batch_tokens:,} tokens/step = {rows_per_step} rows x {seq_len:,} tokens; "
-           f"{rows_per_micro} row(s)/micro-batch x {world} rank(s) x {grad_accum} accumulation step(s)")
-    print0(f"schedule: {max_steps} steps ({max_steps * batch_tokens / 1e9:.3g}B tokens), lr {args.lr:g}, warmup "
-           f"{warmup}, cosine to {args.min_lr_ratio:g}x; {max_steps * rows_per_step / data.num_rows:.2f} epochs")
-    if peak is None:
-        print0("MFU: n/a (no peak FLOP/s known for this device)")
+    lines = run_lines(args, sft, teacher, backend, minfo, loss_impl, loss_chunk)
+    fsdp_train.describe_run(STAGE, dinfo, dtype, config, minfo["params"], lines, batch, max_steps, warmup, args,
+                            data.num_rows)
 
     # ---------------------------------------------------------------------------------------------------------
     # Training loop
     order = fsdp_train.DataOrder(data.num_rows, args.seed, args.shuffle)
-    signals.install()
-    def trainer_state(step):  # what a checkpoint records besides model, optimizer and RNG
-        return {"signature": signature, "step": step, "rows_consumed": step * rows_per_step,
-                "max_steps": max_steps, "warmup_steps": warmup, "lr": args.lr}
-
-    # tracking; the first probe (the alarm's reference) runs before the first step of a fresh run
-    tracker = tracking.open_tracker(args.report_to, out, common.jsonable(vars(args)), start_step)
-    if monitor is not None and start_step == 0:
-        monitor.run_first(model, metrics_path, tracker)
-
-    step_times = []
-    bar = fsdp_train.progress_bar(max_steps, start_step)
+    tracker = tracking.open_tracker(args.report_to, run.out, common.jsonable(vars(args)), start_step)
+    bookkeeping = fsdp_train.Bookkeeping(args, run.out, model, optimizer, signature, signals, tracker, monitor,
+                                         start_step, device, world)
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
-        lr = args.lr * fsdp_train.lr_multiplier(step, max_steps, warmup, args.min_lr_ratio)
+        lr = learning_rate(step, args, max_steps, warmup)
         fsdp_train.set_lr(optimizer, lr)
 
-        # the step's rows: the same for every rank; this rank's micro-batches balanced by attention cost
-        stream = order.take(step * rows_per_step, rows_per_step)
-        cost = data.attn_cost
-        plan = fsdp_train.plan_step(list(range(rows_per_step)), [int(cost[r]) for _, r in stream], world,
-                                    rows_per_micro)
+        # the step's rows: the same for every rank; this rank's micro-batches balanced by attention cost; on chat
+        # data only the assistant's tokens are targets
+        stream = order.take(step * batch.rows_per_step, batch.rows_per_step)
         micro_batches = []
-        for positions in plan[rank]:
-            rows = data.rows([stream[i][1] for i in positions])
-            masks = None if plain else [row["loss_mask"] for row in rows]
-            micro_batches.append(varlen_attention.build_micro_batch(rows, seq_len, True, None, args.seed,
-                                                                    loss_masks=masks))
-        n_valid = fsdp_train.global_count(sum(mb.n_valid for mb in micro_batches), device)
+        for rows in fsdp_train.step_micro_rows(data, stream, data.attn_cost, batch):
+            masks = None if sft.plain else [row["loss_mask"] for row in rows]
+            mb = varlen_attention.build_micro_batch(rows, seq_len, True, None, args.seed, loss_masks=masks)
+            micro_batches.append(mb)
 
-        parts = torch.zeros(2, dtype=torch.float32, device=device)  # summed CE and KL of this rank's tokens
-        for mb in micro_batches:
-            mb = mb.to(device)
-            if teacher is None:
-                ce = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, loss_impl, loss_chunk))
-                loss, kl = ce, torch.zeros_like(ce)
-            else:
-                with torch.no_grad():
-                    teacher_hidden = varlen_attention.forward_hidden(teacher, mb)
-                fsdp_train.reshard(teacher)
-                ce, kl = fsdp_train.forward_loss(model, mb, kd_loss_fn(mb.targets, teacher_hidden, teacher_weight,
-                                                                   args.temperature, loss_chunk)).unbind()
-                loss = (1 - args.alpha) * ce + args.alpha * args.temperature ** 2 * kl
-            (loss / max(n_valid, 1)).backward()
-            parts += torch.stack([ce.detach(), kl.detach()])
-        grad_norm = fsdp_train.clip_grad_norm(model, args.grad_clip)
-
-        if args.debug_sleep:  # tests: a signal sent during the sleep stops this very step
-            time.sleep(args.debug_sleep)
-        (ce_sum, kl_sum), stop = fsdp_train.reduce_step(parts, signals)
-        ce_val, kl_val = ce_sum / max(n_valid, 1), kl_sum / max(n_valid, 1)
-        loss_val = ce_val if teacher is None else ((1 - args.alpha) * ce_val
-                                                   + args.alpha * args.temperature ** 2 * kl_val)
-        gnorm_val = grad_norm.item()
-        fsdp_train.check_finite(loss_val, gnorm_val, step + 1, ckpt_root, bar)
+        parts, n_valid = forward_backward(model, micro_batches, args, loss_impl, loss_chunk, teacher, device)
+        grad_norm = fsdp_train.clip_grad_norm(model, args.grad_clip).item()
+        (ce_sum, kl_sum), stop = bookkeeping.all_reduce(parts)  # one collective: the sums and any stop signal
+        ce, kl = ce_sum / max(n_valid, 1), kl_sum / max(n_valid, 1)
+        loss = ce if teacher is None else distillation_loss(ce, kl, args)
+        bookkeeping.check_finite(loss, grad_norm, step + 1)  # before the update, never after it
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # metrics: tokens processed (padding included), both MFU conventions (a teacher adds its forward, a
-        # third of its training FLOPs), memory, ETA
-        dt = time.perf_counter() - t0
-        if step > start_step:
-            step_times.append(dt)
-        tokens = rows_per_step * seq_len
-        attn_sq = int(sum(int(cost[r]) for _, r in stream))
-        flops = fsdp_train.step_flops(n_params, config, tokens, seq_len, attn_sq)
+        # metrics (tokens processed, padding included; both MFU conventions, a teacher adding its forward, a
+        # third of its training FLOPs), probes, checkpoints, signals
+        attn_sq = int(sum(int(data.attn_cost[r]) for _, r in stream))
+        flops = fsdp_train.step_flops(minfo["params"], config, batch.tokens, seq_len, attn_sq)
+        extra = {"attn_paths": varlen_attention.count_attention_paths(micro_batches)}  # this rank's, by path
         if teacher is not None:
-            tflops = fsdp_train.step_flops(tinfo["params"], tconfig, tokens, seq_len, attn_sq)
-            flops = {k: v + tflops[k] / 3 for k, v in flops.items()}
-        record = fsdp_train.step_record(step + 1, max_steps, loss=loss_val, grad_norm=gnorm_val, lr=lr,
-                                    valid_tokens=n_valid, tokens=tokens, flops=flops, dt=dt, step_times=step_times,
-                                    world=world, peak=peak, device=device)
-        record["attn_paths"] = varlen_attention.count_attention_paths(micro_batches)  # this rank's, by path
-        if teacher is not None:
-            record.update(ce=ce_val, kl=kl_val)  # write_step shows them after the loss
-        if monitor is not None and monitor.due(step + 1):
-            record.update(monitor.run(step + 1, model))
-        fsdp_train.write_step(metrics_path, record, max_steps, args.log_every, device)
-        tracker.log(record)
-        bar.update(1)
+            teacher_flops = fsdp_train.step_flops(teacher.info["params"], teacher.config, batch.tokens, seq_len,
+                                                  attn_sq)
+            flops = {k: v + teacher_flops[k] / 3 for k, v in flops.items()}
+            extra.update(ce=ce, kl=kl)  # write_step shows them after the loss
+        exit_code = bookkeeping.after_step(step + 1, t0, stop, loss=loss, grad_norm=grad_norm, lr=lr,
+                                           valid_tokens=n_valid, tokens=batch.tokens, flops=flops, **extra)
+        if exit_code is not None:  # stopped by a signal, its checkpoint saved
+            return exit_code
+    bookkeeping.close()
 
-        # checkpoints: periodic, at the end, and when a stop signal arrived on any rank
-        fsdp_train.save_if_due(ckpt_root, step + 1, max_steps, stop, args, model, optimizer, trainer_state)
-        if stop:
-            tracker.close()
-            return fsdp_train.stop_on_signal(signals, bar, step + 1)
-    bar.close()
-    tracker.close()
-
-    # ---------------------------------------------------------------------------------------------------------
-    # Export: an ordinary HF directory in OUT/final, with the tokenizer (and the chat template trained on)
     if not args.no_export:
-        export_dtype = hf_export.export_dtype(args.export_dtype, source_dtype, dtype)
-        tok_dir = tempfile.mkdtemp(prefix="longctx-04-tokenizer-") if rank == 0 and tokenizer is not None else None
-        if tok_dir:
-            if template is not None:
-                tokenizer.chat_template = template
-            tokenizer.save_pretrained(tok_dir)
-        last = json.loads(metrics_path.read_text().splitlines()[-1]) if rank == 0 and metrics_path.is_file() else {}
-        stats = {"steps": max_steps, "tokens": max_steps * batch_tokens, "final_loss": last.get("loss"),
-                 "attention": backend, "world_size": world}
-        if not plain:
-            stats["conversations"] = {k: v for k, v in data.stats.items() if k != "first_template_error"}
-        recipe = {"mode": ("restoration-distillation" if plain else "distillation" if teacher is not None else "sft"),
-                  "teacher": args.teacher, "alpha": args.alpha, "temperature": args.temperature,
-                  "max_tokens": None if plain else args.max_tokens, "seq_len": seq_len,
-                  "chat_template": template_src, "assistant_mask": method}
-        manifest = {"stage": STAGE, "args": args, "inputs": [p for p in (args.model, *args.data, args.teacher)
-                                                             if p and os.path.isdir(os.path.expanduser(p))],
-                    "stats": stats, "base_model": args.model, "recipe": recipe}
-        try:
-            final = hf_export.export_hf(model, config, out / "final", export_dtype, args.model, tok_dir, manifest,
-                    rope.both_forms)
-        finally:
-            if tok_dir:
-                shutil.rmtree(tok_dir, ignore_errors=True)
-        print0(f"exported {final} ({str(export_dtype)[6:]})")
+        stats = {"steps": max_steps, "tokens": max_steps * batch.tokens,
+                 "final_loss": fsdp_train.final_loss(run.out / "metrics.jsonl"), "attention": backend,
+                 "world_size": world}
+        export(args, model, config, sft, run.out, source_dtype, dtype, stats)
     return 0
 
 

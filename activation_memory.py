@@ -13,11 +13,13 @@ Both leave the arithmetic unchanged: losses and gradients equal full checkpointi
 
 Used by 03_continued_pretrain.py (--ac-every, --offload-activations).
 
-Outside this repository (copy this file and common.py), on any Hugging Face decoder (before or after FSDP2):
+Outside this repository (copy this file alone: it needs only torch), on any Hugging Face decoder (before or
+after FSDP2):
 
     import activation_memory
     stats = activation_memory.checkpoint_layers(model.model.layers, every=2, offload=True)
-    loss = model(input_ids, labels=input_ids).loss; loss.backward()
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
     print(stats.offloaded_bytes)           # bytes of layer inputs that went to host memory (since reset())
 """
 from __future__ import annotations

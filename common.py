@@ -10,8 +10,9 @@
   `--overwrite`), the same in every stage, numbers checked as they are parsed, errors as one `error:` line;
 - the embedded real corpus (Python standard-library code repositories, KJV books) and chunked per-token NLL.
 
-The topic modules beside it (packing.py, rope.py, varlen_attention.py, context_parallel.py, fsdp_train.py)
-import at most this file; a stage's own code lives in the stage.
+Most topic modules beside it import this file and nothing else of longctx; which may import which is written
+down once, in tests/test_layout.py, and README's "Where to look" lists what to copy with each. A stage's own code
+lives in the stage.
 """
 from __future__ import annotations
 

@@ -1,31 +1,36 @@
 """FSDP2 training machinery for long packed rows: the pieces 03 (continued pretraining) and 04 (SFT) compose.
 
-Each stage keeps its own loop, readable top to bottom; this module holds what both use, torchtitan's way:
+Each stage keeps its own loop and its recipe's choices (schedule, optimizer groups, loss normalisation, written
+out beside the published values); this module holds the mechanics both use, torchtitan's way:
 - processes: torchrun's group (nccl on CUDA, gloo on CPU) or a 1-rank group for a plain `python` run, so the same
   FSDP2 code runs everywhere; a deterministic epoch-wise row order and a step's rows dealt to ranks by cost;
 - the model: built on the meta device, Liger kernels, per-layer activation checkpointing, FSDP2 (a unit per
-  layer plus the root; bf16 compute, fp32 master weights and reduction), each rank reading only its shard of
-  the safetensors weights, or a deterministic random init of any shape;
+  layer plus the root; bf16 compute, fp32 master weights and reduction, gradients SUMMED over ranks because the
+  stage's loss is already divided by the global token count), each rank reading only its shard of the
+  safetensors weights, or a deterministic random init of any shape;
 - the loss: summed token cross-entropy from hidden states and the lm_head weight, never logits for the whole
-  row (chunked and checkpointed, or Liger's fused linear cross-entropy), inside the root FSDP forward, divided
-  by the step's GLOBAL count of valid targets: every token weighs the same, whatever its rank or micro-batch;
-- AdamW (no weight decay on 1-D parameters), warmup then cosine to a minimum LR, clipping of sharded gradients;
+  row (chunked and checkpointed, or Liger's fused linear cross-entropy), inside the root FSDP forward, and the
+  step's GLOBAL count of valid targets to divide it by;
+- AdamW over a stage's parameter groups, clipping of sharded gradients;
 - sharded atomic checkpoints loadable at any world size, verified against their SHA256SUMS (which lists every
   file) before anything in them is read, and read without unpickling anything but plain data (DCP's metadata
   through a restricted unpickler, every value with weights_only=True); the run directory and its resume rules
-  (safe_output.RunDir); SIGTERM / SIGUSR1; metrics with two MFU conventions. The export to an ordinary Hugging
-  Face directory: hf_export.py.
+  (safe_output.RunDir); SIGTERM / SIGUSR1; metrics with two MFU conventions, and the bookkeeping after each step
+  behind one call (Bookkeeping.after_step). The export to an ordinary Hugging Face directory: hf_export.py.
 
 A training step (03_continued_pretrain.py shows the whole composition):
 
     dinfo, mesh = setup_distributed(device)                  # torchrun's group, or a 1-rank group
     model, info = prepare_model(config, weights_dir, mesh, ModelOptions(device, torch.bfloat16, liger=True,
                                 attn_implementation=varlen_attention.register_attention()))
-    optimizer = build_optimizer(model, lr)
+    optimizer = adamw([{"params": list(model.parameters()), "weight_decay": 0.1}], lr)
     n = global_count(sum(mb.n_valid for mb in micro_batches), device)     # before any backward of the step
     for mb in micro_batches:
-        (forward_loss(model, mb, ce_loss_fn(mb.targets, "liger")) / n).backward()
-    clip_grad_norm(model, 1.0); optimizer.step(); optimizer.zero_grad()
+        loss = forward_loss(model, mb, ce_loss_fn(mb.targets, "liger"))   # summed over the valid targets
+        (loss / n).backward()
+    clip_grad_norm(model, 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
 
 Outside this repository (copy this file, safe_output.py and common.py) the same lines train any Hugging Face
 causal LM; a micro-batch is any object with input_ids, position_ids, targets (-100: no loss) and
@@ -61,7 +66,7 @@ import torch.nn.functional as F
 
 import safe_output
 from common import (IGNORE_INDEX, UserError, atomic_write_text, fail, is_count, is_finite_number, jsonable,
-                    print0, read_json, versions)
+                    print0, read_json, seed_everything, versions)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype names
 
@@ -88,7 +93,9 @@ def setup_distributed(device: str | None = None):
     if use_cuda and not torch.cuda.is_available():
         fail("--device cuda was asked for but torch sees no CUDA device; drop the flag to run on the CPU")
     env = os.environ
-    rank, world, local_rank = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    rank = int(env.get("RANK", 0))
+    world = int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
     info = DistInfo(rank, local_rank, world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
@@ -434,29 +441,16 @@ def prepare_model(config, weights_dir: str | None, mesh, opts: ModelOptions):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Optimizer, schedule, clipping.
+# Optimizer, schedule, clipping. Which parameters decay and how the learning rate moves are a recipe's choices:
+# 03 and 04 write theirs out beside the published values. What follows does not depend on the recipe.
 
 
-def build_optimizer(model, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8):
-    """AdamW; no weight decay on 1-D parameters (norm weights, biases), as HF Trainer and ProLong."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True if on_cuda else None,
+def adamw(param_groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """torch's AdamW over a stage's parameter groups: fused (one kernel per step) when the parameters are on a
+    GPU, the plain per-tensor loop when they are on the CPU (a CPU run, or --cpu-offload)."""
+    on_cuda = next(p for group in param_groups for p in group["params"]).device.type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps, fused=True if on_cuda else None,
                              foreach=None if on_cuda else False)
-
-
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup (step 1 of warmup gets 1/warmup) then cosine from 1 to min_lr_ratio at the last step
-    (ProLong's min_lr_bound: mult = min + (1 - min) * cos_mult). `step` counts from 0 within the stage."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps - 1)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def schedule_steps(args, batch_tokens: int, default_steps: int) -> tuple[int, int]:
@@ -1110,3 +1104,210 @@ def format_duration(seconds: float) -> str:
         return "?"
     h, m, s = int(seconds) // 3600, int(seconds) % 3600 // 60, int(seconds) % 60
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# -------------------------------------------------------------------------------------------------------------
+# A stage's run around its training step (03, 04): processes, model options, how a step's rows are dealt, where
+# training starts, the lines that describe the run, and the bookkeeping after each step.
+
+
+def start_processes(args) -> tuple[DistInfo, Any, torch.dtype]:
+    """(DistInfo, DeviceMesh, compute dtype) for train_flags' --device / --dtype (bf16 on CUDA, fp32 on a CPU),
+    with every generator seeded from --seed."""
+    dinfo, mesh = setup_distributed(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if dinfo.device.type == "cuda" else "fp32")]
+    seed_everything(args.seed)
+    return dinfo, mesh, dtype
+
+
+def model_options(args, config, device: torch.device, dtype: torch.dtype,
+                  attn_implementation: str) -> tuple[ModelOptions, str]:
+    """(ModelOptions, loss implementation) from train_flags' system flags: Liger's kernels and its fused linear
+    cross-entropy on CUDA for the families it patches, unless --liger / --loss say otherwise."""
+    if args.liger is not None:
+        liger = args.liger
+    else:
+        liger = device.type == "cuda" and config.model_type in LIGER_FAMILIES
+    if args.loss != "auto":
+        loss_impl = args.loss
+    else:
+        loss_impl = "liger" if liger and device.type == "cuda" else "chunked"
+    opts = ModelOptions(device=device, compute_dtype=dtype, liger=liger and device.type == "cuda",
+                        activation_checkpointing=args.activation_checkpointing, cpu_offload=args.cpu_offload,
+                        seed=args.seed, attn_implementation=attn_implementation)
+    return opts, loss_impl
+
+
+@dataclass(frozen=True)
+class Batch:
+    """How a step's rows are dealt: `rows_per_step` rows of `seq_len` tokens over all ranks, `rows_per_micro`
+    rows per forward / backward in each of `dp` data-parallel groups (the ranks, or the ranks / --cp), and the
+    accumulation steps in between."""
+    seq_len: int
+    rows_per_step: int
+    rows_per_micro: int
+    dp: int
+    dp_rank: int
+
+    @property
+    def tokens(self) -> int:
+        return self.rows_per_step * self.seq_len
+
+    @property
+    def grad_accum(self) -> int:
+        return self.rows_per_step // (self.dp * self.rows_per_micro)
+
+
+def micro_batch_rows(micro_batch_tokens: int | None, seq_len: int) -> int:
+    """Rows per micro-batch from --micro-batch-tokens (default: one row)."""
+    micro_tokens = micro_batch_tokens or seq_len
+    if micro_tokens % seq_len:
+        fail(f"--micro-batch-tokens {micro_tokens} must be a multiple of the rows' length {seq_len}")
+    return micro_tokens // seq_len
+
+
+def step_batch(batch_tokens: int | None, seq_len: int, rows_per_micro: int, dp: int, dp_rank: int) -> Batch:
+    """The Batch of --batch-tokens (default: one row per data-parallel group), refused unless it divides into
+    whole micro-batches on every group."""
+    batch_tokens = batch_tokens or seq_len * dp
+    if batch_tokens % seq_len:
+        fail(f"--batch-tokens {batch_tokens} must be a multiple of the rows' length {seq_len}")
+    rows_per_step = batch_tokens // seq_len
+    if rows_per_step % (dp * rows_per_micro):
+        fail(f"a step of {rows_per_step} rows does not divide across {dp} data-parallel group(s) x {rows_per_micro} "
+             f"row(s) per micro-batch; choose --batch-tokens as a multiple of {dp * rows_per_micro * seq_len}")
+    return Batch(seq_len, rows_per_step, rows_per_micro, dp, dp_rank)
+
+
+def step_micro_rows(data, stream: list[tuple[int, int]], costs, batch: Batch) -> list[list[dict]]:
+    """This data-parallel group's rows of one step, micro-batch by micro-batch. `stream` holds the step's
+    (epoch, row index) pairs, the same on every rank; plan_step deals them by attention cost (`costs[row]`), and
+    each row read from `data` carries its epoch (PoSE draws its positions from it)."""
+    plan = plan_step(list(range(len(stream))), [int(costs[r]) for _, r in stream], batch.dp, batch.rows_per_micro)
+    micro_rows = []
+    for positions in plan[batch.dp_rank]:
+        rows = data.rows([stream[i][1] for i in positions])
+        for i, row in zip(positions, rows):
+            row["epoch"] = stream[i][0]
+        micro_rows.append(rows)
+    return micro_rows
+
+
+def starting_step(args, resume_from: Path | None, model, optimizer, metrics_path: Path,
+                  keep_optimizer: bool = False) -> int:
+    """The step training starts from: a resumed checkpoint's (model, optimizer, RNG), else 0, from --init-from's
+    weights when given (and its optimizer state with `keep_optimizer`). Collective."""
+    if resume_from is not None:
+        return resume_checkpoint(resume_from, model, optimizer, metrics_path)
+    if args.init_from:
+        load_checkpoint(args.init_from, model, optimizer if keep_optimizer else None, restore_rng=False,
+                        verified=True)
+        kept = "weights + optimizer state" if keep_optimizer else "weights"
+        afresh = "step, schedule and data position" if keep_optimizer else "optimizer, step, schedule and data position"
+        print0(f"initialised from {args.init_from} ({kept}); {afresh} start afresh")
+    return 0
+
+
+def describe_run(stage: str, dinfo: DistInfo, dtype: torch.dtype, config, params: dict, stage_lines: list[str],
+                 batch: Batch, max_steps: int, warmup: int, args, num_rows: int) -> None:
+    """What a training stage prints before its first step: processes and model, the stage's own lines (data,
+    attention, kernels), the batch and the schedule."""
+    device = dinfo.device
+    print0(f"{stage}: {dinfo.world_size} rank(s) on {device.type} ({dinfo.backend}), compute {str(dtype)[6:]}, "
+           f"{params['total'] / 1e6:.1f}M parameters ({config.model_type}, {config.num_hidden_layers} layers)")
+    for line in stage_lines:
+        print0(line)
+    print0(f"batch: {batch.tokens:,} tokens/step = {batch.rows_per_step} rows x {batch.seq_len:,} tokens; "
+           f"{batch.rows_per_micro} row(s)/micro-batch x {batch.dp} data-parallel group(s) x {batch.grad_accum} "
+           "accumulation step(s)")
+    print0(f"schedule: {max_steps} steps ({max_steps * batch.tokens / 1e9:.3g}B tokens), lr {args.lr:g}, warmup "
+           f"{warmup}, cosine to {args.min_lr_ratio:g}x; data: {num_rows} rows "
+           f"({max_steps * batch.rows_per_step / num_rows:.2f} epochs)")
+    if peak_flops(device) is None:
+        print0("MFU: n/a (no peak FLOP/s known for this device)")
+
+
+def final_loss(metrics_path: Path) -> float | None:
+    """The loss of the last record in metrics.jsonl (rank 0; None elsewhere), for the export's manifest."""
+    if (dist.get_rank() if dist.is_initialized() else 0) != 0 or not metrics_path.is_file():
+        return None
+    return json.loads(metrics_path.read_text().splitlines()[-1]).get("loss")
+
+
+class Bookkeeping:
+    """Everything around a training step of 03 and 04 that is not the step itself.
+
+    Created as the loop starts: it installs the stop-signal handlers, runs the first probe of a fresh run (the
+    short-context alarm's reference, step 0 of metrics.jsonl) and opens the progress bar. Within a step,
+    `all_reduce` sums the step's losses over the ranks together with a stop flag, and `check_finite` stops before
+    a non-finite update. After the optimizer step, ONE call, `after_step`, does the rest in order: the metrics
+    record, the probes when due, metrics.jsonl and the status line, the tracker, the progress bar, the checkpoint
+    when due, and the end of a run stopped by a signal. The tracker (tracking.py) and the probe monitor
+    (probes.py, or None) are built by the stage; anything with their `log` / `close` and `due` / `run` /
+    `run_first` methods works."""
+
+    def __init__(self, args, out: Path, model, optimizer, signature: dict, signals: StopSignals, tracker, monitor,
+                 start_step: int, device: torch.device, world: int):
+        self.args = args
+        self.model = model
+        self.optimizer = optimizer
+        self.signature = signature  # what --resume must match; it holds the schedule a checkpoint records
+        self.max_steps = signature["max_steps"]
+        self.signals = signals
+        self.tracker = tracker
+        self.monitor = monitor
+        self.start_step = start_step
+        self.device = device
+        self.world = world
+        self.peak = peak_flops(device)
+        self.metrics_path = out / "metrics.jsonl"
+        self.ckpt_root = out / "checkpoints"
+        self.step_times: list[float] = []  # the steps after the first (warm-up) give the ETA
+        signals.install()
+        if monitor is not None and start_step == 0:
+            monitor.run_first(model, self.metrics_path, tracker)
+        self.bar = progress_bar(self.max_steps, start_step)
+
+    def trainer_state(self, done: int) -> dict:
+        """What a checkpoint records besides model, optimizer and RNG: the data position and the schedule."""
+        s = self.signature
+        return {"signature": s, "step": done, "rows_consumed": done * s["rows_per_step"],
+                "max_steps": s["max_steps"], "warmup_steps": s["warmup_steps"], "lr": s["lr"]}
+
+    def all_reduce(self, sums: torch.Tensor) -> tuple[list[float], bool]:
+        """reduce_step: the step's summed losses over all ranks, and whether any rank received a stop signal."""
+        if self.args.debug_sleep:  # tests: a signal sent during the sleep stops this very step
+            time.sleep(self.args.debug_sleep)
+        return reduce_step(sums, self.signals)
+
+    def check_finite(self, loss: float, grad_norm: float, done: int) -> None:
+        check_finite(loss, grad_norm, done, self.ckpt_root, self.bar)
+
+    def after_step(self, done: int, t0: float, stop: bool, *, loss: float, grad_norm: float, lr: float,
+                   valid_tokens: int, tokens: int, flops: dict, **extra) -> int | None:
+        """Record step `done` (begun at perf_counter() `t0`): step_record's fields, then the stage's `extra`
+        ones (03: cp_methods; 04: ce and kl), then the probe results when one is due. Then write, log, advance
+        the bar and checkpoint. Returns None to go on, or the exit code of a run stopped by a signal (its
+        checkpoint saved). Collective."""
+        dt = time.perf_counter() - t0
+        if done - 1 > self.start_step:
+            self.step_times.append(dt)
+        record = step_record(done, self.max_steps, loss=loss, grad_norm=grad_norm, lr=lr,
+                             valid_tokens=valid_tokens, tokens=tokens, flops=flops, dt=dt,
+                             step_times=self.step_times, world=self.world, peak=self.peak, device=self.device)
+        record.update(extra)
+        if self.monitor is not None and self.monitor.due(done):
+            record.update(self.monitor.run(done, self.model))
+        write_step(self.metrics_path, record, self.max_steps, self.args.log_every, self.device)
+        self.tracker.log(record)
+        self.bar.update(1)
+        save_if_due(self.ckpt_root, done, self.max_steps, stop, self.args, self.model, self.optimizer,
+                    self.trainer_state)
+        if stop:
+            self.tracker.close()
+            return stop_on_signal(self.signals, self.bar, done)
+        return None
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tracker.close()

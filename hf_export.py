@@ -4,10 +4,12 @@ vLLM and every longctx stage load as they are: 03 and 04 write OUT/final with it
 - full tensors gathered one parameter at a time to rank 0 (CPU, the export dtype), never a whole model per rank;
 - safetensors shards with their index (huggingface_hub's own writer), no lm_head copy for tied embeddings;
 - config.json from the model directory the run started from (RoPE settings exactly as 02 wrote them), its dtype
-  set to the export's; generation_config.json and the tokenizer copied; manifest.json with lineage;
+  set to the export's and its RoPE settings in both forms (rope.both_forms: transformers 4.x and vLLM read
+  `rope_scaling`, transformers 5 writes only `rope_parameters`); generation_config.json and the tokenizer copied;
+  manifest.json with lineage;
 - written in a temporary directory and renamed into place when complete (safe_output.output_dir).
 
-Outside this repository (copy this file, safe_output.py and common.py), after training a sharded model:
+Outside this repository (copy this file, rope.py, safe_output.py and common.py), after training a sharded model:
 
     import hf_export
     dtype = hf_export.export_dtype("auto", hf_export.config_dtype(config), torch.bfloat16)  # before training
@@ -20,11 +22,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+import rope
 import safe_output
 from common import atomic_write_text, load_tokenizer, read_json, write_manifest
 
@@ -76,9 +78,8 @@ def gather_full_state_dict(model, dtype: torch.dtype) -> dict:
 
 
 def export_hf(model, config, out: str | os.PathLike, dtype: torch.dtype, model_dir: str | None,
-              tokenizer_dir: str | None, manifest: dict, rewrite_config: Callable[[dict], dict] = dict) -> Path:
-    """Write `out` as an HF model directory that transformers, 04, 05 and vLLM load as is. Collective.
-    `rewrite_config` edits config.json on its way out (03/04: rope.both_forms, for transformers 4.x readers)."""
+              tokenizer_dir: str | None, manifest: dict) -> Path:
+    """Write `out` as an HF model directory that transformers, 04, 05 and vLLM load as is. Collective."""
     from huggingface_hub import save_torch_state_dict
 
     state = gather_full_state_dict(model, dtype)
@@ -89,8 +90,8 @@ def export_hf(model, config, out: str | os.PathLike, dtype: torch.dtype, model_d
             state.pop("lm_head.weight", None)
         with safe_output.output_dir(out, overwrite=True, lock=False) as tmp:  # OUT itself is locked: 03/04
             save_torch_state_dict(state, tmp, max_shard_size="5GB")  # sharded safetensors + index, as HF writes
-            atomic_write_text(tmp / "config.json", json.dumps(
-                rewrite_config(export_config_dict(config, model_dir, dtype)), indent=2, sort_keys=True) + "\n")
+            config_dict = rope.both_forms(export_config_dict(config, model_dir, dtype))
+            atomic_write_text(tmp / "config.json", json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
             if model_dir and (Path(model_dir) / "generation_config.json").is_file():
                 shutil.copy(Path(model_dir) / "generation_config.json", tmp / "generation_config.json")
             if tokenizer_dir:

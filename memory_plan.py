@@ -23,7 +23,7 @@ peaks (docs/benchmarks.md#fit-planner).
 
 Used by 03_continued_pretrain.py (--plan) and recipes/plan.py (DRY_RUN=1).
 
-Outside this repository (copy this file and common.py; it imports neither):
+Outside this repository (copy this file alone: it needs only the standard library):
 
     import memory_plan
     shape = memory_plan.Shape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,

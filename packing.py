@@ -16,7 +16,7 @@ attention segments, so training can mask attention per document (ProLong) or per
 Used by 01_prepare_data.py (plans, assembles, writes) and 04_sft.py (packs conversations with their loss
 masks).
 
-Outside this repository (copy this file and common.py):
+Outside this repository (copy this file alone: it needs only NumPy):
 
     import packing
     docs = [tokenizer(t)["input_ids"] for t in texts]                 # lists of token ids
@@ -61,8 +61,9 @@ class RowPlan:
     def row_tokens(self) -> np.ndarray:
         """Real (non-padding) tokens per row."""
         per_piece = self.end - self.start
-        return np.add.reduceat(per_piece, self.row_ptr[:-1]) if len(per_piece) else np.zeros(self.num_rows,
-                                                                                              np.int64)
+        if not len(per_piece):
+            return np.zeros(self.num_rows, np.int64)
+        return np.add.reduceat(per_piece, self.row_ptr[:-1])
 
     def num_pad(self) -> np.ndarray:
         return self.seq_len - self.row_tokens()
@@ -183,6 +184,27 @@ def plan_best_fit(lengths: Sequence[int] | np.ndarray, seq_len: int, long_docs: 
     if long_docs not in ("split", "truncate"):
         raise ValueError("long_docs must be 'split' or 'truncate'")
     lengths = np.asarray(lengths, dtype=np.int64)
+    rows, sizes, starts = _full_rows_and_items(lengths, seq_len, long_docs)
+    if sizes:
+        bins = _best_fit_bins(sizes, starts, seq_len)
+        if max_rows is not None and len(rows) + len(bins) > max_rows:
+            bins = _without_emptiest(bins, min(len(rows) + len(bins) - max_rows, len(bins)))
+        rows.extend(bins)
+    fill_used: list[int] = []
+    if fill_lengths is not None and len(fill_lengths):
+        cut_max = fill_cut_max if fill_cut_max is not None else fill_lengths
+        fill_used = _fill_gaps(rows, seq_len, len(lengths), fill_lengths, cut_max)
+    plan = _plan_from_rows(seq_len, rows)
+    plan.fill_used = np.asarray(fill_used, dtype=np.int64)
+    if rng is not None and plan.num_rows > 1:
+        plan = plan.permuted(rng.permutation(plan.num_rows))
+        plan.fill_used = np.asarray(fill_used, dtype=np.int64)
+    return plan
+
+
+def _full_rows_and_items(lengths: np.ndarray, seq_len: int, long_docs: str):
+    """(rows of one full piece each, sizes of the items left to pack, their (item, start)): an item longer than
+    a row gives full rows of its pieces and a remainder (or its first row only, for long_docs="truncate")."""
     rows: list[list[tuple[int, int, int]]] = []
     sizes, starts = [], []
     for i, n in enumerate(lengths.tolist()):
@@ -202,57 +224,60 @@ def plan_best_fit(lengths: Sequence[int] | np.ndarray, seq_len: int, long_docs: 
         else:
             sizes.append(n)
             starts.append((i, 0))
-    if sizes:
-        size_arr = np.asarray(sizes, dtype=np.int64)
-        order = np.argsort(-size_arr, kind="stable")
-        smallest = int(size_arr.min())
-        index = _CapacityIndex(seq_len)
-        by_cap: dict[int, list[int]] = {}
-        bins: list[list[tuple[int, int, int]]] = []
-        for j in order.tolist():
-            n = sizes[j]
-            item, s = starts[j]
-            cap = index.smallest_at_least(n)
-            if cap < 0:
-                b = len(bins)
-                bins.append([])
-                left = seq_len - n
-            else:
-                b = by_cap[cap].pop()
-                index.add(cap, -1)
-                left = cap - n
-            bins[b].append((item, s, s + n))
-            if left >= smallest:  # a bin that no remaining item can fit is closed
-                index.add(left, 1)
-                by_cap.setdefault(left, []).append(b)
-        if max_rows is not None and len(rows) + len(bins) > max_rows:
-            excess = min(len(rows) + len(bins) - max_rows, len(bins))
-            fill = [sum(e - s for _, s, e in b) for b in bins]
-            dropped = set(sorted(range(len(bins)), key=lambda b: (fill[b], b))[:excess])
-            bins = [b for k, b in enumerate(bins) if k not in dropped]
-        rows.extend(bins)
-    fill_used: list[int] = []
-    if fill_lengths is not None and len(fill_lengths):
-        n_items, j = len(lengths), 0
-        cut_max = fill_cut_max if fill_cut_max is not None else fill_lengths
-        for row in rows:
-            gap = seq_len - sum(e - s for _, s, e in row)
-            while gap > 0 and j < len(fill_lengths):
-                n = int(fill_lengths[j])
-                take = n if n <= gap else min(gap, int(cut_max[j]))
-                if take > 0:
-                    row.append((n_items + j, 0, take))
-                    gap -= take
-                fill_used.append(take)
-                j += 1
-                if take < n:  # cut: the gap is closed (or only a boundary's worth is left)
-                    break
-    plan = _plan_from_rows(seq_len, rows)
-    plan.fill_used = np.asarray(fill_used, dtype=np.int64)
-    if rng is not None and plan.num_rows > 1:
-        plan = plan.permuted(rng.permutation(plan.num_rows))
-        plan.fill_used = np.asarray(fill_used, dtype=np.int64)
-    return plan
+    return rows, sizes, starts
+
+
+def _best_fit_bins(sizes: list[int], starts: list[tuple[int, int]], seq_len: int) -> list[list[tuple[int, int, int]]]:
+    """Best-fit decreasing: the largest item first, each into the tightest open bin that still holds it."""
+    size_arr = np.asarray(sizes, dtype=np.int64)
+    order = np.argsort(-size_arr, kind="stable")
+    smallest = int(size_arr.min())
+    index = _CapacityIndex(seq_len)
+    by_cap: dict[int, list[int]] = {}
+    bins: list[list[tuple[int, int, int]]] = []
+    for j in order.tolist():
+        n = sizes[j]
+        item, s = starts[j]
+        cap = index.smallest_at_least(n)
+        if cap < 0:
+            b = len(bins)
+            bins.append([])
+            left = seq_len - n
+        else:
+            b = by_cap[cap].pop()
+            index.add(cap, -1)
+            left = cap - n
+        bins[b].append((item, s, s + n))
+        if left >= smallest:  # a bin that no remaining item can fit is closed
+            index.add(left, 1)
+            by_cap.setdefault(left, []).append(b)
+    return bins
+
+
+def _without_emptiest(bins: list[list[tuple[int, int, int]]], excess: int) -> list[list[tuple[int, int, int]]]:
+    """`bins` less the `excess` emptiest ones (ties: the later ones kept)."""
+    fill = [sum(e - s for _, s, e in b) for b in bins]
+    dropped = set(sorted(range(len(bins)), key=lambda b: (fill[b], b))[:excess])
+    return [b for k, b in enumerate(bins) if k not in dropped]
+
+
+def _fill_gaps(rows, seq_len: int, n_items: int, fill_lengths, cut_max) -> list[int]:
+    """Fill each row's gap with spare items in order (item n_items + j), whole when they fit, else cut to the gap
+    (at most cut_max[j] tokens); returns how many tokens of each spare item were used."""
+    fill_used, j = [], 0
+    for row in rows:
+        gap = seq_len - sum(e - s for _, s, e in row)
+        while gap > 0 and j < len(fill_lengths):
+            n = int(fill_lengths[j])
+            take = n if n <= gap else min(gap, int(cut_max[j]))
+            if take > 0:
+                row.append((n_items + j, 0, take))
+                gap -= take
+            fill_used.append(take)
+            j += 1
+            if take < n:  # cut: the gap is closed (or only a boundary's worth is left)
+                break
+    return fill_used
 
 
 def plan_rows(lengths, seq_len: int, packing: str, rng: np.random.Generator | None = None, **kwargs) -> RowPlan:

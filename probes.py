@@ -3,8 +3,8 @@
 Arcee saw MMLU fall 10 points from YaRN alone, and ProLong chose its data mix by how long-context gains traded
 against short-context losses; a run that spends days of GPUs should show both as it goes. The probe set is built
 once, the same on every rank, from three things:
-- needle retrieval: RULER NIAH prompts (ruler.py's generator, passed in) at a few lengths up to the training
-  row and a few depths, scored teacher-forced: the prompt and the answer go through one forward, the model's
+- needle retrieval: RULER NIAH prompts (ruler.py's generator) at a few lengths up to the training row and a few
+  depths, scored teacher-forced: the prompt and the answer go through one forward, the model's
   argmax at each answer position is decoded and scored with RULER's string match. It equals greedy decoding
   whenever the answer is what the model would write first, and costs one forward instead of one per token;
 - loss by position on held-out long documents (buckets of the position in the document, as 05 reports it);
@@ -22,8 +22,8 @@ Used by 03_continued_pretrain.py and 04_sft.py (--eval-every N).
 Outside this repository (copy this file, common.py and ruler.py), with any causal LM that accepts
 transformers' flash-attention boundaries (cu_seq_lens_q, ...; varlen_attention.register_attention() does):
 
-    import probes, ruler
-    probe_set = probes.build_probe_set(tokenizer, row_len=8192, ruler=ruler)
+    import probes
+    probe_set = probes.build_probe_set(tokenizer, row_len=8192)
     results = probes.run_probes(model, probe_set, torch.device("cuda"))
     print(results["probe/short_ppl"], results["probe/niah"])
 """
@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
+import ruler
 
 IGNORE = -100
 
@@ -94,7 +95,6 @@ class ProbeSet:
     rows: list[list[int]]  # doc indices per row
     edges: list[int]  # position buckets of the long documents: [edges[i], edges[i + 1])
     tokenizer: object
-    ruler: object = None  # ruler.py (scores the needle answers), or None
     description: str = ""
 
     def niah_labels(self) -> list[str]:
@@ -136,7 +136,7 @@ def first_tokens(tokenizer, texts, n: int, count: int, skip: set[int] = frozense
     return out
 
 
-def niah_docs(tokenizer, ruler, task: str, lengths: list[int], depths: list[float], text: str) -> list[ProbeDoc]:
+def niah_docs(tokenizer, task: str, lengths: list[int], depths: list[float], text: str) -> list[ProbeDoc]:
     """RULER prompts with their answer appended: the answer's tokens are the scored targets."""
     try:
         records = ruler.build_niah_prompts([task], lengths, depths, 1, text, tokenizer, max_new_tokens=16)
@@ -169,19 +169,19 @@ def pack_rows(docs: list[ProbeDoc], row_len: int) -> list[list[int]]:
     return rows
 
 
-def build_probe_set(tokenizer, row_len: int, ruler=None, niah_task: str = "niah_single_2",
+def build_probe_set(tokenizer, row_len: int, niah_task: str | None = "niah_single_2",
                     lengths: list[int] | None = None, depths=(10, 50, 90), data: str | None = None,
                     long_docs: int = 2, short_len: int | None = None, short_docs: int = 8) -> ProbeSet:
-    """The fixed probe set for rows of `row_len` tokens (the same on every rank). `ruler`: the ruler module
-    (its build_niah_prompts, postprocess_prediction, string_match_all), or None for no needle probe."""
+    """The fixed probe set for rows of `row_len` tokens (the same on every rank); `niah_task` None: no needle
+    probe."""
     texts = held_out_documents(data)
     short_len = short_len or min(row_len // 4, 4096)
     lengths = sorted(set(lengths or [row_len // 4, row_len // 2, row_len]))
     if max(lengths) > row_len or short_len > row_len:
         common.fail(f"probe lengths {lengths} and --probe-short-len {short_len} must fit a row of {row_len} tokens")
     docs = []
-    if ruler is not None:
-        docs += niah_docs(tokenizer, ruler, niah_task, lengths, list(depths), "\n\n".join(texts[:8]))
+    if niah_task is not None:
+        docs += niah_docs(tokenizer, niah_task, lengths, list(depths), "\n\n".join(texts[:8]))
     long = first_tokens(tokenizer, texts, row_len, long_docs)
     docs += [ProbeDoc("long", ids) for ids in long.values()]
     short = first_tokens(tokenizer, texts, short_len, short_docs, set(long))
@@ -190,11 +190,13 @@ def build_probe_set(tokenizer, row_len: int, ruler=None, niah_task: str = "niah_
         common.fail(f"the probe text ({data or 'embedded corpus'}) has no document of {row_len} tokens; give "
                     "longer --probe-data or lower --probe-docs")
     edges = [1] + [row_len >> k for k in (3, 2, 1, 0) if row_len >> k > 1]
-    desc = (f"{sum(d.kind == 'niah' for d in docs)} {niah_task} prompt(s) at {lengths} tokens x depths "
-            f"{list(depths)}, " if ruler is not None else "") + \
-        (f"{sum(d.kind == 'long' for d in docs)} held-out document(s) of {row_len} tokens, "
-         f"{sum(d.kind == 'short' for d in docs)} of {short_len} ({data or 'embedded corpus, from its end'})")
-    return ProbeSet(docs, pack_rows(docs, row_len), edges, tokenizer, ruler, desc)
+    desc = ""
+    if niah_task is not None:
+        desc = (f"{sum(d.kind == 'niah' for d in docs)} {niah_task} prompt(s) at {lengths} tokens x depths "
+                f"{list(depths)}, ")
+    desc += (f"{sum(d.kind == 'long' for d in docs)} held-out document(s) of {row_len} tokens, "
+             f"{sum(d.kind == 'short' for d in docs)} of {short_len} ({data or 'embedded corpus, from its end'})")
+    return ProbeSet(docs, pack_rows(docs, row_len), edges, tokenizer, desc)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -233,7 +235,9 @@ def _nll_and_argmax(hidden, weight, targets, chunk: int = 2048):
 
 
 def _forward(model, ids, pos, targets, kwargs):
-    fn = lambda hidden, weight: _nll_and_argmax(hidden, weight, targets)  # noqa: E731
+    def fn(hidden, weight):
+        return _nll_and_argmax(hidden, weight, targets)
+
     if hasattr(model, "longctx_forward"):  # fsdp_train's root forward: FSDP gathers the lm_head too
         return model.longctx_forward(ids, pos, loss_fn=fn, **kwargs)
     hidden = model.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False, **kwargs).last_hidden_state
@@ -273,8 +277,7 @@ def run_probes(model, probe_set: ProbeSet, device) -> dict:
                 nll, pred = out[start + d.first_target - 1:start + n - 1].unbind(1)
                 if d.kind == "niah":
                     text = probe_set.tokenizer.decode(pred.long().tolist(), skip_special_tokens=True)
-                    sums[niah.index(i)] = probe_set.ruler.string_match_all(
-                        probe_set.ruler.postprocess_prediction(text), d.references)
+                    sums[niah.index(i)] = ruler.string_match_all(ruler.postprocess_prediction(text), d.references)
                 elif d.kind == "long":
                     positions = torch.arange(d.first_target, n)
                     for b, (lo, hi) in enumerate(zip(probe_set.edges[:-1], probe_set.edges[1:])):
@@ -312,7 +315,10 @@ class ProbeMonitor:
     short-context perplexity rises more than `alarm` above the first probe's."""
 
     def __init__(self, probe_set: ProbeSet, every: int, alarm: float, device, metrics_path: Path | None = None):
-        self.probe_set, self.every, self.alarm, self.device = probe_set, every, alarm, device
+        self.probe_set = probe_set
+        self.every = every
+        self.alarm = alarm
+        self.device = device
         self.metrics_path = metrics_path  # a resumed run's first probe is the alarm's reference
         self.first_short_ppl = None
 
@@ -322,7 +328,8 @@ class ProbeMonitor:
         if not Path(metrics_path).is_file():
             return None
         for line in Path(metrics_path).read_text().splitlines():
-            if line.strip() and key in (record := json.loads(line)):
+            record = json.loads(line) if line.strip() else {}
+            if key in record:
                 return record[key]
         return None
 
@@ -364,14 +371,14 @@ class ProbeMonitor:
         return results
 
 
-def monitor_from_args(args, tokenizer, row_len: int, device, metrics_path: Path, ruler=None) -> ProbeMonitor | None:
+def monitor_from_args(args, tokenizer, row_len: int, device, metrics_path: Path) -> ProbeMonitor | None:
     """The stage's ProbeMonitor from the --eval-every group (None when --eval-every is 0). Call it before anything
     is written: a probe that cannot be built fails with one error line."""
     if not args.eval_every:
         return None
     if tokenizer is None:
         common.fail("--eval-every needs a tokenizer to build its probes; pass --tokenizer")
-    probe_set = build_probe_set(tokenizer, row_len, ruler, args.probe_niah_task, args.probe_lengths, args.probe_depths,
+    probe_set = build_probe_set(tokenizer, row_len, args.probe_niah_task, args.probe_lengths, args.probe_depths,
                                 args.probe_data, args.probe_docs, args.probe_short_len, args.probe_short_docs)
     common.print0(f"probes every {args.eval_every} steps: {probe_set.description}; {len(probe_set.rows)} row(s) "
                   "of forward passes over all ranks")

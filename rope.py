@@ -15,8 +15,8 @@ NTK. This module holds:
   for transformers 4.x, vLLM and older tools) and `sync_rope_config_file` for a directory whose transformers 5
   `save_pretrained` wrote only `rope_parameters`.
 
-Used by 02_rope_scale.py (plans, patches and proves the setting), 03/04 (export), 05 (addressable lengths) and
-06 (keeps both forms in a merged model).
+Used by 02_rope_scale.py (plans, patches and proves the setting), hf_export.py (03's and 04's OUT/final in both
+forms), 05 (addressable lengths) and 06 (keeps both forms in a merged model).
 
 Outside this repository (copy this file and common.py): YaRN x4 on a Llama config.json,
 

@@ -11,7 +11,7 @@ and HotpotQA (qa_1, qa_2), and scores predictions with each task's metric and a 
 docs/evaluation.md#ruler-niah and docs/evaluation.md#ruler-tasks state the definitions it follows. It needs a
 tokenizer, never a model (cwe also needs the wonderwords package's word lists, as RULER does).
 
-Used by 05_eval.py (--tasks niah, ruler, or a task's name).
+Used by 05_eval.py (--tasks niah, ruler, or a task's name) and probes.py (the needle probe of 03 and 04).
 
 Outside this repository (copy this file and common.py):
 

@@ -10,7 +10,7 @@ streamed to a flat file on disk and read back by position, so memory stays flat 
 
 Used by 01_prepare_data.py (pass 1: every source tokenized into a token store; pass 2 reads rows back from it).
 
-Outside this repository (copy this file and common.py):
+Outside this repository (copy this file alone: it needs only NumPy and the tokenizer you pass):
 
     import numpy as np
     import tokenizing

@@ -80,3 +80,14 @@ def add_output_args(p, final_note: str):
     g.add_argument("--debug-sleep", type=number(min=0), default=0.0,
                    help=argparse.SUPPRESS)  # tests: slow steps down
     return g
+
+
+def check_resume_args(p, args) -> None:
+    """Refuse the --resume / --resume-fallback / --init-from (the stage's flag) combinations that mean nothing,
+    with an argparse error line."""
+    if args.resume_fallback and args.resume != "auto":
+        p.error("--resume-fallback goes with --resume auto")
+    if args.resume not in (None, "auto") and args.init_from:
+        p.error("--resume CHECKPOINT continues this run; --init-from starts a new one: give one of them (or "
+                "--resume auto, which resumes --out's latest checkpoint and starts from --init-from when there is "
+                "none)")

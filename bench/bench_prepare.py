@@ -10,7 +10,7 @@ Measured (each command in its own subprocess, resident memory polled every 20 ms
   3. peak resident memory of 01 on the built-in corpus, on the same corpus as jsonl files, and on those files
      with every document repeated --scale times (10x more data): the growth must stay under 20%.
 
-Targets (issue 2): throughput ratio >= 1.0 while keeping boundaries, padding <= 1%, RSS growth < 20% for 10x.
+Targets: throughput ratio >= 1.0 while keeping boundaries, padding <= 1%, RSS growth < 20% for 10x.
 
 Usage:
     .venv/bin/python bench/bench_prepare.py                      # SmolLM2's tokenizer, 8192-token rows
@@ -127,18 +127,110 @@ def write_corpus(folder: Path, scale: int) -> tuple[Path, Path, Path]:
     return paths
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", default=None, help="default: the real SmolLM2 tokenizer (tests/assets.py)")
     ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--num-proc", type=int, default=None, help="workers for both 01 and the baseline "
-                                                                "(default: 01's default)")
+    ap.add_argument("--num-proc", type=int, default=None,
+                    help="workers for both 01 and the baseline (default: 01's default)")
     ap.add_argument("--scale", type=int, default=10, help="the larger corpus is this many times the built-in one")
     ap.add_argument("--repeats", type=int, default=2, help="throughput runs of each; the best is kept")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a new temporary one)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def measure_throughput(args, work: Path, env: dict, corpus: Path, common_args: list[str], num_proc: int) -> dict:
+    """01 (concat, boundaries kept) against the run_clm baseline with and without workers, alternating; the
+    best of --repeats of each."""
+    py, prep = sys.executable, str(ROOT / "01_prepare_data.py")
+    ours, base = [], {}
+    ntok = None
+    for rep in range(args.repeats):
+        r = measure([py, prep, "--data", f"{corpus}@1", "--packing", "concat", "--boundary", "mask",
+                     "--out", str(work / "out-throughput"), *common_args], env)
+        m = json.loads((work / "out-throughput" / "manifest.json").read_text())
+        ntok = m["stats"]["sources"]["all"]["text_tokens_read"]
+        r["process_s"] = m["stats"]["seconds_total"]
+        ours.append(r)
+        for np_ in (str(num_proc), "none"):
+            cache = work / f"hf-cache-{rep}-{np_}"
+            b = measure([py, str(work / "baseline.py"), str(corpus), args.tokenizer, str(args.seq_len), np_,
+                         str(cache)], env)
+            b["process_s"] = float(b["output"].split("BASELINE", 1)[1].split()[1])
+            base.setdefault(np_, []).append(b)
+            subprocess.run(["rm", "-rf", str(cache)])
+        baseline = ", ".join(f"num_proc={k}: {v[-1]['wall']:.1f} s ({v[-1]['cpu']:.1f} s CPU)" for k, v in base.items())
+        print(f"  round {rep + 1}: 01 {ours[-1]['wall']:.1f} s ({ours[-1]['cpu']:.1f} s CPU), baseline {baseline}",
+              flush=True)
+    best_key = min(base, key=lambda k: min(r["wall"] for r in base[k]))
+    return {"tokens": ntok, "ours": min(ours, key=lambda r: r["wall"]), "base_key": best_key,
+            "base": min(base[best_key], key=lambda r: r["wall"]),
+            "ours_cpu": min(r["cpu"] for r in ours), "base_cpu": min(r["cpu"] for r in base[best_key]),
+            "ours_proc": ntok / min(r["process_s"] for r in ours),
+            "base_proc": ntok / min(r["process_s"] for r in base[best_key])}
+
+
+def measure_memory(args, work: Path, env: dict, x1: list, xn: list, common_args: list[str]) -> dict:
+    """Peak memory of 01 on the built-in corpus, on the same as jsonl, and on --scale times that."""
+    py, prep = sys.executable, str(ROOT / "01_prepare_data.py")
+    builtin = measure([py, prep, "--out", str(work / "out-mem-builtin"), *common_args], env)
+    one = measure([py, prep, "--data", f"{x1[0]}@1", f"{x1[1]}@1", "--out", str(work / "out-mem-1"),
+                   *common_args], env)
+    many = measure([py, prep, "--data", f"{xn[0]}@1", f"{xn[1]}@1", "--out", str(work / "out-mem-n"),
+                    *common_args], env)
+    stats_n = json.loads((work / "out-mem-n" / "manifest.json").read_text())["stats"]
+    stats_1 = json.loads((work / "out-mem-1" / "manifest.json").read_text())["stats"]
+    return {"builtin": builtin, "1x": one, "nx": many, "stats_1": stats_1, "stats_n": stats_n,
+            "tokens_n": sum(s["text_tokens_read"] for s in stats_n["sources"].values()),
+            "growth": many["peak_main"] / one["peak_main"] - 1,
+            "growth_tree": many["peak_tree"] / one["peak_tree"] - 1}
+
+
+def table_rows(args, t: dict, bf: dict, mem: dict) -> list[list[str]]:
+    ntok, mb = t["tokens"], 1 << 20
+    ours_tps, base_tps = ntok / t["ours"]["wall"], ntok / t["base"]["wall"]
+    ratio = ours_tps / base_tps
+    m1, mn, mbi = mem["1x"], mem["nx"], mem["builtin"]
+    growth, growth_tree = mem["growth"], mem["growth_tree"]
+    return [
+        ["corpus (built-in, one jsonl)", f"{ntok / 1e6:.2f}M tokens", "", ""],
+        ["01 concat + mask, end to end", f"{ours_tps / 1e3:.0f}K tokens/s ({t['ours']['wall']:.1f} s)", "", ""],
+        [f"run_clm baseline (num_proc={t['base_key']}), end to end",
+         f"{base_tps / 1e3:.0f}K tokens/s ({t['base']['wall']:.1f} s)", "", ""],
+        ["throughput ratio, end to end", f"{ratio:.2f}x", ">= 1.0", "yes" if ratio >= 1.0 else "NO"],
+        ["throughput ratio, after imports and tokenizer load",
+         f"{t['ours_proc'] / t['base_proc']:.2f}x ({t['ours_proc'] / 1e3:.0f}K vs {t['base_proc'] / 1e3:.0f}K "
+         "tokens/s)", "", ""],
+        ["CPU seconds (all processes), 01 vs baseline",
+         f"{t['ours_cpu']:.1f} s vs {t['base_cpu']:.1f} s ({t['base_cpu'] / t['ours_cpu']:.2f}x less CPU)", "", ""],
+        [f"best-fit padding (built-in 1:1 mix, seq_len {args.seq_len})",
+         f"{bf['padding_fraction']:.2%} ({bf['num_rows']} rows, {bf['docs_split']} docs split)", "<= 1%",
+         "yes" if bf["padding_fraction"] <= 0.01 else "NO"],
+        ["peak RSS, built-in corpus", f"{mbi['peak_main'] / mb:.0f} MB (tree {mbi['peak_tree'] / mb:.0f} MB)", "", ""],
+        ["peak RSS, corpus as jsonl (1x)",
+         f"{m1['peak_main'] / mb:.0f} MB (anon {m1['peak_anon'] / mb:.0f} MB, tree {m1['peak_tree'] / mb:.0f} MB), "
+         f"{mem['stats_1']['tokens_per_second'] / 1e3:.0f}K tok/s", "", ""],
+        [f"peak RSS, {args.scale}x corpus as jsonl",
+         f"{mn['peak_main'] / mb:.0f} MB (anon {mn['peak_anon'] / mb:.0f} MB, tree {mn['peak_tree'] / mb:.0f} MB), "
+         f"{mem['tokens_n'] / 1e6:.1f}M tokens, {mem['stats_n']['tokens_per_second'] / 1e3:.0f}K tok/s", "", ""],
+        [f"peak RSS growth for {args.scale}x data (main process / tree)", f"{growth:+.1%} / {growth_tree:+.1%}",
+         "< 20%", "yes" if growth < 0.2 and growth_tree < 0.2 else "NO"],
+    ]
+
+
+def print_table(rows: list[list[str]]) -> None:
+    header = ["measurement", "value", "target", "met"]
+    width = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    print()
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, width)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in width) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.tokenizer is None:
         import assets
 
@@ -151,8 +243,6 @@ def main(argv=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                HF_HOME=str(work / "hf"), HF_DATASETS_CACHE=str(work / "hf" / "datasets"))
     env.pop("TOKENIZERS_PARALLELISM", None)
-    py = sys.executable
-    prep = str(ROOT / "01_prepare_data.py")
     common_args = ["--tokenizer", args.tokenizer, "--seq-len", str(args.seq_len), "--num-proc", str(num_proc),
                    "--overwrite"]
     x1 = write_corpus(work / "x1", 1)
@@ -161,87 +251,22 @@ def main(argv=None):
     print(f"bench_prepare: tokenizer {args.tokenizer}, seq_len {args.seq_len}, {num_proc} worker(s), "
           f"{len(os.sched_getaffinity(0))} CPU(s), work dir {work}", flush=True)
 
-    # 1. throughput, alternating runs
-    ours, base = [], {}
-    ntok = None
-    for rep in range(args.repeats):
-        r = measure([py, prep, "--data", f"{x1[2]}@1", "--packing", "concat", "--boundary", "mask",
-                     "--out", str(work / "out-throughput"), *common_args], env)
-        m = json.loads((work / "out-throughput" / "manifest.json").read_text())
-        ntok = m["stats"]["sources"]["all"]["text_tokens_read"]
-        r["process_s"] = m["stats"]["seconds_total"]
-        ours.append(r)
-        for np_ in (str(num_proc), "none"):
-            cache = work / f"hf-cache-{rep}-{np_}"
-            b = measure([py, str(work / "baseline.py"), str(x1[2]), args.tokenizer, str(args.seq_len), np_,
-                         str(cache)], env)
-            b["process_s"] = float(b["output"].split("BASELINE", 1)[1].split()[1])
-            base.setdefault(np_, []).append(b)
-            subprocess.run(["rm", "-rf", str(cache)])
-        print(f"  round {rep + 1}: 01 {ours[-1]['wall']:.1f} s ({ours[-1]['cpu']:.1f} s CPU), baseline "
-              + ", ".join(f"num_proc={k}: {v[-1]['wall']:.1f} s ({v[-1]['cpu']:.1f} s CPU)" for k, v in base.items()),
-              flush=True)
-    best_ours = min(ours, key=lambda r: r["wall"])
-    best_key = min(base, key=lambda k: min(r["wall"] for r in base[k]))
-    best_base = min(base[best_key], key=lambda r: r["wall"])
-    ours_tps, base_tps = ntok / best_ours["wall"], ntok / best_base["wall"]
-    ours_cpu = min(r["cpu"] for r in ours)
-    base_cpu = min(r["cpu"] for r in base[best_key])
-    ours_proc = ntok / min(r["process_s"] for r in ours)
-    base_proc = ntok / min(r["process_s"] for r in base[best_key])
-
+    t = measure_throughput(args, work, env, x1[2], common_args, num_proc)  # 1. throughput, alternating runs
     # 2. best-fit padding on the built-in corpus
-    measure([py, prep, "--packing", "best-fit", "--out", str(work / "out-bestfit"), *common_args], env)
+    measure([sys.executable, str(ROOT / "01_prepare_data.py"), "--packing", "best-fit",
+             "--out", str(work / "out-bestfit"), *common_args], env)
     bf = json.loads((work / "out-bestfit" / "manifest.json").read_text())["stats"]
+    mem = measure_memory(args, work, env, x1, xn, common_args)  # 3. peak memory as the corpus grows
+    print_table(table_rows(args, t, bf, mem))
 
-    # 3. peak memory: built-in, the same as jsonl, and scale x as jsonl
-    mem_builtin = measure([py, prep, "--out", str(work / "out-mem-builtin"), *common_args], env)
-    mem_1 = measure([py, prep, "--data", f"{x1[0]}@1", f"{x1[1]}@1", "--out", str(work / "out-mem-1"),
-                     *common_args], env)
-    mem_n = measure([py, prep, "--data", f"{xn[0]}@1", f"{xn[1]}@1", "--out", str(work / "out-mem-n"),
-                     *common_args], env)
-    tok_n = json.loads((work / "out-mem-n" / "manifest.json").read_text())["stats"]
-    tok_1 = json.loads((work / "out-mem-1" / "manifest.json").read_text())["stats"]
-    tokens_n = sum(s["text_tokens_read"] for s in tok_n["sources"].values())
-    growth = mem_n["peak_main"] / mem_1["peak_main"] - 1
-    growth_tree = mem_n["peak_tree"] / mem_1["peak_tree"] - 1
-    mb = 1 << 20
-    ratio = ours_tps / base_tps
-    rows = [
-        ["corpus (built-in, one jsonl)", f"{ntok / 1e6:.2f}M tokens", "", ""],
-        ["01 concat + mask, end to end", f"{ours_tps / 1e3:.0f}K tokens/s ({best_ours['wall']:.1f} s)", "", ""],
-        [f"run_clm baseline (num_proc={best_key}), end to end",
-         f"{base_tps / 1e3:.0f}K tokens/s ({best_base['wall']:.1f} s)", "", ""],
-        ["throughput ratio, end to end", f"{ratio:.2f}x", ">= 1.0", "yes" if ratio >= 1.0 else "NO"],
-        ["throughput ratio, after imports and tokenizer load", f"{ours_proc / base_proc:.2f}x "
-         f"({ours_proc / 1e3:.0f}K vs {base_proc / 1e3:.0f}K tokens/s)", "", ""],
-        ["CPU seconds (all processes), 01 vs baseline", f"{ours_cpu:.1f} s vs {base_cpu:.1f} s "
-         f"({base_cpu / ours_cpu:.2f}x less CPU)", "", ""],
-        [f"best-fit padding (built-in 1:1 mix, seq_len {args.seq_len})",
-         f"{bf['padding_fraction']:.2%} ({bf['num_rows']} rows, {bf['docs_split']} docs split)", "<= 1%",
-         "yes" if bf["padding_fraction"] <= 0.01 else "NO"],
-        ["peak RSS, built-in corpus",
-         f"{mem_builtin['peak_main'] / mb:.0f} MB (tree {mem_builtin['peak_tree'] / mb:.0f} MB)", "", ""],
-        ["peak RSS, corpus as jsonl (1x)", f"{mem_1['peak_main'] / mb:.0f} MB (anon {mem_1['peak_anon'] / mb:.0f} "
-         f"MB, tree {mem_1['peak_tree'] / mb:.0f} MB), {tok_1['tokens_per_second'] / 1e3:.0f}K tok/s", "", ""],
-        [f"peak RSS, {args.scale}x corpus as jsonl", f"{mem_n['peak_main'] / mb:.0f} MB (anon "
-         f"{mem_n['peak_anon'] / mb:.0f} MB, tree {mem_n['peak_tree'] / mb:.0f} MB), {tokens_n / 1e6:.1f}M tokens, "
-         f"{tok_n['tokens_per_second'] / 1e3:.0f}K tok/s", "", ""],
-        [f"peak RSS growth for {args.scale}x data (main process / tree)", f"{growth:+.1%} / {growth_tree:+.1%}",
-         "< 20%", "yes" if growth < 0.2 and growth_tree < 0.2 else "NO"],
-    ]
-    width = [max(len(r[i]) for r in rows + [["measurement", "value", "target", "met"]]) for i in range(4)]
-    print()
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(["measurement", "value", "target", "met"], width)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in width) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |")
-    results = {"tokens": ntok, "ours_tps": ours_tps, "baseline_tps": base_tps, "ratio": ratio,
-               "ratio_processing": ours_proc / base_proc, "baseline_num_proc": best_key, "cpu_ours": ours_cpu,
-               "cpu_baseline": base_cpu,
-               "best_fit_padding": bf["padding_fraction"], "rss_builtin": mem_builtin["peak_main"],
-               "rss_1x": mem_1["peak_main"], "rss_nx": mem_n["peak_main"], "rss_growth": growth,
-               "rss_tree_growth": growth_tree, "scale": args.scale, "seq_len": args.seq_len, "num_proc": num_proc}
+    ntok = t["tokens"]
+    ours_tps, base_tps = ntok / t["ours"]["wall"], ntok / t["base"]["wall"]
+    results = {"tokens": ntok, "ours_tps": ours_tps, "baseline_tps": base_tps, "ratio": ours_tps / base_tps,
+               "ratio_processing": t["ours_proc"] / t["base_proc"], "baseline_num_proc": t["base_key"],
+               "cpu_ours": t["ours_cpu"], "cpu_baseline": t["base_cpu"], "best_fit_padding": bf["padding_fraction"],
+               "rss_builtin": mem["builtin"]["peak_main"], "rss_1x": mem["1x"]["peak_main"],
+               "rss_nx": mem["nx"]["peak_main"], "rss_growth": mem["growth"], "rss_tree_growth": mem["growth_tree"],
+               "scale": args.scale, "seq_len": args.seq_len, "num_proc": num_proc}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.workdir:

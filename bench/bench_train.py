@@ -63,6 +63,70 @@ def synthetic_rows(seq_len: int, n_rows: int, vocab: int, docs: str, seed: int):
     return rows
 
 
+def build_model(cfg: dict, config, mesh, device, dtype, cp, result: dict):
+    """(model, parameter counts, loss implementation) of the configuration's mode; notes the attention path (and
+    the cp setting) in `result`."""
+    import torch
+
+    import common
+    import context_parallel
+    import fsdp_train
+    import varlen_attention
+
+    cuda = device.type == "cuda"
+    if cp.size > 1 and cfg["mode"] != "ours":
+        common.fail("the baseline has no context parallelism")
+    if cfg["mode"] == "ours":
+        liger = cuda and config.model_type in fsdp_train.LIGER_FAMILIES and not cfg.get("no_liger")
+        opts = fsdp_train.ModelOptions(attn_implementation=varlen_attention.register_attention(), device=device,
+                                       compute_dtype=dtype, liger=liger, activation_checkpointing=cfg.get("ac", True),
+                                       seed=0)
+        model, info = fsdp_train.prepare_model(config, None, mesh, opts)
+        result["attention"] = varlen_attention.check_attention(model, device, dtype, config.vocab_size)
+        if cp.size > 1:
+            result["cp"] = f"{cp.describe()}; {context_parallel.check_cp_attention(cp, device, dtype, config)}"
+        return model, info["params"], "liger" if liger else "chunked"
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    params = fsdp_train.count_params(model)
+    if cfg.get("ac", True):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    fsdp_train.shard_model(model, mesh, fsdp_train.ModelOptions(device=device, compute_dtype=dtype))
+    fsdp_train.materialize(model, device, None, seed=0)
+    model.train()
+    result["attention"] = "sdpa, causal over the whole row"
+    return model, params, None
+
+
+def make_step(cfg: dict, model, optimizer, cp, loss_impl: str | None, device):
+    """One optimizer step on one row: ours as 03 runs it (packed row, summed loss over the global token count),
+    the baseline as HF computes it (the model's own loss over full logits). Returns the row's attention work."""
+    import context_parallel
+    import fsdp_train
+    import varlen_attention
+
+    doc_mask = cfg.get("doc_mask", True)
+
+    def step(row):
+        full = varlen_attention.build_micro_batch([row], cfg["seq_len"], doc_mask=doc_mask)
+        mb = context_parallel.shard_micro_batch(full, cp).to(device)
+        if cfg["mode"] == "ours":
+            with context_parallel.cp_context(mb):
+                loss = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, loss_impl))
+                (loss / max(fsdp_train.global_count(mb.n_valid, device), 1)).backward()
+        else:
+            model(input_ids=mb.input_ids, labels=mb.input_ids, use_cache=False).loss.backward()
+        fsdp_train.clip_grad_norm(model, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return full.attn_sq
+
+    return step
+
+
 def run_one(cfg: dict) -> dict:
     """One configuration in this process: build, warm up, time `steps` optimizer steps."""
     import torch
@@ -70,7 +134,6 @@ def run_one(cfg: dict) -> dict:
     import common
     import context_parallel
     import fsdp_train
-    import varlen_attention
 
     dinfo, mesh = fsdp_train.setup_distributed(None)
     device = dinfo.device
@@ -83,53 +146,15 @@ def run_one(cfg: dict) -> dict:
                   world_size=dinfo.world_size)
     try:
         cp = context_parallel.setup_context_parallel(cfg.get("cp", 1), config, device, doc_mask=doc_mask,
-                                           attention=cfg.get("cp_attention", "auto"))
-        if cp.size > 1 and mode != "ours":
-            common.fail("the baseline has no context parallelism")
-        if mode == "ours":
-            liger = cuda and config.model_type in fsdp_train.LIGER_FAMILIES and not cfg.get("no_liger")
-            model, info = fsdp_train.prepare_model(config, None, mesh, fsdp_train.ModelOptions(
-                attn_implementation=varlen_attention.register_attention(),
-                device=device, compute_dtype=dtype, liger=liger, activation_checkpointing=cfg.get("ac", True),
-                seed=0))
-            params = info["params"]
-            result["attention"] = varlen_attention.check_attention(model, device, dtype, config.vocab_size)
-            if cp.size > 1:
-                result["cp"] = f"{cp.describe()}; {context_parallel.check_cp_attention(cp, device, dtype, config)}"
-            loss_impl = "liger" if liger else "chunked"
-        else:
-            from transformers import AutoModelForCausalLM
-
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-            params = fsdp_train.count_params(model)
-            if cfg.get("ac", True):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-            fsdp_train.shard_model(model, mesh, fsdp_train.ModelOptions(device=device, compute_dtype=dtype))
-            fsdp_train.materialize(model, device, None, seed=0)
-            model.train()
-            result["attention"] = "sdpa, causal over the whole row"
-        optimizer = fsdp_train.build_optimizer(model, 1e-5)
+                                                     attention=cfg.get("cp_attention", "auto"))
+        model, params, loss_impl = build_model(cfg, config, mesh, device, dtype, cp, result)
+        # AdamW's cost does not depend on which parameters decay: one group
+        optimizer = fsdp_train.adamw([{"params": list(model.parameters())}], 1e-5)
         # every data-parallel group gets its own rows; the ranks of a cp group share theirs
         n_rows = cfg["steps"] + cfg["warmup"]
         rows = synthetic_rows(seq_len, n_rows * cp.dp_size, config.vocab_size, cfg["docs"], seed=0)
         rows = rows[cp.dp_rank * n_rows:(cp.dp_rank + 1) * n_rows]
-
-        def step(row):
-            full = varlen_attention.build_micro_batch([row], seq_len, doc_mask=doc_mask)
-            mb = context_parallel.shard_micro_batch(full, cp).to(device)
-            if mode == "ours":
-                with context_parallel.cp_context(mb):
-                    loss = fsdp_train.forward_loss(model, mb, fsdp_train.ce_loss_fn(mb.targets, loss_impl))
-                    (loss / max(fsdp_train.global_count(mb.n_valid, device), 1)).backward()
-            else:
-                model(input_ids=mb.input_ids, labels=mb.input_ids, use_cache=False).loss.backward()
-            fsdp_train.clip_grad_norm(model, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return full.attn_sq
-
+        step = make_step(cfg, model, optimizer, cp, loss_impl, device)
         for row in rows[:cfg["warmup"]]:
             step(row)
         if cuda:
@@ -232,8 +257,13 @@ def fmt_profile(r: dict) -> str:
 
 
 def fmt(r: dict) -> str:
-    mode = r["mode"] + (f" cp{r['cp_size']}" if r.get("cp_size", 1) > 1 else "") + \
-        ("" if r.get("doc_mask", True) else " nomask") + ("" if r.get("ac", True) else " noAC")
+    mode = r["mode"]
+    if r.get("cp_size", 1) > 1:
+        mode += f" cp{r['cp_size']}"
+    if not r.get("doc_mask", True):
+        mode += " nomask"
+    if not r.get("ac", True):
+        mode += " noAC"
     if not r.get("ok"):
         return (f"| {r['shape']} | {r['seq_len']:,} | {mode} | {r.get('error', 'failed')} | | | | |")
     mfu = lambda x: f"{x:.1%}" if x is not None else "n/a"  # noqa: E731
@@ -267,7 +297,7 @@ def spawn(cfg: dict, time_limit: float) -> dict:
     return dict(cfg, ok=False, error="OOM" if oom else f"exit {proc.returncode}", detail=" / ".join(tail)[:300])
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=None, help="shape names (common.KNOWN_SHAPES, :k=v)")
     p.add_argument("--seq-lens", nargs="+", type=int, default=None)
@@ -296,17 +326,22 @@ def main(argv=None):
     p.add_argument("--md", default=None, help="append the markdown table to this file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print RESULT
     args = p.parse_args(argv)
+    args.nproc = args.nproc or args.cp
+    if args.cp < 1 or args.nproc % args.cp:
+        p.error(f"--nproc {args.nproc} must be a multiple of --cp {args.cp}")
+    if args.cp > 1 and "baseline" in args.modes and not args.one:
+        p.error("--cp applies to ours only: pass --modes ours")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.one:
         result = run_one(json.loads(args.one))
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(result), flush=True)
         return 0
-    nproc = args.nproc or args.cp
-    if args.cp < 1 or nproc % args.cp:
-        p.error(f"--nproc {nproc} must be a multiple of --cp {args.cp}")
-    if args.cp > 1 and "baseline" in args.modes:
-        p.error("--cp applies to ours only: pass --modes ours")
+    nproc = args.nproc
 
     import torch
 

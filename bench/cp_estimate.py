@@ -1,9 +1,8 @@
 """Expected training throughput under context parallelism, DERIVED (not measured): Llama-3.1-8B on H100s.
 
-No GPU measurement of longctx exists yet (docs/benchmarks.md, issue "GPU validation"); this script turns
-published anchors and the collectives' volume into the per-GPU tokens/s a user should expect from
-`03_continued_pretrain.py --cp N`, and checks that the communication hides behind the compute. Every input is a
-named constant below; change one and re-run.
+`--cp` has run only on CPUs so far (docs/benchmarks.md); this script turns published anchors and the collectives'
+volume into the per-GPU tokens/s a user should expect from `03_continued_pretrain.py --cp N`, and checks that the
+communication hides behind the compute. Every input is a named constant below; change one and re-run.
 
 Model: compute time per token = FLOPs_tt(S) / (eta * peak), with FLOPs_tt the torchtitan convention
 (6 N_non-embedding + 12 L H d S per token: non-causal attention over the whole row, masks ignored) and eta the

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CUDA training path proven and measured in ONE device call of at most 7 minutes. Steps run in order, each
-# under its own time limit, each writing its log to $OUT as it finishes (a timeout still leaves what ran):
+# The CUDA training path proven and measured in one run of at most 7 minutes on one H100 / H200. Steps run in
+# order, each under its own time limit, each writing its log to $OUT as it finishes (a timeout still leaves what
+# ran):
 #
 #   1. env    device, driver, versions, PyTorch's varlen signature, whether varlen_attn takes GQA natively  (30 s)
 #   2. tests  tests/test_train_gpu.py: varlen == per-document reference (bf16, grads), packed row == documents
@@ -9,11 +10,13 @@
 #   4. long   the longest row one GPU trains for the 1B shape: 128K, 256K, 512K, stopping at the first OOM    (140 s)
 #   ac        (optional) the 1B shape at 16K without activation checkpointing, ours and the baseline         (100 s)
 #
-#   here, once:  pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#   beforehand, on a machine with internet access (the GPU machine may have none):
+#                pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #                  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #                  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5
 #                pip download ... -d .whl/opt pyarrow==26.0.1 fsspec==2026.9.0   # installed only if the image's are older
-#   there:       bash bench/gpu_check.sh          (device run, carry .whl; STEPS="bench long" to rerun some,
+#   on the GPU machine, with .whl copied beside the repository:
+#                bash bench/gpu_check.sh          (STEPS="bench long" to rerun some steps,
 #                TESTS_K="varlen or packed" to run some of the tests)
 set -uo pipefail
 cd "$(dirname "$0")/.."

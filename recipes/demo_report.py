@@ -96,7 +96,7 @@ def fmt_bucket(b: dict) -> str:
 
 
 def targets(r: dict[str, dict], native: int, factor: int) -> list[dict]:
-    """Every target of the demo (issue 7) with its measured value and PASS / MISS."""
+    """Every target of the demo with its measured value and PASS / MISS."""
     long = native * factor
     w = {k: window_losses(v["ppl"], native) for k, v in r.items()}
     base, patched, trained, final = w["base"], w["patched"], w["trained"], w["final"]
@@ -114,11 +114,10 @@ def targets(r: dict[str, dict], native: int, factor: int) -> list[dict]:
                  "pass": all(p < b for p, b, _ in pairs)})
 
     worst = max(b["loss"] / trained["inside"]["loss"] for b in trained["beyond"])
+    beyond = "; ".join(f"{fmt_bucket(b)}: {b['loss']:.3f}" for b in trained["beyond"])
     rows.append({"target": f"after 03 (trained): every bucket beyond the window <= 1.05x the inside one "
                            f"({fmt_bucket(trained['inside'])})",
-                 "measured": f"worst {worst:.3f}x (" + "; ".join(f"{fmt_bucket(b)}: {b['loss']:.3f}"
-                                                                for b in trained["beyond"])
-                             + f"; inside {trained['inside']['loss']:.3f})",
+                 "measured": f"worst {worst:.3f}x ({beyond}; inside {trained['inside']['loss']:.3f})",
                  "pass": worst <= 1.05})
 
     acc = niah_mean(r["base"], native)
@@ -259,96 +258,129 @@ def base_curve(base_dir: Path) -> list[dict]:
 
 
 def write_report(args) -> Path:
+    """report.md beside its two plots: the targets, what the numbers show, the models, needle retrieval, loss by
+    position, the base's training curve, wall times and the files."""
     native, factor = args.native, args.factor
-    long = native * factor
-    demo = Path(args.demo)
     r = model_results([Path(e) for e in args.eval])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_loss(out.parent / "loss_by_position.png", r, native)
     plot_niah(out.parent / "niah_heatmaps.png", r)
     tgt = targets(r, native, factor)
-    lines = [f"# longctx demo: a {native}-token Llama extended to {long} tokens (YaRN x{factor}), measured", ""]
-    if args.scale != "full":
-        lines += [f"> **DEMO_SCALE={args.scale}**: every stage ran with tiny sizes to prove the pipeline end to "
-                  "end. These numbers say nothing about the recipe; run `make demo` for the real ones.", ""]
-    timings = read_timings(demo / "timings.tsv")
-    total = dict(timings).get("total")
-    lines += [f"Written {time.strftime('%Y-%m-%d %H:%M')}" + (f" after {total / 60:.1f} min" if total else "")
-              + f". Machine: {machine()}.", ""]
-    lines += ["## Targets", "", eval_module().md_table(["target", "measured", "result"],
-                                         [[t["target"], t["measured"], "PASS" if t["pass"] else "**MISS**"]
-                                          for t in tgt]), ""]
-    missed = [t for t in tgt if not t["pass"]]
-    lines.append(f"{len(tgt) - len(missed)} of {len(tgt)} targets met." + (
-        " Missed: " + "; ".join(t["target"] for t in missed) + "." if missed else ""))
-    lines += ["", "## What the numbers show", ""] + [f"- {s}" for s in statements(r, native, factor)] + [""]
-
-    made = {k: v.format(native=native, long=long, factor=factor) for k, v in MODELS.items()}
-    lines += ["## Models", "", eval_module().md_table(["model", "how it was made", "RoPE (05's reading of the config)"],
-                                        [[f"`{k}`", made[k], rope_text(r[k]["rope"])] for k in MODELS]), ""]
-
-    s0 = r["base"]["niah"]
-    tasks, lengths = s0["tasks"], s0["lengths"]
-    lines += ["## Needle retrieval", "",
-              f"05's `kv` NIAH variants: a needle `The special magic number for <key> <7 digits>.` hidden in KJV "
-              f"text at depths {', '.join(f'{d:g}%' for d in s0['depths'])}, and the prompt ending in `The special "
-              f"magic number for <key>`; `niah_multikey_kv` adds 3 distractor needles with other keys. Greedy "
-              f"decoding, RULER's string match (accuracy in %), {s0['prompts'] // (len(tasks) * len(lengths))} "
-              f"prompts per task and length. The base was trained on documents in this form (within its "
-              f"{native}-token window), so this measures whether the skill survives at longer distances.", ""]
-    em = eval_module()
-    lines += [em.md_table(["model"] + [f"{L} tokens ({L // native}x)" for L in lengths],
-                          [[f"`{k}`"] + [em.cell_text(r[k]["niah"]["by_length_cells"][str(L)]) for L in lengths]
-                           for k in MODELS]), "",
-              "Both tasks pooled: mean accuracy (%), 95% Wilson interval, prompts. Per task:", ""]
-    header = ["model"] + [f"{t} @{L}" for t in tasks for L in lengths]
-    lines.append(em.md_table(header, [[f"`{k}`"] + [f"{niah_cell(r[k], t, L):.0f}" for t in tasks for L in lengths]
-                                   for k in MODELS]))
-    lines += ["", "![needle heatmaps](niah_heatmaps.png)", ""]
-
-    lines += ["## Loss by position", "",
-              f"Mean loss (nats/token) per position bucket over {len(r['base']['ppl']['documents'])} real documents "
-              f"of {long} tokens: single-file modules of Python's standard library (`corpus/heldout.jsonl`), "
-              f"code that no model here was trained on (the corpus holds the library's packages and the KJV). "
-              f"Positions {native} and beyond are past the base's window. "
-              f"Short-context perplexity is exp(mean loss) over positions 1-{native - 1} of the same documents "
-              f"(causal attention: exactly a {native}-token evaluation of their beginnings).", ""]
-    buckets = r["base"]["ppl"]["buckets"]
-    rows = [[fmt_bucket(b) + (" *" if b["start"] >= native else "")]
-            + [f"{r[k]['ppl']['buckets'][i]['loss']:.3f}" for k in MODELS] for i, b in enumerate(buckets)]
-    rows.append([f"**short ppl (1-{native - 1})**"]
-                + [f"{window_losses(r[k]['ppl'], native)['short_ppl']:.2f}" for k in MODELS])
-    lines += [eval_module().md_table(["positions"] + list(MODELS), rows), "", "(* beyond the base's window)", "",
-              "![loss by position](loss_by_position.png)", ""]
-
-    curve = base_curve(Path(args.base))
-    if curve:
-        keys = [k for k in curve[0] if k.startswith("niah_")]
-        lines += ["## The base model's retrieval while it was trained", "",
-                  f"From `{os.path.relpath(args.base, ROOT)}/curve.json` (recipes/train_demo_base.sh: each "
-                  f"checkpoint on 05's kv prompts at "
-                  f"{native} tokens, teacher-forced exact match of the value, which is what greedy decoding "
-                  f"answers).", "",
-                  em.md_table(["step"] + keys, [[c["step"]] + [f"{c[k]:.0f}" for k in keys] for c in curve]), ""]
-
-    if timings:
-        lines += ["## Wall time per stage", "", eval_module().md_table(["stage", "seconds"],
-                                                         [[n, f"{s:.0f}"] for n, s in timings]), "",
-                  "Every stage runs on one thread; two chains run side by side (`(wall)` rows: their joint "
-                  "time), so the stage times add up to more than the total.", ""]
+    timings = read_timings(Path(args.demo) / "timings.tsv")
+    lines = header_lines(args, timings)
+    lines += target_lines(r, tgt, native, factor)
+    lines += needle_lines(r, native)
+    lines += position_lines(r, native, factor)
+    lines += curve_lines(Path(args.base), native)
+    lines += timing_lines(timings)
+    eval_dirs = dict.fromkeys(m["eval_dir"] for m in r.values())
     lines += ["## Files", "",
               "- per model: `<eval>/<n>-<model>/niah.csv` (every prompt, generation and score), `niah_heatmap.png`, "
-              "`ppl.json`; 05's own reports: " + ", ".join(f"`{e}/report.md`" for e in
-                                                           dict.fromkeys(m["eval_dir"] for m in r.values())),
+              "`ppl.json`; 05's own reports: " + ", ".join(f"`{e}/report.md`" for e in eval_dirs),
               "- training logs and metrics: `trained/metrics.jsonl`, `control/metrics.jsonl`, "
               "`distilled/metrics.jsonl`, `logs/`", ""]
     text = "\n".join(lines) + "\n"
     common.atomic_write_text(out, text)
     if not args.quiet:
-        print(eval_module().md_table(["target", "measured", "result"],
-                       [[t["target"], t["measured"], "PASS" if t["pass"] else "MISS"] for t in tgt]))
+        rows = [[t["target"], t["measured"], "PASS" if t["pass"] else "MISS"] for t in tgt]
+        print(eval_module().md_table(["target", "measured", "result"], rows))
     return out
+
+
+def header_lines(args, timings: list[tuple[str, float]]) -> list[str]:
+    native, factor = args.native, args.factor
+    lines = [f"# longctx demo: a {native}-token Llama extended to {native * factor} tokens (YaRN x{factor}), "
+             "measured", ""]
+    if args.scale != "full":
+        lines += [f"> **DEMO_SCALE={args.scale}**: every stage ran with tiny sizes to prove the pipeline end to "
+                  "end. These numbers say nothing about the recipe; run `make demo` for the real ones.", ""]
+    total = dict(timings).get("total")
+    after = f" after {total / 60:.1f} min" if total else ""
+    return lines + [f"Written {time.strftime('%Y-%m-%d %H:%M')}{after}. Machine: {machine()}.", ""]
+
+
+def target_lines(r: dict[str, dict], tgt: list[dict], native: int, factor: int) -> list[str]:
+    """The targets (PASS / MISS), what the numbers show, and how each model was made."""
+    em = eval_module()
+    rows = [[t["target"], t["measured"], "PASS" if t["pass"] else "**MISS**"] for t in tgt]
+    lines = ["## Targets", "", em.md_table(["target", "measured", "result"], rows), ""]
+    missed = [t for t in tgt if not t["pass"]]
+    summary = f"{len(tgt) - len(missed)} of {len(tgt)} targets met."
+    if missed:
+        summary += " Missed: " + "; ".join(t["target"] for t in missed) + "."
+    lines.append(summary)
+    lines += ["", "## What the numbers show", ""] + [f"- {s}" for s in statements(r, native, factor)] + [""]
+    made = {k: v.format(native=native, long=native * factor, factor=factor) for k, v in MODELS.items()}
+    rows = [[f"`{k}`", made[k], rope_text(r[k]["rope"])] for k in MODELS]
+    return lines + ["## Models", "", em.md_table(["model", "how it was made", "RoPE (05's reading of the config)"],
+                                                 rows), ""]
+
+
+def needle_lines(r: dict[str, dict], native: int) -> list[str]:
+    em = eval_module()
+    s0 = r["base"]["niah"]
+    tasks, lengths = s0["tasks"], s0["lengths"]
+    depths = ", ".join(f"{d:g}%" for d in s0["depths"])
+    per_cell = s0["prompts"] // (len(tasks) * len(lengths))
+    lines = ["## Needle retrieval", "",
+             f"05's `kv` NIAH variants: a needle `The special magic number for <key> <7 digits>.` hidden in KJV "
+             f"text at depths {depths}, and the prompt ending in `The special "
+             f"magic number for <key>`; `niah_multikey_kv` adds 3 distractor needles with other keys. Greedy "
+             f"decoding, RULER's string match (accuracy in %), {per_cell} "
+             f"prompts per task and length. The base was trained on documents in this form (within its "
+             f"{native}-token window), so this measures whether the skill survives at longer distances.", ""]
+    header = ["model"] + [f"{L} tokens ({L // native}x)" for L in lengths]
+    rows = [[f"`{k}`"] + [em.cell_text(r[k]["niah"]["by_length_cells"][str(L)]) for L in lengths] for k in MODELS]
+    lines += [em.md_table(header, rows), "",
+              "Both tasks pooled: mean accuracy (%), 95% Wilson interval, prompts. Per task:", ""]
+    header = ["model"] + [f"{t} @{L}" for t in tasks for L in lengths]
+    rows = [[f"`{k}`"] + [f"{niah_cell(r[k], t, L):.0f}" for t in tasks for L in lengths] for k in MODELS]
+    lines.append(em.md_table(header, rows))
+    return lines + ["", "![needle heatmaps](niah_heatmaps.png)", ""]
+
+
+def position_lines(r: dict[str, dict], native: int, factor: int) -> list[str]:
+    lines = ["## Loss by position", "",
+             f"Mean loss (nats/token) per position bucket over {len(r['base']['ppl']['documents'])} real documents "
+             f"of {native * factor} tokens: single-file modules of Python's standard library "
+             "(`corpus/heldout.jsonl`), "
+             f"code that no model here was trained on (the corpus holds the library's packages and the KJV). "
+             f"Positions {native} and beyond are past the base's window. "
+             f"Short-context perplexity is exp(mean loss) over positions 1-{native - 1} of the same documents "
+             f"(causal attention: exactly a {native}-token evaluation of their beginnings).", ""]
+    rows = []
+    for i, b in enumerate(r["base"]["ppl"]["buckets"]):
+        beyond = " *" if b["start"] >= native else ""
+        rows.append([fmt_bucket(b) + beyond] + [f"{r[k]['ppl']['buckets'][i]['loss']:.3f}" for k in MODELS])
+    rows.append([f"**short ppl (1-{native - 1})**"]
+                + [f"{window_losses(r[k]['ppl'], native)['short_ppl']:.2f}" for k in MODELS])
+    return lines + [eval_module().md_table(["positions"] + list(MODELS), rows), "", "(* beyond the base's window)",
+                    "", "![loss by position](loss_by_position.png)", ""]
+
+
+def curve_lines(base: Path, native: int) -> list[str]:
+    """The base model's retrieval at its training checkpoints, when its curve.json is there."""
+    curve = base_curve(base)
+    if not curve:
+        return []
+    keys = [k for k in curve[0] if k.startswith("niah_")]
+    rows = [[c["step"]] + [f"{c[k]:.0f}" for k in keys] for c in curve]
+    return ["## The base model's retrieval while it was trained", "",
+            f"From `{os.path.relpath(base, ROOT)}/curve.json` (recipes/train_demo_base.sh: each "
+            f"checkpoint on 05's kv prompts at "
+            f"{native} tokens, teacher-forced exact match of the value, which is what greedy decoding "
+            f"answers).", "",
+            eval_module().md_table(["step"] + keys, rows), ""]
+
+
+def timing_lines(timings: list[tuple[str, float]]) -> list[str]:
+    if not timings:
+        return []
+    rows = [[n, f"{s:.0f}"] for n, s in timings]
+    return ["## Wall time per stage", "", eval_module().md_table(["stage", "seconds"], rows), "",
+            "Every stage runs on one thread; two chains run side by side (`(wall)` rows: their joint "
+            "time), so the stage times add up to more than the total.", ""]
 
 
 def rope_text(info: dict) -> str:
@@ -404,14 +436,15 @@ def write_base_card(args) -> Path:
         for name in BASE_FILES:
             if (final / name).is_file():
                 shutil.copy(final / name, tmp / name)
-        common.atomic_write_text(tmp / "curve.json", json.dumps(
-            {"what": "retrieval accuracy (%) of each checkpoint on 05's kv NIAH prompts at the native length, "
-                     "teacher-forced exact match of the value", "checkpoints": curve}, indent=1) + "\n")
+        what = ("retrieval accuracy (%) of each checkpoint on 05's kv NIAH prompts at the native length, "
+                "teacher-forced exact match of the value")
+        common.atomic_write_text(tmp / "curve.json", json.dumps({"what": what, "checkpoints": curve}, indent=1) + "\n")
         n_params = sum(int(math.prod(v)) for v in param_shapes(tmp / "model.safetensors").values())
         every = max(1, len(metrics) // 20)
         loss_rows = [[m["step"], f"{m['loss']:.3f}"] for m in metrics[every - 1::every]]
         keys = [k for k in curve[0] if k.startswith("niah_")] if curve else []
         firsts = [k for k in curve[0] if k.startswith("first/")] if curve else []
+        curve_rows = [[c["step"]] + [f"{c[k]:.0f}" for k in keys + firsts] for c in curve]
         card = [
             "# demo_base: the embedded demo's tiny base model", "",
             f"A {config['num_hidden_layers']}-layer Llama (hidden {config['hidden_size']}, "
@@ -435,8 +468,7 @@ def write_base_card(args) -> Path:
             "## Retrieval accuracy vs training steps", "",
             "Each checkpoint on 05's `kv` NIAH prompts at the native length (11 depths x 4 samples per task), "
             "teacher-forced exact match of the 7-digit value (= greedy decoding success):", "",
-            eval_module().md_table(["step"] + keys + firsts, [[c["step"]] + [f"{c[k]:.0f}" for k in keys + firsts]
-                                                             for c in curve]), "",
+            eval_module().md_table(["step"] + keys + firsts, curve_rows), "",
             "(first/TASK: the value's first token alone right, i.e. the key was found.)", "",
             "## Training loss", "", eval_module().md_table(["step", "loss"], loss_rows), "",
         ]

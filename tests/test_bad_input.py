@@ -1,4 +1,4 @@
-"""Bad input, refused writes and checkpoints that cannot be trusted, stage by stage (issue 16's cases). Each
+"""Bad input, refused writes and checkpoints that cannot be trusted, stage by stage. Each
 refusal exits non-zero with exactly one line starting with `error:` on a line of its own on stderr, no traceback,
 no output left behind (an existing --out unchanged), nothing new beside --out, and every input byte-identical
 afterwards (its tree hashed before and after). In-process through common.call_main; tiny inputs."""
@@ -255,7 +255,7 @@ def test_03_resume_fallback_continues_from_the_previous_checkpoint_to_the_same_r
 
 
 def test_03_a_crafted_rng_file_runs_no_code(inputs, complete_run, tmp_path, capsys):
-    """The proof of concept of the issue: an rng_rank0.pt whose unpickling would run a command. Its SHA256SUMS is
+    """A crafted rng_rank0.pt whose unpickling would run a command (a pickle's classic attack). Its SHA256SUMS is
     rewritten as an attacker would; resuming refuses the file with one line and the command never runs."""
     run = shutil.copytree(complete_run, tmp_path / "run")
     marker = tmp_path / "pwned"

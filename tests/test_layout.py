@@ -1,5 +1,7 @@
-"""The layout promise: each topic module works when copied alone (with common.py) into a project that has
-nothing else of longctx, and no text in the repository points to a file or heading that does not exist."""
+"""The layout promise, checked: which module may import which (written down once, below), no function longer than
+the rule allows, README's "copy" column and each module's "Outside this repository" line derived from the actual
+imports, each topic module working when copied with exactly that set into a project that has nothing else of
+longctx, and no text in the repository pointing to a file or heading that does not exist."""
 import ast
 import os
 import re
@@ -12,40 +14,133 @@ import pytest
 
 from lc_testutil import ROOT
 
-TOPIC_MODULES = ["common", "packing", "packed_data", "tokenizing", "mds", "rope", "varlen_attention",
-                 "context_parallel", "fsdp_train", "ruler", "tracking", "probes", "memory_plan", "activation_memory",
-                 "long_inference", "safe_output", "hf_export", "train_flags"]
-# beyond common.py: context parallelism builds on varlen attention; what writes a training run's outputs on safe_output
-ALSO_ALLOWED = {"context_parallel": {"varlen_attention"}, "fsdp_train": {"safe_output"}, "hf_export": {"safe_output"}}
+# ---------------------------------------------------------------------------------------------------------------
+# The import rule, written down once.
+#
+# A stage (NN_name.py at the top level) and a script under recipes/ or bench/ may import any topic module; nothing
+# imports a stage (a script that needs one loads it by path). A topic module (every other top-level .py file)
+# imports the standard library, installed packages and common.py, plus what this table allows, each for the
+# reason given. README's "copy" column and the "Outside this repository (copy ...)" line of each module's docstring
+# are the module plus what it imports, transitively.
+ALSO_ALLOWED = {
+    "context_parallel": {"varlen_attention"},  # splits the rows varlen attention attends over
+    "fsdp_train": {"safe_output"},  # checkpoints and the run directory are outputs that must never cost data
+    "hf_export": {"safe_output", "rope"},  # OUT/final written atomically, its config's RoPE in both forms
+    "probes": {"ruler"},  # the needle probe is RULER's NIAH, scored as RULER scores it
+}
+STAGES = sorted(p.stem for p in ROOT.glob("[0-9][0-9]_*.py"))
+TOPIC_MODULES = sorted(p.stem for p in ROOT.glob("*.py") if p.stem not in STAGES)
+SCRIPTS = sorted([*(ROOT / "recipes").glob("*.py"), *(ROOT / "bench").glob("*.py")])
+
+# The function rule: no function longer than this many lines (def to last line), except a stage's `train`.
+MAX_FUNCTION_LINES = 80
+MAX_STAGE_LOOP_LINES = 120
 
 
-def run_copied(tmp_path, modules: list[str], code: str) -> str:
-    """Copy `modules` alone into an empty directory and run `code` there in a fresh interpreter that cannot
-    see the repository (only the installed packages); returns its stdout."""
+def local_imports(path: Path) -> set[str]:
+    """The top-level modules of this repository that `path` imports (anywhere in the file)."""
+    tree = ast.parse(path.read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    return names & (set(TOPIC_MODULES) | set(STAGES))
+
+
+def copy_set(module: str) -> set[str]:
+    """What to copy to use `module` elsewhere: the module and every topic module it imports, transitively."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += sorted(local_imports(ROOT / f"{m}.py"))
+    return seen
+
+
+@pytest.mark.parametrize("module", TOPIC_MODULES)
+def test_topic_module_follows_the_import_rule(module):
+    """A topic module imports at most common.py and what ALSO_ALLOWED names for it; every module the table names
+    exists."""
+    assert set(ALSO_ALLOWED) <= set(TOPIC_MODULES) and set().union(*ALSO_ALLOWED.values()) <= set(TOPIC_MODULES)
+    allowed = {"common"} | ALSO_ALLOWED.get(module, set())
+    imported = local_imports(ROOT / f"{module}.py") - {module}
+    assert imported <= allowed, f"{module}.py imports {sorted(imported - allowed)}: not in the import rule"
+
+
+@pytest.mark.parametrize("path", [ROOT / f"{s}.py" for s in STAGES] + SCRIPTS, ids=lambda p: p.name)
+def test_stages_and_scripts_import_no_stage(path):
+    assert not local_imports(path) & set(STAGES), f"{path.name} imports a stage"
+
+
+def function_lengths() -> list[tuple[str, str, int, int]]:
+    """(file, function, lines, limit) of every function in the top-level modules, recipes/ and bench/."""
+    found = []
+    for path in sorted([*ROOT.glob("*.py"), *SCRIPTS]):
+        stage = path.stem in STAGES
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                limit = MAX_STAGE_LOOP_LINES if stage and node.name == "train" else MAX_FUNCTION_LINES
+                found.append((str(path.relative_to(ROOT)), node.name, node.end_lineno - node.lineno + 1, limit))
+    return found
+
+
+def test_no_function_is_longer_than_the_rule():
+    """No function over 80 lines, a stage's training loop (its `train`) over 120."""
+    too_long = [f"{f}: {name} has {n} lines (at most {limit})" for f, name, n, limit in function_lengths() if n > limit]
+    assert not too_long, "\n".join(too_long)
+
+
+def readme_copy_column() -> dict[str, set[str]]:
+    """{module: the files README's "to reuse it in your own project, copy" cell names} for each row whose "open"
+    cell is one topic module."""
+    rows, in_table = {}, False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("| to see or change | open | to reuse it in your own project, copy |"):
+            in_table = True
+            continue
+        if in_table and not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if in_table and len(cells) == 3:
+            opened = re.fullmatch(r"`(\w+)\.py`", cells[1])
+            if opened and opened.group(1) in TOPIC_MODULES:
+                rows[opened.group(1)] = set(re.findall(r"`(\w+)\.py`", cells[2]))
+    return rows
+
+
+def test_readme_copy_column_is_each_module_with_its_imports():
+    """README lists every topic module, and with it exactly the module plus its transitive local imports."""
+    rows = readme_copy_column()
+    assert sorted(rows) == TOPIC_MODULES, f"README's table lacks {sorted(set(TOPIC_MODULES) - set(rows))}"
+    wrong = {m: (sorted(rows[m]), sorted(copy_set(m))) for m in TOPIC_MODULES if rows[m] != copy_set(m)}
+    assert not wrong, "README copy column (listed, imported): " + str(wrong)
+
+
+@pytest.mark.parametrize("module", [m for m in TOPIC_MODULES if m != "common"])
+def test_docstring_shows_use_elsewhere_with_what_to_copy(module):
+    """Each topic module's docstring says how to use it elsewhere, "Outside this repository (copy this file ...)",
+    naming exactly the other files it imports (or "this file alone")."""
+    doc = ast.get_docstring(ast.parse((ROOT / f"{module}.py").read_text())) or ""
+    m = re.search(r"Outside this repository \(copy this file([^)]*)\)", doc)
+    assert m, f"{module}.py's docstring must show its use elsewhere: 'Outside this repository (copy this file ...)'"
+    named = set(re.findall(r"(\w+)\.py", m.group(1)))
+    assert named == copy_set(module) - {module}, (m.group(0), sorted(copy_set(module) - {module}))
+    assert named or m.group(1).strip().startswith("alone"), m.group(0)
+
+
+def run_copied(tmp_path, module: str, code: str) -> str:
+    """Copy `module` with what it imports (copy_set) alone into an empty directory and run `code` there in a
+    fresh interpreter that cannot see the repository (only the installed packages); returns its stdout."""
+    modules = copy_set(module)
     for m in modules:
         shutil.copy(ROOT / f"{m}.py", tmp_path / f"{m}.py")
     guard = ("import importlib.util, sys\n"
-             f"assert all(importlib.util.find_spec(m) is None for m in {sorted(set(TOPIC_MODULES) - set(modules))!r}), "
+             f"assert all(importlib.util.find_spec(m) is None for m in {sorted(set(TOPIC_MODULES) - modules)!r}), "
              "'the repository is visible'\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", guard + code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
-
-
-@pytest.mark.parametrize("module", TOPIC_MODULES)
-def test_topic_module_imports_at_most_common(module):
-    """A topic module imports the standard library, torch / transformers / numpy and at most common.py (context
-    parallelism may build on varlen_attention.py, training and its export on safe_output.py); never a stage."""
-    allowed = {"common"} | ALSO_ALLOWED.get(module, set())
-    tree = ast.parse((ROOT / f"{module}.py").read_text())
-    local = {p.stem for p in ROOT.glob("*.py")}
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert imported & local <= allowed - {module}, imported & local
-    doc = ast.get_docstring(tree) or ""
-    assert "Outside this repository" in doc or module == "common", "the docstring must show use elsewhere"
 
 
 VARLEN_COPY = r"""
@@ -79,7 +174,7 @@ print("ok")
 def test_varlen_attention_copied_alone_matches_documents_run_alone(tmp_path):
     """varlen_attention.py (+ common.py), registered on a tiny random Llama built from a config: a packed row of
     three documents equals each document run alone through transformers' eager attention (fp32, 1e-5)."""
-    assert run_copied(tmp_path, ["varlen_attention", "common"], VARLEN_COPY).strip() == "ok"
+    assert run_copied(tmp_path, "varlen_attention", VARLEN_COPY).strip() == "ok"
 
 
 ROPE_COPY = r"""
@@ -108,7 +203,7 @@ print("ok")
 def test_rope_copied_alone_patches_yarn_as_transformers_computes_it(tmp_path):
     """rope.py (+ common.py) patches a config for YaRN x4; its inverse frequencies and attention factor equal
     transformers' own rotary embedding built from the patched config."""
-    assert run_copied(tmp_path, ["rope", "common"], ROPE_COPY).strip() == "ok"
+    assert run_copied(tmp_path, "rope", ROPE_COPY).strip() == "ok"
 
 
 PACKING_COPY = r"""
@@ -132,9 +227,9 @@ print("ok", len(rows))
 
 
 def test_packing_copied_alone_best_fit_reassembles_every_document(tmp_path):
-    """packing.py (+ common.py) best-fits a list of token lists into rows; every document's pieces reassemble
+    """packing.py alone best-fits a list of token lists into rows; every document's pieces reassemble
     to it exactly."""
-    assert run_copied(tmp_path, ["packing", "common"], PACKING_COPY).startswith("ok")
+    assert run_copied(tmp_path, "packing", PACKING_COPY).startswith("ok")
 
 
 SAFE_OUTPUT_COPY = r"""
@@ -146,14 +241,18 @@ try:
     safe_output.check_output("model/eval", {"--model": "model"})
 except common.UserError as exc:
     assert "lies inside the input --model" in str(exc), exc
+else:
+    raise AssertionError("an output inside an input was not refused")
 with safe_output.output_dir("out", inputs={"--model": "model"}) as tmp:
     (tmp / "a.txt").write_text("first")
 try:
     with safe_output.output_dir("out", overwrite=True) as tmp:
         (tmp / "a.txt").write_text("half")
-        common.fail("stop")
+        common.fail("the new output fails half written")
 except common.UserError:
     pass
+else:
+    raise AssertionError("the failure inside output_dir did not reach the caller")
 assert Path("out/a.txt").read_text() == "first" and not [p for p in Path(".").iterdir() if p.name.startswith(".out")]
 print("ok")
 """
@@ -162,7 +261,35 @@ print("ok")
 def test_safe_output_copied_alone_protects_inputs_and_the_old_output(tmp_path):
     """safe_output.py (+ common.py): an output inside an input is refused; a failed --overwrite leaves the old
     output and nothing beside it."""
-    assert run_copied(tmp_path, ["safe_output", "common"], SAFE_OUTPUT_COPY).strip() == "ok"
+    assert run_copied(tmp_path, "safe_output", SAFE_OUTPUT_COPY).strip() == "ok"
+
+
+HF_EXPORT_COPY = r"""
+import json
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+import hf_export
+
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                     rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})
+model = LlamaForCausalLM(config).eval()
+hf_export.export_hf(model, config, "final", torch.float32, None, None, {"stage": "mine", "args": {}})
+written = json.loads(open("final/config.json").read())
+assert written["rope_scaling"]["rope_type"] == "yarn" and written["rope_scaling"]["factor"] == 4.0, written
+assert written["rope_parameters"]["rope_type"] == "yarn" and written["rope_parameters"]["factor"] == 4.0, written
+ids = torch.randint(0, 300, (1, 20))
+with torch.no_grad():
+    assert torch.equal(AutoModelForCausalLM.from_pretrained("final")(ids).logits, model(ids).logits)
+print("ok")
+"""
+
+
+def test_hf_export_copied_alone_writes_a_model_transformers_loads(tmp_path):
+    """hf_export.py (+ rope.py, safe_output.py, common.py) exports a tiny YaRN Llama: config.json holds the RoPE
+    settings in both forms, and transformers loads weights that give the same logits as the model exported."""
+    assert run_copied(tmp_path, "hf_export", HF_EXPORT_COPY).strip() == "ok"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -180,10 +180,20 @@ def test_pose_ids_in_range_and_increasing():
     assert p.max() < 512 and bool((p.diff() > 0).all())
 
 
-def test_lr_schedule_warmup_cosine_min_ratio():
-    m = [fsdp_train.lr_multiplier(s, 100, 10, 0.1) for s in range(100)]
+@pytest.mark.parametrize("stage", ["03_continued_pretrain", "04_sft"])
+def test_lr_schedule_warmup_cosine_min_ratio(stage):
+    """Each stage's schedule: linear warmup to the peak, then a cosine down to min_lr_ratio x the peak at the last
+    step, against the formula written here."""
+    import argparse
+    import math
+
+    from lc_testutil import load_script
+
+    args = argparse.Namespace(lr=2e-5, min_lr_ratio=0.1)
+    m = [load_script(stage).learning_rate(s, args, 100, 10) / 2e-5 for s in range(100)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
     assert m[10] == pytest.approx(1.0) and m[-1] == pytest.approx(0.1)
+    assert m[50] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 40 / 89)))
     assert all(x >= y - 1e-12 for x, y in zip(m[10:], m[11:]))
 
 
