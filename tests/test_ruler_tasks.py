@@ -2,6 +2,7 @@
 vt's chain, cwe's and fwe's word counts, QA's documents; prompts fill the length; each metric scores a planted
 right answer 100 and a wrong one 0; the interval, zeta and the size search against direct computations."""
 import collections
+import hashlib
 import json
 import math
 import random
@@ -44,12 +45,97 @@ def test_vt_answer_is_exactly_the_variables_of_the_queried_chain(tok):
             return resolve(rhs[4:], seen + (v,)) if rhs.startswith("VAR ") else rhs
         holders = sorted(v for v in values if resolve(v) == query)
         assert holders == sorted(r["references"]) and len(holders) == 5  # 1 chain, 4 hops
-        assert r["prompt"].endswith(f"5 variables are assgined the value {query}, they are: ")
+        assert r["prompt"].endswith(f"5 variables are assigned the value {query}, they are: ")
         # the worked example comes first, with 3-letter names and its answer
         example = r["prompt"][:r["prompt"].rindex("Memorize and track")]
         assert re.search(r"they are:  [A-Z]{3}( [A-Z]{3}){4}\n\n", example)
     noise = len(tok(ruler.RULER_NOISE + "\n", verbose=False)["input_ids"])
     assert_fills(recs, tok, step_tokens=10 * noise)  # RULER grows vt by 10 noise lines
+
+
+# RULER's vt texts, copied verbatim from NVIDIA/RULER scripts/data/synthetic/constants.py (TASKS["variable_tracking"])
+# and variable_tracking.py (the noise haystack), each literal only split over lines here; the prompt is rebuilt from
+# them below, independently of ruler.py.
+RULER_VT_TEMPLATE = ("""Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"""
+                     """{context}\nQuestion: Find all variables that are assigned the value {query} in the text """
+                     """above.""")
+RULER_VT_ANSWER_PREFIX = (""" Answer: According to the chain(s) of variable assignment in the text above, {num_v} """
+                          """variables are assigned the value {query}, they are: """)
+RULER_VT_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def rulers_vt_prompt(example_context, example_value, example_names, context, value):
+    """RULER's prompt (base model template): prepare.py's template + answer prefix; the example is that text
+    formatted, a space, its answer and a newline (sys_vartrack_w_noise_random), then one more newline and the task."""
+    full = RULER_VT_TEMPLATE + RULER_VT_ANSWER_PREFIX
+    example = full.format(context=example_context, query=example_value, num_v=5) + " " + " ".join(example_names) + "\n"
+    return example + "\n" + full.format(context=context, query=value, num_v=5)
+
+
+def vt_parts(prompt):
+    """(example context, example value, example names, context, value) read off a prompt with a pattern made from
+    RULER's literal texts: anything else in the prompt, a changed line break included, fails the match."""
+    def pattern(tag):
+        full = re.escape(RULER_VT_TEMPLATE + RULER_VT_ANSWER_PREFIX)
+        full = full.replace(re.escape("{context}"), rf"(?P<{tag}context>(?:[^\n]*\n)*?[^\n]*)", 1)
+        full = full.replace(re.escape("{query}"), rf"(?P<{tag}value>\d{{5}})", 1)
+        return full.replace(re.escape("{query}"), rf"(?P={tag}value)").replace(re.escape("{num_v}"), "5")
+    regex = pattern("e") + r" (?P<names>[A-Z]{3}(?: [A-Z]{3}){4})\n\n" + pattern("m")
+    m = re.fullmatch(regex, prompt)
+    assert m, prompt[:300]
+    return m["econtext"], m["evalue"], m["names"].split(), m["mcontext"], m["mvalue"]
+
+
+def chain_of(context, letters):
+    """The context's lines are RULER's noise sentence or a statement; the statements, in order, are one chain
+    "VAR A = value", "VAR B = VAR A " (RULER's trailing space), ...: returns its variables and its value."""
+    statements = [line for line in context.split("\n") if line != RULER_VT_NOISE]
+    first = re.fullmatch(rf"VAR ([A-Z]{{{letters}}}) = (\d{{5}})", statements[0])
+    names = [first[1]]
+    for line in statements[1:]:
+        names.append(re.fullmatch(rf"VAR ([A-Z]{{{letters}}}) = VAR {names[-1]} ", line)[1])
+    return names, first[2]
+
+
+def test_vt_prompt_is_rulers_template_with_a_fresh_example_per_sample(tok):
+    recs = ruler.build_task_prompts("vt", [1024, 1500], 3, tok, seed=5)
+    examples = []
+    for r in recs:
+        example_context, example_value, example_names, context, value = vt_parts(r["prompt"])
+        assert r["prompt"] == rulers_vt_prompt(example_context, example_value, example_names, context, value)
+        assert chain_of(example_context, 3) == (example_names, example_value)  # the example answers its question
+        assert chain_of(context, 5) == (r["references"], value)
+        examples.append((tuple(example_names), example_value, example_context))
+        # RULER fits the example's text and answer prefix (without its answer) to 500 tokens
+        example_text = r["prompt"][:r["prompt"].index(", they are: ") + len(", they are: ")]
+        assert len(tok(example_text, add_special_tokens=False)["input_ids"]) <= 500
+    # every sample renames the example (names and value differ from every other sample's) ...
+    assert len({names for names, _, _ in examples}) == len({value for _, value, _ in examples}) == len(recs) == 6
+    # ... of one layout, built once as RULER does: the same lines with the names and value blanked out
+    def blanked(names, value, context):
+        for i, name in enumerate(names):
+            context = re.sub(rf"\b{name}\b", f"<{i}>", context)
+        return context.replace(value, "<value>")
+    assert len({blanked(*e) for e in examples}) == 1
+    again = ruler.build_task_prompts("vt", [1024, 1500], 3, tok, seed=5)
+    assert [r["prompt"] for r in again] == [r["prompt"] for r in recs]  # the same seed, the same prompts
+    other = ruler.build_task_prompts("vt", [1024], 1, tok, seed=6)
+    assert vt_parts(other[0]["prompt"])[:3] != vt_parts(recs[0]["prompt"])[:3]
+
+
+def test_saved_record_rebuilds_the_exact_prompt(tok, qa_files):
+    """A record as 05 saves it without its text (JSON, no prompt, no ids) rebuilds the prompt byte for byte; its
+    SHA-256 is the one of the text, computed here."""
+    essay = "Plain words fill this essay. Another sentence follows it!\n" * 200
+    recs = ruler.build_ruler_prompts(["niah_single_2", "niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt",
+                                      "cwe", "fwe", "qa_1", "qa_2"], [1024], [0.0, 50.0], 1, tok, essay_text=essay,
+                                     seed=7, qa_data=qa_files)
+    for r in recs:
+        saved = json.loads(json.dumps({k: v for k, v in r.items() if k not in ("prompt", "input_ids")}))
+        assert saved["prompt_sha256"] == hashlib.sha256(r["prompt"].encode("utf-8")).hexdigest()
+        rebuilt = ruler.rebuild_prompt(saved, tok, essay_text=essay, qa_data=qa_files)
+        assert rebuilt == r["prompt"], (r["task"], r["sample"])
+    assert len({r["prompt_sha256"] for r in recs}) == len(recs)
 
 
 @pytest.mark.parametrize("length, common_repeats, uncommon_repeats", [(1024, 6, 1), (4096, 30, 3)])
