@@ -266,7 +266,7 @@ assert err < 1e-4, err
 def test_tied_model_exports_its_trained_weights_in_bf16(data32, tokenizer_dir, tmp_path):
     """A model with tied embeddings (SmolLM2's and Llama-3.2's layout) and a RoPE theta of its own, from an HF
     directory, trained 2 steps and exported in bf16: exactly the last checkpoint's weights cast to bf16, the
-    embedding trained once as the output layer too, no lm_head copy written, the config's tie and theta kept."""
+    embedding and the output layer still one tensor, no lm_head copy written, the config's tie and theta kept."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
