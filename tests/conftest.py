@@ -23,6 +23,10 @@ for _key, _value in {
     "MPLBACKEND": "Agg",
 }.items():
     os.environ[_key] = _value
+# Under `pytest -n 2` (make test) each worker, and every stage it starts, computes on one thread: two workers of two
+# OpenMP threads each on two cores spin against each other and run several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Liger's Triton kernels run on a CPU only through Triton's interpreter; on a GPU they must run for real.
 import torch  # noqa: E402  (torch does not import transformers or datasets)
 
@@ -42,9 +46,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
 
 
+# The files that take longest (pytest --durations=25, 2 CPU cores), run first. `make test` gives each worker whole
+# files (--dist loadfile: a module's fixture, such as the demo pipeline or the 4-process CP run, is built once) in
+# this order, so that no long file is started last while the other worker has nothing left to do.
+LONGEST_FIRST = ["test_demo.py", "test_cp.py", "test_eval.py", "test_rope.py", "test_train_runs.py", "test_sft.py",
+                 "test_layout.py", "test_prepare_data.py"]
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

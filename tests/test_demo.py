@@ -51,15 +51,58 @@ def test_base_model_is_small_and_checksummed():
     assert config["max_position_embeddings"] == NATIVE
 
 
+def graph(out) -> dict:
+    """recipes/tiny_demo.sh's pipeline, written out here: each output, the stage that must have written it and the
+    inputs its manifest must name (relative names are as the script passes them: BASE is assets/demo_base)."""
+    o = lambda *parts: str(out.joinpath(*parts))  # noqa: E731
+    corpus = {o("corpus", "code.jsonl"), o("corpus", "books.jsonl")}
+    return {
+        "data_long": ("01_prepare_data", corpus | {o("corpus", "kv_long.jsonl")}),
+        "data_short": ("01_prepare_data", corpus | {o("corpus", "kv_short.jsonl")}),
+        "patched": ("02_rope_scale", {"assets/demo_base"}),
+        "trained/final": ("03_continued_pretrain", {o("patched"), o("data_long")}),
+        "control/final": ("03_continued_pretrain", {"assets/demo_base", o("data_long")}),
+        "distilled/final": ("04_sft", {o("trained", "final"), "assets/demo_base", o("data_short")}),
+        "final": ("06_merge", {o("trained", "final"), o("distilled", "final")}),
+        "eval_base": ("05_eval", {o("models", m) for m in ("base", "patched", "control")}),
+        "eval_yarn": ("05_eval", {o("models", m) for m in ("trained", "distilled", "final")}),
+    }
+
+
+# DEMO_SCALE=ci's sizes (recipes/tiny_demo.sh): 03 runs 3 steps of 2 rows of 4x tokens, 04 2 steps of 4 rows of 1x
+CI_STEPS = {"trained": (3, 2 * 4 * NATIVE), "control": (3, 2 * 4 * NATIVE), "distilled": (2, 4 * NATIVE)}
+
+
 @pytest.mark.slow
-def test_ci_demo_runs_every_stage_with_manifests(ci_demo):
+def test_ci_demo_runs_every_stage_on_the_inputs_of_the_pipeline(ci_demo):
+    """Every output was written by the stage the pipeline names, from the inputs it names; the models 05 compares
+    are links to those outputs; the rows have the lengths and the runs the steps and tokens of DEMO_SCALE=ci."""
+    import datasets
+
     out, proc = ci_demo
-    for stage in STAGES:
-        trained = stage in ("trained", "distilled", "control")  # 03 and 04 write OUT/final/ beside checkpoints
-        assert (out / stage / ("final" if trained else "") / "manifest.json").is_file(), stage
+    for name, (stage, inputs) in graph(out).items():
+        manifest = json.loads((out / name / "manifest.json").read_text())
+        assert manifest["stage"] == stage and set(manifest["inputs"]) == inputs, name
+    for model, target in (("base", BASE), ("patched", out / "patched"), ("control", out / "control" / "final"),
+                          ("trained", out / "trained" / "final"), ("distilled", out / "distilled" / "final"),
+                          ("final", out / "final")):
+        assert os.path.realpath(out / "models" / model) == os.path.realpath(target), model
+    for name, length in (("data_long", 4 * NATIVE), ("data_short", NATIVE)):  # counted from the rows themselves
+        rows = datasets.load_from_disk(str(out / name))
+        assert {len(ids) for ids in rows["input_ids"]} == {length}, name
+    for run, (steps, tokens) in CI_STEPS.items():
+        records = [r for r in map(json.loads, (out / run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        assert [(r["step"], r["tokens"]) for r in records] == [(s, tokens) for s in range(1, steps + 1)], run
+    for e in ("eval_base", "eval_yarn"):
+        for m in json.loads((out / e / "results.json").read_text())["models"]:
+            assert m["niah"]["lengths"] == [NATIVE, 2 * NATIVE, 4 * NATIVE] and m["ppl"]["seq_len"] == 4 * NATIVE
     report = (out / "report.md").read_text()
     assert "DEMO_SCALE=ci" in report and "## Targets" in report
-    assert (out / "loss_by_position.png").stat().st_size > 1000 and (out / "niah_heatmaps.png").stat().st_size > 1000
+    import matplotlib.image
+
+    for plot in ("loss_by_position.png", "niah_heatmaps.png"):  # pictures that decode, not empty files
+        height, width, _ = matplotlib.image.imread(out / plot).shape
+        assert height >= 200 and width >= 300, plot
     assert "demo done in" in proc.stdout
 
 

@@ -420,7 +420,10 @@ def test_round_trip_on_smollm2(tmp_path, smollm2_dir, smol_corpus, boundary, pac
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     S = 1024 if packing == "best-fit" else 200  # best-fit: every document whole; concat: many cut across rows
     extra = ["--boundary", "separator", "--separator", "<s>"] if boundary == "separator" else []
-    out, stats = run(tmp_path, "--data", src, "--seq-len", S, "--packing", packing, *extra, tokenizer=smollm2_dir)
+    # --model DIR instead of --tokenizer DIR takes DIR's tokenizer (recipes/smollm2_32k.sh passes its model)
+    by_model = ["--model", smollm2_dir] if (boundary, packing) == ("mask", "best-fit") else []
+    out, stats = run(tmp_path, "--data", src, "--seq-len", S, "--packing", packing, *extra, *by_model,
+                     tokenizer=None if by_model else smollm2_dir)
     m = manifest(out)
     rows = rows_of(out)
     check_rows(rows, S, m["pad_token_id"], separator_mode=boundary == "separator")

@@ -1,7 +1,8 @@
 """recipes/*.sh: with DRY_RUN=1 every recipe prints its plan and the exact stage commands, runs nothing and exits 0;
 the plan's numbers equal the published recipe arithmetic (docs/recipes.md, computed here independently); every command
 parses with its stage's own argument parser (flags, types, choices and cross-flag rules), and every flag written in
-a recipe shows up in some printed command, so no recipe can rot as the stages change."""
+a recipe shows up in some printed command, so no recipe can rot as the stages change. A real run (DRY_RUN=0) runs
+exactly the printed commands, skipping the stages already finished."""
 import importlib.util
 import json
 import os
@@ -260,19 +261,30 @@ def test_smollm2_32k_plan_is_one_gpu_yarn_x4_from_8k(runs):
     assert a05.lengths == "8192,16384,32768" and a05.allow_beyond_context
 
 
-def test_smollm2_32k_runs_end_to_end_at_tiny_sizes_on_cpu(tmp_path, tiny_llama_dir):
-    """The student recipe itself, every stage for real, at tiny sizes: a 2-layer Llama with a 64-token window
-    extended 4x to 256 tokens (CPU smoke; the real model's DRY_RUN plan is checked above)."""
-    run = tmp_path / "run"
-    proc = run_recipe("smollm2_32k.sh", MODEL=tiny_llama_dir, RUN=run, ORIGINAL=64, STEPS=1, ROWS_PER_STEP=1,
-                      SAVE_EVERY=0, DATA_EXTRA="--max-docs 4", EVAL_LENGTHS=256, EVAL_SAMPLES=1, DEPTHS=50,
-                      EVAL_EXTRA="--tasks niah --max-new-tokens 8", HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1,
-                      OMP_NUM_THREADS=2, PY=sys.executable, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for stage in ("data", "model-yarn", "cpt/final", "eval"):
-        assert (run / stage / "manifest.json").is_file(), stage
-    results = json.loads((run / "eval" / "results.json").read_text())
-    assert len(results["models"]) == 3
+def test_a_real_run_runs_what_the_dry_run_prints_and_skips_finished_stages(tmp_path):
+    """Not a dry run: lib.sh's `step` runs each stage command exactly as DRY_RUN=1 prints it, except the stages whose
+    manifest.json exists (a recipe re-run after a failure resumes it). PY is a stand-in that records the commands
+    it is given (the plan, recipes/plan.py --check, runs for real); every stage itself runs for real, chained, in
+    the demo pipeline (tests/test_demo.py)."""
+    run, log, fake = tmp_path / "run", tmp_path / "launched", tmp_path / "python"
+    fake.write_text(f"#!/usr/bin/env bash\nif [[ $1 == recipes/plan.py ]]; then exec {shlex.quote(sys.executable)} "
+                    f"\"$@\"; fi\nprintf '%s\\n' \"$(printf ' %q' \"$@\")\" >> {shlex.quote(str(log))}\n")
+    fake.chmod(0o755)
+    for finished in ("data", "cpt/final"):  # 01 and 03 had finished before the interruption; 02 and 05 had not
+        (run / finished).mkdir(parents=True)
+        (run / finished / "manifest.json").write_text("{}")
+    proc = run_recipe("smollm2_32k.sh", PY=fake, RUN=run, **OPTIONAL)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    printed = commands(proc.stdout)
+    assert printed == commands(dry_run("smollm2_32k.sh", PY=fake, RUN=run).stdout)
+    assert [stage for stage, _, _ in printed] == ["01_prepare_data", "02_rope_scale", "03_continued_pretrain",
+                                                  "05_eval"]
+    skipped = re.findall(r"^  \(skipped: (\S+) exists", proc.stdout, re.M)
+    assert skipped == [str(run / "data" / "manifest.json"), str(run / "cpt" / "final" / "manifest.json")]
+    launched = [shlex.split(line) for line in log.read_text().splitlines()]
+    assert launched == [[*launcher[1:], stage + ".py", *argv] for stage, launcher, argv in printed
+                        if stage in ("02_rope_scale", "05_eval")]  # the launcher's first word is PY itself
+    assert sorted(p.name for p in run.iterdir()) == ["cpt", "data"]  # nothing else written
 
 
 def test_measured_throughput_is_used_when_present(tmp_path):

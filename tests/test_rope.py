@@ -14,6 +14,7 @@ SmolLM2-135M keeps its perplexity under YaRN x4, and bad input is refused with o
 import hashlib
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -226,24 +227,39 @@ def test_transformers_config_objects_read_like_dicts():
         assert_rel(a, b, 1e-12)
 
 
+def yarn_mscale(s: float, m: float = 1.0) -> float:
+    """YaRN's temperature (docs/rope.md#yarn): sqrt(1/t) = 0.1 m ln s + 1, and 1 for s <= 1."""
+    return 0.1 * m * math.log(s) + 1 if s > 1 else 1.0
+
+
 def test_ntk_rule_and_attention_temperatures():
-    # ProLong's "dynamic NTK suggests" bases (docs/rope.md#ntk-aware-dynamic-ntk-and-abf)
-    assert rope.ntk_theta(5e5, 8, 128) == pytest.approx(4.13e6, rel=2e-3)
-    assert rope.ntk_theta(8e6, 8, 128) == pytest.approx(6.6e7, rel=5e-3)
-    # YaRN temperatures (docs/recipes.md#arcee-published-facts, #ultralong-recipe)
+    # ProLong's "dynamic NTK suggests" bases: b' = b s^(d/(d-2)) (docs/rope.md#ntk-aware-dynamic-ntk-and-abf)
+    for theta, s in ((5e5, 8), (8e6, 8)):
+        assert rope.ntk_theta(theta, s, 128) == pytest.approx(theta * s ** (128 / 126), rel=1e-12)
+    assert 5e5 * 8 ** (128 / 126) == pytest.approx(4.13e6, rel=2e-3)  # as the doc prints them
+    assert 8e6 * 8 ** (128 / 126) == pytest.approx(6.6e7, rel=5e-3)
+    # YaRN temperatures: cos and sin x sqrt(1/t), so q.k logits x (1/t) (docs/recipes.md#arcee-published-facts)
     afm = rope.attention_logit_scale(rope.rope_spec_from_config(AFM_SHIPPED), "arcee")
-    assert afm["attention_factor"] == pytest.approx(1.2996, abs=1e-4)
-    assert afm["logit_multiplier"] == pytest.approx(1.689, abs=1e-3)
-    for factor, expected in ((128, 1.485), (256, 1.555), (512, 1.624)):
+    assert afm["attention_factor"] == pytest.approx(yarn_mscale(20), rel=1e-12)
+    assert afm["logit_multiplier"] == pytest.approx(yarn_mscale(20) ** 2, rel=1e-12)
+    assert (yarn_mscale(20), yarn_mscale(20) ** 2) == (pytest.approx(1.2996, abs=1e-4), pytest.approx(1.689, abs=1e-3))
+    for factor, printed in ((128, 1.485), (256, 1.555), (512, 1.624)):  # docs/recipes.md#ultralong-recipe
         spec = rope.rope_spec_from_config(ultralong(factor))
-        assert rope.rope_frequencies(spec)[1] == pytest.approx(expected, abs=1e-3)
-    # DeepSeek-V3's rope_scaling: attention_factor 1 on cos/sin; DeepSeek's own attention scales the softmax by
-    # get_mscale(40)^2 = 1.874, a Llama-architecture model copying the same rope_scaling does not.
+        assert rope.rope_frequencies(spec)[1] == pytest.approx(yarn_mscale(factor), rel=1e-12)
+        assert yarn_mscale(factor) == pytest.approx(printed, abs=1e-3)
+    # DeepSeek-V3's rope_scaling (mscale = mscale_all_dim = 1): cos/sin x mscale(40, 1) / mscale(40, 1) = 1, and
+    # DeepSeek's own attention scales the softmax by mscale(40, 1)^2; a Llama-architecture model copying the same
+    # rope_scaling does not.
     dsv3 = rope.rope_spec_from_config(DSV3)
-    assert rope.attention_logit_scale(dsv3, "deepseek_v3")["logit_multiplier"] == pytest.approx(1.874, abs=1e-3)
+    assert rope.attention_logit_scale(dsv3, "deepseek_v3")["logit_multiplier"] == pytest.approx(
+        yarn_mscale(40, 1.0) ** 2, rel=1e-12)
+    assert yarn_mscale(40, 1.0) ** 2 == pytest.approx(1.874, abs=1e-3)
     assert rope.attention_logit_scale(dsv3, "llama")["logit_multiplier"] == 1.0
-    only_all_dim = replace(dsv3, mscale=None)  # mscale_all_dim without mscale: logits x3.51 at s = 40
-    assert rope.attention_logit_scale(only_all_dim, "deepseek_v3")["logit_multiplier"] == pytest.approx(3.51, abs=0.01)
+    # mscale_all_dim without mscale: cos/sin take the default temperature mscale(40), and the softmax still
+    # mscale(40, 1)^2: logits x mscale(40)^4 (3.51)
+    only_all_dim = replace(dsv3, mscale=None)
+    assert rope.attention_logit_scale(only_all_dim, "deepseek_v3")["logit_multiplier"] == pytest.approx(
+        yarn_mscale(40) ** 2 * yarn_mscale(40, 1.0) ** 2, rel=1e-12)
 
 
 def test_deepseek_temperature_matches_transformers_attention():
@@ -262,19 +278,26 @@ def test_deepseek_temperature_matches_transformers_attention():
 # -------------------------------------------------------------------------------------------------------------
 # 2. Ours == the YaRN reference formula; band edges as docs/rope.md#worked-band-edges; eq. 18 differs.
 
-YARN_CASES = {  # name: (config, band edges from docs/rope.md#worked-band-edges or None, eq.18 max rel diff, at pair)
-    "afm-4k-to-64k": (AFM_SHIPPED, (20, 46), 0.70, 39),
-    "ultralong-1m": (ultralong(128), (28, 35), 0.45, 34),
-    "ultralong-2m": (ultralong(256), (28, 35), None, None),
-    "ultralong-4m": (ultralong(512), (28, 35), None, None),
-    "deepseek-v3-factor-40": (DSV3, (10, 23), 0.77, 20),
-    "qwen2.5-yarn-4": (QWEN25_7B, None, 0.42, 32),
+YARN_CASES = {  # name: (config, band edges from docs/rope.md#worked-band-edges or None, its name in #paper-form)
+    "afm-4k-to-64k": (AFM_SHIPPED, (20, 46), "AFM"),
+    "ultralong-1m": (ultralong(128), (28, 35), "UltraLong"),
+    "ultralong-2m": (ultralong(256), (28, 35), None),
+    "ultralong-4m": (ultralong(512), (28, 35), None),
+    "deepseek-v3-factor-40": (DSV3, (10, 23), "DeepSeek-V3"),
+    "qwen2.5-yarn-4": (QWEN25_7B, None, "Qwen2.5"),
 }
+
+
+def paper_form_gaps() -> dict:
+    """docs/rope.md#paper-form's figures: {name: (percent apart, pair)}, e.g. "70% apart (AFM, pair 39)"."""
+    text = " ".join((Path(__file__).resolve().parent.parent / "docs" / "rope.md").read_text().split())
+    found = re.findall(r"(\d+)% (?:apart )?\(([\w.-]+), pair (\d+)\)", text)
+    return {name: (int(percent), int(pair)) for percent, name, pair in found}
 
 
 @pytest.mark.parametrize("name", sorted(YARN_CASES))
 def test_yarn_matches_reference_and_band_edges(name):
-    cfg, edges, paper_gap, paper_pair = YARN_CASES[name]
+    cfg, edges, paper_name = YARN_CASES[name]
     spec = rope.rope_spec_from_config(cfg)
     rs = cfg["rope_scaling"]
     inv, factor, (low, high) = reference_yarn(spec.rotary_dim, cfg["rope_theta"],
@@ -288,13 +311,15 @@ def test_yarn_matches_reference_and_band_edges(name):
     assert (bands["low"], bands["high"]) == (low, high)
     if edges is not None:
         assert (low, high) == edges
-    # The paper's eq. 18 ramp (linear in rotations) is a different function: up to ~70% apart on AFM.
-    if paper_gap is not None:
+    # The paper's eq. 18 ramp (linear in rotations) is a different function. Outside the band both keep the high
+    # frequencies and interpolate the low ones, so they differ inside it only, by what docs/rope.md#paper-form says.
+    if paper_name is not None:
         paper = paper_yarn(spec.rotary_dim, cfg["rope_theta"], rs["original_max_position_embeddings"], rs["factor"],
                            rs.get("beta_slow") or 1, rs.get("beta_fast") or 32)
-        rel = (paper - ours).abs() / ours
-        assert rel.max().item() == pytest.approx(paper_gap, abs=0.01)
-        assert int(rel.argmax()) == paper_pair
+        rel = (paper - inv).abs() / inv
+        outside = [i for i in range(len(inv)) if not low <= i <= high]
+        assert rel[outside].max().item() < 1e-12
+        assert (round(100 * rel.max().item()), int(rel.argmax())) == paper_form_gaps()[paper_name]
 
 
 def test_llama3_matches_reference():
@@ -461,8 +486,6 @@ def test_patched_model_reloads_with_identical_logits(tiny_llama_dir, tmp_path):
     assert report["yarn_bands"] is not None and len(report["dims"]) == 8
     assert all(v["rel_diff"] < 1e-6 for v in report["verification"].values())
     assert (out / "rope_report.png").read_bytes()[:4] == b"\x89PNG"
-    assert [row["length"] for row in report["ppl_check"]] == [64, 200]
-    assert all(math.isfinite(row["ppl_before"]) and math.isfinite(row["ppl_after"]) for row in report["ppl_check"])
 
     ids = torch.arange(3, 200)[None]
     patched = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -475,27 +498,57 @@ def test_patched_model_reloads_with_identical_logits(tiny_llama_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(patched(ids).logits, in_memory(ids).logits)
         assert not torch.allclose(patched(ids).logits, original(ids).logits)  # the patch took effect
+    # --ppl-check's numbers: the perplexity of the first N tokens of the document, before (the original model) and
+    # after (YaRN x4 set in memory above), as transformers' own forward and its own causal-LM loss give them
+    doc_ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(doc.read_text())["input_ids"]
+    assert [row["length"] for row in report["ppl_check"]] == [64, 200]
+    for row in report["ppl_check"]:
+        x = torch.tensor([doc_ids[:row["length"]]])
+        with torch.no_grad():
+            before, after = (math.exp(m(x, labels=x).loss.item()) for m in (original, in_memory))
+        # 3e-6: the two sides agree to < 1e-6; before and after (a random model) differ by ~2e-5
+        assert row["ppl_before"] == pytest.approx(before, rel=3e-6)
+        assert row["ppl_after"] == pytest.approx(after, rel=3e-6)
 
 
-@pytest.mark.parametrize("flags", [["--method", "yarn", "--target-len", "1024"],
-                                   ["--method", "theta", "--theta", "1e6", "--target-len", "1024"],
-                                   ["--method", "linear", "--factor", "4"],
-                                   ["--method", "ntk", "--factor", "4"],
-                                   ["--method", "dynamic", "--factor", "4"]],
-                         ids=["yarn", "theta", "linear", "ntk", "dynamic"])
-def test_tiny_model_runs_at_4x_its_original_length(tiny_llama_dir, tmp_path, flags):
-    from transformers import AutoModelForCausalLM
+D_TINY = 16  # the tiny Llama's head_dim (rotary dimension)
+FOUR_X = {  # 02's flags: what transformers must read from the written config (max_position_embeddings, RoPE)
+    "yarn": (["--method", "yarn", "--target-len", "1024"],
+             1024, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}),
+    "theta": (["--method", "theta", "--theta", "1e6", "--target-len", "1024"],
+              1024, {"rope_type": "default", "rope_theta": 1e6}),
+    "linear": (["--method", "linear", "--factor", "4"], 256, {"rope_type": "linear", "factor": 4.0}),
+    "ntk": (["--method", "ntk", "--factor", "4"],  # b' = b s^(d/(d-2)) (docs/rope.md#ntk-aware-dynamic-ntk-and-abf)
+            1024, {"rope_type": "default", "rope_theta": 10000.0 * 4 ** (D_TINY / (D_TINY - 2))}),
+    "dynamic": (["--method", "dynamic", "--factor", "4"], 256, {"rope_type": "dynamic", "factor": 4.0}),
+}
 
+
+@pytest.mark.parametrize("method", list(FOUR_X))
+def test_tiny_model_runs_at_4x_its_original_length(tiny_llama_dir, tmp_path, method):
+    """The patched model at 1024 tokens (4x) gives the logits of the original weights under the RoPE written out
+    above, set in memory on transformers' own model (linear and dynamic keep max_position_embeddings at 256)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    flags, positions, rope_parameters = FOUR_X[method]
     out = tmp_path / "out"
     scale.main(["--model", tiny_llama_dir, *flags, "--out", str(out)])
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.no_grad():
-        logits = model(torch.randint(10, 1000, (1, 1024))).logits
-    assert logits.shape[1] == 1024 and torch.isfinite(logits).all()
     config = json.loads((out / "config.json").read_text())
-    kept = flags[1] in ("linear", "dynamic")  # they keep max_position_embeddings at the original 256
-    assert config["max_position_embeddings"] == (256 if kept else 1024)
+    assert config["max_position_embeddings"] == positions
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 1024
+    cfg = AutoConfig.from_pretrained(tiny_llama_dir)
+    assert cfg.head_dim == D_TINY and cfg.rope_parameters["rope_theta"] == 10000.0
+    cfg.rope_parameters = {"rope_theta": 10000.0, **rope_parameters}
+    cfg.max_position_embeddings = positions
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    reference = AutoModelForCausalLM.from_config(cfg).eval()
+    reference.load_state_dict(original.state_dict())
+    ids = torch.randint(10, 1000, (1, 1024), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        assert logits.shape[1] == 1024
+        assert torch.allclose(logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(logits, original(ids).logits, rtol=1e-3, atol=1e-3)  # the patch took effect
 
 
 def test_weights_copied_when_links_fail(tiny_llama_dir, tmp_path, monkeypatch):
@@ -566,19 +619,47 @@ def test_bad_input_one_line_no_output(tiny_llama_dir, tmp_path, capsys, case):
 # short-context cost is document-dependent: `json` +17%, KJV Genesis +23% at the same length).
 
 
-SMOLLM2_TOKENS = 3072  # ~28 s of the check's ~35 s on 2 CPU cores go to two forward passes of this length
+SMOLLM2_TOKENS = 3072  # most of the check's time goes to two forward passes of this length
+SMOLLM2_CHECK = 256  # 02's own --ppl-check, at a length where it costs little, against the same reference
 
 
 @pytest.mark.slow
 def test_smollm2_yarn_x4_keeps_perplexity(smollm2_dir, tmp_path):
+    """The perplexities come from transformers' own forward of the original weights, with the SmolLM2 config and
+    with YaRN x4 set in memory (next-token cross-entropy written here); 02's --ppl-check and its written config
+    are checked against the same numbers at SMOLLM2_CHECK tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     doc = next(d for d in common.code_repo_documents() if d["id"] == "stdlib/logging")
     text = tmp_path / "logging.txt"
     text.write_text(doc["text"][:20000])  # ~4.5K tokens; the check uses the first SMOLLM2_TOKENS
+    ids = torch.tensor([AutoTokenizer.from_pretrained(smollm2_dir)(text.read_text())["input_ids"][:SMOLLM2_TOKENS]])
+    assert ids.shape[1] == SMOLLM2_TOKENS
+    nll = {}
+    for tag in ("before", "after"):
+        cfg = AutoConfig.from_pretrained(smollm2_dir)
+        assert cfg.max_position_embeddings == 8192
+        if tag == "after":
+            cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": cfg.rope_parameters["rope_theta"],
+                                   "factor": 4.0, "original_max_position_embeddings": 8192}
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, config=cfg).eval()
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1].float()
+        nll[tag] = -logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]  # -log p(token t+1 | tokens <= t)
+        del model, logits
+
+    def ppl(tag, n):  # the first n tokens: n - 1 predictions
+        return math.exp(nll[tag][:n - 1].mean().item())
+
+    assert ppl("before", SMOLLM2_TOKENS) < 30  # the model reads this text well
+    assert ppl("after", SMOLLM2_TOKENS) <= 1.15 * ppl("before", SMOLLM2_TOKENS)
     out = tmp_path / "smol-yarn4"
     scale.main(["--model", smollm2_dir, "--method", "yarn", "--factor", "4", "--out", str(out),
-                "--ppl-check", str(text), "--ppl-lengths", str(SMOLLM2_TOKENS)])
+                "--ppl-check", str(text), "--ppl-lengths", str(SMOLLM2_CHECK)])
     report = json.loads((out / "rope_report.json").read_text())
     assert report["original_length"] == 8192 and report["after"]["factor"] == 4.0
     (row,) = report["ppl_check"]
-    assert row["length"] == SMOLLM2_TOKENS and row["ppl_before"] < 30
-    assert row["ppl_after"] <= 1.15 * row["ppl_before"], row
+    assert row["length"] == SMOLLM2_CHECK
+    assert row["ppl_before"] == pytest.approx(ppl("before", SMOLLM2_CHECK), rel=1e-4)
+    assert row["ppl_after"] == pytest.approx(ppl("after", SMOLLM2_CHECK), rel=1e-4)
+    assert ppl("after", SMOLLM2_CHECK) > 1.2 * ppl("before", SMOLLM2_CHECK)  # so the two are told apart

@@ -1,6 +1,7 @@
 """03_continued_pretrain.py end to end on the CPU: 2-process FSDP2 == 1 process, SIGTERM and hard kills resume
 bitwise, --resume auto with --init-from resumes a started run, bad input gets one clear line and harms no
-checkpoint, a NaN stops the run keeping the last good checkpoint, and a few steps on the real SmolLM2-135M lower its loss and export a loadable HF directory."""
+checkpoint, a NaN stops the run keeping the last good checkpoint, and the exported HF directory holds exactly the
+last checkpoint's weights (read back by torch.distributed.checkpoint's own converter), tied embeddings included."""
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import assets
 import common
 import fsdp_train
 from lc_testutil import ROOT, load_script, rel_error, run_script
@@ -58,7 +60,7 @@ def reference_run(data32, tokenizer_dir, tmp_path_factory):
     return out
 
 
-def test_single_process_run_trains_checkpoints_and_exports(reference_run):
+def test_single_process_run_trains_checkpoints_and_exports(reference_run, tmp_path):
     m = metrics(reference_run)
     assert [r["step"] for r in m] == list(range(1, 7))
     assert all(r["valid_tokens"] > 0 and r["mfu_torchtitan"] is None for r in m)
@@ -71,9 +73,20 @@ def test_single_process_run_trains_checkpoints_and_exports(reference_run):
     assert common.read_manifest(final)["stage"] == "03_continued_pretrain"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(final)
+    # the export is the trained model: every weight equal to the step-6 checkpoint's, as transformers loads it
+    trained = checkpoint_weights(reference_run / "checkpoints" / "step_00000006", tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
     AutoTokenizer.from_pretrained(final)
-    assert model.config.num_hidden_layers == 2
+
+
+def checkpoint_weights(checkpoint, tmp_path) -> dict:
+    """A checkpoint's model weights read with torch.distributed.checkpoint's own converter (not longctx's loader)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(checkpoint), str(tmp_path / "checkpoint.pt"))
+    return torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
 
 
 def test_two_process_fsdp_matches_single_process(data32, tokenizer_dir, reference_run, tmp_path):
@@ -280,32 +293,28 @@ assert err < 1e-4, err
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-def test_real_smollm2_few_steps_lower_held_in_loss(smollm2_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_tied_model_exports_its_trained_weights_in_bf16(data32, tokenizer_dir, tmp_path):
+    """A model with tied embeddings (SmolLM2's and Llama-3.2's layout) and a RoPE theta of its own, from an HF
+    directory, trained 2 steps and exported in bf16: exactly the last checkpoint's weights cast to bf16, the
+    embedding and the output layer still one tensor, no lm_head copy written, the config's tie and theta kept."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    texts = [d["text"][:400] for _, d in zip(range(4), common.book_documents())]
-    texts = texts or [d["text"][:400] for _, d in zip(range(4), common.code_repo_documents())]
-    docs = [tok(t)["input_ids"] for t in texts]
-    data = make_packed_data(tmp_path / "data", seq_len=48, num_rows=2, vocab=len(tok), real_rows=docs,
-                            pad_id=tok.pad_token_id or 0)
+    source = assets.build_tiny_model(tmp_path / "tied", "llama", tokenizer_dir, tie_word_embeddings=True,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e5})
     out = tmp_path / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 135M model on 2 busy cores: OpenMP spinning makes 2 threads up to 10x slower
-    try:
-        code = common.call_main(script.main, ["--model", smollm2_dir, "--data", data, "--out", str(out), "--device", "cpu",
-                           "--batch-tokens", "96",
-                           "--micro-batch-tokens", "96", "--max-steps", "3", "--lr", "1e-4", "--warmup-steps",
-                           "0", "--min-lr-ratio", "1.0", "--save-every", "0", "--no-final-checkpoint",
-                           "--no-shuffle", "--export-dtype", "bf16"])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0 and not (out / "checkpoints").exists()
-    losses = [m["loss"] for m in metrics(out)]
-    assert losses[-1] < losses[0] - 0.05, losses
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert common.call_main(script.main, ["--model", source, "--data", data32, "--out", str(out), "--device", "cpu",
+                                          "--batch-tokens", "128", "--micro-batch-tokens", "64", "--max-steps", "2",
+                                          "--lr", "1e-2", "--save-every", "0", "--export-dtype", "bf16"]) == 0
+    trained = checkpoint_weights(out / "checkpoints" / "step_00000002", tmp_path)
+    assert torch.equal(trained["lm_head.weight"], trained["model.embed_tokens.weight"])  # still one tensor
+    exported = load_file(out / "final" / "model.safetensors")
+    assert exported.keys() == trained.keys() - {"lm_head.weight"}
+    assert all(torch.equal(exported[k], trained[k].to(torch.bfloat16)) for k in exported)
+    before = load_file(Path(source) / "model.safetensors")["model.embed_tokens.weight"]
+    assert not torch.equal(trained["model.embed_tokens.weight"], before)  # trained, not copied through
     config = json.loads((out / "final" / "config.json").read_text())
-    assert config["rope_theta"] == pytest.approx(json.loads((Path(smollm2_dir) / "config.json").read_text())
-                                                 ["rope_parameters"]["rope_theta"])
-    assert model.config.tie_word_embeddings and "lm_head.weight" not in json.dumps(
-        list(__import__("safetensors").safe_open(str(out / "final" / "model.safetensors"), "pt").keys()))
+    assert config["tie_word_embeddings"] and config["dtype"] == "bfloat16"
+    assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] == 1e5
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

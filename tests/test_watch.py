@@ -1,7 +1,12 @@
 """Long runs watched and planned: --report-to (tracking.py), --eval-every probes and the short-context alarm
 (probes.py), --ac-every / --offload-activations (activation_memory.py) and the fit planner (memory_plan.py,
 03 --plan). Tiny models on the CPU."""
+import hashlib
+import json
 import math
+import struct
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,18 +78,77 @@ def test_short_context_alarm_fires_when_a_learning_rate_wrecks_the_model(data256
     assert warnings and all("--short-ppl-alarm 5%" in w for w in warnings)
 
 
-def test_wandb_offline_run_directory(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def wandb_records(run_file: Path) -> list:
+    """The records of a W&B run file (OUT/wandb/offline-run-*/run-ID.wandb), read here: a 7-byte header (":W&B",
+    0xBEE1, a version byte), then LevelDB log framing in 32 KiB blocks (each piece: CRC-32C 4 bytes, length 2
+    bytes, type 1 byte: 1 full, 2 first, 3 middle, 4 last; a block's last < 7 bytes are padding) around W&B's
+    protobuf `Record` messages."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B" and data[4:6] == b"\xe1\xbe", data[:7]
+    records, pos, pieces = [], 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # the block's tail: padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 or pos + 7 + length > len(data):  # zeros after the last record, or a record being written
+            break
+        pieces += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(pieces))
+            pieces = b""
+    return records
+
+
+def read_wandb_run(run_file: Path, timeout: float = 60) -> tuple:
+    """(run record, {step: {name: value}} without W&B's own "_" fields) of a finished run file. W&B's service
+    writes the file after run.finish() returns: wait for its last record, "exit"."""
+    end = time.time() + timeout
+    while not [r for r in wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]:
+        assert time.time() < end, f"{run_file} has no exit record"
+        time.sleep(0.05)
+    run, history = None, {}
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+        elif record.WhichOneof("record_type") == "history":
+            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            history[record.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
+    return run, history
+
+
+def test_wandb_offline_run_holds_every_number_of_every_record(tmp_path, monkeypatch):
+    """On a node without network the tracker writes an offline W&B run; read back from its run file, it holds each
+    record's numbers at the record's step (nested ones flattened; text, None and NaN left out), the config, and
+    the run id derived from OUT, so that a relaunch continues the same run."""
+    for key in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(key, str(tmp_path / key.lower()))  # nothing written outside tmp_path
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # pytest captures the output; W&B need not
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setattr(tracking, "wandb_reachable", lambda timeout=2.0: False)  # a node without network
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    tracker = tracking.open_tracker("wandb", tmp_path, {"lr": 1e-3})
-    assert tracker.mode == "offline"
-    for step in (1, 2):
-        tracker.log({"step": step, "loss": 1.0 / step, "cp_methods": {"ulysses": 2}, "note": "text"})
-    tracker.close()
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    out = tmp_path / "run"
+    records = [{"step": 1, "loss": 2.5, "grad_norm": 0.75, "cp_methods": {"ulysses": 2, "local": 1}, "note": "x",
+                "mfu": None},
+               {"step": 2, "loss": 1.25, "lr": 1e-3, "bad": float("nan")}]
+    want = {1: {"loss": 2.5, "grad_norm": 0.75, "cp_methods/ulysses": 2, "cp_methods/local": 1},
+            2: {"loss": 1.25, "lr": 1e-3}}
+    run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+    for launch in (records, records[1:]):  # a run, then its relaunch from a checkpoint at step 1
+        before = set((out / "wandb").glob("offline-run-*/*.wandb"))
+        tracker = tracking.open_tracker("wandb", out, {"lr": 1e-3})
+        assert tracker.mode == "offline"
+        for record in launch:
+            tracker.log(record)
+        tracker.close()
+        run_file, = set((out / "wandb").glob("offline-run-*/*.wandb")) - before
+        run, history = read_wandb_run(run_file)
+        assert run.run_id == run_id and run.project == "longctx"
+        assert json.loads(next(i.value_json for i in run.config.update if i.key == "lr")) == 1e-3
+        assert history == {r["step"]: want[r["step"]] for r in launch}
 
 
 def test_tracking_flattens_numbers_and_skips_the_rest():
