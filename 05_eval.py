@@ -195,6 +195,11 @@ def add_helmet_args(parser) -> None:
                         "(ruler/, json_kv/, kilt/, msmarco/) plus icl/<dataset>/<split>.jsonl exported from the ICL "
                         "datasets HELMET reads from the hub; nothing is downloaded. RAG, re-rank and ICL need it; "
                         "recall reads HELMET's files where they are, and is generated in HELMET's format otherwise")
+    g.add_argument("--helmet-stop-newline", action="store_true",
+                   help="end RAG, re-rank and ICL answers at a newline token, as HELMET's configs ask (stop_new_line) "
+                        "but its eval.py never applies (the key is not its --stop_newline): faster, and may differ "
+                        "from HELMET's numbers; by default every answer runs to HELMET's generation length, as HELMET's "
+                        "own runs do")
     g.add_argument("--helmet-samples", type=int, default=None,
                    help="test examples per HELMET dataset and length, selected as HELMET selects them with its "
                         "--max_test_samples (default: its configs': 100, ICL 500)")
@@ -1056,11 +1061,13 @@ def helmet_cell(run: ModelUnderTest, args, plan: Plan, name: str, length: int) -
 
 
 def run_helmet_cell(model, tokenizer, cell: helmet.Cell, batch_tokens: int, max_rows: int,
-                    prefill_chunk: int | None = None, early_stop: bool = True, generate=None, bar=None) -> list[dict]:
-    """Generate for every example of one HELMET dataset at one length (HELMET's truncation, generation length and
-    newline stop) and score each output with the dataset's HELMET metric (`score`, 0-100). Recall rows stop once
-    every gold value is found (the score cannot change after that). `generate(rows, indices)` replaces the
-    model's generation (tests plant answers with it); `bar`, a tqdm, is advanced when given."""
+                    prefill_chunk: int | None = None, early_stop: bool = True, stop_newline: bool = False,
+                    generate=None, bar=None) -> list[dict]:
+    """Generate for every example of one HELMET dataset at one length (HELMET's truncation and generation length;
+    with `stop_newline`, ending at a newline where its config asks) and score each output with the dataset's HELMET
+    metric (`score`, 0-100). Recall rows stop once every gold value is found (the score cannot change after that).
+    `generate(rows, indices)` replaces the model's generation (tests plant answers with it); `bar`, a tqdm, is
+    advanced when given."""
     spec = cell.dataset
     rows, scored, cuts = [], [], []  # prompt ids (4 bytes a token: 500 ICL prompts at 128K are 64M tokens), the
     for example in cell.examples:    # example as prompted without its long fields (all the metric needs), cuts
@@ -1068,7 +1075,7 @@ def run_helmet_cell(model, tokenizer, cell: helmet.Cell, batch_tokens: int, max_
         rows.append(array.array("i", ids))
         scored.append({k: v for k, v in prompted.items() if k not in ("context", "demos", "ctxs")})
         cuts.append(cut)
-    stops = helmet.newline_token_ids(tokenizer) if spec.stop_newline else []
+    stops = helmet.newline_token_ids(tokenizer) if stop_newline and spec.config_stop_newline else []
     if generate is None:
         def generate(batch_rows, indices):
             refs = indices if early_stop and spec.category == "Recall" else None
@@ -1079,7 +1086,8 @@ def run_helmet_cell(model, tokenizer, cell: helmet.Cell, batch_tokens: int, max_
         for i, output in zip(batch, generate([rows[i].tolist() for i in batch], batch)):
             score, parsed = cell.score(scored[i], output)
             answer = scored[i]["answer"]
-            records[i] = {"dataset": spec.name, "category": spec.category, "length": cell.length, "index": i,
+            records[i] = {"dataset": spec.name, "helmet_name": spec.label(cell.length), "category": spec.category,
+                          "length": cell.length, "index": i,
                           "metric": spec.metric, "source": cell.source, "prompt_tokens": len(rows[i]),
                           "context_cut": cuts[i], "answer": answer[:200] if isinstance(answer, str) else answer,
                           "output": output, "parsed": parsed, "score": 100 * score}
@@ -1098,7 +1106,8 @@ def run_helmet_task(run: ModelUnderTest, args, plan: Plan) -> tuple[dict, dict, 
                       mininterval=2, leave=False) as bar:
                 chunk = run_helmet_cell(run.model, run.tokenizer, cell, args.batch_tokens, MAX_ROWS,
                                         plan.prefill_chunks.get(run.name, {}).get(length),
-                                        early_stop=not args.full_generation, bar=bar)
+                                        early_stop=not args.full_generation,
+                                        stop_newline=args.helmet_stop_newline, bar=bar)
             records.extend(chunk)
             c = helmet.score_cell([r["score"] for r in chunk])
             tqdm.write(f"{run.tag}: HELMET {name} @ {_fmt_len(length)}: {c['score']:.1f} [{c['lo']:.0f}, "
@@ -1187,7 +1196,9 @@ def helmet_settings(args, plan: Plan) -> dict:
             "helmet lengths": ",".join(str(L) for L in plan.helmet_lengths),
             "helmet data": str(plan.helmet_root) if plan.helmet_root else "none (recall generated)",
             "helmet samples": samples, "helmet haystack": plan.helmet_essay_name or "–",
-            "helmet prompt": "no chat template, greedy, HELMET's generation lengths and newline stops (its configs)",
+            "helmet generation": "no chat template, greedy, HELMET's generation lengths, "
+                                 + ("ending at a newline for RAG, re-rank and ICL (--helmet-stop-newline)"
+                                    if args.helmet_stop_newline else "no newline stop (as HELMET's eval.py runs)"),
             "helmet prefill chunk": "; ".join(f"{_fmt_len(L)}: {c}" for L, c in chunks.items()) or "none"}
 
 

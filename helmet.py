@@ -88,7 +88,10 @@ ICL_USER = ('Use the provided mapping from the text to label to assign a label t
             '{{label}}" and nothing else. \n\n{context}\n\n{question}')
 ICL_SYSTEM = "label:"
 ICL_ITEM = "{text}\nlabel: {label}"
-# HELMET's stop tokens when a task stops at a newline (added to the model's end-of-sequence ids).
+# The tokens HELMET's HF model stops at when its --stop_newline is set (added to the end-of-sequence ids). Its RAG,
+# re-rank and ICL configs ask for it as `stop_new_line: true`, a key its argument parser does not define
+# (parser.set_defaults(**config) then leaves --stop_newline False), so HELMET as run with its configs generates
+# the full generation length; longctx does the same unless asked to stop (05 --helmet-stop-newline).
 NEWLINE_TOKENS = ("\n", "Ċ", "ĊĊ", "<0x0A>")
 
 # -------------------------------------------------------------------------------------------------------------
@@ -122,7 +125,7 @@ class HelmetDataset:
     kind: str  # the loader: ruler | json_kv | kilt | msmarco | icl
     metric: str  # the metric HELMET reports for it
     generation_max_length: int
-    stop_newline: bool
+    config_stop_newline: bool  # the config's stop_new_line, which HELMET's eval.py never reads (see NEWLINE_TOKENS)
     max_test_samples: int = 100
     shots: int = 2  # demonstrations (RULER takes none; ICL's many shots are `per_length`)
     test_file: str = ""  # under the data folder; {length} and {k} are filled per length
@@ -137,7 +140,7 @@ class HelmetDataset:
 
     def label(self, length: int) -> str:
         """HELMET's name of the dataset at a length (ICL names carry the shot count)."""
-        return f"{self.name}_{self.k(length)}shot_balance" if self.kind == "icl" else self.name
+        return f"{self.name}_{self.k(length)}shot_balance" if self.kind == "icl" and length in LENGTHS else self.name
 
 
 def _ruler(name, folder, task, type_v, gen):
@@ -145,9 +148,10 @@ def _ruler(name, folder, task, type_v, gen):
                          test_file=f"ruler/{folder}/validation_{{length}}.jsonl", type_needle_v=type_v)
 
 
-def _kilt(name, stem, demo, dep, per_length=(50, 105, 220, 440, 1000)):
-    return HelmetDataset(name, "RAG", "kilt", "substring_exact_match", 20, True, test_file=f"kilt/{stem}_k{{k}}_{dep}"
-                         ".jsonl", per_length=per_length, demo_file=f"kilt/{demo}_k3_{dep}.jsonl")
+def _kilt(name, stem, demo, dep):
+    return HelmetDataset(name, "RAG", "kilt", "substring_exact_match", 20, True,
+                         test_file=f"kilt/{stem}_k{{k}}_{dep}.jsonl", per_length=(50, 105, 220, 440, 1000),
+                         demo_file=f"kilt/{demo}_k3_{dep}.jsonl")
 
 
 def _icl(name, per_length):

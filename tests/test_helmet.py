@@ -353,9 +353,10 @@ def test_helmet_through_05_with_the_published_table(tiny_llama_dir, helmet_data,
     ev.main(["--models", tiny_llama_dir, "--out", str(out), "--tasks", "helmet", "--lengths", "8k",
              "--helmet-data", str(helmet_data), "--helmet-samples", "1", "--prefill-chunk", "2048",
              "--allow-beyond-context", "--compare-published", "prolong"])
-    # recall 50/100 tokens, stopping once answered; RAG 20, re-rank 200 and ICL 20 tokens, stopping at a newline
-    assert sorted(set(calls)) == [(20, False, True, 2048), (50, True, False, 2048), (100, True, False, 2048),
-                                  (200, False, True, 2048)]
+    # recall 50/100 tokens, stopping once answered; RAG 20, re-rank 200 and ICL 20 tokens in full: HELMET's configs
+    # say stop_new_line, which its eval.py never reads
+    assert sorted(set(calls)) == [(20, False, False, 2048), (50, True, False, 2048), (100, True, False, 2048),
+                                  (200, False, False, 2048)]
     results = json.loads((out / "results.json").read_text())
     s = results["models"][0]["helmet"]
     assert s["categories"] == ["Recall", "RAG", "Re-rank", "ICL"] and not s["not_run"]
@@ -374,6 +375,11 @@ def test_helmet_through_05_with_the_published_table(tiny_llama_dir, helmet_data,
     assert "– (not run at 128K)" in next(x for x in report.splitlines() if "| 98.8 |" in x)  # measured at 8K only
     assert "judged by GPT-4o in HELMET: not run" in next(x for x in report.splitlines() if "| 43.9 |" in x)
     assert "averages LongQA and Summ" in next(x for x in report.splitlines() if "| 55.7 |" in x)
+    calls.clear()  # the configs' newline stop, on request
+    ev.main(["--models", tiny_llama_dir, "--out", str(tmp_path / "o2"), "--tasks", "helmet_rag,helmet_recall",
+             "--lengths", "8k", "--helmet-data", str(helmet_data), "--helmet-samples", "1", "--prefill-chunk", "2048",
+             "--allow-beyond-context", "--helmet-stop-newline"])
+    assert sorted(set(calls)) == [(20, False, True, 2048), (50, True, False, 2048), (100, True, False, 2048)]
 
 
 def test_generation_stops_at_helmets_stop_tokens(tiny_llama_dir):
