@@ -198,8 +198,8 @@ def add_helmet_args(parser) -> None:
     g.add_argument("--helmet-stop-newline", action="store_true",
                    help="end RAG, re-rank and ICL answers at a newline token, as HELMET's configs ask (stop_new_line) "
                         "but its eval.py never applies (the key is not its --stop_newline): faster, and may differ "
-                        "from HELMET's numbers; by default every answer runs to HELMET's generation length, as HELMET's "
-                        "own runs do")
+                        "from HELMET's numbers; by default every answer runs to HELMET's generation length, as "
+                        "HELMET's own runs do")
     g.add_argument("--helmet-samples", type=int, default=None,
                    help="test examples per HELMET dataset and length, selected as HELMET selects them with its "
                         "--max_test_samples (default: its configs': 100, ICL 500)")
@@ -1035,11 +1035,10 @@ def plan_helmet(names: list[str], args, plan: Plan) -> None:
                 if plan.helmet_root is not None and helmet_file_source(plan, dataset, length) != "generated":
                     helmet.check_files(plan.helmet_root, dataset, length, args.encoding_errors)
                 plan.helmet_cells.append((dataset.name, length))
-    if any(helmet.DATASETS[d].ruler_task == "niah_multivalue" for d, _ in plan.helmet_cells) and \
-            plan.helmet_essay is None:
-        name, plan.helmet_essay = ruler.load_haystack_text(
+    mv = helmet.DATASETS["ruler_niah_mv"]  # generated, it hides its needles in real text (HELMET: Paul Graham's)
+    if any(d == mv.name and helmet_file_source(plan, mv, L) == "generated" for d, L in plan.helmet_cells):
+        plan.helmet_essay_name, plan.helmet_essay = ruler.load_haystack_text(
             "books" if args.haystack in ("noise", "needles") else args.haystack, args.encoding_errors)
-        plan.helmet_essay_name = name
 
 
 def helmet_file_source(plan: Plan, dataset: helmet.HelmetDataset, length: int) -> str:
