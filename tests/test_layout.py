@@ -26,6 +26,7 @@ ALSO_ALLOWED = {
     "context_parallel": {"varlen_attention"},  # splits the rows varlen attention attends over
     "fsdp_train": {"safe_output"},  # checkpoints and the run directory are outputs that must never cost data
     "hf_export": {"safe_output", "rope"},  # OUT/final written atomically, its config's RoPE in both forms
+    "helmet": {"ruler"},  # HELMET's recall tasks are RULER's needles, haystacks, length fitting and intervals
     "probes": {"ruler"},  # the needle probe is RULER's NIAH, scored as RULER scores it
 }
 STAGES = sorted(p.stem for p in ROOT.glob("[0-9][0-9]_*.py"))
