@@ -235,14 +235,14 @@ def model_options(args, config, device, dtype):
 
 def build_model(args, config, mesh, opts):
     """fsdp_train.prepare_model; --ac-every / --offload-activations checkpoint through activation_memory, and
-    --tiled-mlp (resolved to slices by resolve_tiled_mlp) tiles each layer's MLP there."""
+    --tiled-mlp (args.tiled_mlp_slices, from resolve_tiled_mlp) tiles each layer's MLP there."""
     custom = args.activation_checkpointing and (args.ac_every != 1 or args.offload_activations)
     opts = dataclasses.replace(opts, activation_checkpointing=opts.activation_checkpointing and not custom)
     model, info = fsdp_train.prepare_model(config, None if args.init_config else args.model, mesh, opts)
     if custom:
         activation_memory.checkpoint_layers(model.get_decoder().layers, args.ac_every, args.offload_activations)
-    if args.tiled_mlp:
-        activation_memory.tile_mlp(model.get_decoder().layers, args.tiled_mlp)
+    if args.tiled_mlp_slices:
+        activation_memory.tile_mlp(model.get_decoder().layers, args.tiled_mlp_slices)
     return model, info
 
 
@@ -336,7 +336,7 @@ def train(args, run, signals: fsdp_train.StopSignals) -> int:
     max_steps, warmup = fsdp_train.schedule_steps(args, batch_tokens, max(1, data.num_rows // rows_per_step))
     signature = run_signature(args, config, data, rows_per_step, max_steps, warmup)
     opts, loss_impl = model_options(args, config, device, dtype)
-    args.tiled_mlp = resolve_tiled_mlp(args, config, micro_tokens, cp)  # slices of this rank's tokens
+    args.tiled_mlp_slices = resolve_tiled_mlp(args, config, micro_tokens, cp)  # of this rank's tokens
     if args.plan:  # nothing is written
         return plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro, world, pad_id)
 
@@ -375,7 +375,7 @@ def train(args, run, signals: fsdp_train.StopSignals) -> int:
            f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}"
            f"{f' (every {args.ac_every} layers)' if args.ac_every > 1 else ''}"
            f"{', inputs offloaded to host memory' if args.offload_activations else ''}"
-           f"{f', MLP tiled over {args.tiled_mlp} slices' if args.tiled_mlp else ''}, "
+           f"{f', MLP tiled over {args.tiled_mlp_slices} slices' if args.tiled_mlp_slices else ''}, "
            f"cpu offload {'on' if args.cpu_offload else 'off'}")
     print0(f"batch: {batch_tokens:,} tokens/step = {rows_per_step} rows x {seq_len:,} tokens; "
            f"{rows_per_micro} row(s)/micro-batch x {dp} data-parallel group(s) x {grad_accum} accumulation step(s)")

@@ -253,12 +253,13 @@ def format_longest(s: Shape, st: Setting, gpu_gib: float = H100_GIB, margin: flo
     """The longest row this setting trains, then with each memory option it lacks added alone and all together
     (tiled MLP, activation offload, CPU offload of the states), from the planner's estimate."""
     rows = [("this setting", st)]
-    missing = {name: o for name, o in OPTIONS.items() if not all(getattr(st, k) == v for k, v in o.items())}
-    rows += [(f"+ {name}", replace(st, **o)) for name, o in missing.items()]
+    missing = {name: o for name, o in OPTIONS.items() if not any(getattr(st, k) for k in o)}
+    rows += [(f"with {name}", replace(st, **o)) for name, o in missing.items()]
     if len(missing) > 1:
-        rows.append(("+ " + " + ".join(missing), replace(st, **{k: v for o in missing.values() for k, v in o.items()})))
-    limit = f"{gpu_gib:.1f} GiB per GPU with a {margin:.0%} margin"
-    lines = [f"  longest row, {st.describe()} on {st.gpus} GPU(s) ({limit}; the planner's estimate):"]
+        together = {k: v for o in missing.values() for k, v in o.items()}
+        rows.append(("with " + ", ".join(missing), replace(st, **together)))
+    lines = [f"  longest row, the planner's estimate ({st.gpus} GPU(s) of {gpu_gib:.1f} GiB less a {margin:.0%} "
+             f"margin)", f"  of this setting: {st.describe()}"]
     for label, setting in rows:
         n = longest_row(s, setting, gpu_gib, margin)
         lines.append(f"    {label:<40}{n:>14,} tokens" if n else f"    {label:<40}{'does not fit':>14}")
@@ -268,18 +269,20 @@ def format_longest(s: Shape, st: Setting, gpu_gib: float = H100_GIB, margin: flo
 def candidates(base: Setting, max_cp: int | None = None):
     """Settings from the cheapest to run to the most memory-thrifty: cp as low as possible (communication),
     then checkpointing as little as possible (recompute time); only when nothing else fits at any cp: the
-    tiled MLP (one more MLP forward), then with offload (host traffic), then with the states on the host
-    (CPU offload: the optimizer step runs there). The micro-batch as given, then halved."""
+    tiled MLP (one more MLP forward), then offload (host traffic), then both, then both with the states on the
+    host (CPU offload: the optimizer step runs there). The micro-batch as given, then halved."""
     cps = [c for c in (1, 2, 4, 8, 16, 32, 64) if c <= (max_cp or base.gpus) and base.gpus % c == 0]
     micro = sorted({m for m in (base.micro_rows, base.micro_rows // 2, base.micro_rows // 4, 1) if m >= 1},
                    reverse=True)
     tiled = base.tiled_mlp or AUTO
-    levels = [({}, (0, 4, 2, 1)), ({"tiled_mlp": tiled}, (1,)), ({"tiled_mlp": tiled, "offload": True}, (1,)),
-              ({"tiled_mlp": tiled, "offload": True, "cpu_offload": True}, (1,))]
-    for options, acs in levels:
+    host = base.cpu_offload  # the states on the host: as asked, else only as the last resort
+    levels = [((0, False, host), (0, 4, 2, 1)), ((tiled, False, host), (1,)), ((0, True, host), (1,)),
+              ((tiled, True, host), (1,))] + ([] if host else [((tiled, True, True), (1,))])
+    for (tiled_mlp, offload, cpu_offload), acs in levels:
         for cp, m in itertools.product(cps, micro):
             for ac in acs:
-                yield replace(base, cp=cp, micro_rows=m, ac_every=ac, **options)
+                yield replace(base, cp=cp, micro_rows=m, ac_every=ac, tiled_mlp=tiled_mlp, offload=offload,
+                              cpu_offload=cpu_offload)
 
 
 def choose(shape: Shape, seq_len: int | None = None, gpus: int | None = None, gpu_gib: float = H100_GIB,

@@ -223,9 +223,10 @@ def main() -> int:
         err = pred / r["measured"] - 1
         worst = max(worst, abs(err))
         key = (cfg["shape"], cfg["seq_len"])
-        plain = cfg == dict(DEFAULTS, shape=cfg["shape"], seq_len=cfg["seq_len"])
+        plain = cfg["ac_every"] == 1 and not (cfg["tiled"] or cfg["offload"] or cfg["cp"] > 1)
         base.setdefault(key, r["measured"] if plain else None)
-        saved = "" if plain or not base[key] else f"{1 - r['measured'] / base[key]:.0%}"
+        saved = "" if plain or not base[key] else \
+            f"{(base[key] - r['measured']) / 2**20:,.1f} MiB ({1 - r['measured'] / base[key]:.0%})"
         seen = f"{r['saved_bytes'] / 2**20:,.1f}" if cfg["offload"] else ""
         print(f"| {cfg['shape']} | {cfg['seq_len']:,} | {describe(cfg)} | {pred / 2**20:,.1f} | "
               f"{r['measured'] / 2**20:,.1f} | {err:+.1%} | {saved} | {seen} |", flush=True)

@@ -207,15 +207,16 @@ def test_longest_row_is_the_last_that_fits_and_grows_with_each_option():
     assert memory_plan.longest_row(LLAMA3_8B, memory_plan.Setting(seq_len=1)) == 0  # 8B's states alone: 96 GB
 
 
-def test_smallest_setting_tiles_before_offloading_and_offloads_before_cpu_offload():
-    """Past the longest row plain cp 8 trains on 8 GPUs, the planner turns to the tiled MLP, then to offload, then
-    to the states on the host, each only when nothing cheaper fits at any cp."""
-    base = memory_plan.Setting(seq_len=1, gpus=8)
-    plain = memory_plan.longest_row(LLAMA3_8B, replace(base, cp=8))
-    tiled = memory_plan.longest_row(LLAMA3_8B, replace(base, cp=8, tiled_mlp=memory_plan.AUTO))
-    offload = memory_plan.longest_row(LLAMA3_8B, replace(base, cp=8, tiled_mlp=memory_plan.AUTO, offload=True))
-    for seq_len, want in ((plain, (False, False, False)), (tiled, (True, False, False)),
-                          (offload, (True, True, False)), (offload + 65536, (True, True, True))):
+def test_smallest_setting_tiles_then_offloads_then_both_then_moves_the_states():
+    """Past the longest row plain cp 8 trains on 8 GPUs, the planner turns to the tiled MLP, then to offload,
+    then to both, then to both with the states on the host, each only when nothing cheaper fits at any cp."""
+    base = memory_plan.Setting(seq_len=1, gpus=8, cp=8)
+    steps = [({}, (False, False, False)), ({"tiled_mlp": memory_plan.AUTO}, (True, False, False)),
+             ({"offload": True}, (False, True, False)),
+             ({"tiled_mlp": memory_plan.AUTO, "offload": True}, (True, True, False))]
+    lengths = [memory_plan.longest_row(LLAMA3_8B, replace(base, **options)) for options, _ in steps]
+    assert lengths == sorted(lengths)
+    for seq_len, (_, want) in [*zip(lengths, steps), (lengths[-1] + 65536, ((), (True, True, True)))]:
         best, table = memory_plan.choose(LLAMA3_8B, seq_len, gpus=8)
         assert (bool(best.tiled_mlp), best.offload, best.cpu_offload) == want and best.cp == 8, seq_len
         assert all(est["total"] > memory_plan.H100_GIB * 0.9 * 2**30 for st, est in table[:-1])
@@ -227,9 +228,9 @@ def test_plan_flag_prints_the_table_and_writes_nothing(data32, tokenizer_dir, tm
     printed = capsys.readouterr().out
     assert "fit: cp 1, 2 row(s)/micro-batch, no AC" in printed  # a tiny model fits without checkpointing
     assert "plan: this run's setting (cp 1, 2 row(s)/micro-batch, AC every 2)" in printed
-    longest = [ln for ln in printed.splitlines() if ln.startswith("    + ") or ln.startswith("    this setting")]
-    assert [ln.split("  ")[2] for ln in longest] == ["this setting", "+ tiled MLP", "+ offload", "+ cpu-offload",
-                                                     "+ tiled MLP + offload + cpu-offload"], longest
+    longest = [ln.split("  ")[2] for ln in printed.splitlines() if ln.startswith(("    with ", "    this setting"))]
+    assert longest == ["this setting", "with tiled MLP", "with offload", "with cpu-offload",
+                       "with tiled MLP, offload, cpu-offload"], longest
     assert not out.exists()
 
 
