@@ -222,6 +222,24 @@ def test_smallest_setting_tiles_then_offloads_then_both_then_moves_the_states():
         assert all(est["total"] > memory_plan.H100_GIB * 0.9 * 2**30 for st, est in table[:-1])
 
 
+def test_chunked_loss_never_holds_a_row_of_logits_or_of_fp32_hidden_states():
+    """What the planner assumes of the chunked loss (bf16, as on a GPU without Liger): no allocation in its forward
+    and backward is larger than one chunk's fp32 logits or the row's bf16 hidden states (its gradient): neither
+    the row's logits nor an fp32 copy of the row's hidden states ever exist."""
+    import fsdp_train
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens, hidden, vocab, chunk = 4096, 96, 2048, 448  # the last chunk is shorter (64 tokens)
+    h = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(vocab, hidden, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, vocab, (1, tokens))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fsdp_train.chunked_token_loss(h, w, targets, chunk).backward()
+    sizes = {e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"}
+    assert max(sizes) == chunk * vocab * 4  # one chunk's fp32 logits (3.5 MiB) ...
+    assert tokens * hidden * 4 not in sizes and tokens * hidden * 2 in sizes  # ... the row only in bf16
+
+
 def test_plan_flag_prints_the_table_and_writes_nothing(data32, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "never"
     assert common.call_main(script.main, base_args(data32, tokenizer_dir, out, "--plan", "--ac-every", "2")) == 0
