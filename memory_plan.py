@@ -199,7 +199,7 @@ def phase_bytes(s: Shape, st: Setting) -> dict[str, float]:
             "loss": loss}
 
 
-def estimate(s: Shape, st: Setting) -> dict[str, float]:
+def estimate(s: Shape, st: Setting) -> dict[str, float | str]:
     """Peak bytes per GPU of one step, by component (the sum is under "total"; "peak at" names the moment).
     The peak comes in the backward of the top layer or in the loss, whichever needs more: then the layers
     below that were not recomputed still hold their activations, and of the gradients only the root's exist;
@@ -230,7 +230,7 @@ def longest_row(s: Shape, st: Setting, gpu_gib: float = H100_GIB, margin: float 
     """The longest row (tokens, a multiple of `step` x cp) whose step fits gpu_gib x (1 - margin) in setting
     `st` (its seq_len is ignored); 0 if not even one step does. Memory grows with the row, so a bisection."""
     limit = gpu_gib * GIB * (1 - margin)
-    unit = step * st.cp // st.micro_rows if st.cp % st.micro_rows == 0 else step * st.cp
+    unit = step * st.cp  # whole steps on every rank of a cp group
 
     def fits(n: int) -> bool:
         return estimate(s, replace(st, seq_len=n * unit))["total"] <= limit
