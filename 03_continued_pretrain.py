@@ -49,6 +49,8 @@ Usage:
     # alarm), TensorBoard, and the memory plan before renting the GPUs (prints, writes nothing)
     torchrun ... 03_continued_pretrain.py ... --eval-every 250 --report-to tensorboard
     python 03_continued_pretrain.py --model runs/llama3-8b-theta8e6 --data runs/data-512k --out x --plan
+    # the longest rows on few GPUs: tiled MLP, checkpointed inputs in host memory (--plan says how far they go)
+    python 03_continued_pretrain.py ... --tiled-mlp auto --offload-activations --cpu-offload
     # on a SLURM cluster: sbatch --nodes=4 recipes/slurm.sbatch recipes/prolong_512k.sh (README)
 
 Outputs: OUT/run.json (the run's settings), OUT/metrics.jsonl (one record per step; with --eval-every the probe
@@ -156,18 +158,57 @@ def add_parallel_and_memory_args(p) -> None:
                    help="ring attention: torch = PyTorch's context_parallel (CUDA, unmasked rows, one row per "
                         "micro-batch), allgather = exact all-gathered-KV ring (any device, any mask); auto picks "
                         "torch where it applies")
+    add_memory_args(p)
+
+
+def add_memory_args(p) -> None:
+    """The activation memory flags (activation_memory.py) and the fit planner's (memory_plan.py)."""
     g = p.add_argument_group("activation memory and the fit planner (activation_memory.py, memory_plan.py)")
     g.add_argument("--ac-every", type=common.number(int, min=1), default=1,
                    help="checkpoint only every k-th decoder layer (0, k, 2k, ...): less recompute, more memory")
     g.add_argument("--offload-activations", action="store_true",
                    help="keep the checkpointed layer inputs in pinned host memory until the backward (the "
                         "longest rows); same losses and gradients")
+    g.add_argument("--tiled-mlp", type=tiled_mlp_arg, default=0, metavar="N|auto",
+                   help="run each layer's MLP over N slices of this rank's tokens, so that its [tokens x "
+                        "intermediate] activations never exist for the whole row (Llama / Qwen2 / Mistral); auto: "
+                        "one slice per hidden-size tokens (the planner's); same losses and gradients, one more MLP "
+                        "forward per step")
     g.add_argument("--plan", action="store_true",
-                   help="print the per-GPU memory of this run's setting and the smallest setting (cp, micro-batch, "
-                        "checkpointing, offload) that fits, then stop without writing anything; on CUDA after one "
-                        "measured step of this setting, predicted beside measured peak memory")
+                   help="print the per-GPU memory of this run's setting, the smallest setting (cp, micro-batch, "
+                        "checkpointing, offload, tiled MLP) that fits and the longest row this setting trains, then "
+                        "stop without writing anything; on CUDA after one measured step of this setting, predicted "
+                        "beside measured peak memory")
     g.add_argument("--plan-gpu-gib", type=common.number(above=0), default=None,
                    help="GPU memory for --plan (default: this GPU's, else an 80 GB H100's)")
+
+
+def tiled_mlp_arg(text: str) -> int:
+    """--tiled-mlp: 'auto' (memory_plan.AUTO) or a number of slices >= 1."""
+    if text == "auto":
+        return memory_plan.AUTO
+    try:
+        return common.number(int, min=1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number of slices >= 1") from None
+
+
+def resolve_tiled_mlp(args, config, micro_tokens: int, cp) -> int:
+    """--tiled-mlp as slices of this rank's tokens (0: off; auto: the planner's rule), checked before anything is
+    built: a family whose MLP the tiling supports, and no more slices than tokens."""
+    if not args.tiled_mlp:
+        return 0
+    if config.model_type not in activation_memory.TILED_MLP_FAMILIES:
+        fail(f"--tiled-mlp: the tiled MLP supports the SwiGLU MLPs of the "
+             f"{' / '.join(activation_memory.TILED_MLP_FAMILIES)} families, not model type {config.model_type!r}; "
+             "drop --tiled-mlp")
+    tokens = -(-micro_tokens // cp.multiple) * cp.multiple // cp.size  # this rank's share of a micro-batch
+    shape = memory_plan.Shape.from_config(config)
+    chunks = memory_plan.tiled_mlp_chunks(shape, tokens) if args.tiled_mlp == memory_plan.AUTO else args.tiled_mlp
+    if chunks > tokens:
+        fail(f"--tiled-mlp {chunks}: more slices than the {tokens:,} tokens a rank holds per micro-batch; choose at "
+             f"most {tokens}, or auto")
+    return chunks
 
 
 def run_signature(args, config, data, rows_per_step: int, max_steps: int, warmup: int) -> dict:
@@ -262,12 +303,15 @@ def open_inputs(args):
 
 
 def build_model(args, config, mesh, opts):
-    """fsdp_train.prepare_model; --ac-every / --offload-activations checkpoint through activation_memory."""
+    """fsdp_train.prepare_model; --ac-every / --offload-activations checkpoint through activation_memory, and
+    --tiled-mlp (args.tiled_mlp_slices, from resolve_tiled_mlp) tiles each layer's MLP there."""
     custom = args.activation_checkpointing and (args.ac_every != 1 or args.offload_activations)
     opts = dataclasses.replace(opts, activation_checkpointing=opts.activation_checkpointing and not custom)
     model, info = fsdp_train.prepare_model(config, None if args.init_config else args.model, mesh, opts)
     if custom:
         activation_memory.checkpoint_layers(model.get_decoder().layers, args.ac_every, args.offload_activations)
+    if args.tiled_mlp_slices:
+        activation_memory.tile_mlp(model.get_decoder().layers, args.tiled_mlp_slices)
     return model, info
 
 
@@ -277,7 +321,8 @@ def plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro: i
     setting = memory_plan.Setting(
         seq_len=data.seq_len, gpus=world, cp=cp.size, micro_rows=rows_per_micro,
         ac_every=args.ac_every if args.activation_checkpointing else 0, offload=args.offload_activations,
-        cpu_offload=args.cpu_offload, compute_bytes=2 if opts.compute_dtype != torch.float32 else 4,
+        cpu_offload=args.cpu_offload, tiled_mlp=args.tiled_mlp,
+        compute_bytes=2 if opts.compute_dtype != torch.float32 else 4,
         liger=opts.liger, attention="flash" if cuda else "reference", loss_chunk=args.loss_chunk)
     if args.plan_gpu_gib:
         gpu_gib = args.plan_gpu_gib
@@ -291,6 +336,7 @@ def plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro: i
     print0(f"plan: {shape.params / 1e9:.3g}B parameters, rows of {data.seq_len:,} tokens, {world} GPU(s)")
     print0(memory_plan.format_table(table, best, gpu_gib))
     print0(f"plan: this run's setting ({setting.describe()}): {predicted:.2f} GiB per GPU predicted")
+    print0(memory_plan.format_longest(shape, setting, gpu_gib))
     if not cuda:
         return 0
     torch.cuda.reset_peak_memory_stats(device)
@@ -315,9 +361,10 @@ def run_lines(args, backend: str, minfo: dict, loss_impl: str, cp, cp_probe: str
     pose = f", PoSE positions over {args.pose_target_len}" if args.pose_target_len else ""
     every = f" (every {args.ac_every} layers)" if args.ac_every > 1 else ""
     offloaded = ", inputs offloaded to host memory" if args.offload_activations else ""
+    tiled = f", MLP tiled over {args.tiled_mlp_slices} slices" if args.tiled_mlp_slices else ""
     lines = [f"attention: {backend}, {mask}{pose}",
              f"kernels: liger {'+'.join(minfo['liger']) or 'off'}, loss {loss_impl} cross-entropy, "
-             f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}{every}{offloaded}, "
+             f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}{every}{offloaded}{tiled}, "
              f"cpu offload {'on' if args.cpu_offload else 'off'}"]
     if cp.size > 1:
         tokens_per_rank = -(-micro_tokens // cp.multiple) * cp.multiple // cp.size
@@ -369,6 +416,7 @@ def train(args, run, signals: fsdp_train.StopSignals) -> int:
     pad_id = int(data.manifest.get("pad_token_id") or 0)  # fills a micro-batch up to a multiple of the cp split
     varlen_attention.set_attention_backend(None if args.attention_backend == "auto" else args.attention_backend)
     opts, loss_impl = fsdp_train.model_options(args, config, device, dtype, varlen_attention.register_attention())
+    args.tiled_mlp_slices = resolve_tiled_mlp(args, config, rows_per_micro * seq_len, cp)  # of this rank's tokens
     if args.plan:  # nothing is written
         return plan_memory(args, config, data, mesh, cp, opts, loss_impl, rows_per_micro, world, pad_id)
     tokenizer_dir = args.tokenizer or args.model or data.manifest.get("tokenizer")

@@ -1,27 +1,34 @@
 """A fit planner for long-context training: per-GPU memory of one training step from the model's shape, the row
-length, the GPU count, context parallelism, the micro-batch, activation checkpointing and offload, and the
-smallest setting that fits a GPU with a margin. Standard library only (a recipe's DRY_RUN stays instant).
+length, the GPU count, context parallelism, the micro-batch, activation checkpointing, activation offload, the
+tiled MLP and CPU offload of the states; the smallest setting that fits a GPU with a margin, and the longest row
+a setting trains. Standard library only (a recipe's DRY_RUN stays instant).
 
-The model counts what a step of 03_continued_pretrain.py holds at its peak, the backward of the first layer:
+The model counts what a step of 03_continued_pretrain.py holds at its peak. Held throughout:
 - states: fp32 master weights and AdamW's two moments, 12 bytes per parameter, sharded over all GPUs (FSDP2;
-  --cpu-offload moves them to the host); the sharded fp32 gradients appear as the backward reaches each layer,
-  after the peak;
+  --cpu-offload moves them, and the sharded gradients, to the host);
 - working weights: the root unit (embeddings, lm_head) and two decoder layers gathered in the compute dtype, and
   the root's gradients;
 - checkpointed layer inputs: one per checkpointed layer, tokens x hidden x compute bytes (on the host with
-  --offload-activations); a layer that is not checkpointed (--ac-every k > 1, or no checkpointing) keeps all the
-  activations its backward needs instead;
-- one layer's recompute and backward: its saved activations (norms, q/k/v, attention output, MLP) plus the
-  gradients in flight, or the loss's backward if that needs more;
-- attention workspace: flash / PyTorch varlen keep the log-sum-exp (Hq fp32 per token); the CPU reference keeps
-  each document's probabilities (Hq x len^2 fp32);
-- the loss: one chunk's logits (chunk x vocab, fp32, about three live copies in its backward), the final norm's
-  output and the hidden states' gradient.
+  --offload-activations); a layer that is not checkpointed (--ac-every k > 1, or no checkpointing) keeps its
+  input and all the activations its backward needs instead;
+- RoPE: the cos and sin tables of every position, shared by the layers.
+On top of these, the largest of three moments of the top layer (the first backward, every checkpointed input
+still held) and of the loss:
+- the MLP's backward: the layer's saved activations (norms, q/k/v, attention output, the MLP's intermediates)
+  and the gradients in flight; with --tiled-mlp the MLP keeps only its input, and its backward holds one slice's
+  intermediates and the weights' gradients summed in fp32;
+- the attention's backward: its saved tensors, the gradients of q/k/v and output, flash's fp32 dq accumulator
+  and dk/dv for every query head under GQA (the CPU reference keeps each document's probabilities instead,
+  Hq x len^2 fp32); Ulysses (--cp) all-to-alls them into further tensors;
+- the loss: the final norm (HF's keeps an fp32 copy of the whole row in bf16; Liger's does not), the hidden
+  states' gradient, one chunk's logits (chunk x vocab fp32, three live copies) or Liger's fused CE (an fp32
+  weight gradient and logits chunks of about tokens x hidden);
+or, for short rows, the end of the backward (every sharded fp32 gradient, the embedding's gradient).
 Tokens per GPU are row length x rows per micro-batch / cp. The counts follow the ops of a Hugging Face Llama layer
 (with Liger: its RMSNorm and SwiGLU keep fewer tensors); bench/memory_plan_check.py compares them with measured
 peaks (docs/benchmarks.md#fit-planner).
 
-Used by 03_continued_pretrain.py (--plan) and recipes/plan.py (DRY_RUN=1).
+Used by 03_continued_pretrain.py (--plan, --tiled-mlp auto) and recipes/plan.py (DRY_RUN=1).
 
 Outside this repository (copy this file alone: it needs only the standard library):
 
@@ -29,7 +36,9 @@ Outside this repository (copy this file alone: it needs only the standard librar
     shape = memory_plan.Shape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,
                               vocab=128256)
     best, table = memory_plan.choose(shape, seq_len=524288, gpus=8, gpu_gib=79.6)
-    print(memory_plan.format_table(table, best))          # best.cp == 8: ProLong's 512K setting
+    print(memory_plan.format_table(table, best))          # the cheapest setting that fits: cp 4
+    base = memory_plan.Setting(seq_len=0, gpus=8, cp=8)
+    print(memory_plan.format_longest(shape, base))         # how far cp 8 goes, and with each memory option
 """
 from __future__ import annotations
 
@@ -76,16 +85,27 @@ class Shape:
                    tied=bool(getattr(config, "tie_word_embeddings", False)))
 
 
+AUTO = -1  # Setting.tiled_mlp: as many slices as the row has `hidden`-sized pieces (tiled_mlp_chunks)
+
+
+def tiled_mlp_chunks(shape: Shape, tokens: int) -> int:
+    """--tiled-mlp auto: one slice per `hidden` tokens on this GPU (Arctic Long Sequence Training's rule), so
+    that a slice's MLP activations (slice x intermediate) are about the size of one MLP weight matrix."""
+    return max(1, min(tokens, -(-tokens // shape.hidden)))
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One way to run a step: what the planner varies (cp, micro-batch, checkpointing, offload) and the rest."""
+    """One way to run a step: what the planner varies (cp, micro-batch, checkpointing, offload, tiled MLP) and
+    the rest."""
     seq_len: int
     gpus: int = 1
     cp: int = 1
     micro_rows: int = 1
     ac_every: int = 1  # 0: no activation checkpointing; k: layers 0, k, 2k, ... checkpointed
-    offload: bool = False  # checkpointed layer inputs on the host
-    cpu_offload: bool = False  # states on the host (03 --cpu-offload)
+    offload: bool = False  # checkpointed layer inputs on the host (03 --offload-activations)
+    cpu_offload: bool = False  # parameters, gradients and optimizer states on the host (03 --cpu-offload)
+    tiled_mlp: int = 0  # 0: off; N: the MLP over N slices of the tokens (03 --tiled-mlp); AUTO
     compute_bytes: int = 2  # bf16 on GPUs; 4 for fp32 (CPU runs)
     liger: bool = True  # Liger RMSNorm / SwiGLU (and fused CE) on CUDA
     attention: str = "flash"  # flash | reference (the CPU per-document attention)
@@ -96,24 +116,46 @@ class Setting:
     def tokens(self) -> int:
         return self.seq_len * self.micro_rows // self.cp
 
+    def chunks(self, shape: Shape) -> int:
+        """The tiled MLP's slices on this GPU (0: not tiled)."""
+        return tiled_mlp_chunks(shape, self.tokens) if self.tiled_mlp == AUTO else self.tiled_mlp
+
     def describe(self) -> str:
         ac = "no AC" if self.ac_every == 0 else "AC every layer" if self.ac_every == 1 else f"AC every {self.ac_every}"
-        return (f"cp {self.cp}, {self.micro_rows} row(s)/micro-batch, {ac}"
+        tiled = "" if not self.tiled_mlp else ", tiled MLP auto" if self.tiled_mlp == AUTO else \
+            f", tiled MLP {self.tiled_mlp}"
+        return (f"cp {self.cp}, {self.micro_rows} row(s)/micro-batch, {ac}" + tiled
                 + (", offload" if self.offload else "") + (", cpu-offload" if self.cpu_offload else ""))
 
 
-def layer_activation_bytes(s: Shape, st: Setting) -> float:
-    """Bytes per token a layer's backward needs (what autograd saves), without attention probabilities."""
-    b, h, kv, f = st.compute_bytes, s.hidden, s.kv_heads * s.head_dim, s.ffn
-    q = s.heads * s.head_dim
-    if st.liger:  # Liger RMSNorm keeps its input and output; SwiGLU keeps gate and up, recomputes the product
-        norms, mlp = 3 * b * h, 3 * b * f
-    else:  # HF RMSNorm: an fp32 copy of the input in bf16, the fp32 normalised tensor, the weighted output
-        norm = 2 * b * h if b >= 4 else (8 + 2 * b) * h
-        norms, mlp = 2 * norm + b * h, 4 * b * f  # the second norm keeps the residual sum it normalises too
-    repeated = 2 * q if st.attention == "reference" and s.heads != s.kv_heads else 0  # GQA heads repeated
-    attention = b * (2 * q + 2 * kv + repeated)  # q, k, v as the kernel takes them, and its output
-    return norms + attention + mlp
+def _norm_bytes(s: Shape, st: Setting) -> float:
+    """Bytes per token an RMSNorm keeps beyond its input: its output (read by the next matmul), and in HF's
+    norm the normalised tensor, plus in bf16 the fp32 copy of the input it normalises."""
+    b, h = st.compute_bytes, s.hidden
+    if st.liger:  # Liger RMSNorm keeps its input and one fp32 scalar per token
+        return b * h
+    return 2 * b * h if b >= 4 else (4 + 2 * b) * h
+
+
+def _mlp_bytes(s: Shape, st: Setting) -> float:
+    """Bytes per token an untiled MLP keeps: gate and up outputs and their product (Liger's SwiGLU recomputes
+    the SiLU), plus the SiLU output in HF's MLP."""
+    return (3 if st.liger else 4) * st.compute_bytes * s.ffn
+
+
+def layer_activation_bytes(s: Shape, st: Setting) -> tuple[float, float]:
+    """(attention half, MLP half): bytes per token a decoder layer's backward needs (what autograd saves)
+    beyond the layer's input. The attention half: the first norm, q, k, v as the kernel takes them and its
+    output, the kernel's own (log-sum-exp, or the reference's probabilities); the MLP half: the residual sum,
+    the second norm, and the MLP's intermediates (none when tiled: the tiled MLP keeps only its input, the
+    second norm's output)."""
+    b, q, kv = st.compute_bytes, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    repeated = 2 * b * q if st.attention == "reference" and s.heads != s.kv_heads else 0  # GQA heads repeated
+    # Ulysses (cp > 1): the kernel's output, all-to-all'd back into another tensor for the output projection
+    ulysses = b * q if st.cp > 1 and st.attention != "reference" else 0
+    attention = _norm_bytes(s, st) + b * (2 * q + 2 * kv) + repeated + ulysses + attention_workspace_bytes(s, st)
+    mlp = b * s.hidden + _norm_bytes(s, st) + (0 if st.tiled_mlp else _mlp_bytes(s, st))
+    return attention, mlp
 
 
 def attention_workspace_bytes(s: Shape, st: Setting) -> float:
@@ -123,40 +165,124 @@ def attention_workspace_bytes(s: Shape, st: Setting) -> float:
     return s.heads * 4  # the log-sum-exp
 
 
-def estimate(s: Shape, st: Setting) -> dict[str, float]:
-    """Peak bytes per GPU of one step, by component (the sum is under "total"). The peak comes in the backward
-    of the top layer (or of the loss, whichever needs more): by then the layers below that were not recomputed
-    still hold their activations, and of the gradients only the root's exist."""
+def phase_bytes(s: Shape, st: Setting) -> dict[str, float]:
+    """What each moment of the step adds to the parts every moment holds (states, weights, checkpointed inputs,
+    layers not recomputed, RoPE tables), for the top layer (the first backward, all checkpointed inputs still
+    held): its MLP's backward, its attention's backward, and the loss (forward and backward)."""
+    b, h, f, t = st.compute_bytes, s.hidden, s.ffn, st.tokens
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    attention, mlp = layer_activation_bytes(s, st)
+    grad = b * h * t  # the gradient flowing down the residual stream
+    restored = b * h * t if st.offload else 0  # the top layer's input, back from the host
+    if st.tiled_mlp:
+        # the slice's recompute and its gradients, the input's gradient, and the weights' gradients of all
+        # slices summed in fp32 beside one slice's
+        piece = -(-t // st.chunks(s)) * (_mlp_bytes(s, st) + b * f)
+        mlp_backward = (attention + mlp) * t + grad + b * h * t + piece + 3 * h * f * (4 + b)
+    else:
+        mlp_backward = (attention + mlp) * t + grad + b * (f + h) * t
+    # the attention's backward: its saved tensors, the gradients of its output and of q, k, v, and the flash
+    # kernel's fp32 accumulator of dq, with dk / dv for every query head when there are fewer KV heads
+    workspace = 0 if st.attention == "reference" else 4 * q + (2 * b * q if s.heads != s.kv_heads else 0)
+    if st.cp > 1:  # Ulysses: the gradients of q, k, v and of the output all-to-all'd into new tensors
+        workspace += b * (2 * q + 2 * kv)
+    attention_backward = attention * t + grad + b * (2 * q + 2 * kv) * t + workspace * t
+    # the loss: the final norm (input and what it keeps), the hidden states' gradient, and one chunk's logits
+    # (chunked CE: chunk x vocab fp32, three live copies; Liger's fused CE: an fp32 weight gradient and logits
+    # chunks of about tokens x hidden)
+    final = (b * h + _norm_bytes(s, st)) * t + grad
+    if st.liger:
+        loss = final + (b + 4) * h * t + 4 * s.vocab * h
+    else:
+        loss = final + grad + 3 * 4 * min(st.loss_chunk, t) * s.vocab
+    return {"MLP backward": mlp_backward + restored, "attention backward": attention_backward + restored,
+            "loss": loss}
+
+
+def estimate(s: Shape, st: Setting) -> dict[str, float | str]:
+    """Peak bytes per GPU of one step, by component (the sum is under "total"; "peak at" names the moment).
+    The peak comes in the backward of the top layer or in the loss, whichever needs more: then the layers
+    below that were not recomputed still hold their activations, and of the gradients only the root's exist;
+    or, for short rows, at the end of the backward, when every sharded fp32 gradient exists."""
     b, t = st.compute_bytes, st.tokens
-    act = (layer_activation_bytes(s, st) + attention_workspace_bytes(s, st)) * t
+    attention, mlp = layer_activation_bytes(s, st)
     n_ckpt = 0 if st.ac_every == 0 else len(range(0, s.layers, st.ac_every))
     kept = sum(1 for i in range(s.layers - 1) if st.ac_every == 0 or i % st.ac_every)
-    # Liger's fused CE sizes its chunks to about tokens x hidden logits; the chunked CE holds --loss-chunk x
-    # vocab fp32 logits, about three live copies in its backward (logits, softmax, their gradient)
-    logits = t * s.hidden * 4 if st.liger else 3 * 4 * min(st.loss_chunk, t) * s.vocab
+    phases = phase_bytes(s, st)
+    moment = max(phases, key=phases.get)
     parts = {
         "states": 0.0 if st.cpu_offload else 12 * s.params / st.gpus,  # fp32 weights + AdamW moments
         "weights": b * (2 * s.root_params + 2 * s.layer_params),  # gathered, and the root's gradients
         "ckpt inputs": 0.0 if st.offload else n_ckpt * t * s.hidden * b,
-        "kept layers": kept * act,
-        "backward": max(act + t * b * (s.ffn + 2 * s.hidden), logits),  # a layer's, or the loss's
-        "hidden": t * s.hidden * (b + 4),  # the final norm's output, the hidden states' gradient
+        "kept layers": kept * (attention + mlp + b * s.hidden) * t,  # with its input
+        "rope": 2 * s.head_dim * b * t,  # cos and sin of every position, shared by the layers
+        "working": phases[moment],
     }
-    parts["total"] = sum(parts.values())
+    layer_peak = sum(parts.values())
+    # the end of the backward: every sharded fp32 gradient (on the host with cpu offload) and the embedding's
+    end = parts["states"] + parts["weights"] + (0.0 if st.cpu_offload else 4 * s.params / st.gpus) + b * s.hidden * t
+    parts["total"] = max(layer_peak, end)
+    parts["peak at"] = moment if layer_peak >= end else "end of backward"
     return parts
+
+
+def longest_row(s: Shape, st: Setting, gpu_gib: float = H100_GIB, margin: float = 0.1, step: int = 1024) -> int:
+    """The longest row (tokens, a multiple of `step` x cp) whose step fits gpu_gib x (1 - margin) in setting
+    `st` (its seq_len is ignored); 0 if not even one step does. Memory grows with the row, so a bisection."""
+    limit = gpu_gib * GIB * (1 - margin)
+    unit = step * st.cp  # whole steps on every rank of a cp group
+
+    def fits(n: int) -> bool:
+        return estimate(s, replace(st, seq_len=n * unit))["total"] <= limit
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi) and hi < 2**30:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * unit
+
+
+OPTIONS = {"tiled MLP": {"tiled_mlp": AUTO}, "offload": {"offload": True}, "cpu-offload": {"cpu_offload": True}}
+
+
+def format_longest(s: Shape, st: Setting, gpu_gib: float = H100_GIB, margin: float = 0.1) -> str:
+    """The longest row this setting trains, then with each memory option it lacks added alone and all together
+    (tiled MLP, activation offload, CPU offload of the states), from the planner's estimate."""
+    rows = [("this setting", st)]
+    missing = {name: o for name, o in OPTIONS.items() if not any(getattr(st, k) for k in o)}
+    rows += [(f"with {name}", replace(st, **o)) for name, o in missing.items()]
+    if len(missing) > 1:
+        together = {k: v for o in missing.values() for k, v in o.items()}
+        rows.append(("with " + ", ".join(missing), replace(st, **together)))
+    lines = [f"  longest row, the planner's estimate ({st.gpus} GPU(s) of {gpu_gib:.1f} GiB less a {margin:.0%} "
+             f"margin)", f"  of this setting: {st.describe()}"]
+    for label, setting in rows:
+        n = longest_row(s, setting, gpu_gib, margin)
+        lines.append(f"    {label:<40}{n:>14,} tokens" if n else f"    {label:<40}{'does not fit':>14}")
+    return "\n".join(lines)
 
 
 def candidates(base: Setting, max_cp: int | None = None):
     """Settings from the cheapest to run to the most memory-thrifty: cp as low as possible (communication),
-    then checkpointing as little as possible (recompute time), offload (host traffic) only when nothing else
-    fits at any cp; the micro-batch as given, then halved."""
+    then checkpointing as little as possible (recompute time); only when nothing else fits at any cp: the
+    tiled MLP (one more MLP forward), then offload (host traffic), then both, then both with the states on the
+    host (CPU offload: the optimizer step runs there). The micro-batch as given, then halved."""
     cps = [c for c in (1, 2, 4, 8, 16, 32, 64) if c <= (max_cp or base.gpus) and base.gpus % c == 0]
     micro = sorted({m for m in (base.micro_rows, base.micro_rows // 2, base.micro_rows // 4, 1) if m >= 1},
                    reverse=True)
-    for offload in (False, True):
+    tiled = base.tiled_mlp or AUTO
+    host = base.cpu_offload  # the states on the host: as asked, else only as the last resort
+    levels = [((0, False, host), (0, 4, 2, 1)), ((tiled, False, host), (1,)), ((0, True, host), (1,)),
+              ((tiled, True, host), (1,))] + ([] if host else [((tiled, True, True), (1,))])
+    for (tiled_mlp, offload, cpu_offload), acs in levels:
         for cp, m in itertools.product(cps, micro):
-            for ac in ((0, 4, 2, 1) if not offload else (1,)):
-                yield replace(base, cp=cp, micro_rows=m, ac_every=ac, offload=offload)
+            for ac in acs:
+                yield replace(base, cp=cp, micro_rows=m, ac_every=ac, tiled_mlp=tiled_mlp, offload=offload,
+                              cpu_offload=cpu_offload)
 
 
 def choose(shape: Shape, seq_len: int | None = None, gpus: int | None = None, gpu_gib: float = H100_GIB,
@@ -173,13 +299,14 @@ def choose(shape: Shape, seq_len: int | None = None, gpus: int | None = None, gp
 
 
 def format_table(table, best: Setting | None, gpu_gib: float = H100_GIB, margin: float = 0.1) -> str:
-    """The settings tried, their memory by component (GiB per GPU), and the choice."""
-    names = [k for k in table[0][1] if k != "total"]
-    lines = ["  setting" + " " * 46 + "".join(f"{n:>12}" for n in names) + "       total"]
+    """The settings tried, their memory by component (GiB per GPU), the moment of the peak, and the choice."""
+    names = [k for k, v in table[0][1].items() if k != "total" and not isinstance(v, str)]
+    width = max(53, *(len(st.describe()) + 2 for st, _ in table))
+    lines = ["  setting" + " " * (width - 7) + "".join(f"{n:>12}" for n in names) + "       total  peak at"]
     for st, est in table:
         mark = " <- fits" if st == best else ""
-        lines.append(f"  {st.describe():<53}" + "".join(f"{est[n] / GIB:>12.2f}" for n in names)
-                     + f"{est['total'] / GIB:>12.2f}{mark}")
+        lines.append(f"  {st.describe():<{width}}" + "".join(f"{est[n] / GIB:>12.2f}" for n in names)
+                     + f"{est['total'] / GIB:>12.2f}  {est['peak at']}{mark}")
     limit = f"{gpu_gib:.1f} GiB per GPU with a {margin:.0%} margin"
     lines.append(f"  fit: {best.describe()} ({limit})" if best else
                  f"  fit: none of these settings fits {limit}; use more GPUs (states shard over them) or --cp")

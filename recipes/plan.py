@@ -1,8 +1,8 @@
 """Print the plan of one training stage of a recipe: tokens per step, steps, gradient accumulation per GPU count,
 a derived memory floor, and GPU-hours from measured throughput (docs/benchmarks.md) or from the recipe's
 published compute, each labelled by where it comes from, and with the full shape (--heads ... --vocab) the fit
-planner's table (memory_plan.py: per-GPU memory of each setting, the smallest that fits). Standard library only,
-so DRY_RUN=1 is instant.
+planner's table (memory_plan.py: per-GPU memory of each setting, the smallest that fits) and the longest row the
+recipe's setting trains, alone and with 03's memory options. Standard library only, so DRY_RUN=1 is instant.
 
 Called by recipes/*.sh (through `plan` in recipes/lib.sh), e.g.:
     python recipes/plan.py --title "03 continued pretraining, ProLong 64K" --seq-len 65536 \
@@ -18,6 +18,7 @@ from it assume linear scaling over GPUs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -166,6 +167,9 @@ def main(argv=None) -> int:
         print(memory_plan.format_table(table, best, args.gpu_gib))
         if best and best.cp != args.cp:
             line("note", f"the recipe uses --cp {args.cp}; the planner's smallest fitting setting has cp {best.cp}")
+        # how far this recipe's setting goes, and with 03's memory options (--tiled-mlp, --offload-activations,
+        # --cpu-offload)
+        print(memory_plan.format_longest(shape, dataclasses.replace(base, cp=args.cp), args.gpu_gib))
 
     bench = Path(args.benchmarks)
     # the benchmark table holds one-GPU runs, so it speaks for --cp 1 only

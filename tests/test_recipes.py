@@ -191,13 +191,16 @@ def test_prolong_arithmetic(runs):
     assert a04.model == os.path.join(a03b.out, "final")
 
 
-@pytest.mark.parametrize("name,cp", [("prolong_64k", 1), ("prolong_512k", 8)])
-def test_fit_plan_chooses_the_recipes_cp(runs, name, cp):
-    """The fit planner (memory_plan.py) alone arrives at what ProLong ran on 8 x 80 GB: 64K without sequence
-    parallelism, 512K with sequence parallelism 8, both with full activation checkpointing and no offload."""
+@pytest.mark.parametrize("name,cp,length", [("prolong_64k", 1, 65536), ("prolong_512k", 8, 524288)])
+def test_fit_plan_chooses_the_recipes_cp(runs, name, cp, length):
+    """The fit planner (memory_plan.py) alone finds what ProLong found on 8 x 80 GB: 64K without sequence
+    parallelism, 512K only with it (cp 4 already fits; ProLong ran 8), both with full activation checkpointing
+    and no offload; the recipe's longest row is at least its rows."""
     a03, = stage_args(runs[name], "03")
     fit = re.search(r"^  fit: cp (\d+), 1 row\(s\)/micro-batch, AC every layer \(", runs[name].stdout, re.M)
-    assert fit and int(fit.group(1)) == a03.cp == cp
+    assert fit and a03.cp == cp and (int(fit.group(1)) == 1) == (cp == 1) and int(fit.group(1)) <= cp
+    longest = re.search(r"^    this setting +([\d,]+) tokens", runs[name].stdout, re.M)
+    assert longest and int(longest.group(1).replace(",", "")) >= length
 
 
 @pytest.mark.parametrize("target,length,sft_steps", [("1m", M, 480), ("2m", 2 * M, 140), ("4m", 4 * M, 150)])
