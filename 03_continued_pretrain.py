@@ -202,7 +202,7 @@ def resolve_tiled_mlp(args, config, micro_tokens: int, cp) -> int:
         fail(f"--tiled-mlp: the tiled MLP supports the SwiGLU MLPs of the "
              f"{' / '.join(activation_memory.TILED_MLP_FAMILIES)} families, not model type {config.model_type!r}; "
              "drop --tiled-mlp")
-    tokens = -(-micro_tokens // cp.multiple) * cp.multiple // cp.size  # this rank's share of a micro-batch
+    tokens = cp.tokens_per_rank(micro_tokens)
     shape = memory_plan.Shape.from_config(config)
     chunks = memory_plan.tiled_mlp_chunks(shape, tokens) if args.tiled_mlp == memory_plan.AUTO else args.tiled_mlp
     if chunks > tokens:
@@ -367,7 +367,7 @@ def run_lines(args, backend: str, minfo: dict, loss_impl: str, cp, cp_probe: str
              f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}{every}{offloaded}{tiled}, "
              f"cpu offload {'on' if args.cpu_offload else 'off'}"]
     if cp.size > 1:
-        tokens_per_rank = -(-micro_tokens // cp.multiple) * cp.multiple // cp.size
+        tokens_per_rank = cp.tokens_per_rank(micro_tokens)
         padded = tokens_per_rank * cp.size - micro_tokens
         pad_note = f"; micro-batches padded by {padded} token(s) to split evenly" if padded else ""
         lines.append(f"context parallel: {cp.describe()}; {tokens_per_rank:,} tokens per rank per micro-batch"

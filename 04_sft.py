@@ -744,8 +744,8 @@ def train(args, run, signals: fsdp_train.StopSignals) -> int:
     tconfig = check_teacher(args, config, sft.tokenizer, sft.longest) if args.teacher else None
     rows_per_micro = fsdp_train.micro_batch_rows(args.micro_batch_tokens, seq_len)
     batch = fsdp_train.step_batch(args.batch_tokens, seq_len, rows_per_micro, world, dinfo.rank)
-    epochs = max(1, round(args.epochs * data.num_rows / batch.rows_per_step))
-    max_steps, warmup = fsdp_train.schedule_steps(args, batch.tokens, epochs)
+    epoch_steps = max(1, round(args.epochs * data.num_rows / batch.rows_per_step))  # the steps of --epochs passes
+    max_steps, warmup = fsdp_train.schedule_steps(args, batch.tokens, epoch_steps)
     signature = run_signature(args, config, data, batch.rows_per_step, max_steps, warmup)
     monitor = probes.monitor_from_args(args, sft.tokenizer, seq_len, device, run.out / "metrics.jsonl")
     resume_from = fsdp_train.open_run_dir(args, run, signature)

@@ -75,6 +75,10 @@ class CPGroup:
         """Micro-batches are padded to a multiple of this many tokens: N slices, or 2N head-tail chunks."""
         return self.size * (2 if self.attention == "ring" else 1)
 
+    def tokens_per_rank(self, micro_tokens: int) -> int:
+        """The tokens each rank holds of a micro-batch of `micro_tokens`, once padded to `multiple`."""
+        return -(-micro_tokens // self.multiple) * self.multiple // self.size
+
     def describe(self) -> str:
         if self.size == 1:
             return "off"

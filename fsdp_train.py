@@ -971,9 +971,12 @@ def resume_checkpoint(path: Path, model, optimizer, metrics_path: Path) -> int:
     steps (a hard kill leaves them) are dropped from metrics.jsonl: the resumed run writes them again."""
     step = load_checkpoint(path, model, optimizer, verified=True)["step"]
     if (dist.get_rank() if dist.is_initialized() else 0) == 0 and metrics_path.is_file():
-        lines = metrics_path.read_bytes().decode(errors="replace").splitlines()
-        kept = [ln for ln in lines if _record_step(ln) is not None and _record_step(ln) <= step]
-        atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+        kept = []
+        for line in metrics_path.read_bytes().decode(errors="replace").splitlines():
+            done = _record_step(line)
+            if done is not None and done <= step:
+                kept.append(line)
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
     print0(f"resumed from {path} at step {step}")
     return step
 
@@ -1286,9 +1289,9 @@ class Bookkeeping:
     def after_step(self, done: int, t0: float, stop: bool, *, loss: float, grad_norm: float, lr: float,
                    valid_tokens: int, tokens: int, flops: dict, **extra) -> int | None:
         """Record step `done` (begun at perf_counter() `t0`): step_record's fields, then the stage's `extra`
-        ones (03: cp_methods; 04: ce and kl), then the probe results when one is due. Then write, log, advance
-        the bar and checkpoint. Returns None to go on, or the exit code of a run stopped by a signal (its
-        checkpoint saved). Collective."""
+        ones (03 and 04: attn_paths; 03 under --cp: cp_methods; 04 with a teacher: ce and kl), then the probe
+        results when one is due. Then write, log, advance the bar and checkpoint. Returns None to go on, or the
+        exit code of a run stopped by a signal (its checkpoint saved). Collective."""
         dt = time.perf_counter() - t0
         if done - 1 > self.start_step:
             self.step_times.append(dt)

@@ -121,11 +121,19 @@ class Setting:
         return tiled_mlp_chunks(shape, self.tokens) if self.tiled_mlp == AUTO else self.tiled_mlp
 
     def describe(self) -> str:
-        ac = "no AC" if self.ac_every == 0 else "AC every layer" if self.ac_every == 1 else f"AC every {self.ac_every}"
-        tiled = "" if not self.tiled_mlp else ", tiled MLP auto" if self.tiled_mlp == AUTO else \
-            f", tiled MLP {self.tiled_mlp}"
-        return (f"cp {self.cp}, {self.micro_rows} row(s)/micro-batch, {ac}" + tiled
-                + (", offload" if self.offload else "") + (", cpu-offload" if self.cpu_offload else ""))
+        if self.ac_every == 0:
+            words = ["no AC"]
+        elif self.ac_every == 1:
+            words = ["AC every layer"]
+        else:
+            words = [f"AC every {self.ac_every}"]
+        if self.tiled_mlp:
+            words.append("tiled MLP auto" if self.tiled_mlp == AUTO else f"tiled MLP {self.tiled_mlp}")
+        if self.offload:
+            words.append("offload")
+        if self.cpu_offload:
+            words.append("cpu-offload")
+        return f"cp {self.cp}, {self.micro_rows} row(s)/micro-batch, " + ", ".join(words)
 
 
 def _norm_bytes(s: Shape, st: Setting) -> float:

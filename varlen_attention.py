@@ -154,7 +154,10 @@ def build_micro_batch(rows: list[dict], seq_len: int, doc_mask: bool = True, pos
             p = pose_position_ids(seq_len, pose_target_len, rng)
         else:
             p = np.arange(seq_len, dtype=np.int64)
-        ids.append(x), pos.append(p), tgt.append(t), segs.extend(row_segs)
+        ids.append(x)
+        pos.append(p)
+        tgt.append(t)
+        segs.extend(row_segs)
     cu = np.concatenate([[0], np.cumsum(segs)]).astype(np.int32)
     return MicroBatch(
         input_ids=torch.from_numpy(np.concatenate(ids)).view(1, -1),
@@ -385,17 +388,22 @@ def _check_kernels(config, device: torch.device, dtype: torch.dtype, backend: st
     hkv = getattr(config, "num_key_value_heads", None) or hq
     d = getattr(config, "head_dim", None) or config.hidden_size // hq
     q, k, v = (torch.randn(16, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv))
-    ref = lambda segs: reference_varlen_attention(q.float(), k.float(), v.float(), segs, 0.25)  # noqa: E731
+
+    def reference(segs: list[int]) -> torch.Tensor:  # the exact per-document attention, in fp32
+        return reference_varlen_attention(q.float(), k.float(), v.float(), segs, 0.25)
+
     tol = _probe_tol(dtype, 1e-5, 3e-2)
     seg = [5, 9, 2]
     cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32, device=device)
-    err = (varlen_attention(q, k, v, cu, max(seg), seg, 0.25, backend=backend).float() - ref(seg)).abs().max().item()
+    got = varlen_attention(q, k, v, cu, max(seg), seg, 0.25, backend=backend).float()
+    err = (got - reference(seg)).abs().max().item()
     if not err <= tol:
         raise RuntimeError(f"varlen attention ({BACKEND_NAMES[backend]}) disagrees with the per-document reference "
                            f"(max error {err:.2e} > {tol}); refusing to train")
     rows = [t.view(2, 8, t.shape[1], d).transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]  # as trained
     kernel = sdpa_kernel_name(*rows, 0.25)
-    err = (dense_causal_attention(q, k, v, 2, 0.25).float() - ref([8, 5, 3]))[:13].abs().max().item()
+    got = dense_causal_attention(q, k, v, 2, 0.25).float()
+    err = (got - reference([8, 5, 3]))[:13].abs().max().item()  # the 3 padding tokens' outputs are not used
     if not err <= tol:
         raise RuntimeError(f"dense causal attention (PyTorch SDPA, {kernel}) disagrees with the per-document "
                            f"reference on rows of one document (max error {err:.2e} > {tol}); refusing to train")

@@ -49,7 +49,9 @@ ALST = {"+ cpu-offload": "1 x H200: 300K; 8 x H100: 1.1M",
 
 
 def human(tokens: int) -> str:
-    return "does not fit" if not tokens else f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens / 1e3:.0f}K"
+    if not tokens:
+        return "does not fit"
+    return f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens / 1e3:.0f}K"
 
 
 def main() -> int:

@@ -225,8 +225,9 @@ def main() -> int:
         key = (cfg["shape"], cfg["seq_len"])
         plain = cfg["ac_every"] == 1 and not (cfg["tiled"] or cfg["offload"] or cfg["cp"] > 1)
         base.setdefault(key, r["measured"] if plain else None)
-        saved = "" if plain or not base[key] else \
-            f"{(base[key] - r['measured']) / 2**20:,.1f} MiB ({1 - r['measured'] / base[key]:.0%})"
+        saved = ""
+        if not plain and base[key]:  # against every layer checkpointed, the same shape and row length
+            saved = f"{(base[key] - r['measured']) / 2**20:,.1f} MiB ({1 - r['measured'] / base[key]:.0%})"
         seen = f"{r['saved_bytes'] / 2**20:,.1f}" if cfg["offload"] else ""
         print(f"| {cfg['shape']} | {cfg['seq_len']:,} | {describe(cfg)} | {pred / 2**20:,.1f} | "
               f"{r['measured'] / 2**20:,.1f} | {err:+.1%} | {saved} | {seen} |", flush=True)

@@ -62,6 +62,7 @@ def test_shards_partition_the_row_with_targets_positions_and_counts(attention, s
         assert local.position_ids[0].tolist() == [pos[i] for i in want]
         assert local.targets[0].tolist() == [tgt[i] for i in want]
         assert local.n_tokens == total // size and sum(local.seg_lens) == total // size
+        assert group(size, r, attention).tokens_per_rank(T) == local.input_ids.numel()  # what 03 prints and tiles
         seen += want
         n_valid += local.n_valid
     assert sorted(seen) == list(range(total))

@@ -138,6 +138,7 @@ def test_sft_lowers_assistant_token_loss_and_exports(tiny_llama_dir, tokenizer, 
     args.remove("--no-export")
     m = run_ok(args)
     assert [r["step"] for r in m] == list(range(1, 7)) and all(r["valid_tokens"] > 0 for r in m)
+    assert all(sum(r["attn_paths"].values()) == 2 for r in m)  # 2 micro-batches of one row per step, by path
 
     def assistant_loss(model_dir):  # plain transformers, one unpacked conversation at a time
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -174,12 +174,28 @@ def full_ac_run(data32, tokenizer_dir, tmp_path_factory):
 @pytest.mark.parametrize("variant", [["--ac-every", "2"], ["--offload-activations"], ["--tiled-mlp", "4"],
                                      ["--tiled-mlp", "4", "--offload-activations"],
                                      ["--tiled-mlp", "auto", "--ac-every", "2"]])
-def test_ac_every_and_offload_give_the_default_losses(data32, tokenizer_dir, full_ac_run, tmp_path, variant):
+def test_ac_every_and_offload_give_the_default_losses(data32, tokenizer_dir, full_ac_run, tmp_path, variant,
+                                                     monkeypatch):
     """3 steps of 03 (2 micro-batches of 64 tokens each): the metrics.jsonl losses and gradient norms of every
-    layer checkpointed, also with the MLP over 4 slices of 16 tokens (alone and with offload)."""
+    layer checkpointed, also with the MLP over 4 slices of 16 tokens (alone and with offload). --tiled-mlp reaches
+    the model: 03 tiles it with the slices asked for, or with auto the planner's rule for a rank's 64 tokens
+    (which for this model's hidden size of 64 is one slice)."""
+    tiled = []  # the slices 03 hands to activation_memory.tile_mlp
+
+    def tile_mlp(layers, chunks, _tile_mlp=activation_memory.tile_mlp):
+        tiled.append(chunks)
+        _tile_mlp(layers, chunks)
+
+    monkeypatch.setattr(activation_memory, "tile_mlp", tile_mlp)
     run = tmp_path / "variant"
     assert common.call_main(script.main, base_args(data32, tokenizer_dir, run, "--no-export", "--max-steps", "3",
                                                    *variant)) == 0
+    asked = variant[variant.index("--tiled-mlp") + 1] if "--tiled-mlp" in variant else None
+    if asked == "auto":
+        shape = memory_plan.Shape.from_config(common.config_from_init_spec("tiny-llama"))
+        assert tiled == [memory_plan.tiled_mlp_chunks(shape, 64)]
+    else:
+        assert tiled == ([int(asked)] if asked else [])
     for (s1, l1, g1), (s2, l2, g2) in zip(trajectory(full_ac_run), trajectory(run), strict=True):
         assert s1 == s2 and abs(l1 - l2) < 1e-6 and abs(g1 - g2) < 1e-6
 
