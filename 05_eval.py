@@ -1340,14 +1340,18 @@ def mmlu_cell(r: dict) -> dict:
 
 
 def _measured_as_ok(how) -> bool:
-    """null, or {"metric": NAME} with RULER / NIAH's `lengths` (a list of token counts) or `up_to` (one)."""
+    """null, or {"metric": NAME} with RULER / NIAH's `lengths` (a list of token counts) or `up_to` (one), and a
+    HELMET metric's `lengths` (helmet_measured_cell averages exactly those)."""
     if how is None:
         return True
     if not isinstance(how, dict) or not isinstance(how.get("metric"), str) or set(how) - {"metric", "lengths", "up_to"}:
         return False
     lengths_ok = "lengths" not in how or (isinstance(how["lengths"], list) and how["lengths"]
                                          and all(common.is_count(L, 1) for L in how["lengths"]))
-    scope = "lengths" in how or "up_to" in how or how["metric"] not in ("RULER", "NIAH")
+    if how["metric"].startswith("HELMET"):
+        scope = "lengths" in how and "up_to" not in how
+    else:
+        scope = "lengths" in how or "up_to" in how or how["metric"] not in ("RULER", "NIAH")
     return bool(lengths_ok and scope and ("up_to" not in how or common.is_count(how["up_to"], 1)))
 
 

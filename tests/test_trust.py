@@ -342,7 +342,9 @@ def test_a_fifo_as_data_is_refused_before_it_is_opened(tokenizer_dir, tmp_path, 
 
 
 def test_a_malformed_published_results_file_is_one_line(tiny_llama_dir, tmp_path, capsys, monkeypatch):
-    published = json.loads(ev.PUBLISHED.read_text())
+    original = ev.PUBLISHED.read_text()
+    published = json.loads(original)
+    assert ev.published_problem(published) is None  # every entry the file holds now, HELMET's included
     published["recipes"]["prolong"]["results"][0]["score"] = "high"
     del published["recipes"]["afm"]["results"][3]["measured_as"]["lengths"]  # a NIAH cell without lengths
     bad = tmp_path / "published_results.json"
@@ -353,6 +355,12 @@ def test_a_malformed_published_results_file_is_one_line(tiny_llama_dir, tmp_path
             "score")
     published["recipes"]["prolong"]["results"][0]["score"] = 71.9
     assert "result 3 of recipe 'afm'" in ev.published_problem(published)
+    # a HELMET cell is averaged over exactly its lengths: without them it is malformed, not a KeyError in the report
+    published = json.loads(original)
+    helmet_recall = published["recipes"]["prolong"]["results"][6]
+    assert helmet_recall["measured_as"]["metric"] == "HELMET Recall"
+    helmet_recall["measured_as"] = {"metric": "HELMET Recall", "up_to": 131072}
+    assert "result 6 of recipe 'prolong' has a missing or malformed measured_as" in ev.published_problem(published)
 
 
 @pytest.mark.parametrize("env, expect", [
