@@ -376,6 +376,7 @@ def check_record(record, kind: str, where: str, extra: tuple = ()) -> dict:
 
 def _checked_lines(path: Path, kind: str, extra: tuple = (), errors: str = "strict"):
     """(byte offset, record) of every non-empty line of a JSON-lines file, each record checked."""
+    common.check_regular_file(path, "HELMET's file")  # a FIFO or device: named as such, never opened
     if not path.is_file():
         where = "export the ICL dataset from the hub there (docs/evaluation.md#helmet-in-05)" if kind not in \
             REQUIRED else f"{REQUIRED[kind][2]} belong there: extract HELMET's data.tar.gz (hub dataset " \
@@ -426,8 +427,9 @@ def select_rows(dataset: HelmetDataset, path: Path, samples: int, errors: str = 
     if dataset.kind in ("ruler", "json_kv"):  # Dataset.shuffle(seed).select(range(samples))
         chosen = shuffled(light, SEED)[:samples]
     else:
-        if "popqa" in dataset.name:
-            light = popular_enough(light, float(dataset.name.split("_")[-1]), str(path))
+        threshold = popqa_threshold(dataset)
+        if threshold is not None:
+            light = popular_enough(light, threshold, str(path))
         chosen = sample_by_key(light, selection_key(dataset.kind, light[0]), samples)
     with open(path, "rb") as f:
         rows = []
@@ -519,20 +521,32 @@ def _passages(ctxs: list[dict], template: str = RAG_PASSAGE) -> str:
     return "\n\n".join(template.format(**c) for c in ctxs)
 
 
+def popqa_threshold(dataset: HelmetDataset) -> float | None:
+    """The log10 popularity below which HELMET keeps a PopQA question, from its name (kilt_popqa_3: 3); None for
+    every other dataset."""
+    return float(dataset.name.split("_")[-1]) if "popqa" in dataset.name else None
+
+
 def popular_enough(rows: list[dict], threshold: float, where: str) -> list[dict]:
-    """PopQA's filter: the subject's popularity (s_pop) below 10^threshold."""
+    """PopQA's filter: the subject's popularity (s_pop) below 10^threshold; a file with no such row is refused
+    (nothing would be left to evaluate or to draw demonstrations from)."""
     if any(not isinstance(r.get("s_pop"), (int, float)) or r["s_pop"] <= 0 for r in rows):
         common.fail(f"{where}: PopQA records need a positive number in s_pop (HELMET filters by log10(s_pop))")
-    return [r for r in rows if math.log10(r["s_pop"]) < threshold]
+    kept = [r for r in rows if math.log10(r["s_pop"]) < threshold]
+    if not kept:
+        common.fail(f"{where}: no PopQA record has a subject popularity (s_pop) below 10^{threshold:g}, the only ones "
+                    "HELMET evaluates; give HELMET's own file")
+    return kept
 
 
 def kilt_cell(dataset: HelmetDataset, length: int, records: list[dict], demos: list[dict], samples: int | None,
               source: str, seed: int = SEED) -> Cell:
     """HELMET's load_qa: `samples` questions drawn by key (id, else the question), each with `shots` demonstrations
     (question, its passages, first answer) drawn from the demonstration file by the question's own seed."""
-    if "popqa" in dataset.name:  # kilt_popqa_3: popularity below 10^3; demos from the same split, never itself
-        threshold = float(dataset.name.split("_")[-1])
-        records, demos = popular_enough(records, threshold, source), popular_enough(demos, threshold, "demos")
+    threshold = popqa_threshold(dataset)
+    if threshold is not None:  # demonstrations from the same split (never the question itself), filtered alike
+        records = popular_enough(records, threshold, source)
+        demos = popular_enough(demos, threshold, dataset.demo_file)
     key = selection_key("kilt", records[0])
     examples = []
     for sample in sample_by_key(records, key, samples, seed):

@@ -5,6 +5,7 @@ answers (nDCG@10 of a partly right ranking computed by hand), and bad input is o
 import hashlib
 import json
 import math
+import os
 import random
 
 import datasets
@@ -447,6 +448,25 @@ def test_icl_label_out_of_range_is_refused(helmet_data, tmp_path):
     write_jsonl(root / "icl/banking77/test.jsonl", [{"text": "hello", "label": 77}])
     with pytest.raises(common.UserError, match="has label 77; PolyAI/banking77's label is an integer 0..76"):
         helmet.load_cell(helmet.DATASETS["icl_banking77"], 8192, root)
+
+
+def test_popqa_without_a_question_below_helmets_popularity_and_a_fifo_are_refused(helmet_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(helmet_data, root)
+    rows = kilt_rows(4, ids=False, popularity=True)
+    for r in rows:
+        r["s_pop"] = 5000  # log10 above 3: HELMET keeps none of them
+    write_jsonl(root / "kilt/popqa_test_1000_k50_dep6.jsonl", rows)
+    with pytest.raises(common.UserError, match=r"popqa_test_1000_k50_dep6.jsonl: no PopQA record has a subject "
+                                               r"popularity \(s_pop\) below 10\^3"):
+        helmet.load_cell(helmet.DATASETS["kilt_popqa_3"], 8192, root, samples=2)
+    fifo = root / "icl/banking77/test.jsonl"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    with pytest.raises(common.UserError, match=f"HELMET's file {fifo} is a FIFO"):
+        helmet.check_files(root, helmet.DATASETS["icl_banking77"], 8192)
 
 
 def test_missing_helmet_data_exits_2_with_one_error_line(tiny_llama_dir, tmp_path):
