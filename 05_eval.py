@@ -39,7 +39,7 @@ Usage:
     python 05_eval.py --models runs/ul1m/final --tasks ruler --lengths 128k,256k,512k,1m --samples 5 \\
         --squad-data squad.json --hotpotqa-data hotpotqa.json --compare-published ultralong --out runs/ul1m/ruler
     # HELMET at ProLong's development lengths, beside ProLong's published HELMET table
-    python 05_eval.py --models runs/prolong/sft/final --tasks helmet --lengths 32k,64k --helmet-data helmet/data \
+    python 05_eval.py --models runs/prolong/sft/final --tasks helmet --lengths 32k,64k --helmet-data helmet/data \\
         --compare-published prolong --out runs/prolong/helmet
 
 Notes:
