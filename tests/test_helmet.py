@@ -338,6 +338,10 @@ def test_planted_answers_score_100_and_0_and_average_by_category(helmet_data, to
     assert s["categories"] == ["Recall", "RAG", "Re-rank", "ICL"]
     assert s["category_scores"] == {"Recall": 100.0, "RAG": 0.0, "Re-rank": 0.0, "ICL": 0.0} and s["score"] == 25.0
     assert s["cells"]["json_kv"]["8192"]["n"] == 2 and s["by_category"]["Recall"]["8192"]["n"] == 4
+    # an equal-weight mean of cells of 2 and 4 samples: its interval from 1 / sum(1 / (k^2 n_i)) = 16/3 samples
+    lo, hi = helmet.ruler.wilson_interval(0.5, 1 / (1 / (4 * 2) + 1 / (4 * 4)))
+    assert helmet.mean_of_cells([{"score": 100.0, "n": 2}, {"score": 0.0, "n": 4}]) == \
+        {"score": 50.0, "n": 6, "lo": 100 * lo, "hi": 100 * hi}
 
 
 def test_helmet_through_05_with_the_published_table(tiny_llama_dir, helmet_data, tmp_path, monkeypatch):
@@ -446,7 +450,8 @@ def test_icl_label_out_of_range_is_refused(helmet_data, tmp_path):
     root = tmp_path / "d"
     shutil.copytree(helmet_data, root)
     write_jsonl(root / "icl/banking77/test.jsonl", [{"text": "hello", "label": 77}])
-    with pytest.raises(common.UserError, match="has label 77; PolyAI/banking77's label is an integer 0..76"):
+    with pytest.raises(common.UserError, match="banking77/test.jsonl: row 1 has label 77; PolyAI/banking77's label is "
+                                               "an integer 0..76"):
         helmet.load_cell(helmet.DATASETS["icl_banking77"], 8192, root)
 
 
