@@ -534,7 +534,7 @@ def popqa_threshold(dataset: HelmetDataset) -> float | None:
 def popular_enough(rows: list[dict], threshold: float, where: str) -> list[dict]:
     """PopQA's filter: the subject's popularity (s_pop) below 10^threshold; a file with no such row is refused
     (nothing would be left to evaluate or to draw demonstrations from)."""
-    if any(not isinstance(r.get("s_pop"), (int, float)) or r["s_pop"] <= 0 for r in rows):
+    if any(not common.is_finite_number(r.get("s_pop")) or r["s_pop"] <= 0 for r in rows):
         common.fail(f"{where}: PopQA records need a positive number in s_pop (HELMET filters by log10(s_pop))")
     kept = [r for r in rows if math.log10(r["s_pop"]) < threshold]
     if not kept:
@@ -622,7 +622,7 @@ def load_icl_rows(root: Path, dataset: HelmetDataset, errors: str = "strict") ->
         rows = read_jsonl(path, "icl", ("text", src.label_field), errors)
         for number, row in enumerate(rows, 1):
             label = row[src.label_field]
-            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < src.num_labels:
+            if not common.is_count(label) or label >= src.num_labels:
                 common.fail(f"{path}: row {number} has label {label!r}; {src.hub}'s {src.label_field} is an integer "
                             f"0..{src.num_labels - 1} (export the hub dataset as it is)")
         splits.append(rows)
