@@ -467,6 +467,10 @@ def test_popqa_without_a_question_below_helmets_popularity_and_a_fifo_are_refuse
     with pytest.raises(common.UserError, match=r"popqa_test_1000_k50_dep6.jsonl: no PopQA record has a subject "
                                                r"popularity \(s_pop\) below 10\^3"):
         helmet.load_cell(helmet.DATASETS["kilt_popqa_3"], 8192, root, samples=2)
+    rows[0]["s_pop"] = True  # JSON's true is no popularity (Python would read it as 1, log10 0: kept)
+    write_jsonl(root / "kilt/popqa_test_1000_k50_dep6.jsonl", rows)
+    with pytest.raises(common.UserError, match="PopQA records need a positive number in s_pop"):
+        helmet.load_cell(helmet.DATASETS["kilt_popqa_3"], 8192, root, samples=2)
     fifo = root / "icl/banking77/test.jsonl"
     fifo.unlink()
     os.mkfifo(fifo)
