@@ -190,8 +190,9 @@ def add_ruler_args(parser) -> None:
                         "appears in it (the string-match score cannot change after that)")
     g.add_argument("--save-prompts", action="store_true",
                    help="keep every prompt's full text in <model>/niah.json; by default a record keeps its "
-                        "prompt_sha256 and what rebuilds the text (task, length, depth, sample, seed, size: "
-                        "ruler.rebuild_prompt), since prompts at 128K tokens take about 0.5 MB each")
+                        "prompt_sha256 and what rebuilds the text (task, length, depth, sample, seed and the size it "
+                        "was filled to, haystack_units or size: ruler.rebuild_prompt), since prompts at 128K tokens "
+                        "take about 0.5 MB each")
 
 
 def add_helmet_args(parser) -> None:
@@ -1007,10 +1008,11 @@ def helmet_lengths(args) -> list[int]:
 
 
 def plan_helmet(names: list[str], args, plan: Plan) -> None:
-    """The (dataset, length) cells --tasks asks of HELMET, every file they read checked before any model loads.
-    Recall runs anywhere (HELMET's files where --helmet-data has them, else generated); RAG, re-rank and ICL need
-    --helmet-data at HELMET's lengths: a category named alone is refused without them, one that comes with `helmet`
-    is left out and the report says why."""
+    """The (dataset, length) cells --tasks asks of HELMET, every file they read present and its first record
+    checked before any model loads (the other records as their file is read). Recall runs anywhere (HELMET's files
+    where --helmet-data has them, else generated); RAG, re-rank and ICL need --helmet-data at HELMET's lengths: a
+    category named alone is refused without them, one that comes with `helmet` is left out and the report says
+    why."""
     categories, alone = helmet_categories(names)
     if not categories:
         return
