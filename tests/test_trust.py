@@ -384,4 +384,8 @@ def test_slurm_batch_script_outside_a_job_is_one_line(tmp_path):
         proc = bash(recipe, env={**env, **missing, "LOG_DIR": str(tmp_path / "logs")})
         assert proc.returncode == 2 and proc.stderr == f"error: {expect}; run this through sbatch " \
             "recipes/slurm.sbatch RECIPE (SLURM sets it)\n" and proc.stdout == ""
+    for bad in ("SLURM_GPUS_ON_NODE", "GPUS_PER_NODE", "MASTER_PORT"):  # optional, but a count when set
+        proc = bash(recipe, env={**FAKE_JOB, bad: "8x", "LOG_DIR": str(tmp_path / "logs")})
+        assert proc.returncode == 2 and proc.stdout == "" and proc.stderr == f"error: {bad}=8x is not a whole " \
+            "number from 1 to 65535; check the job's environment\n"
     assert not (tmp_path / "logs").exists()
