@@ -1642,7 +1642,7 @@ def plan_run(args) -> Plan:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in names:
         if t not in TASKS and t not in ruler.NIAH_TASKS and t not in ruler.OTHER_TASKS and t not in HELMET_TASKS:
-            judged = t.removeprefix("helmet_") in helmet.JUDGED
+            judged = t.startswith("helmet_") and t.removeprefix("helmet_") in helmet.JUDGED
             common.fail(f"unknown task {t!r} in --tasks; choose among {', '.join(TASKS)}, RULER's "
                         f"{', '.join(ruler.RULER_TASK_NAMES)} or HELMET's {', '.join(HELMET_TASKS)} "
                         + ("(HELMET's QA and summarisation are judged by GPT-4o and are not run here)" if judged else

@@ -339,6 +339,8 @@ def test_missing_model_path_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("extra, expected", [
     (["--tasks", "niah,rulers"], "unknown task 'rulers'"),
+    (["--tasks", "qa"], "HELMET's helmet, helmet_recall, helmet_rag, helmet_rerank, helmet_icl (lm-eval tasks go to "
+                        "--lm-eval-tasks)"),  # not HELMET's judged QA: that is helmet_qa
     (["--tasks", "qa_1"], "qa_1 needs its QA data; pass --squad-data"),
     (["--tasks", "ruler", "--lengths", "1024"], "python 02_rope_scale.py"),
     (["--tasks", "niah", "--prefill-chunk", "512"], "--prefill-chunk 512 is larger than the longest length"),
