@@ -1072,8 +1072,10 @@ def run_helmet_cell(model, tokenizer, cell: helmet.Cell, batch_tokens: int, max_
     `generate(rows, indices)` replaces the model's generation (tests plant answers with it); `bar`, a tqdm, is
     advanced when given."""
     spec = cell.dataset
-    rows, scored, cuts = [], [], []  # prompt ids (4 bytes a token: 500 ICL prompts at 128K are 64M tokens), the
-    for example in cell.examples:    # example as prompted without its long fields (all the metric needs), cuts
+    # Per example: its prompt ids as 4-byte ints (500 ICL prompts at 128K are 64M tokens), the example as prompted
+    # without its long fields (all the metric needs) and the context tokens HELMET's truncation cut.
+    rows, scored, cuts = [], [], []
+    for example in cell.examples:
         ids, prompted, cut = helmet.encode_example(tokenizer, cell, example, cell.length)
         rows.append(array.array("i", ids))
         scored.append({k: v for k, v in prompted.items() if k not in ("context", "demos", "ctxs")})

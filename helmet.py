@@ -378,10 +378,12 @@ def _checked_lines(path: Path, kind: str, extra: tuple = (), errors: str = "stri
     """(byte offset, record) of every non-empty line of a JSON-lines file, each record checked."""
     common.check_regular_file(path, "HELMET's file")  # a FIFO or device: named as such, never opened
     if not path.is_file():
-        where = "export the ICL dataset from the hub there (docs/evaluation.md#helmet-in-05)" if kind not in \
-            REQUIRED else f"{REQUIRED[kind][2]} belong there: extract HELMET's data.tar.gz (hub dataset " \
-            "princeton-nlp/HELMET) into --helmet-data"
-        common.fail(f"{path} does not exist; {where}")
+        if kind in REQUIRED:
+            fix = (f"{REQUIRED[kind][2]} belong there: extract HELMET's data.tar.gz (hub dataset princeton-nlp/HELMET) "
+                   "into --helmet-data")
+        else:
+            fix = "export the ICL dataset from the hub there (docs/evaluation.md#helmet-in-05)"
+        common.fail(f"{path} does not exist; {fix}")
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
