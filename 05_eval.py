@@ -39,7 +39,7 @@ Usage:
     python 05_eval.py --models runs/ul1m/final --tasks ruler --lengths 128k,256k,512k,1m --samples 5 \\
         --squad-data squad.json --hotpotqa-data hotpotqa.json --compare-published ultralong --out runs/ul1m/ruler
     # HELMET at ProLong's development lengths, beside ProLong's published HELMET table
-    python 05_eval.py --models runs/prolong/sft/final --tasks helmet --lengths 32k,64k --helmet-data helmet/data \
+    python 05_eval.py --models runs/prolong/sft/final --tasks helmet --lengths 32k,64k --helmet-data helmet/data \\
         --compare-published prolong --out runs/prolong/helmet
 
 Notes:
@@ -190,8 +190,9 @@ def add_ruler_args(parser) -> None:
                         "appears in it (the string-match score cannot change after that)")
     g.add_argument("--save-prompts", action="store_true",
                    help="keep every prompt's full text in <model>/niah.json; by default a record keeps its "
-                        "prompt_sha256 and what rebuilds the text (task, length, depth, sample, seed, size: "
-                        "ruler.rebuild_prompt), since prompts at 128K tokens take about 0.5 MB each")
+                        "prompt_sha256 and what rebuilds the text (task, length, depth, sample, seed and the size it "
+                        "was filled to, haystack_units or size: ruler.rebuild_prompt), since prompts at 128K tokens "
+                        "take about 0.5 MB each")
 
 
 def add_helmet_args(parser) -> None:
@@ -253,6 +254,11 @@ def parse_length(text: str) -> int:
         common.fail(f"--lengths: {text!r} is not a whole number of tokens from 1 to 2^31 - 1; write e.g. 4096, 4k "
                     "or 1m")
     return int(value)
+
+
+def parse_lengths(text: str) -> list[int]:
+    """--lengths: distinct lengths in tokens, shortest first."""
+    return sorted({parse_length(x) for x in text.split(",") if x.strip()})
 
 
 def parse_depths(text: str) -> list[float]:
@@ -464,14 +470,6 @@ def run_niah(model, tokenizer, records: list[dict], max_new_tokens: int, batch_t
     return records
 
 
-def score_cell(scores: list[float]) -> dict:
-    """Mean (0-100), number of samples and 95% Wilson interval of per-sample scores in 0-100."""
-    n = len(scores)
-    mean = sum(scores) / n if n else float("nan")
-    lo, hi = ruler.wilson_interval(mean / 100, n)
-    return {"score": mean, "n": n, "lo": 100 * lo, "hi": 100 * hi}
-
-
 def summarize_niah(records: list[dict]) -> dict:
     """Per task and length: mean score, samples and 95% interval; per length RULER's average over the tasks (its
     interval from the pooled samples, conservative: see docs/evaluation.md#samples-and-intervals); the NIAH tasks'
@@ -482,8 +480,8 @@ def summarize_niah(records: list[dict]) -> dict:
     tasks = list(dict.fromkeys(r["task"] for r in records))
     lengths = sorted({r["length"] for r in records})
     depths = sorted({r["depth"] for r in records if r["depth"] is not None})
-    cells = {t: {str(L): score_cell(scores(task=t, length=L)) for L in lengths} for t in tasks}
-    by_length = {str(L): score_cell(scores(length=L)) for L in lengths}
+    cells = {t: {str(L): ruler.score_cell(scores(task=t, length=L)) for L in lengths} for t in tasks}
+    by_length = {str(L): ruler.score_cell(scores(length=L)) for L in lengths}
     for L, cell in by_length.items():  # RULER's average: the mean of the task scores
         cell["score"] = sum(cells[t][L]["score"] for t in tasks) / len(tasks)
     niah_tasks = [t for t in tasks if t in ruler.NIAH_TASKS]
@@ -492,7 +490,7 @@ def summarize_niah(records: list[dict]) -> dict:
         "string_match_part": sum(r["string_match_part"] for r in records) / len(records),
         "by_length": {L: c["score"] for L, c in by_length.items()}, "by_length_cells": by_length, "cells": cells,
         "by_task": {t: sum(c["score"] for c in cells[t].values()) / len(lengths) for t in tasks},
-        "grid": {t: {str(L): {str(d): score_cell(scores(task=t, length=L, depth=d))["score"] for d in depths}
+        "grid": {t: {str(L): {str(d): ruler.score_cell(scores(task=t, length=L, depth=d))["score"] for d in depths}
                      for L in lengths} for t in niah_tasks},
         "capped": sorted({f"{r['task']}@{r['length']}" for r in records if r.get("size_capped")}),
         "tasks": tasks, "niah_tasks": niah_tasks, "lengths": lengths, "depths": depths, "prompts": len(records),
@@ -1000,7 +998,7 @@ def helmet_categories(names: list[str]) -> tuple[list[str], set[str]]:
 def helmet_lengths(args) -> list[int]:
     """--lengths, else HELMET's lengths up to --seq-len."""
     if args.lengths:
-        lengths = sorted({parse_length(x) for x in args.lengths.split(",") if x.strip()})
+        lengths = parse_lengths(args.lengths)
     else:
         lengths = [L for L in helmet.LENGTHS if L <= args.seq_len]
     if not lengths:
@@ -1010,15 +1008,14 @@ def helmet_lengths(args) -> list[int]:
 
 
 def plan_helmet(names: list[str], args, plan: Plan) -> None:
-    """The (dataset, length) cells --tasks asks of HELMET, every file they read checked before any model loads.
-    Recall runs anywhere (HELMET's files where --helmet-data has them, else generated); RAG, re-rank and ICL need
-    --helmet-data at HELMET's lengths: a category named alone is refused without them, one that comes with `helmet`
-    is left out and the report says why."""
+    """The (dataset, length) cells --tasks asks of HELMET, every file they read present and its first record
+    checked before any model loads (the other records as their file is read). Recall runs anywhere (HELMET's files
+    where --helmet-data has them, else generated); RAG, re-rank and ICL need --helmet-data at HELMET's lengths: a
+    category named alone is refused without them, one that comes with `helmet` is left out and the report says
+    why."""
     categories, alone = helmet_categories(names)
     if not categories:
         return
-    if args.helmet_samples is not None and args.helmet_samples < 1:
-        common.fail("--helmet-samples must be positive")
     plan.helmet_lengths = helmet_lengths(args)
     plan.helmet_root = helmet.data_root(args.helmet_data) if args.helmet_data else None
     for key in categories:
@@ -1075,8 +1072,10 @@ def run_helmet_cell(model, tokenizer, cell: helmet.Cell, batch_tokens: int, max_
     `generate(rows, indices)` replaces the model's generation (tests plant answers with it); `bar`, a tqdm, is
     advanced when given."""
     spec = cell.dataset
-    rows, scored, cuts = [], [], []  # prompt ids (4 bytes a token: 500 ICL prompts at 128K are 64M tokens), the
-    for example in cell.examples:    # example as prompted without its long fields (all the metric needs), cuts
+    # Per example: its prompt ids as 4-byte ints (500 ICL prompts at 128K are 64M tokens), the example as prompted
+    # without its long fields (all the metric needs) and the context tokens HELMET's truncation cut.
+    rows, scored, cuts = [], [], []
+    for example in cell.examples:
         ids, prompted, cut = helmet.encode_example(tokenizer, cell, example, cell.length)
         rows.append(array.array("i", ids))
         scored.append({k: v for k, v in prompted.items() if k not in ("context", "demos", "ctxs")})
@@ -1115,7 +1114,7 @@ def run_helmet_task(run: ModelUnderTest, args, plan: Plan) -> tuple[dict, dict, 
                                         early_stop=not args.full_generation,
                                         stop_newline=args.helmet_stop_newline, bar=bar)
             records.extend(chunk)
-            c = helmet.score_cell([r["score"] for r in chunk])
+            c = ruler.score_cell([r["score"] for r in chunk])
             tqdm.write(f"{run.tag}: HELMET {name} @ {_fmt_len(length)}: {c['score']:.1f} [{c['lo']:.0f}, "
                        f"{c['hi']:.0f}] n={c['n']} ({cell.source}; {time.perf_counter() - t0:.0f} s)", file=sys.stdout)
     summary = dict(helmet.summarize(records), not_run=plan.helmet_not_run,
@@ -1174,24 +1173,24 @@ def helmet_measured_cell(r: dict, how: dict) -> tuple[dict | None, str]:
     if not have:
         return None, f"not run at {', '.join(_fmt_len(L) for L in how['lengths'])}"
     parts = [s["by_category"][category][str(L)] for L in have]
-    missing = [_fmt_len(L) for L in how["lengths"] if L not in have]
-    return (helmet.score_cell([], [(c["score"], c["n"]) for c in parts]),
-            f"at {', '.join(map(_fmt_len, have))}" + (f"; not run at {', '.join(missing)}" if missing else ""))
+    return helmet.mean_of_cells(parts), coverage_note(have, how["lengths"])
 
 
 def helmet_protocol_notes(results: list[dict], settings: dict) -> list[str]:
     s = next((r["helmet"] for r in results if "helmet" in r), None)
     if not s:
         return []
-    counts = sorted({c["n"] for d in s["cells"].values() for c in d.values()})
-    generated = sorted(d for d, sources in s["sources"].items() if "generated" in sources)
-    notes = [f"- HELMET samples: {counts[0]}{'-' + str(counts[-1]) if len(counts) > 1 else ''} per dataset and "
-             f"length here; HELMET's max_test_samples: 100, ICL 500 (a difference inside the 95% interval is noise).",
+    counts = sample_counts(c for d in s["cells"].values() for c in d.values())
+    notes = [f"- HELMET samples: {counts} per dataset and length here; HELMET's max_test_samples: 100, ICL 500 (a "
+             "difference inside the 95% interval is noise).",
              "- HELMET's categories LongQA and Summ (GPT-4o judge) and Cite are not run: published averages over "
              "them have no measured counterpart here."]
-    return notes + ([f"- Recall generated here ({', '.join(generated)}): RULER's needles from ruler.py (MV in "
-        f"{settings.get('helmet haystack')}, HELMET's files use Paul Graham's essays) and longctx's JSON KV "
-        "object; HELMET's released files are read instead where --helmet-data has them."] if generated else [])
+    generated = sorted(d for d, sources in s["sources"].items() if "generated" in sources)
+    if generated:
+        notes.append(f"- Recall generated here ({', '.join(generated)}): RULER's needles from ruler.py (MV in "
+                     f"{settings.get('helmet haystack')}, HELMET's files use Paul Graham's essays) and longctx's JSON "
+                     "KV object; HELMET's released files are read instead where --helmet-data has them.")
+    return notes
 
 
 def helmet_settings(args, plan: Plan) -> dict:
@@ -1334,20 +1333,22 @@ def ruler_section(with_niah: list[dict], not_run: dict) -> list[str]:
 
 
 def mmlu_cell(r: dict) -> dict:
-    m = r["mmlu"]
-    lo, hi = ruler.wilson_interval(m["micro"], m["questions"])
-    return {"score": 100 * m["micro"], "n": m["questions"], "lo": 100 * lo, "hi": 100 * hi}
+    return ruler.mean_cell(100 * r["mmlu"]["micro"], r["mmlu"]["questions"])
 
 
 def _measured_as_ok(how) -> bool:
-    """null, or {"metric": NAME} with RULER / NIAH's `lengths` (a list of token counts) or `up_to` (one)."""
+    """null, or {"metric": NAME} with RULER / NIAH's `lengths` (a list of token counts) or `up_to` (one), and a
+    HELMET metric's `lengths` (helmet_measured_cell averages exactly those)."""
     if how is None:
         return True
     if not isinstance(how, dict) or not isinstance(how.get("metric"), str) or set(how) - {"metric", "lengths", "up_to"}:
         return False
     lengths_ok = "lengths" not in how or (isinstance(how["lengths"], list) and how["lengths"]
                                          and all(common.is_count(L, 1) for L in how["lengths"]))
-    scope = "lengths" in how or "up_to" in how or how["metric"] not in ("RULER", "NIAH")
+    if how["metric"].startswith("HELMET"):
+        scope = "lengths" in how and "up_to" not in how
+    else:
+        scope = "lengths" in how or "up_to" in how or how["metric"] not in ("RULER", "NIAH")
     return bool(lengths_ok and scope and ("up_to" not in how or common.is_count(how["up_to"], 1)))
 
 
@@ -1405,11 +1406,8 @@ def measured_cell(r: dict, how: dict | None) -> tuple[dict | None, str]:
         if not have:
             return None, f"not run at {', '.join(_fmt_len(L) for L in wanted) or 'these lengths'}"
         cells = [s["cells"][t][str(L)] for t in tasks for L in have]
-        n, mean = sum(c["n"] for c in cells), sum(c["score"] for c in cells) / len(cells)
-        lo, hi = ruler.wilson_interval(mean / 100, n)
-        missing = [_fmt_len(L) for L in wanted if L not in have]
-        return ({"score": mean, "n": n, "lo": 100 * lo, "hi": 100 * hi},
-                f"at {', '.join(map(_fmt_len, have))}" + (f"; not run at {', '.join(missing)}" if missing else ""))
+        mean = sum(c["score"] for c in cells) / len(cells)
+        return ruler.mean_cell(mean, sum(c["n"] for c in cells)), coverage_note(have, wanted)
     if metric.startswith("HELMET"):
         return helmet_measured_cell(r, how)
     if metric == "MMLU micro" and "mmlu" in r:
@@ -1417,13 +1415,25 @@ def measured_cell(r: dict, how: dict | None) -> tuple[dict | None, str]:
     return ({"score": r["metrics"][metric], "n": 0}, "lm-eval's") if metric in r["metrics"] else (None, "not run")
 
 
+def coverage_note(have: list[int], wanted: list[int]) -> str:
+    """Which of a published number's lengths this run measured, e.g. "at 8K; not run at 128K"."""
+    missing = [_fmt_len(L) for L in wanted if L not in have]
+    return f"at {', '.join(map(_fmt_len, have))}" + (f"; not run at {', '.join(missing)}" if missing else "")
+
+
+def sample_counts(cells) -> str:
+    """The fewest and most samples of the cells: "3", or "3-5" when they differ."""
+    counts = sorted({c["n"] for c in cells})
+    return f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
+
+
 def protocol_differences(results: list[dict], settings: dict, not_run: dict) -> list[str]:
     """How this run's protocol differs from the published ones, from its settings."""
     out = []
     s = next((r["niah"] for r in results if "niah" in r), None)
     if s:
-        counts = sorted({c["n"] for t in s["cells"].values() for c in t.values()})
-        out += [f"- Samples: {counts[0]}{'-' + str(counts[-1]) if len(counts) > 1 else ''} per task and length here "
+        counts = sample_counts(c for t in s["cells"].values() for c in t.values())
+        out += [f"- Samples: {counts} per task and length here "
                 f"(RULER's default: 500); a difference inside the 95% interval is noise.",
                 f"- Tasks: {sum(t in ruler.RULER_TASK_NAMES for t in s['tasks'])} of RULER's 13 here"
                 + (f" (not run: {', '.join(not_run)})" if not_run else "") + "; RULER's average is over all 13.",
@@ -1634,7 +1644,7 @@ def plan_run(args) -> Plan:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in names:
         if t not in TASKS and t not in ruler.NIAH_TASKS and t not in ruler.OTHER_TASKS and t not in HELMET_TASKS:
-            judged = t.removeprefix("helmet_") in helmet.JUDGED
+            judged = t.startswith("helmet_") and t.removeprefix("helmet_") in helmet.JUDGED
             common.fail(f"unknown task {t!r} in --tasks; choose among {', '.join(TASKS)}, RULER's "
                         f"{', '.join(ruler.RULER_TASK_NAMES)} or HELMET's {', '.join(HELMET_TASKS)} "
                         + ("(HELMET's QA and summarisation are judged by GPT-4o and are not run here)" if judged else
@@ -1653,7 +1663,8 @@ def plan_run(args) -> Plan:
     if args.seq_len is None or args.seq_len < 2:
         common.fail("--seq-len must be at least 2 tokens")
     positive = {"--batch-tokens": args.batch_tokens, "--samples": args.samples, "--max-new-tokens": args.max_new_tokens,
-              "--limit": args.limit, "--limit-per-subject": args.limit_per_subject, "--ppl-docs": args.ppl_docs}
+                "--limit": args.limit, "--limit-per-subject": args.limit_per_subject, "--ppl-docs": args.ppl_docs,
+                "--helmet-samples": args.helmet_samples}
     not_positive = [k for k, v in positive.items() if v is not None and v < 1]
     if not_positive:
         common.fail(f"{', '.join(not_positive)} must be positive")
@@ -1662,8 +1673,7 @@ def plan_run(args) -> Plan:
     plan.tasks, plan.lm_eval_tasks = tasks, lm_tasks
     if "niah" in tasks:
         plan.niah_tasks = synthetic
-        plan.lengths = sorted({parse_length(x) for x in args.lengths.split(",") if x.strip()}) if args.lengths \
-            else doublings(1024, args.seq_len)
+        plan.lengths = parse_lengths(args.lengths) if args.lengths else doublings(1024, args.seq_len)
         if not plan.lengths:
             common.fail("--lengths is empty; give context lengths such as 1k,2k,4k")
         plan.depths = parse_depths(args.depths)
@@ -1751,7 +1761,7 @@ def run_niah_task(run: ModelUnderTest, args, plan: Plan) -> tuple[dict, dict, st
                 if not args.save_prompts:
                     del r["prompt"]
             records.extend(chunk)
-            cell = score_cell([r["score"] for r in chunk])
+            cell = ruler.score_cell([r["score"] for r in chunk])
             tqdm.write(f"{tag}: {task} @ {length}: {cell['score']:.1f} [{cell['lo']:.0f}, {cell['hi']:.0f}] "
                        f"n={cell['n']} ({time.perf_counter() - t0:.0f} s)", file=sys.stdout)
     summary = summarize_niah(records)
@@ -1821,8 +1831,9 @@ def main(argv=None):
             if args.chat_template and not tokenizer.chat_template:
                 common.fail(f"{name}'s tokenizer has no chat template; drop --chat-template")
             plan.niah_prompts(args, tokenizer, plan.niah_tasks, plan.lengths[:1], plan.depths[:1], 1)
-    for name in args.models if plan.eval_lengths() else []:
-        plan_memory(name, configs[name], args, plan, device, dtype, attn)
+    if plan.eval_lengths():  # NIAH or HELMET generates: every length planned before any weights load
+        for name in args.models:
+            plan_memory(name, configs[name], args, plan, device, dtype, attn)
 
     tags = [f"{i}-{slug(n)}" for i, n in enumerate(args.models)]
     settings = {

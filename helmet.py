@@ -376,11 +376,14 @@ def check_record(record, kind: str, where: str, extra: tuple = ()) -> dict:
 
 def _checked_lines(path: Path, kind: str, extra: tuple = (), errors: str = "strict"):
     """(byte offset, record) of every non-empty line of a JSON-lines file, each record checked."""
+    common.check_regular_file(path, "HELMET's file")  # a FIFO or device: named as such, never opened
     if not path.is_file():
-        where = "export the ICL dataset from the hub there (docs/evaluation.md#helmet-in-05)" if kind not in \
-            REQUIRED else f"{REQUIRED[kind][2]} belong there: extract HELMET's data.tar.gz (hub dataset " \
-            "princeton-nlp/HELMET) into --helmet-data"
-        common.fail(f"{path} does not exist; {where}")
+        if kind in REQUIRED:
+            fix = (f"{REQUIRED[kind][2]} belong there: extract HELMET's data.tar.gz (hub dataset princeton-nlp/HELMET) "
+                   "into --helmet-data")
+        else:
+            fix = "export the ICL dataset from the hub there (docs/evaluation.md#helmet-in-05)"
+        common.fail(f"{path} does not exist; {fix}")
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -426,8 +429,9 @@ def select_rows(dataset: HelmetDataset, path: Path, samples: int, errors: str = 
     if dataset.kind in ("ruler", "json_kv"):  # Dataset.shuffle(seed).select(range(samples))
         chosen = shuffled(light, SEED)[:samples]
     else:
-        if "popqa" in dataset.name:
-            light = popular_enough(light, float(dataset.name.split("_")[-1]), str(path))
+        threshold = popqa_threshold(dataset)
+        if threshold is not None:
+            light = popular_enough(light, threshold, str(path))
         chosen = sample_by_key(light, selection_key(dataset.kind, light[0]), samples)
     with open(path, "rb") as f:
         rows = []
@@ -484,6 +488,10 @@ class Cell:
     def prompt(self, example: dict) -> str:
         return (self.user_template + "\n" + self.system_template).format(**example)
 
+    def prompt_ids(self, tokenizer, example: dict) -> list[int]:
+        """The prompt's token ids as HELMET tokenizes it: with the tokenizer's special tokens, no chat template."""
+        return ruler.encode_prompt(tokenizer, self.prompt(example), chat_template=False)
+
     def score(self, example: dict, output: str) -> tuple[float, str | None]:
         """HELMET's metric (0..1) of the model's output: the system template goes back in front of it first."""
         return score_prediction(self.dataset.kind, self.system_template.format(**example) + output, example)
@@ -519,20 +527,32 @@ def _passages(ctxs: list[dict], template: str = RAG_PASSAGE) -> str:
     return "\n\n".join(template.format(**c) for c in ctxs)
 
 
+def popqa_threshold(dataset: HelmetDataset) -> float | None:
+    """The log10 popularity below which HELMET keeps a PopQA question, from its name (kilt_popqa_3: 3); None for
+    every other dataset."""
+    return float(dataset.name.split("_")[-1]) if "popqa" in dataset.name else None
+
+
 def popular_enough(rows: list[dict], threshold: float, where: str) -> list[dict]:
-    """PopQA's filter: the subject's popularity (s_pop) below 10^threshold."""
-    if any(not isinstance(r.get("s_pop"), (int, float)) or r["s_pop"] <= 0 for r in rows):
+    """PopQA's filter: the subject's popularity (s_pop) below 10^threshold; a file with no such row is refused
+    (nothing would be left to evaluate or to draw demonstrations from)."""
+    if any(not common.is_finite_number(r.get("s_pop")) or r["s_pop"] <= 0 for r in rows):
         common.fail(f"{where}: PopQA records need a positive number in s_pop (HELMET filters by log10(s_pop))")
-    return [r for r in rows if math.log10(r["s_pop"]) < threshold]
+    kept = [r for r in rows if math.log10(r["s_pop"]) < threshold]
+    if not kept:
+        common.fail(f"{where}: no PopQA record has a subject popularity (s_pop) below 10^{threshold:g}, the only ones "
+                    "HELMET evaluates; give HELMET's own file")
+    return kept
 
 
 def kilt_cell(dataset: HelmetDataset, length: int, records: list[dict], demos: list[dict], samples: int | None,
               source: str, seed: int = SEED) -> Cell:
     """HELMET's load_qa: `samples` questions drawn by key (id, else the question), each with `shots` demonstrations
     (question, its passages, first answer) drawn from the demonstration file by the question's own seed."""
-    if "popqa" in dataset.name:  # kilt_popqa_3: popularity below 10^3; demos from the same split, never itself
-        threshold = float(dataset.name.split("_")[-1])
-        records, demos = popular_enough(records, threshold, source), popular_enough(demos, threshold, "demos")
+    threshold = popqa_threshold(dataset)
+    if threshold is not None:  # demonstrations from the same split (never the question itself), filtered alike
+        records = popular_enough(records, threshold, source)
+        demos = popular_enough(demos, threshold, dataset.demo_file)
     key = selection_key("kilt", records[0])
     examples = []
     for sample in sample_by_key(records, key, samples, seed):
@@ -584,7 +604,7 @@ def icl_cell(dataset: HelmetDataset, length: int, train: list[dict], test: list[
         test = balance_labels(shuffled(test, seed), samples, seed, src.label_field)
     examples = []
     for sample in test:
-        local_seed = (int(hashlib.sha256(sample["text"].encode("utf-8")).hexdigest(), 16) + seed) % 2**31
+        local_seed = (key_seed(sample["text"]) + seed) % 2**31  # HELMET: (SHA-256 of the text + seed) mod 2^31
         demos = balance_labels(train, shots, local_seed, src.label_field)
         mapping = list(range(src.num_labels))
         random.Random(local_seed).shuffle(mapping)
@@ -596,19 +616,21 @@ def icl_cell(dataset: HelmetDataset, length: int, train: list[dict], test: list[
 
 
 def load_icl_rows(root: Path, dataset: HelmetDataset, errors: str = "strict") -> tuple[list[dict], list[dict]]:
-    """(train rows, test rows) of an ICL dataset; NLU's test rows are split off its train rows as HELMET does."""
+    """(train rows, test rows) of an ICL dataset, each file read once and every label checked; NLU's test rows are
+    split off its train rows as HELMET does."""
     src = dataset.icl
-    train_path, test_path_ = icl_paths(root, src)
-    fields = ("text", src.label_field)
-    train = read_jsonl(train_path, "icl", fields, errors)
-    for lineno, row in enumerate(train + (read_jsonl(test_path_, "icl", fields, errors) if test_path_ else []), 1):
-        label = row[src.label_field]
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < src.num_labels:
-            common.fail(f"{train_path.parent}: row {lineno} has label {label!r}; {src.hub}'s {src.label_field} is an "
-                        f"integer 0..{src.num_labels - 1} (export the hub dataset as it is)")
-    if test_path_ is None:
-        return train_test_split(train, SEED)
-    return train, read_jsonl(test_path_, "icl", fields, errors)
+    splits = []
+    for path in (p for p in icl_paths(root, src) if p is not None):
+        rows = read_jsonl(path, "icl", ("text", src.label_field), errors)
+        for number, row in enumerate(rows, 1):
+            label = row[src.label_field]
+            if not common.is_count(label) or label >= src.num_labels:
+                common.fail(f"{path}: row {number} has label {label!r}; {src.hub}'s {src.label_field} is an integer "
+                            f"0..{src.num_labels - 1} (export the hub dataset as it is)")
+        splits.append(rows)
+    if len(splits) == 1:
+        return train_test_split(splits[0], SEED)
+    return splits[0], splits[1]
 
 
 def load_cell(dataset: HelmetDataset, length: int, root: Path, samples: int | None = None,
@@ -639,14 +661,9 @@ def load_cell(dataset: HelmetDataset, length: int, root: Path, samples: int | No
 JSON_KV_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # "dep6": the gold pair at six depths in turn
 
 
-def prompt_tokens(tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt as HELMET tokenizes it (with the tokenizer's special tokens, no chat template)."""
-    return tokenizer(text, verbose=False)["input_ids"]
-
-
 def _grow(tokenizer, cell: Cell, make, budget: int, guess: int, what: str) -> tuple[dict, int]:
     """(make(n), n) for the largest n (haystack units, pairs) whose prompt fits `budget` tokens."""
-    units = ruler.largest_fitting(lambda n: len(prompt_tokens(tokenizer, cell.prompt(make(n)))) <= budget, guess)
+    units = ruler.largest_fitting(lambda n: len(cell.prompt_ids(tokenizer, make(n))) <= budget, guess)
     if units < 1:
         common.fail(f"HELMET's {what} prompt does not fit {cell.length} tokens with its "
                     f"{cell.dataset.generation_max_length}-token answer; use longer --lengths")
@@ -713,7 +730,7 @@ def generate_recall_cell(dataset: HelmetDataset, length: int, tokenizer, samples
 def encode_example(tokenizer, cell: Cell, example: dict, length: int) -> tuple[list[int], dict, int]:
     """(prompt token ids, the example as prompted, context tokens cut)."""
     limit = length - cell.dataset.generation_max_length
-    ids = prompt_tokens(tokenizer, cell.prompt(example))
+    ids = cell.prompt_ids(tokenizer, example)
     if len(ids) <= limit:
         return ids, example, 0
     cut = len(ids) - limit
@@ -727,7 +744,7 @@ def encode_example(tokenizer, cell: Cell, example: dict, length: int) -> tuple[l
     else:  # HELMET's path for tokenizers without offsets
         context = tokenizer.decode(tokenizer(context, verbose=False)["input_ids"][:-cut])
     example = dict(example, context=context)
-    return prompt_tokens(tokenizer, cell.prompt(example)), example, cut
+    return cell.prompt_ids(tokenizer, example), example, cut
 
 
 def newline_token_ids(tokenizer) -> list[int]:
@@ -742,17 +759,13 @@ def newline_token_ids(tokenizer) -> list[int]:
 # datasets, and the average over the categories run; each with its samples and a 95% Wilson interval.
 
 
-def score_cell(scores: list[float], weights: list[tuple[float, int]] | None = None) -> dict:
-    """Mean, samples and 95% interval of per-example scores in 0-100, or of a mean of cells (`weights`: each
-    cell's (score, n)), whose interval uses the effective sample size 1 / sum(1 / (k^2 n_i)) of an equal-weight
-    mean (docs/evaluation.md#helmet-in-05)."""
-    if weights is None:
-        n, mean, n_eff = len(scores), sum(scores) / len(scores), len(scores)
-    else:
-        n, mean = sum(c for _, c in weights), sum(s for s, _ in weights) / len(weights)
-        n_eff = 1 / sum(1 / (len(weights) ** 2 * c) for _, c in weights)
-    lo, hi = ruler.wilson_interval(mean / 100, n_eff)
-    return {"score": mean, "n": n, "lo": 100 * lo, "hi": 100 * hi}
+def mean_of_cells(cells: list[dict]) -> dict:
+    """The equal-weight mean of k cells (score, n), its samples, and its 95% interval from the effective sample size
+    1 / sum(1 / (k^2 n_i)) of such a mean (docs/evaluation.md#helmet-in-05). A cell of examples is
+    ruler.score_cell."""
+    k = len(cells)
+    n_eff = 1 / sum(1 / (k ** 2 * c["n"]) for c in cells)
+    return ruler.mean_cell(sum(c["score"] for c in cells) / k, sum(c["n"] for c in cells), n_eff)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -762,17 +775,13 @@ def summarize(records: list[dict]) -> dict:
     lengths = sorted({r["length"] for r in records})
     datasets = list(dict.fromkeys(r["dataset"] for r in records))
     categories = [c for c in CATEGORIES.values() if any(r["category"] == c for r in records)]
-    cells = {d: {str(L): score_cell([r["score"] for r in records if r["dataset"] == d and r["length"] == L])
+    cells = {d: {str(L): ruler.score_cell([r["score"] for r in records if r["dataset"] == d and r["length"] == L])
                  for L in lengths if any(r["dataset"] == d and r["length"] == L for r in records)} for d in datasets}
-
-    def mean_of(parts: list[dict]) -> dict:
-        return score_cell([], [(p["score"], p["n"]) for p in parts])
-
-    by_category = {c: {str(L): mean_of([cells[d.name][str(L)] for d in category_datasets(c)
-                                        if str(L) in cells.get(d.name, {})])
+    by_category = {c: {str(L): mean_of_cells([cells[d.name][str(L)] for d in category_datasets(c)
+                                              if str(L) in cells.get(d.name, {})])
                        for L in lengths if any(str(L) in cells.get(d.name, {}) for d in category_datasets(c))}
                    for c in categories}
-    average = {str(L): mean_of([by_category[c][str(L)] for c in categories])
+    average = {str(L): mean_of_cells([by_category[c][str(L)] for c in categories])
                for L in lengths if all(str(L) in by_category[c] for c in categories)}
     category_scores = {c: sum(x["score"] for x in v.values()) / len(v) for c, v in by_category.items()}
     return {"lengths": lengths, "datasets": datasets, "categories": categories, "cells": cells,

@@ -195,10 +195,9 @@ def plan_best_fit(lengths: Sequence[int] | np.ndarray, seq_len: int, long_docs: 
         cut_max = fill_cut_max if fill_cut_max is not None else fill_lengths
         fill_used = _fill_gaps(rows, seq_len, len(lengths), fill_lengths, cut_max)
     plan = _plan_from_rows(seq_len, rows)
-    plan.fill_used = np.asarray(fill_used, dtype=np.int64)
     if rng is not None and plan.num_rows > 1:
         plan = plan.permuted(rng.permutation(plan.num_rows))
-        plan.fill_used = np.asarray(fill_used, dtype=np.int64)
+    plan.fill_used = np.asarray(fill_used, dtype=np.int64)  # per spare item, so the row order does not change it
     return plan
 
 

@@ -465,6 +465,19 @@ def wilson_interval(mean: float, n: int, z: float = 1.959964) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def score_cell(scores: list[float]) -> dict:
+    """Mean (0-100), number of samples and 95% Wilson interval of per-sample scores in 0-100 (NaN when empty)."""
+    n = len(scores)
+    return mean_cell(sum(scores) / n if n else float("nan"), n)
+
+
+def mean_cell(mean: float, n: int, n_eff: float | None = None) -> dict:
+    """A mean score in 0-100 over n samples with its 95% Wilson interval, from `n_eff` samples when given (the
+    effective sample size of an average of cells whose sizes differ)."""
+    lo, hi = wilson_interval(mean / 100, n if n_eff is None else n_eff)
+    return {"score": mean, "n": n, "lo": 100 * lo, "hi": 100 * hi}
+
+
 # Variable tracking: chains "VAR A = 12345", "VAR B = VAR A ", ... hidden in RULER's noise; the answer is every
 # variable of the queried chain. A worked example (3-letter names, fitted to 500 tokens) comes first, as in RULER,
 # with its names and value drawn afresh for every sample (RULER's randomize_icl).

@@ -5,8 +5,8 @@ planner's table (memory_plan.py: per-GPU memory of each setting, the smallest th
 recipe's setting trains, alone and with 03's memory options. Standard library only, so DRY_RUN=1 is instant.
 
 Called by recipes/*.sh (through `plan` in recipes/lib.sh), e.g.:
-    python recipes/plan.py --title "03 continued pretraining, ProLong 64K" --seq-len 65536 \
-        --batch-tokens 4194304 --steps 5000 --shape llama-3.1-8b --layers 32 --hidden 4096 --params 8.03e9 \
+    python recipes/plan.py --title "03 continued pretraining, ProLong 64K" --seq-len 65536 \\
+        --batch-tokens 4194304 --steps 5000 --shape llama-3.1-8b --layers 32 --hidden 4096 --params 8.03e9 \\
         --published-hours 2200 --published-tokens 20e9 --published-source "ProLong Table 9, H100"
 
 Accumulation follows 03_continued_pretrain.py / 04_sft.py exactly: GPUs / cp data-parallel groups, and rows per

@@ -3,6 +3,7 @@ scored like it, micro vs macro averaging, loss by position, one report for sever
 import hashlib
 import importlib.machinery
 import json
+import re
 import shutil
 import sys
 import types
@@ -322,6 +323,13 @@ def test_report_for_two_models_with_lineage(tiny_llama_dir, tiny_qwen2_dir, tmp_
 # Bad input: one clear line, exit code 2
 
 
+def test_usage_commands_keep_their_line_breaks():
+    """A usage command continued on the next line shows its backslash in --help: a lone backslash at a line's end in
+    the source joins the two lines there, leaving a run of spaces before the next flag."""
+    assert "--helmet-data helmet/data \\\n        --compare-published prolong" in ev.__doc__
+    assert [line for line in ev.__doc__.splitlines() if re.search(r"\S {4,}--", line)] == []
+
+
 def test_missing_model_path_is_one_line_and_exit_2(tmp_path):
     proc = run_script("05_eval", "--models", tmp_path / "nope", "--tasks", "mmlu", "--out", tmp_path / "o")
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -331,6 +339,8 @@ def test_missing_model_path_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("extra, expected", [
     (["--tasks", "niah,rulers"], "unknown task 'rulers'"),
+    (["--tasks", "qa"], "HELMET's helmet, helmet_recall, helmet_rag, helmet_rerank, helmet_icl (lm-eval tasks go to "
+                        "--lm-eval-tasks)"),  # not HELMET's judged QA: that is helmet_qa
     (["--tasks", "qa_1"], "qa_1 needs its QA data; pass --squad-data"),
     (["--tasks", "ruler", "--lengths", "1024"], "python 02_rope_scale.py"),
     (["--tasks", "niah", "--prefill-chunk", "512"], "--prefill-chunk 512 is larger than the longest length"),

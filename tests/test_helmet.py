@@ -5,6 +5,7 @@ answers (nDCG@10 of a partly right ranking computed by hand), and bad input is o
 import hashlib
 import json
 import math
+import os
 import random
 
 import datasets
@@ -337,6 +338,10 @@ def test_planted_answers_score_100_and_0_and_average_by_category(helmet_data, to
     assert s["categories"] == ["Recall", "RAG", "Re-rank", "ICL"]
     assert s["category_scores"] == {"Recall": 100.0, "RAG": 0.0, "Re-rank": 0.0, "ICL": 0.0} and s["score"] == 25.0
     assert s["cells"]["json_kv"]["8192"]["n"] == 2 and s["by_category"]["Recall"]["8192"]["n"] == 4
+    # an equal-weight mean of cells of 2 and 4 samples: its interval from 1 / sum(1 / (k^2 n_i)) = 16/3 samples
+    lo, hi = helmet.ruler.wilson_interval(0.5, 1 / (1 / (4 * 2) + 1 / (4 * 4)))
+    assert helmet.mean_of_cells([{"score": 100.0, "n": 2}, {"score": 0.0, "n": 4}]) == \
+        {"score": 50.0, "n": 6, "lo": 100 * lo, "hi": 100 * hi}
 
 
 def test_helmet_through_05_with_the_published_table(tiny_llama_dir, helmet_data, tmp_path, monkeypatch):
@@ -445,8 +450,32 @@ def test_icl_label_out_of_range_is_refused(helmet_data, tmp_path):
     root = tmp_path / "d"
     shutil.copytree(helmet_data, root)
     write_jsonl(root / "icl/banking77/test.jsonl", [{"text": "hello", "label": 77}])
-    with pytest.raises(common.UserError, match="has label 77; PolyAI/banking77's label is an integer 0..76"):
+    with pytest.raises(common.UserError, match="banking77/test.jsonl: row 1 has label 77; PolyAI/banking77's label is "
+                                               "an integer 0..76"):
         helmet.load_cell(helmet.DATASETS["icl_banking77"], 8192, root)
+
+
+def test_popqa_without_a_question_below_helmets_popularity_and_a_fifo_are_refused(helmet_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(helmet_data, root)
+    rows = kilt_rows(4, ids=False, popularity=True)
+    for r in rows:
+        r["s_pop"] = 5000  # log10 above 3: HELMET keeps none of them
+    write_jsonl(root / "kilt/popqa_test_1000_k50_dep6.jsonl", rows)
+    with pytest.raises(common.UserError, match=r"popqa_test_1000_k50_dep6.jsonl: no PopQA record has a subject "
+                                               r"popularity \(s_pop\) below 10\^3"):
+        helmet.load_cell(helmet.DATASETS["kilt_popqa_3"], 8192, root, samples=2)
+    rows[0]["s_pop"] = True  # JSON's true is no popularity (Python would read it as 1, log10 0: kept)
+    write_jsonl(root / "kilt/popqa_test_1000_k50_dep6.jsonl", rows)
+    with pytest.raises(common.UserError, match="PopQA records need a positive number in s_pop"):
+        helmet.load_cell(helmet.DATASETS["kilt_popqa_3"], 8192, root, samples=2)
+    fifo = root / "icl/banking77/test.jsonl"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    with pytest.raises(common.UserError, match=f"HELMET's file {fifo} is a FIFO"):
+        helmet.check_files(root, helmet.DATASETS["icl_banking77"], 8192)
 
 
 def test_missing_helmet_data_exits_2_with_one_error_line(tiny_llama_dir, tmp_path):

@@ -116,11 +116,22 @@ def test_every_command_parses_and_every_flag_is_exercised(runs, name):
     assert written - printed - plan_flags == set(), "flags in the recipe that no printed command carries"
 
 
-def load_plan_flags() -> list[str]:
+def load_plan():
     spec = importlib.util.spec_from_file_location("longctx_recipes_plan", ROOT / "recipes" / "plan.py")
     plan = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plan)
-    return [s for action in plan.build_parser()._actions for s in action.option_strings]
+    return plan
+
+
+def load_plan_flags() -> list[str]:
+    return [s for action in load_plan().build_parser()._actions for s in action.option_strings]
+
+
+def test_plan_usage_keeps_its_line_breaks():
+    """The example command's backslashes stay in plan.py's docstring (a lone one in the source joins the lines)."""
+    doc = load_plan().__doc__
+    assert "--seq-len 65536 \\\n        --batch-tokens" in doc
+    assert [line for line in doc.splitlines() if re.search(r"\S {4,}--", line)] == []
 
 
 PROLONG_64K_SHARES = {"code": .3, "books": .3, "fineweb-edu": .1, "fineweb": .1, "stackexchange": .04,

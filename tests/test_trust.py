@@ -342,7 +342,9 @@ def test_a_fifo_as_data_is_refused_before_it_is_opened(tokenizer_dir, tmp_path, 
 
 
 def test_a_malformed_published_results_file_is_one_line(tiny_llama_dir, tmp_path, capsys, monkeypatch):
-    published = json.loads(ev.PUBLISHED.read_text())
+    original = ev.PUBLISHED.read_text()
+    published = json.loads(original)
+    assert ev.published_problem(published) is None  # every entry the file holds now, HELMET's included
     published["recipes"]["prolong"]["results"][0]["score"] = "high"
     del published["recipes"]["afm"]["results"][3]["measured_as"]["lengths"]  # a NIAH cell without lengths
     bad = tmp_path / "published_results.json"
@@ -353,6 +355,12 @@ def test_a_malformed_published_results_file_is_one_line(tiny_llama_dir, tmp_path
             "score")
     published["recipes"]["prolong"]["results"][0]["score"] = 71.9
     assert "result 3 of recipe 'afm'" in ev.published_problem(published)
+    # a HELMET cell is averaged over exactly its lengths: without them it is malformed, not a KeyError in the report
+    published = json.loads(original)
+    helmet_recall = published["recipes"]["prolong"]["results"][6]
+    assert helmet_recall["measured_as"]["metric"] == "HELMET Recall"
+    helmet_recall["measured_as"] = {"metric": "HELMET Recall", "up_to": 131072}
+    assert "result 6 of recipe 'prolong' has a missing or malformed measured_as" in ev.published_problem(published)
 
 
 @pytest.mark.parametrize("env, expect", [
@@ -376,4 +384,8 @@ def test_slurm_batch_script_outside_a_job_is_one_line(tmp_path):
         proc = bash(recipe, env={**env, **missing, "LOG_DIR": str(tmp_path / "logs")})
         assert proc.returncode == 2 and proc.stderr == f"error: {expect}; run this through sbatch " \
             "recipes/slurm.sbatch RECIPE (SLURM sets it)\n" and proc.stdout == ""
+    for bad in ("SLURM_GPUS_ON_NODE", "GPUS_PER_NODE", "MASTER_PORT"):  # optional, but a count when set
+        proc = bash(recipe, env={**FAKE_JOB, bad: "8x", "LOG_DIR": str(tmp_path / "logs")})
+        assert proc.returncode == 2 and proc.stdout == "" and proc.stderr == f"error: {bad}=8x is not a whole " \
+            "number from 1 to 65535; check the job's environment\n"
     assert not (tmp_path / "logs").exists()
