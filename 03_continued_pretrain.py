@@ -40,7 +40,7 @@ Usage:
     # ProLong stage 2 as published: 512K rows, sequence parallelism 8 inside each 8-GPU node (Ulysses)
     torchrun --nnodes=4 --nproc_per_node=8 ... 03_continued_pretrain.py ... --data runs/data-512k --cp 8
     # UltraLong-style 1M rows without document masking: ring attention over 16 GPUs (2 nodes)
-    torchrun --nnodes=2 --nproc_per_node=8 ... 03_continued_pretrain.py --model runs/llama31-8b-yarn128 \
+    torchrun --nnodes=2 --nproc_per_node=8 ... 03_continued_pretrain.py --model runs/llama31-8b-yarn128 \\
         --data runs/data-1m-sep --no-doc-mask --cp 16 --out runs/ultralong-1m --lr 3e-5
     # continue a preempted run exactly (with --init-from too: it starts from that checkpoint only while --out
     # holds none, so one command line serves the first launch and every relaunch)

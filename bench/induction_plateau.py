@@ -17,7 +17,7 @@ Usage:
     OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 32:800,128:600 --vocab 200
     OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 16+32+64:2000 --vocab 200
     OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 64:400 --vocab 200 --init-std 0.08
-    OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 32:400 --vocab 200 \
+    OMP_NUM_THREADS=1 python bench/induction_plateau.py --schedule 32:400 --vocab 200 \\
         --set num_attention_heads=2 --set num_key_value_heads=2 --set head_dim=64
 """
 from __future__ import annotations

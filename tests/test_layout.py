@@ -84,6 +84,25 @@ def function_lengths() -> list[tuple[str, str, int, int]]:
     return found
 
 
+def test_usage_lines_keep_their_continuation_backslashes():
+    """A shell line continued in a module docstring's usage must show its backslash in --help: in a docstring that
+    is not raw, a single backslash at a line's end joins the two lines (write it as two)."""
+    lone = re.compile(r"(?<!\\)(\\\\)*\\$")
+    joined = []
+    for path in sorted([*ROOT.glob("*.py"), *SCRIPTS]):
+        source = path.read_text()
+        body = ast.parse(source).body
+        if not (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)):
+            continue
+        text = ast.get_source_segment(source, body[0])
+        if text.lstrip()[:1] in "rR":
+            continue
+        for offset, line in enumerate(text.splitlines()):
+            if lone.search(line):
+                joined.append(f"{path.relative_to(ROOT)}:{body[0].lineno + offset}")
+    assert not joined, "a lone backslash ends these docstring lines: " + ", ".join(joined)
+
+
 def test_no_function_is_longer_than_the_rule():
     """No function over 80 lines, a stage's training loop (its `train`) over 120."""
     too_long = [f"{f}: {name} has {n} lines (at most {limit})" for f, name, n, limit in function_lengths() if n > limit]
