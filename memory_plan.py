@@ -257,11 +257,13 @@ def longest_row(s: Shape, st: Setting, gpu_gib: float = H100_GIB, margin: float 
 OPTIONS = {"tiled MLP": {"tiled_mlp": AUTO}, "offload": {"offload": True}, "cpu-offload": {"cpu_offload": True}}
 
 
-def format_longest(s: Shape, st: Setting, gpu_gib: float = H100_GIB, margin: float = 0.1) -> str:
+def format_longest(s: Shape, st: Setting, gpu_gib: float = H100_GIB, margin: float = 0.1,
+                   options=tuple(OPTIONS)) -> str:
     """The longest row this setting trains, then with each memory option it lacks added alone and all together
-    (tiled MLP, activation offload, CPU offload of the states), from the planner's estimate."""
+    (of `options`, the names in OPTIONS the stage offers: tiled MLP, activation offload, CPU offload of the
+    states), from the planner's estimate."""
     rows = [("this setting", st)]
-    missing = {name: o for name, o in OPTIONS.items() if not any(getattr(st, k) for k in o)}
+    missing = {name: OPTIONS[name] for name in options if not any(getattr(st, k) for k in OPTIONS[name])}
     rows += [(f"with {name}", replace(st, **o)) for name, o in missing.items()]
     if len(missing) > 1:
         together = {k: v for o in missing.values() for k, v in o.items()}
@@ -274,18 +276,28 @@ def format_longest(s: Shape, st: Setting, gpu_gib: float = H100_GIB, margin: flo
     return "\n".join(lines)
 
 
-def candidates(base: Setting, max_cp: int | None = None):
+def candidates(base: Setting, max_cp: int | None = None, options=tuple(OPTIONS), ac_every=(0, 4, 2, 1)):
     """Settings from the cheapest to run to the most memory-thrifty: cp as low as possible (communication),
     then checkpointing as little as possible (recompute time); only when nothing else fits at any cp: the
     tiled MLP (one more MLP forward), then offload (host traffic), then both, then both with the states on the
-    host (CPU offload: the optimizer step runs there). The micro-batch as given, then halved."""
+    host (CPU offload: the optimizer step runs there), each only where `options` (names in OPTIONS: what the
+    stage offers) has it. `ac_every`: the checkpointing intervals the stage offers (0: none). The micro-batch as
+    given, then halved."""
     cps = [c for c in (1, 2, 4, 8, 16, 32, 64) if c <= (max_cp or base.gpus) and base.gpus % c == 0]
     micro = sorted({m for m in (base.micro_rows, base.micro_rows // 2, base.micro_rows // 4, 1) if m >= 1},
                    reverse=True)
-    tiled = base.tiled_mlp or AUTO
+    tiled = (base.tiled_mlp or AUTO) if "tiled MLP" in options else base.tiled_mlp
+    offload = "offload" in options
     host = base.cpu_offload  # the states on the host: as asked, else only as the last resort
-    levels = [((0, False, host), (0, 4, 2, 1)), ((tiled, False, host), (1,)), ((0, True, host), (1,)),
-              ((tiled, True, host), (1,))] + ([] if host else [((tiled, True, True), (1,))])
+    levels = [((0, False, host), tuple(ac_every))]
+    if tiled:
+        levels.append(((tiled, False, host), (1,)))
+    if offload:
+        levels.append(((0, True, host), (1,)))
+    if tiled and offload:
+        levels.append(((tiled, True, host), (1,)))
+    if not host and "cpu-offload" in options:
+        levels.append(((tiled, offload, True), (1,)))
     for (tiled_mlp, offload, cpu_offload), acs in levels:
         for cp, m in itertools.product(cps, micro):
             for ac in acs:
@@ -294,11 +306,12 @@ def candidates(base: Setting, max_cp: int | None = None):
 
 
 def choose(shape: Shape, seq_len: int | None = None, gpus: int | None = None, gpu_gib: float = H100_GIB,
-           margin: float = 0.1, base: Setting | None = None, max_cp: int | None = None):
+           margin: float = 0.1, base: Setting | None = None, max_cp: int | None = None,
+           options=tuple(OPTIONS), ac_every=(0, 4, 2, 1)):
     """(the first candidate that fits gpu_gib x (1 - margin), or None; [(setting, estimate)] of all tried)."""
     base = base or Setting(seq_len=seq_len, gpus=gpus or 1)
     table = []
-    for st in candidates(base, max_cp):
+    for st in candidates(base, max_cp, options, ac_every):
         est = estimate(shape, st)
         table.append((st, est))
         if est["total"] <= gpu_gib * GIB * (1 - margin):

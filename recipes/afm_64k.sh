@@ -80,7 +80,7 @@ echo "AFM 64K (reconstruction): $MODEL -> $RUN (DRY_RUN=$DRY_RUN, $NGPUS GPUs)"
 plan --title "03 continued pretraining, AFM 64K [R]" --seq-len "$SEQ_LEN" --batch-tokens "$BATCH_TOKENS" \
   --steps "$STEPS" --runs "$RUNS" --cp "$CP" --shape afm-4.5b --layers 36 --hidden 2560 --params 4.62e9 \
   --published-hours 700 --published-source "whole recipe, H100 [S]"
-plan --title "04 distillation on ${SHORT_LEN}-token text [R]" --seq-len "$SHORT_LEN" \
+plan --stage 04 --title "04 distillation on ${SHORT_LEN}-token text [R]" --seq-len "$SHORT_LEN" \
   --batch-tokens "$DISTILL_BATCH_TOKENS" --steps "$DISTILL_STEPS" --shape afm-4.5b --layers 36 --hidden 2560 \
   --params 4.62e9
 

@@ -85,10 +85,20 @@ def line(label: str, text: str) -> None:
     print(f"  {label:<22}{text}")
 
 
+# What each training stage has flags for, so that the fit plan offers nothing else: its memory options
+# (memory_plan.OPTIONS), the largest --cp, and the checkpointing intervals (03 --ac-every; 04 checkpoints every
+# layer or none).
+STAGE_SETTINGS = {"03": {"options": tuple(memory_plan.OPTIONS), "max_cp": None, "ac_every": (0, 4, 2, 1)},
+                  "04": {"options": ("cpu-offload",), "max_cp": 1, "ac_every": (0, 1)}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the stage")
     g.add_argument("--title", required=True, help="what the stage is, printed as the heading")
+    g.add_argument("--stage", choices=sorted(STAGE_SETTINGS), default="03",
+                   help="the training stage planned, so that the fit plan offers only its flags (03: --cp, "
+                        "--ac-every, --tiled-mlp, --offload-activations, --cpu-offload; 04: --cpu-offload)")
     g.add_argument("--seq-len", type=int, required=True, help="tokens per packed row")
     g.add_argument("--batch-tokens", type=int, required=True, help="tokens per optimizer step over all GPUs")
     g.add_argument("--micro-rows", type=int, default=1, help="rows per micro-batch (default 1)")
@@ -162,14 +172,15 @@ def main(argv=None) -> int:
     if all(shape_flags):
         shape = memory_plan.Shape(*shape_flags)
         base = memory_plan.Setting(seq_len=args.seq_len, gpus=args.gpus_now or 8, micro_rows=args.micro_rows)
-        best, table = memory_plan.choose(shape, gpu_gib=args.gpu_gib, base=base)
+        stage = STAGE_SETTINGS[args.stage]
+        best, table = memory_plan.choose(shape, gpu_gib=args.gpu_gib, base=base, **stage)
         print(f"  fit plan on {base.gpus} GPUs (memory_plan.py: bf16, Liger, varlen attention; derived, GiB per GPU)")
         print(memory_plan.format_table(table, best, args.gpu_gib))
         if best and best.cp != args.cp:
             line("note", f"the recipe uses --cp {args.cp}; the planner's smallest fitting setting has cp {best.cp}")
-        # how far this recipe's setting goes, and with 03's memory options (--tiled-mlp, --offload-activations,
-        # --cpu-offload)
-        print(memory_plan.format_longest(shape, dataclasses.replace(base, cp=args.cp), args.gpu_gib))
+        # how far this recipe's setting goes, and with each memory option the stage has a flag for
+        print(memory_plan.format_longest(shape, dataclasses.replace(base, cp=args.cp), args.gpu_gib,
+                                         options=stage["options"]))
 
     bench = Path(args.benchmarks)
     # the benchmark table holds one-GPU runs, so it speaks for --cp 1 only

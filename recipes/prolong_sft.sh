@@ -50,7 +50,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${LM_EVAL_TASKS:=}"        # e.g. hellaswag,arc_challenge,winogrande,gsm8k (needs lm-eval)
 
 echo "ProLong SFT: $MODEL -> $RUN (DRY_RUN=$DRY_RUN, $NGPUS GPUs)"
-plan --title "04 SFT, ProLong UltraChat at 64K" --seq-len "$SEQ_LEN" --batch-tokens "$BATCH_TOKENS" \
+plan --stage 04 --title "04 SFT, ProLong UltraChat at 64K" --seq-len "$SEQ_LEN" --batch-tokens "$BATCH_TOKENS" \
   --steps "$STEPS" --shape llama-3.1-8b --layers 32 --hidden 4096 \
   --heads 32 --kv-heads 8 --head-dim 128 --ffn 14336 --vocab 128256 --params 8.03e9
 

@@ -87,7 +87,7 @@ echo "UltraLong $TARGET: $MODEL -> $RUN (DRY_RUN=$DRY_RUN, $NGPUS GPUs)"
 plan --title "03 continued pretraining, UltraLong $TARGET" --seq-len "$SEQ_LEN" --batch-tokens "$BATCH_TOKENS" \
   --steps "$STEPS" --cp "$CP" --shape llama-3.1-8b --layers 32 --hidden 4096 \
   --heads 32 --kv-heads 8 --head-dim 128 --ffn 14336 --vocab 128256 --params 8.03e9
-plan --title "04 SFT, UltraLong $TARGET (conversations < 8K)" --seq-len "$SFT_MAX_TOKENS" \
+plan --stage 04 --title "04 SFT, UltraLong $TARGET (conversations < 8K)" --seq-len "$SFT_MAX_TOKENS" \
   --batch-tokens "$SFT_BATCH_TOKENS" --steps "$SFT_STEPS" --shape llama-3.1-8b --layers 32 --hidden 4096 \
   --heads 32 --kv-heads 8 --head-dim 128 --ffn 14336 --vocab 128256 \
   --params 8.03e9

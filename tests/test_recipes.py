@@ -214,6 +214,26 @@ def test_fit_plan_chooses_the_recipes_cp(runs, name, cp, length):
     assert longest and int(longest.group(1).replace(",", "")) >= length
 
 
+def test_fit_plan_offers_each_stage_only_its_own_flags(runs):
+    """A plan for 04 names only settings 04 has flags for (no --cp, --ac-every, --tiled-mlp or
+    --offload-activations: it checkpoints every layer or none, and may put its states on the host); a plan for 03
+    offers all of them. Every setting the fit table lists and every longest-row line is checked."""
+    fit_tables = {"03": 0, "04": 0}
+    for name in CASES:
+        for plan in plans(runs[name].stdout):
+            settings = re.findall(r"^  (cp \d+, .*?)  +[\d.]+ ", plan["text"], re.M)
+            longest = re.findall(r"^    with (.+?)  +(?:[\d,]+ tokens|does not fit)$", plan["text"], re.M)
+            stage = plan["title"][:2]
+            fit_tables[stage] += bool(settings)
+            if stage == "04" and settings:
+                assert all(s.startswith("cp 1,") and ("no AC" in s or s.endswith("AC every layer"))
+                           for s in settings), (name, settings)
+                assert longest == ["cpu-offload"], (name, longest)
+            elif stage == "03" and settings:
+                assert {"tiled MLP", "offload", "cpu-offload"} <= set(longest), (name, longest)
+    assert fit_tables["03"] and fit_tables["04"], fit_tables  # both kinds were seen
+
+
 @pytest.mark.parametrize("target,length,sft_steps", [("1m", M, 480), ("2m", 2 * M, 140), ("4m", 4 * M, 150)])
 def test_ultralong_arithmetic(runs, target, length, sft_steps):
     proc = runs[f"ultralong_{target}"]
