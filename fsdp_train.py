@@ -109,6 +109,11 @@ def setup_distributed(device: str | None = None):
     return info, mesh
 
 
+def process_rank() -> int:
+    """This process's rank in the initialised group (0 for a plain `python` run before setup_distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -820,7 +825,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng:
     set_model_state_dict(model, sd["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, sd["optim"])
-    rng = path / f"rng_rank{dist.get_rank() if dist.is_initialized() else 0}.pt"
+    rng = path / f"rng_rank{process_rank()}.pt"
     if restore_rng and rng.is_file():
         _set_rng_state(rng)
     return state
@@ -933,7 +938,7 @@ def latest_verified(ckpt_root: Path, fallback: bool, signature: dict | None = No
             fail(f"--resume auto: the latest checkpoint {path} cannot be used: {problem}; pass --resume-fallback "
                  "to continue from the latest checkpoint that verifies, or choose another --out")
         print0(f"--resume auto: skipping {path} ({problem}); it is kept as corrupt-{path.name}")
-        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        if process_rank() == 0:
             os.rename(path, path.parent / f"corrupt-{path.name}")
         barrier()
     refused = sorted(ckpt_root.glob("corrupt-step_*")) if ckpt_root.is_dir() else []
@@ -947,7 +952,7 @@ def start_run(args, run: safe_output.RunDir, signature: dict, stage: str, resume
     """Create --out with run.json once every check passed (the model built, the checkpoint loaded); a fresh
     start drops the records of an earlier start that saved no checkpoint. Collective."""
     barrier()
-    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+    if process_rank() == 0:
         run.create({"run.json": json.dumps(jsonable({"stage": stage, "signature": signature, "args": vars(args),
                                                      "versions": versions()}), indent=2) + "\n"})
         if resume_from is None and (run.out / "metrics.jsonl").is_file():
@@ -970,7 +975,7 @@ def resume_checkpoint(path: Path, model, optimizer, metrics_path: Path) -> int:
     """Load a (verified) checkpoint of this run (model, optimizer, RNG) and return its step. Records of later
     steps (a hard kill leaves them) are dropped from metrics.jsonl: the resumed run writes them again."""
     step = load_checkpoint(path, model, optimizer, verified=True)["step"]
-    if (dist.get_rank() if dist.is_initialized() else 0) == 0 and metrics_path.is_file():
+    if process_rank() == 0 and metrics_path.is_file():
         kept = []
         for line in metrics_path.read_bytes().decode(errors="replace").splitlines():
             done = _record_step(line)
@@ -1061,7 +1066,7 @@ def progress_bar(total: int, initial: int):
     """tqdm on stderr, rank 0 only, so that stdout holds just the log lines."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=(dist.get_rank() if dist.is_initialized() else 0) != 0,
+    return tqdm(total=total, initial=initial, disable=process_rank() != 0,
                 desc="train", dynamic_ncols=True, leave=False, file=sys.stderr)
 
 
@@ -1082,7 +1087,7 @@ def step_record(done: int, max_steps: int, *, loss: float, grad_norm: float, lr:
 def write_step(metrics_path: Path, record: dict, max_steps: int, log_every: int, device: torch.device) -> None:
     """Rank 0 appends the record to metrics.jsonl and, every --log-every steps and after the last, prints the
     one-line log through tqdm (which keeps the bar intact); a distillation record's ce and kl follow its loss."""
-    if (dist.get_rank() if dist.is_initialized() else 0) != 0:
+    if process_rank() != 0:
         return
     with open(metrics_path, "a") as f:
         f.write(json.dumps(jsonable(record)) + "\n")
@@ -1232,7 +1237,7 @@ def describe_run(stage: str, dinfo: DistInfo, dtype: torch.dtype, config, params
 
 def final_loss(metrics_path: Path) -> float | None:
     """The loss of the last record in metrics.jsonl (rank 0; None elsewhere), for the export's manifest."""
-    if (dist.get_rank() if dist.is_initialized() else 0) != 0 or not metrics_path.is_file():
+    if process_rank() != 0 or not metrics_path.is_file():
         return None
     return json.loads(metrics_path.read_text().splitlines()[-1]).get("loss")
 
